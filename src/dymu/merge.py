@@ -1,0 +1,136 @@
+"""DToMe math: bipartite matching, thresholded or fixed-r merging, sizes and the group map.
+
+Pure torch, model-agnostic. A batch is held padded: every image keeps its live tokens in a
+contiguous prefix ``[0, n_i)`` of the token axis, in an order that depends on the image alone
+(survivors keep their relative order), and padded slots carry size 0. Padded slots never take part
+in matching, and get -inf in the attention mask built from the sizes. That is what makes merging a
+function of the image alone, whatever batch it is in (the reference code's two code paths are not:
+DESIGN.md §4.2).
+
+Shapes: B images, N token slots (live + padding), D features, C metric dims, P original patches
+(tokens) per image before any merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Matches:
+    """The best A→B edge of every A token (A = even slots, B = odd slots)."""
+
+    score: torch.Tensor  # (B, Na) cosine similarity; -inf where the A token may not merge
+    partner: torch.Tensor  # (B, Na) index into the B tokens (odd slots) of the best partner
+
+
+def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Matches:
+    """Bipartite matching: every even-slot token A finds its most similar odd-slot token B.
+
+    ``metric`` (B, N, C) should be L2-normalised so that dot products are cosine similarities.
+    ``protect_first`` keeps slot 0 (CLIP's class token) from ever being merged away; slot 0 is an A
+    token, so it is never a merge destination either.
+    """
+    live = sizes > 0  # (B, N)
+    a, b = metric[:, 0::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C)
+    scores = a @ b.transpose(1, 2)  # (B, Na, Nb)
+    # Padding is neither a source nor a destination.
+    scores = scores.masked_fill(~live[:, 1::2, None].transpose(1, 2), float("-inf"))
+    score, partner = scores.max(dim=-1)  # (B, Na)
+    score = score.masked_fill(~live[:, 0::2], float("-inf"))
+    if protect_first:
+        score[:, 0] = float("-inf")
+    return Matches(score=score, partner=partner)
+
+
+def edges_above(matches: Matches, threshold: float | torch.Tensor) -> torch.Tensor:
+    """DToMe: merge every edge whose score exceeds the layer threshold. Returns (B, Na) bool."""
+    return matches.score > threshold
+
+
+def top_r_edges(matches: Matches, r: int) -> torch.Tensor:
+    """Plain ToMe: merge the r best edges of each image, whatever their score. Returns (B, Na) bool.
+
+    A stable sort makes the choice among tied scores depend on slot order only, never on the batch.
+    """
+    order = torch.sort(matches.score, dim=-1, descending=True, stable=True).indices
+    chosen = torch.zeros_like(matches.score, dtype=torch.bool)
+    r = min(r, matches.score.shape[-1])
+    chosen.scatter_(-1, order[:, :r], True)
+    return chosen & torch.isfinite(matches.score)
+
+
+def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration (paper Eq. 4): merge the k best edges of the whole batch ranked together.
+
+    Returns the (B, Na) bool mask of merged edges and the threshold: the score of the first edge
+    not merged, clamped at >= 0 (0 when every mergeable edge was taken).
+    """
+    flat = matches.score.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    k = max(0, min(k, int(torch.isfinite(flat).sum())))
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen[order[:k]] = True
+    if k < flat.numel() and torch.isfinite(flat[order[k]]):
+        threshold = flat[order[k]].clamp(min=0)
+    else:
+        threshold = flat.new_zeros(())
+    return chosen.view_as(matches.score), threshold
+
+
+def merge(
+    x: torch.Tensor,
+    sizes: torch.Tensor,
+    group_of_patch: torch.Tensor,
+    matches: Matches,
+    merged: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge the chosen A tokens into their partners and compact every image to a live prefix.
+
+    A destination becomes the size-weighted mean of itself and every A token merged into it, its
+    size the sum of their sizes. Survivors keep their relative order; the new slot count is the
+    largest number of survivors in the batch, the rest is padding (zeros, size 0).
+
+    Returns new ``x`` (B, N', D), ``sizes`` (B, N') and ``group_of_patch`` (B, P).
+    """
+    bsz, n, dim = x.shape
+    slot = torch.arange(n, device=x.device)
+    # Where each slot's content goes: merged A slots to their partner's slot, the rest stay.
+    dest = slot.expand(bsz, n).clone()  # (B, N)
+    a_slots = dest[:, 0::2]
+    dest[:, 0::2] = torch.where(merged, 2 * matches.partner + 1, a_slots)
+
+    weight = sizes.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    summed = torch.zeros_like(x).scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, dim), x * weight)
+    new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
+
+    keep = new_sizes > 0  # (B, N): survivors (live and not merged away)
+    new_index = keep.cumsum(1) - 1  # (B, N) compacted slot of every survivor
+    n_new = int(keep.sum(1).max())
+    # Non-survivors write to a scratch slot n_new that is cut off afterwards.
+    target = torch.where(keep, new_index, torch.full_like(new_index, n_new))
+    means = summed / new_sizes.clamp(min=1).to(x.dtype).unsqueeze(-1)
+    out = x.new_zeros(bsz, n_new + 1, dim).scatter_(1, target.unsqueeze(-1).expand(-1, -1, dim), means)
+    out_sizes = sizes.new_zeros(bsz, n_new + 1).scatter_(1, target, new_sizes)
+
+    slot_of_patch = torch.gather(dest, 1, group_of_patch)  # where each patch's token went
+    new_group_of_patch = torch.gather(new_index, 1, slot_of_patch)
+    return out[:, :n_new], out_sizes[:, :n_new], new_group_of_patch
+
+
+def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention as an additive mask: log(size) on every key, -inf on padding.
+
+    Shape (B, 1, 1, N): the same for every query and head. The eager and sdpa attention
+    implementations both add a float mask to the logits, so this needs no attention-code change.
+    """
+    return sizes.to(dtype).log()[:, None, None, :]
+
+
+def initial_groups(bsz: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sizes (all 1) and group map (identity) before any merge."""
+    sizes = torch.ones(bsz, n, dtype=torch.long, device=device)
+    group_of_patch = torch.arange(n, device=device).expand(bsz, n).clone()
+    return sizes, group_of_patch

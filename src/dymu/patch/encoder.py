@@ -1,0 +1,308 @@
+"""DToMe inside a stock ViT encoder (CLIP, SigLIP), shared by the per-family adapters.
+
+Each encoder layer of the tower is class-swapped, per instance, to a subclass whose forward is the
+stock pre-norm block with one step added between the attention residual and the MLP: merge the
+tokens whose keys are similar (merge.py). Every block after a merge adds log(size) to the attention
+logits of every key (proportional attention) through the attention mask, which both eager and sdpa
+honour. The state of one forward (sizes, group map, token counts) lives in a `TowerState` shared by
+the layers of one tower; it is reset by a pre-hook on the tower's encoder, or by `encode`.
+
+Weights and state-dict keys are untouched; `remove` swaps the classes back and drops the hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import merge as M
+
+# ---------------------------------------------------------------------------------------------
+# Per-family description of a vision tower.
+
+
+@dataclass(frozen=True)
+class TowerFamily:
+    name: str
+    tower_class: type  # e.g. CLIPVisionModel
+    layer_class: type  # e.g. CLIPEncoderLayer
+    has_class_token: bool
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # tower, pixel_values -> (B, N, D)
+
+
+FAMILIES: list[TowerFamily] = []  # filled by patch/clip.py and patch/siglip.py
+
+
+def register_family(family: TowerFamily) -> TowerFamily:
+    FAMILIES.append(family)
+    return family
+
+
+def family_of(tower: nn.Module) -> TowerFamily | None:
+    for family in FAMILIES:
+        if isinstance(tower, family.tower_class):
+            return family
+    return None
+
+
+def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
+    """Every supported vision tower in ``model`` (the model itself, or a VLM's vision tower)."""
+    found = []
+    for module in model.modules():
+        family = family_of(module)
+        if family is not None:
+            found.append((module, family))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge rules and the per-forward state.
+
+
+@dataclass
+class TowerState:
+    """What one forward of a tower has merged so far (padded batch layout, see merge.py)."""
+
+    family: TowerFamily
+    thresholds: list[float] | None  # DToMe: per layer, +inf = no merge
+    r: list[int] | None  # ToMe: per layer, fixed merges per image
+    sizes: torch.Tensor | None = None  # (B, N) 0 = padding
+    group_of_patch: torch.Tensor | None = None  # (B, N0) slot of every original token
+    kept_per_layer: list[torch.Tensor] = field(default_factory=list)  # (B,) after each layer
+    merged_any: bool = False
+    keys: torch.Tensor | None = None  # (B, N, D) of the running layer, from the k_proj hook
+    # Set by calibration to take over the choice of edges (batch-level top-k, Eq. 4).
+    edge_chooser: Callable[[int, M.Matches], torch.Tensor] | None = None
+
+    def reset(self, bsz: int, n: int, device: torch.device) -> None:
+        self.sizes, self.group_of_patch = M.initial_groups(bsz, n, device)
+        self.kept_per_layer = []
+        self.merged_any = False
+        self.keys = None
+
+    def merges_at(self, layer_index: int) -> bool:
+        if self.edge_chooser is not None:
+            return True
+        if self.r is not None:
+            return self.r[layer_index] > 0
+        return self.thresholds is not None and math.isfinite(self.thresholds[layer_index])
+
+    def choose_edges(self, layer_index: int, matches: M.Matches) -> torch.Tensor:
+        if self.edge_chooser is not None:
+            return self.edge_chooser(layer_index, matches)
+        if self.r is not None:
+            return M.top_r_edges(matches, self.r[layer_index])
+        return M.edges_above(matches, self.thresholds[layer_index])
+
+
+def _head_mean_unit(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, H*d) keys -> (B, N, d) head-averaged, L2-normalised: the similarity metric."""
+    bsz, n, _ = keys.shape
+    metric = keys.view(bsz, n, num_heads, -1).mean(dim=2)
+    return metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+class DyMUEncoderLayer(nn.Module):
+    """Mixin forward for a pre-norm ViT block (CLIP and SigLIP share this exact block shape)."""
+
+    _dymu_state: TowerState
+    _dymu_index: int
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        state = self._dymu_state
+        if state.sizes is None or state.sizes.shape != hidden_states.shape[:2]:
+            # Called outside a tower forward (e.g. a single layer): start from unmerged tokens.
+            state.reset(hidden_states.shape[0], hidden_states.shape[1], hidden_states.device)
+        if state.merged_any:
+            bias = M.attention_bias(state.sizes, hidden_states.dtype)
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = residual + hidden_states
+
+        if state.merges_at(self._dymu_index):
+            hidden_states = self._dymu_merge(hidden_states, state)
+        state.kept_per_layer.append((state.sizes > 0).sum(dim=1))
+
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+    def _dymu_merge(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
+        metric = _head_mean_unit(state.keys, self.self_attn.num_heads)
+        state.keys = None
+        matches = M.match(metric, state.sizes, protect_first=state.family.has_class_token)
+        chosen = state.choose_edges(self._dymu_index, matches)
+        if not bool(chosen.any()):
+            return hidden_states
+        hidden_states, state.sizes, state.group_of_patch = M.merge(
+            hidden_states, state.sizes, state.group_of_patch, matches, chosen
+        )
+        state.merged_any = True
+        return hidden_states
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(stock: type) -> type:
+    if stock not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[stock] = type(f"DyMU{stock.__name__}", (DyMUEncoderLayer, stock), {})
+    return _PATCHED_CLASSES[stock]
+
+
+def _per_layer(value, num_layers: int, what: str) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return [value] * num_layers
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    value = list(value)
+    if len(value) != num_layers:
+        raise ValueError(f"{what} has {len(value)} entries but the vision tower has {num_layers} layers.")
+    return value
+
+
+def apply_dtome(
+    tower: nn.Module,
+    family: TowerFamily,
+    thresholds: float | Sequence[float] | None = None,
+    r: int | Sequence[int] | None = None,
+) -> TowerState:
+    """Patch one tower. ``thresholds`` (DToMe, +inf = no merge) or ``r`` (ToMe), per layer or one value."""
+    if (thresholds is None) == (r is None):
+        raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
+    layers = tower.encoder.layers
+    if hasattr(tower, "_dymu_state"):
+        remove_dtome(tower)
+    state = TowerState(
+        family=family,
+        thresholds=_per_layer(thresholds, len(layers), "thresholds"),
+        r=_per_layer(r, len(layers), "r"),
+    )
+    if state.thresholds is not None:
+        state.thresholds = [float(t) for t in state.thresholds]
+    if state.r is not None:
+        state.r = [int(v) for v in state.r]
+    handles = []
+    for index, layer in enumerate(layers):
+        stock = type(layer)
+        if not issubclass(stock, family.layer_class):
+            raise TypeError(f"layer {index} of the {family.name} tower is a {stock.__name__}, not a {family.layer_class.__name__}")
+        layer.__class__ = _patched_class(stock)
+        layer._dymu_stock_class = stock
+        layer._dymu_state = state
+        layer._dymu_index = index
+        handles.append(layer.self_attn.k_proj.register_forward_hook(_keep_keys(state)))
+
+    def reset_on_forward(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+        state.reset(embeds.shape[0], embeds.shape[1], embeds.device)
+
+    handles.append(tower.encoder.register_forward_pre_hook(reset_on_forward, with_kwargs=True))
+    tower._dymu_state = state
+    tower._dymu_handles = handles
+    return state
+
+
+def _keep_keys(state: TowerState):
+    def hook(module, args, output):
+        state.keys = output
+
+    return hook
+
+
+def remove_dtome(tower: nn.Module) -> None:
+    for handle in getattr(tower, "_dymu_handles", []):
+        handle.remove()
+    for layer in tower.encoder.layers:
+        if hasattr(layer, "_dymu_stock_class"):
+            layer.__class__ = layer._dymu_stock_class
+            for name in ("_dymu_stock_class", "_dymu_state", "_dymu_index"):
+                delattr(layer, name)
+    for name in ("_dymu_state", "_dymu_handles"):
+        if hasattr(tower, name):
+            delattr(tower, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: run the tower up to the feature layer, return per-image tokens and their groups.
+
+
+@dataclass
+class EncodedImages:
+    """Encoder output for a batch, padded: image i owns ``tokens[i, :num_tokens[i]]``.
+
+    ``group_of_patch[i, p]`` is the index of the token that original patch p belongs to (class
+    token excluded when it was dropped); ``sizes[i, j]`` the number of patches of token j (0 on
+    padding); ``kept_per_layer[i, l]`` the tokens alive after layer l (class token included when
+    the tower has one).
+    """
+
+    tokens: torch.Tensor  # (B, n_max, D)
+    sizes: torch.Tensor  # (B, n_max)
+    group_of_patch: torch.Tensor  # (B, P)
+    kept_per_layer: torch.Tensor  # (B, layers run)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return (self.sizes > 0).sum(dim=1)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def image(self, i: int) -> dict[str, torch.Tensor]:
+        """One image's tokens (n_i, D), sizes (n_i), group_of_patch (P), kept_per_layer."""
+        n = int(self.num_tokens[i])
+        return {
+            "tokens": self.tokens[i, :n],
+            "sizes": self.sizes[i, :n],
+            "group_of_patch": self.group_of_patch[i],
+            "kept_per_layer": self.kept_per_layer[i],
+        }
+
+
+def layers_to_run(num_layers: int, feature_layer: int) -> int:
+    """How many layers produce ``hidden_states[feature_layer]`` (index 0 = the embeddings)."""
+    count = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 0 <= count <= num_layers:
+        raise ValueError(f"feature_layer {feature_layer} is out of range for a {num_layers}-layer tower")
+    return count
+
+
+def encode_with_tower(
+    tower: nn.Module,
+    family: TowerFamily,
+    pixel_values: torch.Tensor,
+    feature_layer: int,
+    drop_class_token: bool,
+) -> EncodedImages:
+    layers = tower.encoder.layers
+    state: TowerState | None = getattr(tower, "_dymu_state", None)
+    run = layers_to_run(len(layers), feature_layer)
+    hidden = family.embed(tower, pixel_values.to(next(tower.parameters()).dtype))
+    bsz, n0, _ = hidden.shape
+    if state is not None:
+        state.reset(bsz, n0, hidden.device)
+    for layer in layers[:run]:
+        hidden = layer(hidden, None)
+    if state is not None:
+        sizes, group_of_patch = state.sizes, state.group_of_patch
+        kept = torch.stack(state.kept_per_layer, dim=1) if state.kept_per_layer else sizes.new_zeros(bsz, 0)
+    else:
+        sizes, group_of_patch = M.initial_groups(bsz, n0, hidden.device)
+        kept = torch.full((bsz, run), n0, dtype=torch.long, device=hidden.device)
+    hidden = hidden * (sizes > 0).unsqueeze(-1).to(hidden.dtype)  # clean padding
+    if drop_class_token and family.has_class_token:
+        # The class token sits in slot 0 forever (never merged), so dropping it shifts every
+        # other token down by one.
+        hidden, sizes, group_of_patch = hidden[:, 1:], sizes[:, 1:], group_of_patch[:, 1:] - 1
+    return EncodedImages(tokens=hidden, sizes=sizes, group_of_patch=group_of_patch, kept_per_layer=kept)

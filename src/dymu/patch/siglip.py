@@ -1,0 +1,20 @@
+"""SigLIP vision tower (LLaVA-OneVision's encoder): no class token, no pre-layernorm."""
+
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
+
+from .encoder import TowerFamily, register_family
+
+
+def _embed(tower, pixel_values):
+    return tower.embeddings(pixel_values)
+
+
+SIGLIP = register_family(
+    TowerFamily(
+        name="SigLIP",
+        tower_class=SiglipVisionModel,
+        layer_class=SiglipEncoderLayer,
+        has_class_token=False,
+        embed=_embed,
+    )
+)
