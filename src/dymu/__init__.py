@@ -6,3 +6,7 @@ from .api import apply, encode, remove  # noqa: E402
 from .patch.encoder import EncodedImages  # noqa: E402
 
 __all__ = ["apply", "remove", "encode", "EncodedImages", "__version__"]
+from .calibrate import calibrate  # noqa: E402
+from .thresholds import Thresholds  # noqa: E402
+
+__all__ += ["calibrate", "Thresholds"]

@@ -1,11 +1,99 @@
-"""The `dymu` command line."""
+"""The `dymu` command line. Each command is a `cmd_*` function; errors become one line and exit 1."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
+
+
+def _parse_r(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--r expects numbers separated by commas, not {text!r}") from None
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, nccl on GPU."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.distributed.get_rank()
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .images import find_images
+    from .loading import load_vision_model, resolve_device_dtype
+
+    rank = _init_distributed()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    images = find_images(args.images, args.image_root)
+    if not images:
+        raise ValueError(f"{args.images}: no images found")
+    model, processor = load_vision_model(args.model, device, dtype)
+    out = Path(args.out)
+    thresholds = calibrate(
+        model,
+        images,
+        preset=args.preset,
+        target_tokens=args.target_tokens,
+        r=args.r,
+        schedule=args.schedule,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        processor=processor,
+        checkpoint=out.with_name(out.name + ".partial"),
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.quiet,
+        model_ref=args.model,
+    )
+    if rank == 0:
+        thresholds.save(out)
+        kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
+        print(f"calibrated on {thresholds.images_seen} images: {kept:.1f} visual tokens kept on average "
+              f"at layer {thresholds.feature_layer} of {thresholds.encoder['patches_per_image']}; wrote {out}")
+        if thresholds.skipped:
+            print(f"skipped {len(thresholds.skipped)} unreadable files:")
+            for s in thresholds.skipped:
+                print(f"  {s['path']}: {s['reason']}")
+    return 0
+
+
+def cmd_thresholds_import(args) -> int:
+    from .api import _single_tower, default_feature_layer
+    from .loading import load_vision_model, resolve_device_dtype
+    from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
+
+    values = read_paper_thresholds(args.file)
+    model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
+    tower, family = _single_tower(model)
+    layers = len(tower.encoder.layers)
+    if len(values) != layers:
+        raise ValueError(f"{args.file} has thresholds for {len(values)} layers but {args.model} has {layers}.")
+    thresholds = Thresholds(
+        thresholds=values,
+        encoder=encoder_identity(tower, family, args.model),
+        feature_layer=default_feature_layer(model, family)[0],
+        schedule=f"imported from {Path(args.file).name}",
+    )
+    thresholds.save(args.out)
+    print(f"imported {layers} thresholds from {args.file}; wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    print("dymu demo: not yet available (the end-to-end LLaVA demo is issue 5).")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dymu {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="run DyMU on a tiny random-weight LLaVA-shaped model")
+
+    p = sub.add_parser("demo", help="run DyMU on a tiny random-weight LLaVA-shaped model")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="find per-layer merge thresholds on a set of images (paper Eq. 4)")
+    p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")
+    p.add_argument("--images", required=True, help="folder (searched recursively) or JSON list of {'image': path}")
+    p.add_argument("--image-root", help="folder the JSON list's paths are relative to (default: the JSON's folder)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--preset", choices=["low", "mid", "high"],
+                        help="keep 93/576, 208/576 or 392/576 of the patches (the paper's variants); default mid")
+    target.add_argument("--target-tokens", type=float, help="average visual tokens to keep at the feature layer")
+    target.add_argument("--r", type=_parse_r, help="merges per image and layer: one value or one per layer")
+    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse-linear"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--checkpoint-every", type=int, default=5, help="batches between progress checkpoints")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="thresholds JSON file to write")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("thresholds", help="thresholds files")
+    tsub = p.add_subparsers(dest="thresholds_command", metavar="ACTION", required=True)
+    q = tsub.add_parser("import", help="convert the paper's threshold checkpoint to a dymu thresholds file")
+    q.add_argument("file", help="torch checkpoint from the paper's code")
+    q.add_argument("--model", required=True, help="the encoder the thresholds are for (id or folder)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_thresholds_import)
     return parser
 
 
@@ -26,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "demo":
-        print("dymu demo: not yet available (the end-to-end LLaVA demo is issue 5).")
-        return 0
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dymu: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"dymu {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

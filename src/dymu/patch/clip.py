@@ -5,6 +5,14 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionM
 from .encoder import TowerFamily, register_family
 
 
+def _processor(config):
+    # The PIL processor: the default one needs torchvision, which we do not depend on.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = config.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def _embed(tower, pixel_values):
     return tower.pre_layrnorm(tower.embeddings(pixel_values))
 
@@ -16,5 +24,6 @@ CLIP = register_family(
         layer_class=CLIPEncoderLayer,
         has_class_token=True,
         embed=_embed,
+        default_processor=_processor,
     )
 )

@@ -32,6 +32,8 @@ class TowerFamily:
     layer_class: type  # e.g. CLIPEncoderLayer
     has_class_token: bool
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # tower, pixel_values -> (B, N, D)
+    # The stock preprocessing for a config, for towers saved without a preprocessor_config.json.
+    default_processor: Callable[[object], object]
 
 
 FAMILIES: list[TowerFamily] = []  # filled by patch/clip.py and patch/siglip.py

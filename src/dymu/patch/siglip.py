@@ -5,6 +5,12 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, Sigli
 from .encoder import TowerFamily, register_family
 
 
+def _processor(config):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+
+
 def _embed(tower, pixel_values):
     return tower.embeddings(pixel_values)
 
@@ -16,5 +22,6 @@ SIGLIP = register_family(
         layer_class=SiglipEncoderLayer,
         has_class_token=False,
         embed=_embed,
+        default_processor=_processor,
     )
 )

@@ -1,0 +1,66 @@
+"""Finding and opening images, with one clear error per bad file (long jobs skip and report them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ImageError(ValueError):
+    """An image that is missing or cannot be decoded; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB (a truncated file fails here, not later)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "no such file")
+    if path.is_dir():
+        raise ImageError(path, "is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "empty file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncation and bad data this way
+        raise ImageError(path, f"cannot be decoded ({err})") from None
+
+
+def find_images(source: str | Path, image_root: str | Path | None = None) -> list[Path]:
+    """The images named by ``source``: a folder (searched recursively, sorted) or a JSON list.
+
+    The JSON form is a list of ``{"image": relative_path}`` (or plain strings), relative to
+    ``image_root`` (default: the JSON file's folder). Files are not opened here.
+    """
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or JSON file")
+    if source.suffix.lower() != ".json":
+        raise ValueError(f"{source}: expected a folder of images or a .json list of {{'image': path}}")
+    try:
+        entries = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}: expected a JSON list of {{'image': path}} entries")
+    root = Path(image_root) if image_root is not None else source.parent
+    paths = []
+    for k, entry in enumerate(entries):
+        rel = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(rel, str):
+            raise ValueError(f"{source}: entry {k} has no 'image' path")
+        paths.append(root / rel)
+    return paths

@@ -1,0 +1,78 @@
+"""Loading models and processors with `from_pretrained`, and checking the dtype/device asked for."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoadError(ValueError):
+    """A model, processor or setting that cannot be used; the message names it and the problem."""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_supports_bfloat16() -> bool:
+    """Whether a bfloat16 matmul runs on this CPU. Probed in a child process, because on CPUs
+    without the instructions torch dies with SIGILL instead of raising."""
+    probe = "import torch; a = torch.ones(4, 4, dtype=torch.bfloat16); (a @ a).sum().item()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+    return result.returncode == 0
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError(f"device {device!r} was asked for but no CUDA GPU is available.")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if device == "cpu" and dtype in ("bfloat16", "float16") and not cpu_supports_bfloat16():
+        raise LoadError(f"{dtype} was asked for but this CPU cannot run {dtype} matmuls; use --dtype float32.")
+    return torch.device(device), DTYPES[dtype]
+
+
+def _config(model_ref: str):
+    from transformers import AutoConfig
+
+    path = Path(model_ref)
+    if model_ref.startswith((".", "/", "~")) and not path.exists():
+        raise LoadError(f"model folder {model_ref} does not exist.")
+    try:
+        return AutoConfig.from_pretrained(model_ref)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"cannot load a model config from {model_ref}: {first}") from None
+
+
+def load_vision_model(model_ref: str, device: torch.device, dtype: torch.dtype):
+    """A bare CLIP/SigLIP vision model, or a VLM (whose vision tower is then used), plus its
+    image processor. Returns (model, image_processor or None)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, CLIPVisionModel, SiglipVisionModel
+
+    config = _config(model_ref)
+    vision_classes = {
+        "clip_vision_model": CLIPVisionModel,
+        "clip": CLIPVisionModel,
+        "siglip_vision_model": SiglipVisionModel,
+        "siglip": SiglipVisionModel,
+    }
+    if config.model_type in vision_classes:
+        cls = vision_classes[config.model_type]
+    elif hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        cls = AutoModelForImageTextToText
+    else:
+        raise LoadError(
+            f"{model_ref} is a {config.model_type!r} model, not a CLIP/SigLIP vision model or a VLM with one."
+        )
+    model = cls.from_pretrained(model_ref, dtype=dtype).to(device).eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_ref)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor_config.json: the tower family's default is used
+    return model, processor

@@ -1,0 +1,89 @@
+"""The `dymu` command line: help, version, calibrate (bad files, resume, torchrun)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import IMAGES, MIXED_IMAGES
+from dymu import __version__
+from dymu.cli import main
+from dymu.thresholds import Thresholds
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    assert "calibrate" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name in MIXED_IMAGES[:5]:
+        shutil.copy(IMAGES / name, folder / name)
+    shutil.copy(IMAGES / "skimage_rocket.jpg", folder / "sub" / "rocket.jpg")  # found recursively
+    (folder / "empty.jpg").write_bytes(b"")
+    data = (IMAGES / "darknet_eagle.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "notes.png").write_text("this is text, not a picture\n")
+    return folder
+
+
+def test_calibrate_skips_and_reports_bad_files(tower_dir, messy_folder, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    code = main(["calibrate", "--model", str(tower_dir), "--images", str(messy_folder), "--target-tokens", "100",
+                 "--batch-size", "3", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "calibrated on 6 images" in printed and "skipped 3 unreadable files" in printed
+    for name in ("empty.jpg", "truncated.jpg", "notes.png"):
+        assert name in printed
+    thresholds = Thresholds.load(out)
+    assert sorted(os.path.basename(s["path"]) for s in thresholds.skipped) == ["empty.jpg", "notes.png", "truncated.jpg"]
+    assert thresholds.images_seen == 6
+    assert not (tmp_path / "t.json.partial").exists()
+
+
+def test_calibrate_from_a_json_list_and_clear_errors(tower_dir, tmp_path, capsys):
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"image": n} for n in MIXED_IMAGES[:4]]))
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--model", str(tower_dir), "--images", str(listing), "--image-root", str(IMAGES),
+                 "--r", "5", "--quiet", "--out", str(out)]) == 0
+    assert Thresholds.load(out).images_seen == 4
+
+    assert main(["calibrate", "--model", str(tmp_path / "nope"), "--images", str(listing),
+                 "--out", str(out)]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tower_dir), "--images", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tower_dir), "--images", str(listing), "--image-root", str(IMAGES),
+                 "--r", "1,2", "--out", str(out)]) == 1
+    assert "give 1 or one per layer" in capsys.readouterr().err
+
+
+def run_cli(args, **env):
+    """The CLI in a fresh process, one thread, as torchrun's workers run."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_torchrun_two_processes_equal_one(tower_dir, tmp_path):
+    common = ["calibrate", "--model", str(tower_dir), "--images", str(IMAGES), "--max-images", "24",
+              "--target-tokens", "70", "--batch-size", "4", "--quiet", "--device", "cpu"]
+    one = run_cli(["-m", "dymu.cli", *common, "--out", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr
+    two = run_cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                   "-m", "dymu.cli", *common, "--out", str(tmp_path / "two.json")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = Thresholds.load(tmp_path / "one.json"), Thresholds.load(tmp_path / "two.json")
+    assert a.thresholds == b.thresholds
+    assert a.tokens_kept_mean == b.tokens_kept_mean and a.images_seen == b.images_seen == 24
+    assert two.stdout.count("calibrated on") == 1  # only rank 0 writes and reports
