@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="the encoder the thresholds are for (id or folder)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_thresholds_import)
+
+    # Commands that live in their own module register themselves.
+    from . import analyze, bench
+
+    analyze.add_cli(sub)
+    bench.add_cli(sub)
     return parser
 
 
