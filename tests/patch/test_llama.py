@@ -275,6 +275,17 @@ def test_chunked_prefill_with_a_map_raises(saved):
             model(ids.repeat(3, 1))
 
 
+def test_output_attentions_on_a_vtu_prefill_raises(saved):
+    model = load_tiny(saved["llama"])
+    apply_vtu(model)
+    ids, group_map = prompt_with_image()
+    with torch.no_grad(), vtu_groups(model, group_map):
+        with pytest.raises(NotImplementedError, match="output_attentions"):
+            model(ids, output_attentions=True)
+        assert len(model(ids, output_hidden_states=True).hidden_states) == N_LAYERS + 1
+    assert len(model(ids, output_attentions=True).attentions) == N_LAYERS  # no map: stock path
+
+
 def test_unsupported_architecture_raises_naming_supported_layers():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ValueError, match="LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer") as info:

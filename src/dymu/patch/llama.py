@@ -36,6 +36,11 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from .. import vtu
 
+try:  # transformers' output capturing (output_attentions=...) records attention modules by hook
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers layouts: no check
+    _active_collector = None
+
 # The family adapters: the only per-family difference inside the layer is what the stock attention
 # forward passes to the attention function on top of the common arguments. (Qwen2's per-layer
 # sliding/full mask is already chosen by Qwen2Model and arrives as this layer's attention_mask.)
@@ -121,6 +126,10 @@ class _VTUDecoderLayer:
                                    past_key_values=past_key_values, use_cache=use_cache,
                                    position_embeddings=position_embeddings, **kwargs)
 
+        collector = _active_collector.get() if _active_collector is not None else None
+        if collector is not None and "attentions" in collector:
+            # The stock attention module's forward (where HF records attention weights) is not run.
+            raise NotImplementedError("output_attentions is not supported on a VTU prefill (group map set)")
         attn = self.self_attn
         batch, length, _ = hidden_states.shape
         residual = vtu.unique_rows(hidden_states, groups)  # (U, D)
@@ -134,6 +143,11 @@ class _VTUDecoderLayer:
 
         # Stock RoPE at the full positions: every copy of a unique row gets its own angle. V has no
         # position and is only gathered; the cache receives stock full-length keys and values.
+        exact = state.attention == "exact"
+        if exact and attn.config._attn_implementation != "eager":
+            raise ValueError("vtu_attention='exact' is eager only: load the model with attn_implementation='eager'")
+        if exact and past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx):
+            raise ValueError("vtu_attention='exact' needs an empty KV cache: its keys are the unique rows of this forward")
         cos, sin = position_embeddings
         query, key = self._dymu_rope(full(q_rows), full(k_rows), cos, sin)
         value = full(v_rows)
@@ -141,11 +155,7 @@ class _VTUDecoderLayer:
             key, value = past_key_values.update(key, value, attn.layer_idx)
 
         dropout = attn.attention_dropout if self.training else 0.0
-        if state.attention == "exact":
-            if attn.config._attn_implementation != "eager":
-                raise ValueError("vtu_attention='exact' is eager only: load the model with attn_implementation='eager'")
-            if key.shape[2] != length:
-                raise ValueError("vtu_attention='exact' needs an empty KV cache before the prefill")
+        if exact:  # the paper's Eq. 10 from the unrotated unique rows; the rotated keys only feed the cache
             out = vtu.eq10_attention(q_rows, k_rows, value, groups, cos, sin, attention_mask,
                                      attn.scaling, dropout, self.training)
         else:
