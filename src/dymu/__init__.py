@@ -10,3 +10,6 @@ from .calibrate import calibrate  # noqa: E402
 from .thresholds import Thresholds  # noqa: E402
 
 __all__ += ["calibrate", "Thresholds"]
+from .generate import generate  # noqa: E402
+
+__all__ += ["generate"]

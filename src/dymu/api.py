@@ -38,30 +38,74 @@ def _threshold_values(thresholds, tower: nn.Module):
     return thresholds
 
 
+def _is_vlm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return hasattr(config, "vision_config") and hasattr(config, "text_config")
+
+
 def apply(
     model: nn.Module,
     thresholds=None,
     *,
     r: int | Sequence[int] | None = None,
+    mode: str = "dymu",
+    vtu_attention: str = "fast",
+    tome_vtu: bool = True,
 ) -> nn.Module:
-    """Patch ``model`` in place with DyMU and return it.
+    """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
-    ``model`` is a CLIP or SigLIP vision model, or a model that contains one (a VLM). The vision
-    tower merges with ``thresholds`` (DToMe: one number, one per layer, or a `Thresholds` file
-    object; +inf disables merging at a layer) or ``r`` (plain ToMe: a fixed number of merges per
-    image and layer). Undo with `remove`.
+    - ``LlavaForConditionalGeneration``: ``mode`` is one of ``full`` (stock), ``dymu`` (DToMe +
+      VTU, default), ``dtome`` (merged tokens fed directly, no VTU), ``tome`` (fixed ``r`` merges
+      per layer, with VTU unless ``tome_vtu=False``), ``downsample`` (stock model, smaller images:
+      see `dymu.generate`).
+    - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
+      `Thresholds` object; +inf = no merge at that layer) or plain ToMe with ``r``.
+    - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.patch.llama`).
+
+    ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
-    tower, family = _single_tower(model)
-    if thresholds is not None:
-        thresholds = _threshold_values(thresholds, tower)
-    apply_dtome(tower, family, thresholds=thresholds, r=r)
+    from .patch.llava import SUPPORTED_VLMS, apply_llava
+
+    if isinstance(model, SUPPORTED_VLMS):
+        # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
+        kept = getattr(thresholds, "tokens_kept_mean", None)
+        if thresholds is not None and mode != "tome":
+            thresholds = _threshold_values(thresholds, model.model.vision_tower)
+        apply_llava(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
+                    downsample_tokens=kept[-1] if kept else None)
+        return model
+    if _is_vlm(model):
+        raise ValueError(f"{type(model).__name__} is not a supported VLM "
+                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS)}).")
+    if find_towers(model):
+        tower, family = _single_tower(model)
+        if thresholds is not None:
+            thresholds = _threshold_values(thresholds, tower)
+        apply_dtome(tower, family, thresholds=thresholds, r=r)
+        return model
+    from .patch.llama import apply_vtu
+
+    try:
+        apply_vtu(model, vtu_attention=vtu_attention)
+    except ValueError:
+        names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
+        raise ValueError(
+            f"{type(model).__name__} is not supported: dymu.apply takes LlavaForConditionalGeneration, a vision "
+            f"model ({names}) or a Llama/Mistral/Qwen2 causal LM."
+        ) from None
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: stock classes, no hooks, no DyMU state. Weights were never touched."""
+    from .patch.llama import remove_vtu
+    from .patch.llava import SUPPORTED_VLMS, remove_llava
+
+    if isinstance(model, SUPPORTED_VLMS):
+        remove_llava(model)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
+    remove_vtu(model)
     return model
 
 

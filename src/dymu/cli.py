@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,7 +93,90 @@ def cmd_thresholds_import(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    print("dymu demo: not yet available (the end-to-end LLaVA demo is issue 5).")
+    from .demo import run_demo
+
+    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _load_patched_vlm(args):
+    """The LLaVA model of --model, patched for --mode with --thresholds / --r."""
+    from .api import apply
+    from .generate import load_vlm
+    from .thresholds import Thresholds
+
+    thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
+    if args.mode in ("dymu", "dtome", "downsample") and thresholds is None:
+        raise ValueError(f"mode {args.mode!r} needs --thresholds FILE (make one with `dymu calibrate`)")
+    if args.mode == "tome" and args.r is None:
+        raise ValueError("mode 'tome' needs --r (merges per layer)")
+    model, processor = load_vlm(args.model, args.device, args.dtype)
+    apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False))
+    return model, processor
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    from .images import open_image
+
+    images = [open_image(p) for p in args.image]  # fail fast, naming the file, before loading a model
+    model, processor = _load_patched_vlm(args)
+    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens)
+    rep = result.report
+    if args.json:
+        print(json.dumps({"answer": result.answers[0], "images": args.image, **rep.to_json()}, indent=1))
+        return 0
+    print(result.answers[0])
+    tokens = ", ".join(f"{n}/{rep.full_tokens}" for n in rep.visual_tokens[0])
+    print(f"[mode {rep.mode}] visual tokens per image: {tokens}; encoder {rep.encoder_s * 1e3:.1f} ms, "
+          f"prefill {rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from .api import apply, encode
+    from .images import ImageError, find_images, open_image
+    from .loading import load_vision_model, resolve_device_dtype
+    from .patch.encoder import family_of
+    from .thresholds import Thresholds
+
+    paths = []
+    for item in args.images:
+        paths += find_images(item) if Path(item).is_dir() or item.endswith(".json") else [Path(item)]
+    thresholds = Thresholds.load(args.thresholds)
+    model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
+    apply(model, thresholds)  # DToMe only: encode never runs the language model
+    tower = model if family_of(model) else next(m for m in model.modules() if family_of(m))
+    processor = processor or family_of(tower).default_processor(tower.config)
+    records, skipped = [], []
+    for start in range(0, len(paths), args.batch_size):
+        batch, images = [], []
+        for p in paths[start : start + args.batch_size]:
+            try:
+                images.append(open_image(p))
+                batch.append(p)
+            except ImageError as err:
+                skipped.append({"path": err.path, "reason": err.reason})
+        if not images:
+            continue
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
+        for p, i in zip(batch, range(len(encoded))):
+            one = encoded.image(i)
+            records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
+                            "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist()})
+    Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
+                                           "skipped": skipped}) + "\n")
+    for r in records:
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
+    for s in skipped:
+        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    if not records:
+        raise ValueError("no readable images")
     return 0
 
 
@@ -105,8 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run DyMU on a tiny random-weight LLaVA-shaped model")
+    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA (or --model) with bundled images")
+    p.add_argument("--model", help="a LLaVA hub id or folder instead of the random-weight demo model")
+    p.add_argument("--save-model", help="also save the demo model (weights, config, tokenizer, processor) here")
+    p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_demo)
+
+    def model_args(p, thresholds_required):
+        p.add_argument("--model", required=True, help="LLaVA hub id or local folder")
+        p.add_argument("--thresholds", required=thresholds_required, help="thresholds JSON from `dymu calibrate`")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+    p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA")
+    model_args(p, thresholds_required=False)
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
+    p.add_argument("--r", type=int, help="merges per layer for --mode tome")
+    p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the answer and the report as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("encode", help="write per-image token counts, sizes and group maps as JSON")
+    model_args(p, thresholds_required=True)
+    p.add_argument("--images", nargs="+", required=True, help="folders, JSON lists or image files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("calibrate", help="find per-layer merge thresholds on a set of images (paper Eq. 4)")
     p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")

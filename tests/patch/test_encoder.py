@@ -127,7 +127,7 @@ def test_clear_errors(tower):
         dymu.apply(tower, [0.9, 0.9, 0.9])
     with pytest.raises(ValueError, match="exactly one of thresholds"):
         dymu.apply(tower, 0.9, r=3)
-    with pytest.raises(ValueError, match="no supported vision tower"):
+    with pytest.raises(ValueError, match="Linear is not supported: dymu.apply takes"):
         dymu.apply(torch.nn.Linear(2, 2), 0.9)
     with pytest.raises(ValueError, match="out of range"):
         dymu.encode(tower, torch.zeros(1, 3, 112, 112), feature_layer=9)
