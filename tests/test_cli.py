@@ -87,3 +87,86 @@ def test_torchrun_two_processes_equal_one(tower_dir, tmp_path):
     assert a.thresholds == b.thresholds
     assert a.tokens_kept_mean == b.tokens_kept_mean and a.images_seen == b.images_seen == 24
     assert two.stdout.count("calibrated on") == 1  # only rank 0 writes and reports
+
+
+# ---- the README's error table: one line naming the thing and the problem, exit code != 0 ----
+
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory):
+    from dymu.demo import build_demo_model
+
+    folder = tmp_path_factory.mktemp("llava")
+    model, processor = build_demo_model()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    thresholds = tmp_path_factory.mktemp("th") / "t.json"
+    assert main(["calibrate", "--model", str(folder), "--images", str(IMAGES), "--max-images", "8",
+                 "--batch-size", "8", "--quiet", "--out", str(thresholds)]) == 0
+    return folder, thresholds
+
+
+def gen_args(model, thresholds, image, *extra):
+    return ["generate", "--model", str(model), "--thresholds", str(thresholds), "--image", str(image),
+            "--prompt", "hi", "--max-new-tokens", "2", *extra]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_error_missing_image(saved_llava, tmp_path, capsys):
+    model, th = saved_llava
+    assert main(gen_args(model, th, tmp_path / "cat.jpg")) == 1
+    assert one_error_line(capsys) == f"dymu generate: error: {tmp_path / 'cat.jpg'}: no such file"
+
+
+def test_error_unreadable_image(saved_llava, tmp_path, capsys):
+    model, th = saved_llava
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes((IMAGES / "darknet_eagle.jpg").read_bytes()[:500])
+    assert main(gen_args(model, th, bad)) == 1
+    assert one_error_line(capsys).startswith(f"dymu generate: error: {bad}: cannot be decoded")
+
+
+def test_error_thresholds_for_another_encoder(saved_llava, tower_dir, tmp_path, capsys):
+    model, _ = saved_llava
+    other = tmp_path / "other.json"
+    assert main(["calibrate", "--model", str(tower_dir), "--images", str(IMAGES), "--max-images", "4",
+                 "--quiet", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(gen_args(model, other, IMAGES / "skimage_coffee.png")) == 1
+    assert "have 4 layers but this vision tower has 6." in one_error_line(capsys)
+
+
+def test_error_model_that_is_not_a_supported_vlm(saved_llava, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(tmp_path / "lm")
+    assert main(gen_args(tmp_path / "lm", saved_llava[1], IMAGES / "skimage_coffee.png")) == 1
+    assert "is a 'llama' model; dymu generate supports LLaVA" in one_error_line(capsys)
+
+
+def test_error_bf16_on_a_cpu_without_it(saved_llava, capsys, monkeypatch):
+    import dymu.loading
+
+    monkeypatch.setattr(dymu.loading, "cpu_supports_bfloat16", lambda: False)
+    model, th = saved_llava
+    assert main(gen_args(model, th, IMAGES / "skimage_coffee.png", "--device", "cpu", "--dtype", "bfloat16")) == 1
+    assert "bfloat16 was asked for but this CPU cannot run bfloat16 matmuls" in one_error_line(capsys)
+
+
+def test_error_unknown_mode(saved_llava, capsys):
+    model, th = saved_llava
+    with pytest.raises(SystemExit) as exit_:
+        main(gen_args(model, th, IMAGES / "skimage_coffee.png", "--mode", "fast"))
+    assert exit_.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(saved_llava, tmp_path):
+    model, th = saved_llava
+    with pytest.raises(Exception, match="no such file"):
+        main(["--debug", *gen_args(model, th, tmp_path / "missing.jpg")])

@@ -260,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if not args.debug:  # our own progress bar and one-line errors only
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except KeyboardInterrupt:
