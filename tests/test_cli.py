@@ -170,3 +170,13 @@ def test_debug_shows_the_traceback(saved_llava, tmp_path):
     model, th = saved_llava
     with pytest.raises(Exception, match="no such file"):
         main(["--debug", *gen_args(model, th, tmp_path / "missing.jpg")])
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    from PIL import Image
+
+    from dymu.images import open_image
+
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert open_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(IMAGES / "sam2_emoji_heart_eyes_palette.png").getpixel((0, 0)) == (255, 255, 255)

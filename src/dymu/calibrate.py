@@ -25,7 +25,7 @@ from torch import nn
 
 from . import merge as M
 from .api import _single_tower, default_feature_layer
-from .images import ImageError, open_image
+from .images import ImageError, open_image, to_rgb
 from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
 from .thresholds import Thresholds, encoder_identity
 
@@ -101,7 +101,7 @@ def _load_batch(batch: list) -> tuple[list[Image.Image], list[dict]]:
     loaded, skipped = [], []
     for item in batch:
         if isinstance(item, Image.Image):
-            loaded.append(item.convert("RGB"))
+            loaded.append(to_rgb(item))
             continue
         try:
             loaded.append(open_image(item))

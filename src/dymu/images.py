@@ -30,11 +30,21 @@ def open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except UnidentifiedImageError:
         raise ImageError(path, "not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncation and bad data this way
         raise ImageError(path, f"cannot be decoded ({err})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB, with transparent areas composited onto white (a plain convert would turn them black)."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
 
 
 def find_images(source: str | Path, image_root: str | Path | None = None) -> list[Path]:
