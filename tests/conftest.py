@@ -98,3 +98,15 @@ def pixels(family):
     processor = processor_for(family)
     images = [load_image(name) for name in MIXED_IMAGES]
     return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@pytest.fixture(scope="session")
+def demo_llava_dir(tmp_path_factory):
+    """The demo's small random-weight LLaVA (CLIP 224/14 + Llama), saved with save_pretrained."""
+    from dymu.demo import build_demo_model
+
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    model, processor = build_demo_model()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

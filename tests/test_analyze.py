@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import dymu
+from dymu.images import to_rgb
 from conftest import IMAGES, build_tiny_tower
 from dymu import analyze as A
 from dymu.cli import main
@@ -75,7 +76,7 @@ def test_command_writes_csv_scatter_grid_and_merge_maps(calibrated, two_folders,
     for row in rows:
         with Image.open(row["path"]) as im:
             assert (int(row["width"]), int(row["height"])) == im.size
-            expected = A.jpeg_bytes(im.convert("RGB"))
+            expected = A.jpeg_bytes(to_rgb(im))  # transparency composited on white, as the model sees it
         assert int(row["jpeg_bytes_q75"]) == expected
         assert float(row["complexity_jpeg_q75"]) == pytest.approx(expected / (im.width * im.height), rel=1e-5)
         assert int(row["full_tokens"]) == 196  # 14x14 patches, class token not counted

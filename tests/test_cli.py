@@ -92,13 +92,8 @@ def test_torchrun_two_processes_equal_one(tower_dir, tmp_path):
 # ---- the README's error table: one line naming the thing and the problem, exit code != 0 ----
 
 @pytest.fixture(scope="module")
-def saved_llava(tmp_path_factory):
-    from dymu.demo import build_demo_model
-
-    folder = tmp_path_factory.mktemp("llava")
-    model, processor = build_demo_model()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+def saved_llava(demo_llava_dir, tmp_path_factory):
+    folder = demo_llava_dir
     thresholds = tmp_path_factory.mktemp("th") / "t.json"
     assert main(["calibrate", "--model", str(folder), "--images", str(IMAGES), "--max-images", "8",
                  "--batch-size", "8", "--quiet", "--out", str(thresholds)]) == 0

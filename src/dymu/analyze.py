@@ -241,14 +241,14 @@ def measure(
     """
     from tqdm.auto import tqdm
 
-    from .api import _single_tower
+    from .api import vision_tower_of
     from .images import ImageError, find_images, open_image
     from .patch.encoder import apply_dtome, encode_with_tower, remove_dtome
 
     if isinstance(folders, (str, Path)):
         folders = [folders]
     labels = _folder_labels(folders)
-    tower, family = _single_tower(model)
+    tower, family = vision_tower_of(model)
     values, feature_layer = _resolve_thresholds(thresholds, tower, model)
     processor = processor or family.default_processor(tower.config)
     patch = tower.config.patch_size
@@ -575,9 +575,9 @@ def analyze(
 
 
 def _default_processor(model):
-    from .api import _single_tower
+    from .api import vision_tower_of
 
-    tower, family = _single_tower(model)
+    tower, family = vision_tower_of(model)
     return family.default_processor(tower.config)
 
 

@@ -20,7 +20,7 @@ from .patch.encoder import (
 )
 
 
-def _single_tower(model: nn.Module) -> tuple[nn.Module, TowerFamily]:
+def vision_tower_of(model: nn.Module) -> tuple[nn.Module, TowerFamily]:
     towers = find_towers(model)
     if not towers:
         names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
@@ -78,7 +78,7 @@ def apply(
         raise ValueError(f"{type(model).__name__} is not a supported VLM "
                          f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS)}).")
     if find_towers(model):
-        tower, family = _single_tower(model)
+        tower, family = vision_tower_of(model)
         if thresholds is not None:
             thresholds = _threshold_values(thresholds, tower)
         apply_dtome(tower, family, thresholds=thresholds, r=r)
@@ -134,7 +134,7 @@ def encode(
     (``vision_feature_layer`` / ``vision_feature_select_strategy``) when ``model`` is a VLM, else
     -2 without the class token for CLIP (LLaVA-1.5) and -1 for SigLIP (LLaVA-OneVision).
     """
-    tower, family = _single_tower(model)
+    tower, family = vision_tower_of(model)
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
     drop_class_token = default_drop if drop_class_token is None else drop_class_token

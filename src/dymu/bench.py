@@ -1,5 +1,900 @@
-"""Placeholder until the bench command lands; registers nothing."""
+"""`dymu bench`: measured speed next to the FLOP ideal, for the encoder, the LLM prefill and calibration.
+
+Token reduction is chosen for wall-clock time, and FLOP savings often do not show up on the clock.
+So every ratio printed here is a measured one, with the ideal that FLOPs predict next to it:
+
+- **encoder**: a CLIP ViT-L/14-336 tower (LLaVA-1.5's, read at layer -2), stock vs DToMe at the
+  low / mid / high presets; FLOP-ideal speedup from the tokens each layer actually kept;
+- **prefill**: Vicuna-7B-shaped decoder layers over 576 visual + 64 text positions, stock vs VTU at
+  N_un = 93 / 208 / 392 unique visual rows, and the paper's exact Eq. 10 attention at one N_un;
+- **attention FLOPs** in the form of the paper's Table 1, counted honestly, next to the paper's;
+- **calibration** throughput (images/s) vs a plain encoder forward on the same batches;
+- **merge-off overhead**: the patched tower with every threshold at +inf vs the stock tower.
+
+Models are built from configs with random weights: speed does not depend on the weights. Timings
+are medians of ``runs`` runs after ``warmup`` rounds; the sides being compared run interleaved
+round-robin (A B C A B C ...) inside one process so that drift (thermal, other processes) hits
+them alike. The markdown report goes to stdout, everything (raw times included) to ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SECTIONS = ("encoder", "prefill", "exact", "flops", "calibration", "merge_off")
+PRESET_NAMES = ("low", "mid", "high")
+
+# The paper's Table 1 (attention MFLOPs, N = 576 visual tokens, 32 heads, head dim 128).
+PAPER_TABLE1 = {"full": 1359.0, 94: 72.4, 209: 357.8, 393: 1265.0}
+
+# Targets of the benchmark issue: (key, description, goal).
+TARGETS = {
+    "encoder_b1": "encoder speedup >= 0.85 x FLOP-ideal at batch 1 (every preset)",
+    "vtu_93": "VTU prefill >= 3.5x faster than full at N_un = 93",
+    "vtu_208": "VTU prefill >= 2.2x faster than full at N_un = 208",
+    "merge_off": "merge-off overhead <= 3%",
+    "calibration": "calibration >= 0.8 x plain-forward throughput",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: the real benchmark, its --quick smoke-test version, and the GPU variant.
+
+
+@dataclass
+class Plan:
+    """Everything the benchmark runs; `notes` says in words what was done."""
+
+    name: str
+    clip: dict  # CLIPVisionConfig kwargs
+    feature_layer: int  # LLaVA-1.5 reads hidden_states[-2]
+    batches: tuple[int, ...]
+    # The large batch runs only the first `large_batch_layers` layers (None: all), with r scaled
+    # so that the last layer run keeps the tokens of the preset: the CPU budget does not allow 8 x 23
+    # CLIP-L layers x 4 variants x 6 rounds.
+    large_batch_layers: int | None
+    llama: dict  # LlamaConfig kwargs
+    text_before: int
+    text_after: int
+    exact_preset: str  # the N_un at which the exact Eq. 10 path is timed
+    exact_layers: int  # decoder layers the exact comparison runs (it is slow and memory hungry)
+    cal_images: int
+    cal_batch: int
+    runs: int
+    warmup: int
+    notes: list[str] = field(default_factory=list)
+
+
+def full_plan(device: torch.device) -> Plan:
+    gpu = device.type == "cuda"
+    return Plan(
+        name="full",
+        clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14),
+        feature_layer=-2,
+        batches=(1, 64) if gpu else (1, 8),
+        large_batch_layers=None if gpu else 4,
+        llama=dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                   num_hidden_layers=32 if gpu else 2, vocab_size=32000 if gpu else 256,
+                   max_position_embeddings=4096),
+        text_before=35,
+        text_after=29,
+        exact_preset="low",
+        exact_layers=4 if gpu else 1,
+        cal_images=64 if gpu else 4,
+        cal_batch=32 if gpu else 2,
+        runs=5,
+        warmup=1,
+    )
+
+
+def quick_plan(device: torch.device) -> Plan:
+    return Plan(
+        name="quick",
+        clip=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=112, patch_size=14),
+        feature_layer=-2,
+        batches=(1, 4),
+        large_batch_layers=2,
+        llama=dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=4,
+                   num_hidden_layers=2, vocab_size=64, max_position_embeddings=512),
+        text_before=6,
+        text_after=6,
+        exact_preset="low",
+        exact_layers=1,
+        cal_images=4,
+        cal_batch=2,
+        runs=1,
+        warmup=1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+@dataclass
+class Side:
+    """One thing being timed: `setup` (untimed: patch / unpatch the model) then `run` (timed)."""
+
+    name: str
+    run: Callable[[], object]
+    setup: Callable[[], None] = lambda: None
+
+
+def interleaved(sides: list[Side], runs: int, warmup: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Round-robin timing: warm-up rounds, then `runs` rounds of every side in turn. Seconds per run."""
+    times: dict[str, list[float]] = {s.name: [] for s in sides}
+    for round_index in range(warmup + runs):
+        for side in sides:
+            side.setup()
+            sync()
+            start = time.perf_counter()
+            side.run()
+            sync()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[side.name].append(elapsed)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base/other: robust to drift between rounds (each round is adjacent in time)."""
+    return median([b / o for b, o in zip(base, other)]) if base and other else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP models (a multiply and an add count as 2 FLOPs; norms, softmax, RoPE, gathers ignored in
+# the ideals: they are what the measurement shows on top).
+
+
+def vit_layer_flops(n_attn: int, n_mlp: int, hidden: int, mlp: int) -> float:
+    """One pre-norm ViT block: attention over n_attn tokens, MLP over n_mlp (DToMe merges in between)."""
+    projections = 2 * n_attn * 4 * hidden * hidden  # q, k, v, o
+    attention = 2 * 2 * n_attn * n_attn * hidden  # QK^T and PV, all heads
+    return projections + attention + 2 * 2 * n_mlp * hidden * mlp
+
+
+def encoder_flops(kept_per_layer: list[float], n0: int, hidden: int, mlp: int, patch_in: int) -> float:
+    """FLOPs of one image through the layers run, from the tokens kept after each layer's merge."""
+    total = 2 * (n0 - 1) * patch_in * hidden  # patch embedding (a conv = a matmul per patch)
+    n_in = n0
+    for n_out in kept_per_layer:
+        total += vit_layer_flops(n_in, n_out, hidden, mlp)
+        n_in = n_out
+    return total
+
+
+def decoder_layer_flops(rows: int, positions: int, hidden: int, mlp: int, kv_hidden: int) -> float:
+    """One Llama block: projections and MLP over `rows` (unique rows under VTU), attention over all
+    `positions` (VTU keeps the full-length attention). Dense attention count (no causal skipping)."""
+    projections = 2 * rows * (2 * hidden * hidden + 2 * hidden * kv_hidden)  # q, o + k, v
+    attention = 2 * 2 * positions * positions * hidden
+    return projections + attention + 2 * rows * 3 * hidden * mlp
+
+
+def table1(n: int = 576, heads: int = 32, head_dim: int = 128, n_un: tuple[int, ...] = (94, 209, 393)) -> list[dict]:
+    """Attention FLOPs of one layer, in the form of the paper's Table 1, counted honestly.
+
+    Counted (multiply and add = 2 FLOPs, dense N x N, no causal halving):
+    - logits: full: Q K^T = 2 N^2 d H. Eq. 10: the unique products Q K^T and Q x K^T
+      (2 x 2 N_un^2 d H) plus their expansion to N x N with the cos/sin diagonals, per frequency
+      pair and entry 4 terms x 2 multiplies + 4 adds = 12 -> 12 N^2 (d/2) H = 6 N^2 d H.
+      A rewrite with cos(θi-θj), sin(θi-θj) tables gets that to 2 N^2 d H: the full model's cost.
+    - softmax over N x N logits: scale, mask, max, subtract, exp, sum, divide ~ 7 N^2 H.
+    - P V: 2 N^2 d H (V at full length; V has no position, but every row of P differs).
+    The paper's numbers are N^2 d H (full) and 2 N_un^2 d H (VTU): the unique products only, in
+    multiply-adds.
+    """
+    nd = n * n * head_dim * heads
+    softmax = 7 * n * n * heads
+    rows = []
+    full_total = 2 * nd + softmax + 2 * nd
+    rows.append(dict(variant="full", n_un=n, paper_mflops=PAPER_TABLE1["full"], paper_formula_mflops=nd / 1e6,
+                     logits_mflops=2 * nd / 1e6, softmax_mflops=softmax / 1e6, pv_mflops=2 * nd / 1e6,
+                     total_mflops=full_total / 1e6, vs_full=1.0))
+    for u in n_un:
+        unique = 2 * 2 * u * u * head_dim * heads
+        expansion = 6 * nd
+        total = unique + expansion + softmax + 2 * nd
+        rows.append(dict(variant=f"VTU Eq. 10", n_un=u, paper_mflops=PAPER_TABLE1.get(u, math.nan),
+                         paper_formula_mflops=2 * u * u * head_dim * heads / 1e6,
+                         logits_mflops=(unique + expansion) / 1e6, unique_products_mflops=unique / 1e6,
+                         expansion_mflops=expansion / 1e6, softmax_mflops=softmax / 1e6, pv_mflops=2 * nd / 1e6,
+                         total_mflops=total / 1e6, vs_full=total / full_total))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine description.
+
+
+def machine(device: torch.device) -> dict:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and inputs.
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def build_clip(plan: Plan, device, dtype):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    _seeded(0)
+    config = CLIPVisionConfig(**plan.clip)
+    config._attn_implementation = "sdpa"
+    return CLIPVisionModel(config).to(device=device, dtype=dtype).eval()
+
+
+def build_llama(plan: Plan, device, dtype):
+    from transformers import LlamaConfig, LlamaModel
+
+    _seeded(1)
+    config = LlamaConfig(**plan.llama)
+    config._attn_implementation = "sdpa"
+    return LlamaModel(config).to(device=device, dtype=dtype).eval()
+
+
+def asset_images() -> list[Path]:
+    """The few real images dymu ships (src/dymu/assets/images, see SOURCES.md there)."""
+    folder = Path(__file__).parent / "assets" / "images"
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def pixel_batch(tower, count: int) -> torch.Tensor:
+    from .images import open_image
+    from .patch.clip import CLIP
+
+    paths = asset_images()
+    processor = CLIP.default_processor(tower.config)
+    images = [open_image(paths[i % len(paths)]) for i in range(count)]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    param = next(tower.parameters())
+    return pixels.to(device=param.device, dtype=param.dtype)
+
+
+def preset_r(patches: int, run_layers: int) -> dict[str, int]:
+    """Fixed merges per layer for the presets: 21 / 16 / 8 for 576 patches over 23 layers."""
+    from .calibrate import PRESETS
+
+    return {name: round((patches - round(patches * PRESETS[name])) / run_layers) for name in PRESET_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+
+
+@torch.no_grad()
+def bench_encoder(plan: Plan, tower, device, thresholds: dict, sync, log) -> tuple[list[dict], dict]:
+    """Stock vs DToMe (low/mid/high) per batch size. Returns rows and the batch-1 group maps."""
+    from .patch.clip import CLIP
+    from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
+
+    cfg = tower.config
+    layers = len(tower.encoder.layers)
+    run_all = layers_to_run(layers, plan.feature_layer)
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    r_presets = preset_r(patches, run_all)
+    rows, group_maps = [], {}
+    for batch in plan.batches:
+        pixels = pixel_batch(tower, batch)
+        run = run_all
+        if batch > 1 and plan.large_batch_layers:
+            run = min(plan.large_batch_layers, run_all)
+        feature_layer = plan.feature_layer if run == run_all else run
+        scale = run_all / run
+        results: dict[str, object] = {}
+
+        def rule_for(name):
+            if name in thresholds and run == run_all:
+                return "thresholds", thresholds[name]
+            r = min(round(r_presets[name] * scale), patches // 2)
+            return "r", r
+
+        def make(name):
+            if name == "full":
+                return Side("full", lambda: results.__setitem__("full", encode_with_tower(
+                    tower, CLIP, pixels, feature_layer, True)), setup=lambda: remove_dtome(tower))
+            kind, value = rule_for(name)
+
+            def setup():
+                if kind == "r":
+                    apply_dtome(tower, CLIP, r=value)
+                else:
+                    apply_dtome(tower, CLIP, thresholds=value)
+
+            return Side(name, lambda: results.__setitem__(name, encode_with_tower(
+                tower, CLIP, pixels, feature_layer, True)), setup=setup)
+
+        sides = [make(name) for name in ("full", *PRESET_NAMES)]
+        log(f"encoder: batch {batch}, {run} layers, {plan.warmup} warm-up + {plan.runs} rounds of "
+            f"{', '.join(s.name for s in sides)}")
+        times = interleaved(sides, plan.runs, plan.warmup, sync)
+        remove_dtome(tower)
+        full_flops = None
+        for side in sides:
+            enc = results[side.name]
+            kept = enc.kept_per_layer.float().mean(0).tolist()  # tokens (class token included) per layer
+            flops = encoder_flops(kept, patches + 1, cfg.hidden_size, cfg.intermediate_size,
+                                  3 * cfg.patch_size ** 2)
+            if side.name == "full":
+                full_flops = flops
+            kind, value = ("none", None) if side.name == "full" else rule_for(side.name)
+            t = median(times[side.name])
+            rows.append(dict(
+                batch=batch, variant=side.name, layers_run=run,
+                rule=("stock" if kind == "none" else
+                      f"r={value} per layer" if kind == "r" else "calibrated thresholds"),
+                tokens_at_feature_layer=float(enc.num_tokens.float().mean()),
+                kept_per_layer=kept, flops_per_image=flops, times_s=times[side.name], median_s=t,
+            ))
+            if side.name != "full" and batch == 1:
+                group_maps[side.name] = enc.group_of_patch[0].clone()
+        full_t = median(times["full"])
+        for row in rows[-len(sides):]:
+            row["speedup"] = full_t / row["median_s"]
+            row["speedup_paired"] = paired_ratio(times["full"], row["times_s"])
+            row["flop_ideal"] = full_flops / row["flops_per_image"]
+            row["quotient"] = row["speedup"] / row["flop_ideal"]
+    return rows, group_maps
+
+
+def _group_maps_for_prefill(plan: Plan, tower, group_maps: dict, log) -> dict[str, torch.Tensor]:
+    """Group maps of the visual positions (P,) for each preset: from the encoder's batch-1 DToMe run
+    with fixed r when there was one, else from one fixed-r encode here."""
+    from .patch.clip import CLIP
+    from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
+
+    cfg = tower.config
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    r_presets = preset_r(patches, layers_to_run(len(tower.encoder.layers), plan.feature_layer))
+    out = {}
+    pixels = None
+    for name in PRESET_NAMES:
+        if name in group_maps:
+            out[name] = group_maps[name]
+            continue
+        if pixels is None:
+            pixels = pixel_batch(tower, 1)
+        apply_dtome(tower, CLIP, r=r_presets[name])
+        with torch.no_grad():
+            out[name] = encode_with_tower(tower, CLIP, pixels, plan.feature_layer, True).group_of_patch[0]
+        remove_dtome(tower)
+        log(f"prefill: group map for {name} from one fixed-r DToMe encode")
+    return out
+
+
+def _prefill_inputs(plan: Plan, model, visual_groups: torch.Tensor, seed: int):
+    """(group_map (1, N), inputs_embeds (1, N, D)) for text + image + text, rows equal within groups."""
+    from .vtu import group_map_from_labels
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    labels = torch.cat([
+        torch.full((plan.text_before,), -1, dtype=torch.long),
+        visual_groups.cpu().long(),
+        torch.full((plan.text_after,), -1, dtype=torch.long),
+    ]).unsqueeze(0)
+    group_map = group_map_from_labels(labels).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    unique = torch.randn(int(group_map.max()) + 1, model.config.hidden_size, generator=gen) * 0.02
+    embeds = unique[group_map[0].cpu()].unsqueeze(0).to(device=device, dtype=dtype)
+    return group_map, embeds
+
+
+@torch.no_grad()
+def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
+    from .patch.llama import apply_vtu, remove_vtu, rows_processed, set_groups
+
+    cfg = model.config
+    kv_hidden = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # One embedding sequence per preset; the full side runs on the "mid" sequence (speed does not
+    # depend on the values).
+    inputs = {name: _prefill_inputs(plan, model, visual_maps[name], seed=i) for i, name in enumerate(PRESET_NAMES)}
+    full_embeds = inputs["mid"][1]
+    positions = full_embeds.shape[1]
+
+    def full_setup():
+        remove_vtu(model)
+
+    def vtu_setup(name):
+        def setup():
+            apply_vtu(model, vtu_attention="fast")
+            set_groups(model, inputs[name][0])
+        return setup
+
+    def forward(embeds):
+        return lambda: model(inputs_embeds=embeds, use_cache=False)
+
+    sides = [Side("full", forward(full_embeds), full_setup)]
+    sides += [Side(name, forward(inputs[name][1]), vtu_setup(name)) for name in PRESET_NAMES]
+    log(f"prefill: {cfg.num_hidden_layers} decoder layers, {positions} positions, {plan.warmup} warm-up + "
+        f"{plan.runs} rounds of full, {', '.join(PRESET_NAMES)}")
+    times = interleaved(sides, plan.runs, plan.warmup, sync)
+    rows_seen = {}
+    for name in PRESET_NAMES:  # measured rows per layer, from the VTU row counter
+        vtu_setup(name)()
+        model(inputs_embeds=inputs[name][1], use_cache=False)
+        rows_seen[name] = rows_processed(model)["mlp"] // cfg.num_hidden_layers
+    remove_vtu(model)
+
+    out = []
+    full_flops = cfg.num_hidden_layers * decoder_layer_flops(positions, positions, cfg.hidden_size,
+                                                               cfg.intermediate_size, kv_hidden)
+    full_t = median(times["full"])
+    for side in sides:
+        rows = positions if side.name == "full" else rows_seen[side.name]
+        n_un = (int(visual_maps[side.name].max()) + 1) if side.name != "full" else None
+        flops = cfg.num_hidden_layers * decoder_layer_flops(rows, positions, cfg.hidden_size,
+                                                              cfg.intermediate_size, kv_hidden)
+        t = median(times[side.name])
+        out.append(dict(variant="full" if side.name == "full" else f"VTU {side.name}", n_un=n_un,
+                        rows_per_layer=rows, positions=positions, layers=cfg.num_hidden_layers,
+                        attention="sdpa", vtu_attention=None if side.name == "full" else "fast",
+                        flops=flops, times_s=times[side.name], median_s=t, speedup=full_t / t,
+                        speedup_paired=paired_ratio(times["full"], times[side.name]),
+                        flop_ideal=full_flops / flops, quotient=(full_t / t) / (full_flops / flops)))
+    return out
+
+
+@torch.no_grad()
+def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
+    """Eager attention: full vs VTU fast vs VTU exact (Eq. 10) at one N_un, on `exact_layers` layers."""
+    from .patch.llama import apply_vtu, remove_vtu, set_groups
+
+    cfg = model.config
+    name = plan.exact_preset
+    group_map, embeds = _prefill_inputs(plan, model, visual_maps[name], seed=7)
+    layers_before = cfg.num_hidden_layers
+    impl_before = cfg._attn_implementation
+    model.set_attn_implementation("eager")
+    cfg.num_hidden_layers = min(plan.exact_layers, layers_before)  # LlamaModel runs layers[:num_hidden_layers]
+    try:
+        def vtu(mode):
+            def setup():
+                apply_vtu(model, vtu_attention=mode)
+                set_groups(model, group_map)
+            return setup
+
+        run = lambda: model(inputs_embeds=embeds, use_cache=False)  # noqa: E731
+        sides = [Side("full", run, lambda: remove_vtu(model)), Side("fast", run, vtu("fast")),
+                 Side("exact", run, vtu("exact"))]
+        if device_peak_supported(embeds.device):
+            torch.cuda.reset_peak_memory_stats(embeds.device)
+        log(f"exact Eq. 10: eager, {cfg.num_hidden_layers} layer(s), N_un = {int(visual_maps[name].max()) + 1}, "
+            f"{plan.warmup} warm-up + {plan.runs} rounds of full, fast, exact")
+        times = interleaved(sides, plan.runs, plan.warmup, sync)
+        remove_vtu(model)
+    finally:
+        cfg.num_hidden_layers = layers_before
+        model.set_attn_implementation(impl_before)
+    n_un = int(visual_maps[name].max()) + 1
+    positions = embeds.shape[1]
+    heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    unique = n_un + plan.text_before + plan.text_after
+    # Eq. 10 as implemented (vtu.eq10_scores): two (H, d/2, U, U) product tensors plus, per frequency,
+    # several (B, H, N, N) temporaries.
+    eq10_bytes = 2 * heads * (head_dim // 2) * unique * unique * embeds.element_size()
+    full_t = median(times["full"])
+    fast_t = median(times["fast"])
+    return [dict(variant=s.name, n_un=None if s.name == "full" else n_un, layers=min(plan.exact_layers, layers_before),
+                 attention="eager", times_s=times[s.name], median_s=median(times[s.name]),
+                 speedup_vs_full=full_t / median(times[s.name]),
+                 time_vs_fast=median(times[s.name]) / fast_t,
+                 eq10_product_tensors_bytes=eq10_bytes if s.name == "exact" else None,
+                 positions=positions)
+            for s in sides]
+
+
+def device_peak_supported(device) -> bool:
+    return device.type == "cuda"
+
+
+def bench_calibration(plan: Plan, tower, sync, log) -> dict:
+    """`dymu.calibrate` (preset mid) vs a plain stock encoder forward on the same batches.
+
+    Both sides start from the image files (decode + processor + encoder up to the feature layer),
+    so the comparison is what a user sees; calibration also merges (that makes it cheaper per batch)
+    and ranks all edges of the batch per layer (that costs)."""
+    from .calibrate import calibrate
+    from .images import open_image
+    from .patch.clip import CLIP
+    from .patch.encoder import encode_with_tower, remove_dtome
+
+    remove_dtome(tower)
+    paths = asset_images()
+    images = [paths[i % len(paths)] for i in range(plan.cal_images)]
+    processor = CLIP.default_processor(tower.config)
+    device = next(tower.parameters()).device
+    result = {}
+
+    def plain():
+        with torch.no_grad():
+            for i in range(0, len(images), plan.cal_batch):
+                loaded = [open_image(p) for p in images[i:i + plan.cal_batch]]
+                pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
+                encode_with_tower(tower, CLIP, pixels, plan.feature_layer, False)
+
+    def calib():
+        result["thresholds"] = calibrate(tower, images, preset="mid", batch_size=plan.cal_batch,
+                                         feature_layer=plan.feature_layer, processor=processor, progress=False)
+
+    log(f"calibration: {len(images)} images in batches of {plan.cal_batch}, {plan.warmup} warm-up + "
+        f"{plan.runs} rounds of plain, calibrate")
+    times = interleaved([Side("plain", plain), Side("calibrate", calib)], plan.runs, plan.warmup, sync)
+    plain_t, cal_t = median(times["plain"]), median(times["calibrate"])
+    th = result["thresholds"]
+    return dict(images=len(images), batch_size=plan.cal_batch, preset="mid",
+                tokens_kept_mean_at_feature_layer=th.tokens_kept_mean[-1] if th.tokens_kept_mean else None,
+                plain_times_s=times["plain"], calibrate_times_s=times["calibrate"],
+                plain_images_per_s=len(images) / plain_t, calibrate_images_per_s=len(images) / cal_t,
+                ratio=plain_t / cal_t, ratio_paired=paired_ratio(times["plain"], times["calibrate"]))
+
+
+@torch.no_grad()
+def bench_merge_off(plan: Plan, tower, sync, log) -> dict:
+    """Stock tower vs the DToMe-patched tower with every threshold at +inf (no merge), batch 1."""
+    from .patch.clip import CLIP
+    from .patch.encoder import apply_dtome, encode_with_tower, remove_dtome
+
+    pixels = pixel_batch(tower, 1)
+    run = lambda: encode_with_tower(tower, CLIP, pixels, plan.feature_layer, True)  # noqa: E731
+    sides = [Side("stock", run, lambda: remove_dtome(tower)),
+             Side("patched_inf", run, lambda: apply_dtome(tower, CLIP, thresholds=math.inf))]
+    log(f"merge-off: batch 1, {plan.warmup} warm-up + {plan.runs} rounds of stock, patched (+inf)")
+    times = interleaved(sides, plan.runs, plan.warmup, sync)
+    remove_dtome(tower)
+    stock_t, patched_t = median(times["stock"]), median(times["patched_inf"])
+    return dict(batch=1, stock_times_s=times["stock"], patched_times_s=times["patched_inf"],
+                stock_median_s=stock_t, patched_median_s=patched_t, overhead=patched_t / stock_t - 1,
+                overhead_paired=paired_ratio(times["patched_inf"], times["stock"]) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and the report.
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    out = []
+    enc = [r for r in result.get("encoder") or [] if r["batch"] == 1 and r["variant"] != "full"]
+    if enc:
+        worst = min(enc, key=lambda r: r["quotient"])
+        out.append(dict(key="encoder_b1", target=TARGETS["encoder_b1"], goal=0.85,
+                        measured=worst["quotient"], met=all(r["quotient"] >= 0.85 for r in enc),
+                        detail=", ".join(f"{r['variant']} {r['quotient']:.2f}" for r in enc)))
+    pre = {r["variant"]: r for r in result.get("prefill") or []}
+    for key, preset, goal in (("vtu_93", "low", 3.5), ("vtu_208", "mid", 2.2)):
+        row = pre.get(f"VTU {preset}")
+        if row:
+            out.append(dict(key=key, target=TARGETS[key], goal=goal, measured=row["speedup"],
+                            met=row["speedup"] >= goal,
+                            detail=f"N_un {row['n_un']}: {row['speedup']:.2f}x (FLOP-ideal {row['flop_ideal']:.2f}x)"))
+    off = result.get("merge_off")
+    if off:
+        out.append(dict(key="merge_off", target=TARGETS["merge_off"], goal=0.03, measured=off["overhead"],
+                        met=off["overhead"] <= 0.03,
+                        detail=f"{off['overhead'] * 100:+.1f}% (paired {off['overhead_paired'] * 100:+.1f}%)"))
+    cal = result.get("calibration")
+    if cal:
+        out.append(dict(key="calibration", target=TARGETS["calibration"], goal=0.8, measured=cal["ratio"],
+                        met=cal["ratio"] >= 0.8,
+                        detail=f"{cal['calibrate_images_per_s']:.3g} vs {cal['plain_images_per_s']:.3g} images/s"))
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    lines = [
+        f"## dymu bench ({s['plan']}) — {result['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
+        + (f", GPU {m['gpu']}" if m["gpu"] else "")
+        + f"; torch {m['torch']}, transformers {m['transformers']}; {s['device']} {s['dtype']}. "
+        f"Load average before/after: {result.get('loadavg_before')} / {result.get('loadavg_after')}.",
+        "",
+        f"Random weights (speed does not depend on the weights). Medians of {s['runs']} runs after "
+        f"{s['warmup']} warm-up round(s); compared sides interleaved round-robin in one process. "
+        "Speedup = median(full) / median(variant); FLOP-ideal = FLOPs(full) / FLOPs(variant) from the "
+        "tokens / rows actually processed; quotient = speedup / FLOP-ideal.",
+        "",
+    ]
+    enc = result.get("encoder")
+    if enc:
+        c = s["clip"]
+        lines += [f"### Encoder: CLIP ViT (hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+                  f"{c['num_attention_heads']} heads, {c['image_size']} px / {c['patch_size']}), read at layer "
+                  f"{s['feature_layer']}", "",
+                  "| batch | layers run | variant | merge rule | tokens kept | time (ms) | speedup | FLOP-ideal | quotient |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+        for r in enc:
+            lines.append(f"| {r['batch']} | {r['layers_run']} | {r['variant']} | {r['rule']} | "
+                         f"{r['tokens_at_feature_layer']:.0f} | {_ms(r['median_s'])} | {r['speedup']:.2f}x | "
+                         f"{r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
+        lines.append("")
+    pre = result.get("prefill")
+    if pre:
+        p = s["llama"]
+        lines += [f"### Prefill: Llama decoder layers (hidden {p['hidden_size']}, MLP {p['intermediate_size']}, "
+                  f"{p['num_attention_heads']} heads), {pre[0]['layers']} layers, {pre[0]['positions']} positions "
+                  f"({s['text_before']} text + {pre[0]['positions'] - s['text_before'] - s['text_after']} visual + "
+                  f"{s['text_after']} text), sdpa", "",
+                  "| variant | N_un | rows per layer | time (ms) | speedup | FLOP-ideal | quotient |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in pre:
+            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['rows_per_layer']} | "
+                         f"{_ms(r['median_s'])} | {r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
+        lines.append("")
+    ex = result.get("exact")
+    if ex:
+        lines += [f"### Exact Eq. 10 attention vs the gather path (eager attention, {ex[0]['layers']} layer(s), "
+                  f"{ex[0]['positions']} positions)", "",
+                  "| path | N_un | time (ms) | speedup vs full | time vs fast VTU |", "|---|---:|---:|---:|---:|"]
+        for r in ex:
+            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {_ms(r['median_s'])} | "
+                         f"{r['speedup_vs_full']:.2f}x | {r['time_vs_fast']:.2f}x |")
+        lines.append("")
+    fl = result.get("attention_flops")
+    if fl:
+        lines += ["### Attention FLOPs per layer (paper Table 1 form: N = 576, 32 heads, head dim 128; MFLOPs)", "",
+                  "| variant | N_un | paper | paper's formula | logits (honest) | softmax | P·V | total (honest) | vs full |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in fl:
+            lines.append(f"| {r['variant']} | {r['n_un']} | {r['paper_mflops']:.1f} | {r['paper_formula_mflops']:.1f} | "
+                         f"{r['logits_mflops']:.1f} | {r['softmax_mflops']:.1f} | {r['pv_mflops']:.1f} | "
+                         f"{r['total_mflops']:.1f} | {r['vs_full']:.2f} |")
+        lines += ["", "The paper's numbers equal N²·d·H for full and 2·N_un²·d·H for VTU (multiply-adds of the "
+                  "products among unique rows only): the O(N²) sparse products that expand them to N×N with the "
+                  "cos/sin diagonals, the N×N softmax and P·V are not counted. Counted honestly (multiply and add "
+                  "= 2 FLOPs, Eq. 10 as written: 12 FLOPs per entry and frequency pair), VTU attention costs "
+                  "more than full attention; VTU saves time in the projections and the MLP, not in attention.", ""]
+    cal = result.get("calibration")
+    if cal:
+        lines += [f"### Calibration throughput ({cal['images']} images, batches of {cal['batch_size']}, preset "
+                  f"{cal['preset']}, encoder above)", "",
+                  "| side | images/s | ratio |", "|---|---:|---:|",
+                  f"| plain stock forward (decode + processor + encoder) | {cal['plain_images_per_s']:.3g} | 1.00 |",
+                  f"| dymu.calibrate | {cal['calibrate_images_per_s']:.3g} | {cal['ratio']:.2f} |", ""]
+    off = result.get("merge_off")
+    if off:
+        lines += ["### Merge-off overhead (batch 1, encoder above)", "",
+                  "| side | time (ms) | overhead |", "|---|---:|---:|",
+                  f"| stock | {_ms(off['stock_median_s'])} | - |",
+                  f"| patched, thresholds +inf | {_ms(off['patched_median_s'])} | {off['overhead'] * 100:+.1f}% |", ""]
+    tg = result.get("targets")
+    if tg:
+        lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+        for t in tg:
+            lines.append(f"| {t['target']} | {t['detail']} | {'yes' if t['met'] else 'no'} |")
+        lines.append("")
+    if result.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    lines.append(f"Total benchmark time: {result['elapsed_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def run_bench(
+    quick: bool = False,
+    device: str | None = "cpu",
+    dtype: str | None = None,
+    thresholds: dict[str, str] | None = None,
+    sections: tuple[str, ...] = SECTIONS,
+    runs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the benchmark and return the result dict (what `--json` writes)."""
+    from .loading import resolve_device_dtype
+    from .thresholds import Thresholds
+
+    log = log or (lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    dev, dt = resolve_device_dtype(device, dtype)
+    plan = quick_plan(dev) if quick else full_plan(dev)
+    if runs is not None:
+        plan.runs = runs
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    sync = _sync(dev)
+    result: dict = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(dev),
+        "loadavg_before": _loadavg(),
+        "settings": {"plan": plan.name, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+                     "runs": plan.runs, "warmup": plan.warmup, "clip": plan.clip, "feature_layer": plan.feature_layer,
+                     "batches": list(plan.batches), "large_batch_layers": plan.large_batch_layers,
+                     "llama": plan.llama, "text_before": plan.text_before, "text_after": plan.text_after,
+                     "exact_preset": plan.exact_preset, "exact_layers": plan.exact_layers,
+                     "calibration_images": plan.cal_images, "calibration_batch": plan.cal_batch,
+                     "sections": list(sections), "weights": "random (speed does not depend on the weights)"},
+        "encoder": None, "prefill": None, "exact": None, "attention_flops": None,
+        "calibration": None, "merge_off": None, "targets": None, "notes": [],
+    }
+    notes = result["notes"]
+    notes.append("All models have random weights: speed does not depend on the weights.")
+    section_time = {}
+
+    tower = None
+    need_tower = {"encoder", "prefill", "exact", "calibration", "merge_off"} & set(sections)
+    if need_tower:
+        t0 = time.perf_counter()
+        tower = build_clip(plan, dev, dt)
+        section_time["build_encoder"] = time.perf_counter() - t0
+        log(f"built CLIP tower ({sum(p.numel() for p in tower.parameters()) / 1e6:.0f}M parameters) in "
+            f"{section_time['build_encoder']:.1f} s")
+
+    chosen_thresholds = {}
+    for name, path in (thresholds or {}).items():
+        if name not in PRESET_NAMES:
+            raise ValueError(f"--thresholds takes PRESET=FILE with PRESET one of {', '.join(PRESET_NAMES)}, not {name!r}")
+        th = Thresholds.load(path)
+        th.check_compatible(tower)
+        chosen_thresholds[name] = th.thresholds
+        notes.append(f"Encoder preset {name}: calibrated thresholds from {path} (on these random weights the "
+                     "token counts are not those of the real encoder).")
+    fixed = [n for n in PRESET_NAMES if n not in chosen_thresholds]
+    if fixed and tower is not None:
+        from .patch.encoder import layers_to_run
+
+        cfg = tower.config
+        run_all = layers_to_run(len(tower.encoder.layers), plan.feature_layer)
+        r = preset_r((cfg.image_size // cfg.patch_size) ** 2, run_all)
+        notes.append("Encoder presets " + ", ".join(f"{n}: fixed r = {r[n]} merges per layer" for n in fixed)
+                     + f" in all {run_all} layers run (plain ToMe-style top-r: no calibrated thresholds given).")
+
+    group_maps: dict = {}
+    if "encoder" in sections:
+        t0 = time.perf_counter()
+        result["encoder"], group_maps = bench_encoder(plan, tower, dev, chosen_thresholds, sync, log)
+        section_time["encoder"] = time.perf_counter() - t0
+        large = [b for b in plan.batches if b > 1]
+        if plan.large_batch_layers and large:
+            notes.append(f"Encoder batch {large[0]}: only the first {plan.large_batch_layers} layers are run (CPU "
+                         "time budget), with r scaled so that the last layer keeps the preset's tokens; its FLOP-ideal "
+                         "is computed for those layers.")
+    if {"prefill", "exact"} & set(sections):
+        t0 = time.perf_counter()
+        visual_maps = _group_maps_for_prefill(plan, tower, group_maps, log)
+        llama = build_llama(plan, dev, dt)
+        section_time["build_decoder"] = time.perf_counter() - t0
+        log(f"built {plan.llama['num_hidden_layers']}-layer Llama body "
+            f"({sum(p.numel() for p in llama.parameters()) / 1e6:.0f}M parameters) in {section_time['build_decoder']:.1f} s")
+        notes.append("Prefill group maps: the 576 (or quick: fewer) visual positions grouped by a real DToMe merge "
+                     "(fixed r, batch-1 encoder run above, on a shipped photo), so groups are the spatially "
+                     "irregular ones DToMe makes; inputs_embeds rows are equal within groups. The decoder body "
+                     "(LlamaModel, no lm_head, no KV cache) is timed on inputs_embeds.")
+        if "prefill" in sections:
+            t0 = time.perf_counter()
+            result["prefill"] = bench_prefill(plan, llama, visual_maps, sync, log)
+            section_time["prefill"] = time.perf_counter() - t0
+        if "exact" in sections:
+            t0 = time.perf_counter()
+            result["exact"] = bench_exact(plan, llama, visual_maps, sync, log)
+            section_time["exact"] = time.perf_counter() - t0
+            notes.append(f"Exact Eq. 10 path timed at the smallest N_un ({plan.exact_preset}) only and on "
+                         f"{plan.exact_layers} decoder layer(s): it materialises (H, d/2, U, U) product tensors and "
+                         "per-frequency (B, H, N, N) temporaries, so it is slow and memory hungry; the smallest "
+                         "N_un is its best case and already shows that it is slower than the gather path.")
+        del llama
+    if "flops" in sections:
+        result["attention_flops"] = table1()
+    if "calibration" in sections:
+        t0 = time.perf_counter()
+        result["calibration"] = bench_calibration(plan, tower, sync, log)
+        section_time["calibration"] = time.perf_counter() - t0
+    if "merge_off" in sections:
+        t0 = time.perf_counter()
+        result["merge_off"] = bench_merge_off(plan, tower, sync, log)
+        section_time["merge_off"] = time.perf_counter() - t0
+    result["targets"] = evaluate_targets(result)
+    result["section_s"] = section_time
+    result["loadavg_after"] = _loadavg()
+    result["elapsed_s"] = time.perf_counter() - start
+    return result
+
+
+def _parse_thresholds(text: str) -> tuple[str, str]:
+    import argparse
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--thresholds expects PRESET=FILE (PRESET: low, mid or high), not {text!r}")
+    name, path = text.split("=", 1)
+    return name, path
+
+
+def cmd_bench(args) -> int:
+    sections = tuple(args.only.split(",")) if args.only else SECTIONS
+    result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
+                       thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
+    print(markdown(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"\nwrote {out}")
+    return 0
 
 
 def add_cli(subparsers) -> None:
-    return None
+    p = subparsers.add_parser(
+        "bench",
+        help="measured speed vs the FLOP ideal: encoder (DToMe), prefill (VTU), attention FLOPs, calibration",
+        description="Benchmark DToMe and VTU on real model dimensions with random weights (speed does not "
+        "depend on the weights): CLIP ViT-L/14-336 encoder full vs DToMe low/mid/high, Vicuna-7B-shaped decoder "
+        "prefill full vs VTU, the paper's Table 1 attention FLOPs counted honestly, calibration throughput, "
+        "merge-off overhead. Markdown to stdout, everything to --json. The full run takes ~10 minutes on a "
+        "2-core CPU; --quick (tiny sizes, 1 run) well under a minute.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: a smoke test")
+    p.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--thresholds", action="append", type=_parse_thresholds, metavar="PRESET=FILE",
+                   help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
+                        "fixed r per layer; repeatable")
+    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--runs", type=int, help="timed runs per side (default 5; --quick 1)")
+    p.set_defaults(func=cmd_bench)

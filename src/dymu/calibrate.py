@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from . import merge as M
-from .api import _single_tower, default_feature_layer
+from .api import vision_tower_of, default_feature_layer
 from .images import ImageError, open_image, to_rgb
 from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
 from .thresholds import Thresholds, encoder_identity
@@ -224,7 +224,7 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    tower, family = _single_tower(model)
+    tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
     per_layer_r = resolve_r(tower, feature_layer, preset=preset, target_tokens=target_tokens, r=r, schedule=schedule)

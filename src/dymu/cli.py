@@ -71,13 +71,13 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_thresholds_import(args) -> int:
-    from .api import _single_tower, default_feature_layer
+    from .api import vision_tower_of, default_feature_layer
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
 
     values = read_paper_thresholds(args.file)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
-    tower, family = _single_tower(model)
+    tower, family = vision_tower_of(model)
     layers = len(tower.encoder.layers)
     if len(values) != layers:
         raise ValueError(f"{args.file} has thresholds for {len(values)} layers but {args.model} has {layers}.")
@@ -137,10 +137,9 @@ def cmd_generate(args) -> int:
 def cmd_encode(args) -> int:
     import torch
 
-    from .api import apply, encode
+    from .api import apply, encode, vision_tower_of
     from .images import ImageError, find_images, open_image
     from .loading import load_vision_model, resolve_device_dtype
-    from .patch.encoder import family_of
     from .thresholds import Thresholds
 
     paths = []
@@ -149,8 +148,8 @@ def cmd_encode(args) -> int:
     thresholds = Thresholds.load(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
     apply(model, thresholds)  # DToMe only: encode never runs the language model
-    tower = model if family_of(model) else next(m for m in model.modules() if family_of(m))
-    processor = processor or family_of(tower).default_processor(tower.config)
+    tower, family = vision_tower_of(model)
+    processor = processor or family.default_processor(tower.config)
     records, skipped = [], []
     for start in range(0, len(paths), args.batch_size):
         batch, images = [], []

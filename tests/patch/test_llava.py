@@ -8,7 +8,6 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import dymu
 from conftest import load_image
-from dymu.demo import build_demo_model
 from dymu.patch.llama import rows_processed
 
 IMAGES = ["synthetic_blank_white.png", "skimage_chelsea_cat.png", "darknet_dog_bicycle_truck.jpg",
@@ -16,12 +15,8 @@ IMAGES = ["synthetic_blank_white.png", "skimage_chelsea_cat.png", "darknet_dog_b
 
 
 @pytest.fixture(scope="session")
-def llava_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llava")
-    model, processor = build_demo_model()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def llava_dir(demo_llava_dir):
+    return demo_llava_dir
 
 
 @pytest.fixture
