@@ -149,3 +149,15 @@ def test_apply_errors(llava, thresholds):
         dymu.apply(model, mode="tome")
     with pytest.raises(ValueError, match="needs thresholds"):
         dymu.apply(model, mode="dymu")
+
+
+def test_a_prompt_without_images_in_a_batch_with_images(llava, thresholds):
+    model, processor = llava
+    dymu.apply(model, thresholds, mode="dymu")
+    image = load_image(IMAGES[2])
+    batch = dymu.generate(model, processor, ["Hello there", PROMPTS[0]], [[], [image]], max_new_tokens=3,
+                          output_scores=True)
+    assert batch.report.visual_tokens[0] == [] and len(batch.report.visual_tokens[1]) == 1
+    alone = dymu.generate(model, processor, ["Hello there"], [[]], max_new_tokens=3, output_scores=True)
+    assert alone.answers[0] == batch.answers[0]
+    assert (alone.scores[0][0] - batch.scores[0][0]).abs().max() <= 1e-5
