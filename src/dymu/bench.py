@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -55,7 +55,7 @@ TARGETS = {
 
 @dataclass
 class Plan:
-    """Everything the benchmark runs; `notes` says in words what was done."""
+    """Everything the benchmark runs (the notes in the report say in words what was done)."""
 
     name: str
     clip: dict  # CLIPVisionConfig kwargs
@@ -70,11 +70,13 @@ class Plan:
     text_after: int
     exact_preset: str  # the N_un at which the exact Eq. 10 path is timed
     exact_layers: int  # decoder layers the exact comparison runs (it is slow and memory hungry)
+    exact_runs: int  # timed runs of the exact path itself (full and fast get `runs`)
     cal_images: int
     cal_batch: int
+    cal_layers: int | None  # calibration and its plain forward run this many layers (None: to the feature layer)
+    merge_off_runs: int  # the merge-off overhead is a few %: more runs than the others
     runs: int
     warmup: int
-    notes: list[str] = field(default_factory=list)
 
 
 def full_plan(device: torch.device) -> Plan:
@@ -93,8 +95,11 @@ def full_plan(device: torch.device) -> Plan:
         text_after=29,
         exact_preset="low",
         exact_layers=4 if gpu else 1,
-        cal_images=64 if gpu else 4,
-        cal_batch=32 if gpu else 2,
+        exact_runs=5 if gpu else 1,
+        cal_images=64 if gpu else 8,
+        cal_batch=32 if gpu else 8,
+        cal_layers=None if gpu else 4,
+        merge_off_runs=10,
         runs=5,
         warmup=1,
     )
@@ -114,8 +119,11 @@ def quick_plan(device: torch.device) -> Plan:
         text_after=6,
         exact_preset="low",
         exact_layers=1,
+        exact_runs=1,
         cal_images=4,
         cal_batch=2,
+        cal_layers=2,
+        merge_off_runs=1,
         runs=1,
         warmup=1,
     )
@@ -138,6 +146,8 @@ class Side:
     name: str
     run: Callable[[], object]
     setup: Callable[[], None] = lambda: None
+    runs: int | None = None  # fewer timed runs than the others (a very slow side); None: all
+    warmup: bool = True  # take part in the warm-up rounds
 
 
 def interleaved(sides: list[Side], runs: int, warmup: int, sync: Callable[[], None]) -> dict[str, list[float]]:
@@ -145,6 +155,10 @@ def interleaved(sides: list[Side], runs: int, warmup: int, sync: Callable[[], No
     times: dict[str, list[float]] = {s.name: [] for s in sides}
     for round_index in range(warmup + runs):
         for side in sides:
+            if round_index < warmup and not side.warmup:
+                continue
+            if round_index >= warmup and side.runs is not None and round_index - warmup >= side.runs:
+                continue
             side.setup()
             sync()
             start = time.perf_counter()
@@ -219,11 +233,14 @@ def table1(n: int = 576, heads: int = 32, head_dim: int = 128, n_un: tuple[int, 
         unique = 2 * 2 * u * u * head_dim * heads
         expansion = 6 * nd
         total = unique + expansion + softmax + 2 * nd
-        rows.append(dict(variant=f"VTU Eq. 10", n_un=u, paper_mflops=PAPER_TABLE1.get(u, math.nan),
+        rows.append(dict(variant="VTU Eq. 10", n_un=u, paper_mflops=PAPER_TABLE1.get(u, math.nan),
                          paper_formula_mflops=2 * u * u * head_dim * heads / 1e6,
                          logits_mflops=(unique + expansion) / 1e6, unique_products_mflops=unique / 1e6,
                          expansion_mflops=expansion / 1e6, softmax_mflops=softmax / 1e6, pv_mflops=2 * nd / 1e6,
                          total_mflops=total / 1e6, vs_full=total / full_total))
+    rows.append(dict(variant="VTU gather + stock attention (dymu)", n_un="any", paper_mflops=math.nan,
+                     paper_formula_mflops=math.nan, logits_mflops=2 * nd / 1e6, softmax_mflops=softmax / 1e6,
+                     pv_mflops=2 * nd / 1e6, total_mflops=full_total / 1e6, vs_full=1.0))
     return rows
 
 
@@ -235,16 +252,20 @@ def machine(device: torch.device) -> dict:
     import transformers
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     info = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
+        "cpu_isa": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "virtual_machine": "hypervisor" in flags,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -320,7 +341,11 @@ def preset_r(patches: int, run_layers: int) -> dict[str, int]:
 
 @torch.no_grad()
 def bench_encoder(plan: Plan, tower, device, thresholds: dict, sync, log) -> tuple[list[dict], dict]:
-    """Stock vs DToMe (low/mid/high) per batch size. Returns rows and the batch-1 group maps."""
+    """Stock vs DToMe (low/mid/high) per batch size, interleaved round-robin.
+
+    Returns the rows and the batch-1 group maps of the visual patches per fixed-r preset (the
+    prefill uses them).
+    """
     from .patch.clip import CLIP
     from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
 
@@ -336,61 +361,62 @@ def bench_encoder(plan: Plan, tower, device, thresholds: dict, sync, log) -> tup
         if batch > 1 and plan.large_batch_layers:
             run = min(plan.large_batch_layers, run_all)
         feature_layer = plan.feature_layer if run == run_all else run
-        scale = run_all / run
         results: dict[str, object] = {}
 
-        def rule_for(name):
+        def rule_for(name, run=run):
             if name in thresholds and run == run_all:
                 return "thresholds", thresholds[name]
-            r = min(round(r_presets[name] * scale), patches // 2)
-            return "r", r
+            # Fewer layers: the preset's total merges spread over them (at most half per layer).
+            return "r", min(round(r_presets[name] * run_all / run), patches // 2)
 
-        def make(name):
-            if name == "full":
-                return Side("full", lambda: results.__setitem__("full", encode_with_tower(
-                    tower, CLIP, pixels, feature_layer, True)), setup=lambda: remove_dtome(tower))
+        def side(name, setup, batch=batch, pixels=pixels, feature_layer=feature_layer, results=results):
+            def run_once():
+                results[name] = encode_with_tower(tower, CLIP, pixels, feature_layer, True)
+            return Side(name, run_once, setup)
+
+        def dtome_setup(name):
             kind, value = rule_for(name)
+            if kind == "r":
+                return lambda: apply_dtome(tower, CLIP, r=value)
+            return lambda: apply_dtome(tower, CLIP, thresholds=value)
 
-            def setup():
-                if kind == "r":
-                    apply_dtome(tower, CLIP, r=value)
-                else:
-                    apply_dtome(tower, CLIP, thresholds=value)
-
-            return Side(name, lambda: results.__setitem__(name, encode_with_tower(
-                tower, CLIP, pixels, feature_layer, True)), setup=setup)
-
-        sides = [make(name) for name in ("full", *PRESET_NAMES)]
+        sides = [side("full", lambda: remove_dtome(tower))] + [side(name, dtome_setup(name)) for name in PRESET_NAMES]
         log(f"encoder: batch {batch}, {run} layers, {plan.warmup} warm-up + {plan.runs} rounds of "
             f"{', '.join(s.name for s in sides)}")
         times = interleaved(sides, plan.runs, plan.warmup, sync)
         remove_dtome(tower)
+        full_t = median(times["full"])
         full_flops = None
-        for side in sides:
-            enc = results[side.name]
+        for s in sides:
+            enc = results[s.name]
             kept = enc.kept_per_layer.float().mean(0).tolist()  # tokens (class token included) per layer
             flops = encoder_flops(kept, patches + 1, cfg.hidden_size, cfg.intermediate_size,
                                   3 * cfg.patch_size ** 2)
-            if side.name == "full":
+            if s.name == "full":
                 full_flops = flops
-            kind, value = ("none", None) if side.name == "full" else rule_for(side.name)
-            t = median(times[side.name])
+            kind, value = ("none", None) if s.name == "full" else rule_for(s.name)
+            t = median(times[s.name])
             rows.append(dict(
-                batch=batch, variant=side.name, layers_run=run,
+                batch=batch, variant=s.name, layers_run=run,
                 rule=("stock" if kind == "none" else
                       f"r={value} per layer" if kind == "r" else "calibrated thresholds"),
                 tokens_at_feature_layer=float(enc.num_tokens.float().mean()),
-                kept_per_layer=kept, flops_per_image=flops, times_s=times[side.name], median_s=t,
+                kept_per_layer=kept, flops_per_image=flops, times_s=times[s.name], median_s=t,
+                speedup=full_t / t, speedup_paired=paired_ratio(times["full"], times[s.name]),
             ))
-            if side.name != "full" and batch == 1:
-                group_maps[side.name] = enc.group_of_patch[0].clone()
-        full_t = median(times["full"])
-        for row in rows[-len(sides):]:
-            row["speedup"] = full_t / row["median_s"]
-            row["speedup_paired"] = paired_ratio(times["full"], row["times_s"])
+            if s.name != "full" and batch == 1 and kind == "r":
+                group_maps[s.name] = enc.group_of_patch[0].clone()
+        for row in rows[-len(PRESET_NAMES) - 1:]:
             row["flop_ideal"] = full_flops / row["flops_per_image"]
             row["quotient"] = row["speedup"] / row["flop_ideal"]
     return rows, group_maps
+
+
+def merge_off_result(stock: list[float], patched: list[float], batch: int) -> dict:
+    stock_t, patched_t = median(stock), median(patched)
+    return dict(batch=batch, stock_times_s=stock, patched_times_s=patched,
+                stock_median_s=stock_t, patched_median_s=patched_t, overhead=patched_t / stock_t - 1,
+                overhead_paired=paired_ratio(patched, stock) - 1)
 
 
 def _group_maps_for_prefill(plan: Plan, tower, group_maps: dict, log) -> dict[str, torch.Tensor]:
@@ -457,19 +483,20 @@ def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]
             set_groups(model, inputs[name][0])
         return setup
 
-    def forward(embeds):
-        return lambda: model(inputs_embeds=embeds, use_cache=False)
+    rows_seen = {}
 
-    sides = [Side("full", forward(full_embeds), full_setup)]
-    sides += [Side(name, forward(inputs[name][1]), vtu_setup(name)) for name in PRESET_NAMES]
+    def forward(name, embeds):
+        def run():
+            model(inputs_embeds=embeds, use_cache=False)
+            if name != "full":  # rows the MLP really ran on, from the VTU row counter (a dict read)
+                rows_seen[name] = rows_processed(model)["mlp"] // cfg.num_hidden_layers
+        return run
+
+    sides = [Side("full", forward("full", full_embeds), full_setup)]
+    sides += [Side(name, forward(name, inputs[name][1]), vtu_setup(name)) for name in PRESET_NAMES]
     log(f"prefill: {cfg.num_hidden_layers} decoder layers, {positions} positions, {plan.warmup} warm-up + "
         f"{plan.runs} rounds of full, {', '.join(PRESET_NAMES)}")
     times = interleaved(sides, plan.runs, plan.warmup, sync)
-    rows_seen = {}
-    for name in PRESET_NAMES:  # measured rows per layer, from the VTU row counter
-        vtu_setup(name)()
-        model(inputs_embeds=inputs[name][1], use_cache=False)
-        rows_seen[name] = rows_processed(model)["mlp"] // cfg.num_hidden_layers
     remove_vtu(model)
 
     out = []
@@ -511,12 +538,12 @@ def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
             return setup
 
         run = lambda: model(inputs_embeds=embeds, use_cache=False)  # noqa: E731
+        reduced = plan.exact_runs < plan.runs
         sides = [Side("full", run, lambda: remove_vtu(model)), Side("fast", run, vtu("fast")),
-                 Side("exact", run, vtu("exact"))]
-        if device_peak_supported(embeds.device):
-            torch.cuda.reset_peak_memory_stats(embeds.device)
+                 Side("exact", run, vtu("exact"), runs=plan.exact_runs, warmup=not reduced)]
         log(f"exact Eq. 10: eager, {cfg.num_hidden_layers} layer(s), N_un = {int(visual_maps[name].max()) + 1}, "
-            f"{plan.warmup} warm-up + {plan.runs} rounds of full, fast, exact")
+            f"{plan.warmup} warm-up + {plan.runs} rounds of full, fast"
+            + (f"; exact: {plan.exact_runs} run(s), no warm-up" if reduced else ", exact"))
         times = interleaved(sides, plan.runs, plan.warmup, sync)
         remove_vtu(model)
     finally:
@@ -532,7 +559,7 @@ def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
     full_t = median(times["full"])
     fast_t = median(times["fast"])
     return [dict(variant=s.name, n_un=None if s.name == "full" else n_un, layers=min(plan.exact_layers, layers_before),
-                 attention="eager", times_s=times[s.name], median_s=median(times[s.name]),
+                 attention="eager", runs=len(times[s.name]), times_s=times[s.name], median_s=median(times[s.name]),
                  speedup_vs_full=full_t / median(times[s.name]),
                  time_vs_fast=median(times[s.name]) / fast_t,
                  eq10_product_tensors_bytes=eq10_bytes if s.name == "exact" else None,
@@ -540,25 +567,28 @@ def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
             for s in sides]
 
 
-def device_peak_supported(device) -> bool:
-    return device.type == "cuda"
-
-
 def bench_calibration(plan: Plan, tower, sync, log) -> dict:
-    """`dymu.calibrate` (preset mid) vs a plain stock encoder forward on the same batches.
+    """`dymu.calibrate` (the mid preset's r per layer) vs a plain stock encoder forward on the same batches.
 
-    Both sides start from the image files (decode + processor + encoder up to the feature layer),
-    so the comparison is what a user sees; calibration also merges (that makes it cheaper per batch)
-    and ranks all edges of the batch per layer (that costs)."""
+    Both sides start from the image files (decode + processor + encoder), so the comparison is what
+    a user sees; calibration also merges (cheaper layers) and ranks all edges of the batch per layer
+    (extra work). With `plan.cal_layers`, both run only that many layers (CPU time budget): the
+    calibration overhead is per layer, so the ratio is that of the whole tower.
+    """
     from .calibrate import calibrate
     from .images import open_image
     from .patch.clip import CLIP
-    from .patch.encoder import encode_with_tower, remove_dtome
+    from .patch.encoder import encode_with_tower, layers_to_run, remove_dtome
 
     remove_dtome(tower)
+    cfg = tower.config
+    run_all = layers_to_run(len(tower.encoder.layers), plan.feature_layer)
+    r_mid = preset_r((cfg.image_size // cfg.patch_size) ** 2, run_all)["mid"]
+    feature_layer = plan.cal_layers if plan.cal_layers else plan.feature_layer
+    layers = layers_to_run(len(tower.encoder.layers), feature_layer)
     paths = asset_images()
     images = [paths[i % len(paths)] for i in range(plan.cal_images)]
-    processor = CLIP.default_processor(tower.config)
+    processor = CLIP.default_processor(cfg)
     device = next(tower.parameters()).device
     result = {}
 
@@ -567,19 +597,19 @@ def bench_calibration(plan: Plan, tower, sync, log) -> dict:
             for i in range(0, len(images), plan.cal_batch):
                 loaded = [open_image(p) for p in images[i:i + plan.cal_batch]]
                 pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
-                encode_with_tower(tower, CLIP, pixels, plan.feature_layer, False)
+                encode_with_tower(tower, CLIP, pixels, feature_layer, False)
 
     def calib():
-        result["thresholds"] = calibrate(tower, images, preset="mid", batch_size=plan.cal_batch,
-                                         feature_layer=plan.feature_layer, processor=processor, progress=False)
+        result["thresholds"] = calibrate(tower, images, r=r_mid, batch_size=plan.cal_batch,
+                                         feature_layer=feature_layer, processor=processor, progress=False)
 
-    log(f"calibration: {len(images)} images in batches of {plan.cal_batch}, {plan.warmup} warm-up + "
-        f"{plan.runs} rounds of plain, calibrate")
+    log(f"calibration: {len(images)} images in batches of {plan.cal_batch}, {layers} layers, r = {r_mid}, "
+        f"{plan.warmup} warm-up + {plan.runs} rounds of plain, calibrate")
     times = interleaved([Side("plain", plain), Side("calibrate", calib)], plan.runs, plan.warmup, sync)
     plain_t, cal_t = median(times["plain"]), median(times["calibrate"])
     th = result["thresholds"]
-    return dict(images=len(images), batch_size=plan.cal_batch, preset="mid",
-                tokens_kept_mean_at_feature_layer=th.tokens_kept_mean[-1] if th.tokens_kept_mean else None,
+    return dict(images=len(images), batch_size=plan.cal_batch, layers=layers, r_per_layer=r_mid,
+                tokens_kept_mean_at_last_layer=th.tokens_kept_mean[-1] if th.tokens_kept_mean else None,
                 plain_times_s=times["plain"], calibrate_times_s=times["calibrate"],
                 plain_images_per_s=len(images) / plain_t, calibrate_images_per_s=len(images) / cal_t,
                 ratio=plain_t / cal_t, ratio_paired=paired_ratio(times["plain"], times["calibrate"]))
@@ -587,7 +617,9 @@ def bench_calibration(plan: Plan, tower, sync, log) -> dict:
 
 @torch.no_grad()
 def bench_merge_off(plan: Plan, tower, sync, log) -> dict:
-    """Stock tower vs the DToMe-patched tower with every threshold at +inf (no merge), batch 1."""
+    """Stock tower vs the DToMe-patched tower with every threshold at +inf (no merge), batch 1, full depth.
+    A few-% effect: `plan.merge_off_runs` rounds of A B, and the paired ratio reported next to the ratio
+    of medians."""
     from .patch.clip import CLIP
     from .patch.encoder import apply_dtome, encode_with_tower, remove_dtome
 
@@ -595,13 +627,10 @@ def bench_merge_off(plan: Plan, tower, sync, log) -> dict:
     run = lambda: encode_with_tower(tower, CLIP, pixels, plan.feature_layer, True)  # noqa: E731
     sides = [Side("stock", run, lambda: remove_dtome(tower)),
              Side("patched_inf", run, lambda: apply_dtome(tower, CLIP, thresholds=math.inf))]
-    log(f"merge-off: batch 1, {plan.warmup} warm-up + {plan.runs} rounds of stock, patched (+inf)")
-    times = interleaved(sides, plan.runs, plan.warmup, sync)
+    log(f"merge-off: batch 1, {plan.warmup} warm-up + {plan.merge_off_runs} rounds of stock, patched (+inf)")
+    times = interleaved(sides, plan.merge_off_runs, plan.warmup, sync)
     remove_dtome(tower)
-    stock_t, patched_t = median(times["stock"]), median(times["patched_inf"])
-    return dict(batch=1, stock_times_s=times["stock"], patched_times_s=times["patched_inf"],
-                stock_median_s=stock_t, patched_median_s=patched_t, overhead=patched_t / stock_t - 1,
-                overhead_paired=paired_ratio(times["patched_inf"], times["stock"]) - 1)
+    return merge_off_result(times["stock"], times["patched_inf"], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +675,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"## dymu bench ({s['plan']}) — {result['date']}",
         "",
-        f"Machine: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
+        f"Machine: {m['cpu']}{' (virtual machine)' if m.get('virtual_machine') else ''}, {m['cpu_cores']} cores "
+        f"({m['torch_threads']} torch threads; {'/'.join(m.get('cpu_isa') or []) or 'no AVX2'})"
         + (f", GPU {m['gpu']}" if m["gpu"] else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}; {s['device']} {s['dtype']}. "
         f"Load average before/after: {result.get('loadavg_before')} / {result.get('loadavg_after')}.",
@@ -687,9 +717,9 @@ def markdown(result: dict) -> str:
     if ex:
         lines += [f"### Exact Eq. 10 attention vs the gather path (eager attention, {ex[0]['layers']} layer(s), "
                   f"{ex[0]['positions']} positions)", "",
-                  "| path | N_un | time (ms) | speedup vs full | time vs fast VTU |", "|---|---:|---:|---:|---:|"]
+                  "| path | N_un | runs | time (ms) | speedup vs full | time vs fast VTU |", "|---|---:|---:|---:|---:|---:|"]
         for r in ex:
-            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {_ms(r['median_s'])} | "
+            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['runs']} | {_ms(r['median_s'])} | "
                          f"{r['speedup_vs_full']:.2f}x | {r['time_vs_fast']:.2f}x |")
         lines.append("")
     fl = result.get("attention_flops")
@@ -698,36 +728,46 @@ def markdown(result: dict) -> str:
                   "| variant | N_un | paper | paper's formula | logits (honest) | softmax | P·V | total (honest) | vs full |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in fl:
-            lines.append(f"| {r['variant']} | {r['n_un']} | {r['paper_mflops']:.1f} | {r['paper_formula_mflops']:.1f} | "
+            paper = "-" if math.isnan(r["paper_mflops"]) else f"{r['paper_mflops']:.1f}"
+            formula = "-" if math.isnan(r["paper_formula_mflops"]) else f"{r['paper_formula_mflops']:.1f}"
+            lines.append(f"| {r['variant']} | {r['n_un']} | {paper} | {formula} | "
                          f"{r['logits_mflops']:.1f} | {r['softmax_mflops']:.1f} | {r['pv_mflops']:.1f} | "
                          f"{r['total_mflops']:.1f} | {r['vs_full']:.2f} |")
         lines += ["", "The paper's numbers equal N²·d·H for full and 2·N_un²·d·H for VTU (multiply-adds of the "
                   "products among unique rows only): the O(N²) sparse products that expand them to N×N with the "
                   "cos/sin diagonals, the N×N softmax and P·V are not counted. Counted honestly (multiply and add "
                   "= 2 FLOPs, Eq. 10 as written: 12 FLOPs per entry and frequency pair), VTU attention costs "
-                  "more than full attention; VTU saves time in the projections and the MLP, not in attention.", ""]
+                  "more than full attention (a rewrite with cos/sin of position differences brings its expansion down "
+                  "to 2·N²·d·H, the cost of full QKᵀ); dymu's gather path costs exactly full attention. VTU saves time "
+                  "in the projections and the MLP, not in attention.", ""]
     cal = result.get("calibration")
     if cal:
-        lines += [f"### Calibration throughput ({cal['images']} images, batches of {cal['batch_size']}, preset "
-                  f"{cal['preset']}, encoder above)", "",
+        lines += [f"### Calibration throughput ({cal['images']} images, batches of {cal['batch_size']}, first "
+                  f"{cal['layers']} layers of the encoder above, r = {cal['r_per_layer']} per layer)", "",
                   "| side | images/s | ratio |", "|---|---:|---:|",
                   f"| plain stock forward (decode + processor + encoder) | {cal['plain_images_per_s']:.3g} | 1.00 |",
                   f"| dymu.calibrate | {cal['calibrate_images_per_s']:.3g} | {cal['ratio']:.2f} |", ""]
     off = result.get("merge_off")
     if off:
-        lines += ["### Merge-off overhead (batch 1, encoder above)", "",
+        lines += ["### Merge-off overhead (batch 1, all layers to the feature layer, encoder above)", "",
                   "| side | time (ms) | overhead |", "|---|---:|---:|",
                   f"| stock | {_ms(off['stock_median_s'])} | - |",
-                  f"| patched, thresholds +inf | {_ms(off['patched_median_s'])} | {off['overhead'] * 100:+.1f}% |", ""]
+                  f"| patched, thresholds +inf | {_ms(off['patched_median_s'])} | {off['overhead'] * 100:+.1f}% |", "",
+                  f"{len(off['stock_times_s'])} runs each; overhead = ratio of the medians − 1 (median of the per-round "
+                  f"ratios: {off['overhead_paired'] * 100:+.1f}%).", ""]
     tg = result.get("targets")
     if tg:
-        lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += ["### Targets", ""]
+        if s["plan"] == "quick":
+            lines += ["(--quick: tiny sizes and 1 run, so these timings say nothing; the targets are for the full run.)", ""]
+        lines += ["| target | measured | met |", "|---|---|---|"]
         for t in tg:
             lines.append(f"| {t['target']} | {t['detail']} | {'yes' if t['met'] else 'no'} |")
         lines.append("")
     if result.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
-    lines.append(f"Total benchmark time: {result['elapsed_s']:.0f} s.")
+    sec = ", ".join(f"{k} {v:.0f} s" for k, v in (result.get("section_s") or {}).items())
+    lines.append(f"Total benchmark time: {result['elapsed_s']:.0f} s ({sec}).")
     return "\n".join(lines)
 
 
@@ -753,7 +793,9 @@ def run_bench(
     dev, dt = resolve_device_dtype(device, dtype)
     plan = quick_plan(dev) if quick else full_plan(dev)
     if runs is not None:
-        plan.runs = runs
+        if runs < 1:
+            raise ValueError(f"--runs must be at least 1, not {runs}")
+        plan.runs, plan.merge_off_runs, plan.exact_runs = runs, 2 * runs, min(plan.exact_runs, runs)
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
@@ -790,7 +832,8 @@ def run_bench(
         if name not in PRESET_NAMES:
             raise ValueError(f"--thresholds takes PRESET=FILE with PRESET one of {', '.join(PRESET_NAMES)}, not {name!r}")
         th = Thresholds.load(path)
-        th.check_compatible(tower)
+        if tower is not None:
+            th.check_compatible(tower)
         chosen_thresholds[name] = th.thresholds
         notes.append(f"Encoder preset {name}: calibrated thresholds from {path} (on these random weights the "
                      "token counts are not those of the real encoder).")
@@ -811,9 +854,11 @@ def run_bench(
         section_time["encoder"] = time.perf_counter() - t0
         large = [b for b in plan.batches if b > 1]
         if plan.large_batch_layers and large:
-            notes.append(f"Encoder batch {large[0]}: only the first {plan.large_batch_layers} layers are run (CPU "
-                         "time budget), with r scaled so that the last layer keeps the preset's tokens; its FLOP-ideal "
-                         "is computed for those layers.")
+            run_all = len(result["encoder"][0]["kept_per_layer"])
+            notes.append(f"Encoder batch {large[0]}: only the first {plan.large_batch_layers} of the {run_all} layers "
+                         f"are run (CPU time budget), with r scaled by {run_all}/{plan.large_batch_layers} so that the "
+                         "preset's total merges happen in those layers (see the rule column; at most half the tokens can "
+                         "merge per layer, so low ends with a few more tokens); its FLOP-ideal is for those layers.")
     if {"prefill", "exact"} & set(sections):
         t0 = time.perf_counter()
         visual_maps = _group_maps_for_prefill(plan, tower, group_maps, log)
@@ -821,7 +866,8 @@ def run_bench(
         section_time["build_decoder"] = time.perf_counter() - t0
         log(f"built {plan.llama['num_hidden_layers']}-layer Llama body "
             f"({sum(p.numel() for p in llama.parameters()) / 1e6:.0f}M parameters) in {section_time['build_decoder']:.1f} s")
-        notes.append("Prefill group maps: the 576 (or quick: fewer) visual positions grouped by a real DToMe merge "
+        patches = int(next(iter(visual_maps.values())).numel())
+        notes.append(f"Prefill group maps: the {patches} visual positions grouped by a real DToMe merge "
                      "(fixed r, batch-1 encoder run above, on a shipped photo), so groups are the spatially "
                      "irregular ones DToMe makes; inputs_embeds rows are equal within groups. The decoder body "
                      "(LlamaModel, no lm_head, no KV cache) is timed on inputs_embeds.")
@@ -884,7 +930,7 @@ def add_cli(subparsers) -> None:
         description="Benchmark DToMe and VTU on real model dimensions with random weights (speed does not "
         "depend on the weights): CLIP ViT-L/14-336 encoder full vs DToMe low/mid/high, Vicuna-7B-shaped decoder "
         "prefill full vs VTU, the paper's Table 1 attention FLOPs counted honestly, calibration throughput, "
-        "merge-off overhead. Markdown to stdout, everything to --json. The full run takes ~10 minutes on a "
+        "merge-off overhead. Markdown to stdout, everything to --json. The full run takes under 10 minutes on a "
         "2-core CPU; --quick (tiny sizes, 1 run) well under a minute.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: a smoke test")
@@ -896,5 +942,5 @@ def add_cli(subparsers) -> None:
                    help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
                         "fixed r per layer; repeatable")
     p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--runs", type=int, help="timed runs per side (default 5; --quick 1)")
+    p.add_argument("--runs", type=int, help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     p.set_defaults(func=cmd_bench)
