@@ -2,14 +2,12 @@
 
 __version__ = "0.1.0"
 
+# Imported eagerly on purpose: `dymu.calibrate` and `dymu.generate` are also submodule names, and
+# binding the functions here after the submodules load keeps `dymu.calibrate(...)` the function.
 from .api import apply, encode, remove  # noqa: E402
-from .patch.encoder import EncodedImages  # noqa: E402
-
-__all__ = ["apply", "remove", "encode", "EncodedImages", "__version__"]
 from .calibrate import calibrate  # noqa: E402
+from .generate import generate  # noqa: E402
+from .patch.encoder import EncodedImages  # noqa: E402
 from .thresholds import Thresholds  # noqa: E402
 
-__all__ += ["calibrate", "Thresholds"]
-from .generate import generate  # noqa: E402
-
-__all__ += ["generate"]
+__all__ = ["apply", "remove", "encode", "calibrate", "generate", "EncodedImages", "Thresholds", "__version__"]
