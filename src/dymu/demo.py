@@ -138,4 +138,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
         rep = result.report
         out(f"  {mode:6s} {rep.visual_tokens[0][0]:>4d}/{rep.full_tokens:<3d} {rep.encoder_s * 1e3:7.1f}ms "
             f"{rep.prefill_s * 1e3:7.1f}ms {rep.decode_s * 1e3:7.1f}ms  {result.answers[0]!r}")
+    if random_weights:
+        out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench` measures "
+            "the speedup at real LLaVA-1.5 dimensions.")
     return {"counts": dict(zip([p.name for p in paths], counts)), "results": results, "thresholds": thresholds}
