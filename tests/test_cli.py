@@ -80,7 +80,8 @@ def test_torchrun_two_processes_equal_one(tower_dir, tmp_path):
               "--target-tokens", "70", "--batch-size", "4", "--quiet", "--device", "cpu"]
     one = run_cli(["-m", "dymu.cli", *common, "--out", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr
-    two = run_cli(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    # --standalone: a private rendezvous on a free local port, so runs never collide on a fixed port.
+    two = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "dymu.cli", *common, "--out", str(tmp_path / "two.json")])
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = Thresholds.load(tmp_path / "one.json"), Thresholds.load(tmp_path / "two.json")

@@ -32,11 +32,24 @@ def _init_distributed():
 
 
 def cmd_calibrate(args) -> int:
+    rank = _init_distributed()
+    import torch
+
+    try:
+        code = _calibrate(args, rank)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # leave together: an early exit can abort a peer mid-teardown
+        return code
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _calibrate(args, rank: int) -> int:
     from .calibrate import calibrate
     from .images import find_images
     from .loading import load_vision_model, resolve_device_dtype
 
-    rank = _init_distributed()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     images = find_images(args.images, args.image_root)
     if not images:
