@@ -243,7 +243,7 @@ def measure(
 
     from .api import vision_tower_of
     from .images import ImageError, find_images, open_image
-    from .patch.encoder import apply_dtome, encode_with_tower, remove_dtome
+    from .patch.encoder import dtome_patched, encode_with_tower
 
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -283,9 +283,7 @@ def measure(
                 each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid)
         pending.clear()
 
-    previous = getattr(tower, "_dymu_state", None)
-    apply_dtome(tower, family, thresholds=values)
-    try:
+    with dtome_patched(tower, family, thresholds=values):
         for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
             try:
                 image = open_image(path)
@@ -320,10 +318,6 @@ def measure(
             if len(pending) >= batch_size:
                 flush()
         flush()
-    finally:
-        remove_dtome(tower)
-        if previous is not None:
-            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r)
     return Analysis(rows=rows, skipped=skipped, full_tokens=full_tokens, folders=labels)
 
 

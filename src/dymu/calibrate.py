@@ -25,8 +25,8 @@ from torch import nn
 
 from . import merge as M
 from .api import vision_tower_of, default_feature_layer
-from .images import ImageError, open_image, to_rgb
-from .patch.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
+from .images import open_images
+from .patch.encoder import dtome_patched, encode_with_tower, layers_to_run
 from .thresholds import Thresholds, encoder_identity
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
@@ -95,19 +95,6 @@ def _record_batch(tower, family, pixel_values, r, run, feature_layer, index, ski
 
 def _batches(images: Sequence, batch_size: int) -> list[list]:
     return [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-
-
-def _load_batch(batch: list) -> tuple[list[Image.Image], list[dict]]:
-    loaded, skipped = [], []
-    for item in batch:
-        if isinstance(item, Image.Image):
-            loaded.append(to_rgb(item))
-            continue
-        try:
-            loaded.append(open_image(item))
-        except ImageError as err:
-            skipped.append({"path": err.path, "reason": err.reason})
-    return loaded, skipped
 
 
 def _settings_key(identity: dict, r: list[float], feature_layer: int, batch_size: int, images: Sequence) -> str:
@@ -246,13 +233,12 @@ def calibrate(
     done = {rec.index for rec in records}
     mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
 
-    previous = getattr(tower, "_dymu_state", None)
-    apply_dtome(tower, family, thresholds=math.inf)
-    try:
+    with dtome_patched(tower, family, thresholds=math.inf):
         bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
                    disable=not progress or rank != 0)
         for count, index in enumerate(mine, 1):
-            loaded, skipped = _load_batch(batches[index])
+            opened, skipped = open_images(batches[index])
+            loaded = [image for _, image in opened]
             if loaded:
                 pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
                 rec = _record_batch(tower, family, pixels, per_layer_r, run, feature_layer, index, skipped)
@@ -264,10 +250,6 @@ def calibrate(
                 ckpt.save(records)
         bar.close()
         ckpt.save(records)
-    finally:
-        remove_dtome(tower)
-        if previous is not None:
-            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r)
 
     records = sorted(_gather_records(records), key=lambda rec: rec.index)
     result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run)

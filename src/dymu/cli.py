@@ -151,7 +151,7 @@ def cmd_encode(args) -> int:
     import torch
 
     from .api import apply, encode, vision_tower_of
-    from .images import ImageError, find_images, open_image
+    from .images import find_images, open_images
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
@@ -165,16 +165,12 @@ def cmd_encode(args) -> int:
     processor = processor or family.default_processor(tower.config)
     records, skipped = [], []
     for start in range(0, len(paths), args.batch_size):
-        batch, images = [], []
-        for p in paths[start : start + args.batch_size]:
-            try:
-                images.append(open_image(p))
-                batch.append(p)
-            except ImageError as err:
-                skipped.append({"path": err.path, "reason": err.reason})
-        if not images:
+        opened, bad = open_images(paths[start : start + args.batch_size])
+        skipped += bad
+        if not opened:
             continue
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        batch, images = zip(*opened)
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
         for p, i in zip(batch, range(len(encoded))):

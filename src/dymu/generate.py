@@ -155,12 +155,13 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
         if device.type == "cuda":
             torch.cuda.synchronize()
         mm_encoder_outputs = {"image": features}
+        placeholders = [len(f) for f in features.pooler_output]  # per image, as the LLM will see it
         encoded = getattr(getattr(inner, "_dymu", None), "last_encoded", None)
-        counts = encoded.num_tokens.tolist() if encoded is not None else [len(f) for f in features.pooler_output]
-        if any(len(f) != stock for f in features.pooler_output):
+        counts = encoded.num_tokens.tolist() if encoded is not None else placeholders
+        if any(n != stock for n in placeholders):
             input_ids, attention_mask = set_placeholder_counts(
                 input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
-                [len(f) for f in features.pooler_output])
+                placeholders)
     encoder_s = time.perf_counter() - start
 
     timer = _ForwardTimer(model)

@@ -37,6 +37,20 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError(path, f"cannot be decoded ({err})") from None
 
 
+def open_images(items) -> tuple[list[tuple[object, Image.Image]], list[dict]]:
+    """Open paths (PIL images pass through as RGB); bad files are skipped, never fatal.
+
+    Returns ([(item, RGB image)] for the good ones, [{"path", "reason"}] for the skipped ones).
+    """
+    opened, skipped = [], []
+    for item in items:
+        try:
+            opened.append((item, to_rgb(item) if isinstance(item, Image.Image) else open_image(item)))
+        except ImageError as err:
+            skipped.append({"path": err.path, "reason": err.reason})
+    return opened, skipped
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """RGB, with transparent areas composited onto white (a plain convert would turn them black)."""
     if im.mode == "P" and "transparency" in im.info:

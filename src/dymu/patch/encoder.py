@@ -12,6 +12,7 @@ Weights and state-dict keys are untouched; `remove` swaps the classes back and d
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -213,6 +214,19 @@ def apply_dtome(
     tower._dymu_state = state
     tower._dymu_handles = handles
     return state
+
+
+@contextlib.contextmanager
+def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None):
+    """Patch ``tower`` for the duration of a block, then restore whatever patch (or none) it had."""
+    previous = getattr(tower, "_dymu_state", None)
+    state = apply_dtome(tower, family, thresholds=thresholds, r=r)
+    try:
+        yield state
+    finally:
+        remove_dtome(tower)
+        if previous is not None:
+            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r)
 
 
 def _keep_keys(state: TowerState):
