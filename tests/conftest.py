@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = Path(os.environ.get("DYMU_TEST_IMAGES", REPO.parent / "shared" / "data" / "images"))
+# The test images live in the repository (tests/data/images, see SOURCES.md there);
+# DYMU_TEST_IMAGES points the suite at another folder with the same file names.
+IMAGES = Path(os.environ.get("DYMU_TEST_IMAGES", REPO / "tests" / "data" / "images"))
 
 MIXED_IMAGES = [
     "synthetic_blank_white.png",
@@ -27,7 +29,7 @@ MIXED_IMAGES = [
 def image_path(name: str) -> Path:
     path = IMAGES / name
     if not path.exists():
-        pytest.fail(f"test image {path} is missing (set DYMU_TEST_IMAGES to the shared images folder)")
+        pytest.fail(f"test image {path} is missing (tests/data/images holds the test set; DYMU_TEST_IMAGES overrides it)")
     return path
 
 
@@ -103,7 +105,7 @@ def pixels(family):
 @pytest.fixture(scope="session")
 def demo_llava_dir(tmp_path_factory):
     """The demo's small random-weight LLaVA (CLIP 224/14 + Llama), saved with save_pretrained."""
-    from dymu.demo import build_demo_model
+    from dymu.tools.demo import build_demo_model
 
     folder = tmp_path_factory.mktemp("tiny_llava")
     model, processor = build_demo_model()

@@ -1,13 +1,34 @@
-"""dymu: training-free Dynamic Merging and Virtual Unmerging (arXiv 2504.17040) for HF VLMs."""
+"""dymu: training-free Dynamic Merging and Virtual Unmerging (arXiv 2504.17040) for HF VLMs.
 
-__version__ = "0.1.0"
+`import dymu` is cheap: the public names below load their modules (and torch, transformers) on
+first use, so `dymu --help` and tools that only need the version start in a fraction of a second.
+"""
 
-# Imported eagerly on purpose: `dymu.calibrate` and `dymu.generate` are also submodule names, and
-# binding the functions here after the submodules load keeps `dymu.calibrate(...)` the function.
-from .api import apply, encode, remove  # noqa: E402
-from .calibrate import calibrate  # noqa: E402
-from .generate import generate  # noqa: E402
-from .patch.encoder import EncodedImages  # noqa: E402
-from .thresholds import Thresholds  # noqa: E402
+from importlib import import_module
 
-__all__ = ["apply", "remove", "encode", "calibrate", "generate", "EncodedImages", "Thresholds", "__version__"]
+from .version import __version__
+
+# public name -> module that defines it
+_PUBLIC = {
+    "apply": "dymu.api",
+    "remove": "dymu.api",
+    "encode": "dymu.api",
+    "calibrate": "dymu.tools.calibration",
+    "generate": "dymu.vlms.generation",
+    "EncodedImages": "dymu.towers.encoder",
+    "Thresholds": "dymu.thresholds",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'dymu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

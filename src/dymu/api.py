@@ -7,9 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .patch import clip as _clip  # noqa: F401  (registers the CLIP family)
-from .patch import siglip as _siglip  # noqa: F401  (registers the SigLIP family)
-from .patch.encoder import (
+from . import towers as _towers  # noqa: F401  (registers the CLIP and SigLIP families)
+from .towers.encoder import (
     FAMILIES,
     EncodedImages,
     TowerFamily,
@@ -60,11 +59,11 @@ def apply(
       see `dymu.generate`).
     - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
       `Thresholds` object; +inf = no merge at that layer) or plain ToMe with ``r``.
-    - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.patch.llama`).
+    - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
-    from .patch.llava import SUPPORTED_VLMS, apply_llava
+    from .vlms.llava import SUPPORTED_VLMS, apply_llava
 
     if isinstance(model, SUPPORTED_VLMS):
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
@@ -83,7 +82,7 @@ def apply(
             thresholds = _threshold_values(thresholds, tower)
         apply_dtome(tower, family, thresholds=thresholds, r=r)
         return model
-    from .patch.llama import apply_vtu
+    from .decoders.llama import apply_vtu
 
     try:
         apply_vtu(model, vtu_attention=vtu_attention)
@@ -98,8 +97,8 @@ def apply(
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: stock classes, no hooks, no DyMU state. Weights were never touched."""
-    from .patch.llama import remove_vtu
-    from .patch.llava import SUPPORTED_VLMS, remove_llava
+    from .decoders.llama import remove_vtu
+    from .vlms.llava import SUPPORTED_VLMS, remove_llava
 
     if isinstance(model, SUPPORTED_VLMS):
         remove_llava(model)

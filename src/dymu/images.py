@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+def sample_images() -> list[Path]:
+    """The few real images dymu ships for the demo and the bench (assets/images, see SOURCES.md there)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("dymu") / "assets" / "images"))
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -88,3 +97,14 @@ def find_images(source: str | Path, image_root: str | Path | None = None) -> lis
             raise ValueError(f"{source}: entry {k} has no 'image' path")
         paths.append(root / rel)
     return paths
+
+
+def print_skipped(skipped: list[dict], where: str | None = None, file=None) -> None:
+    """List the files a folder command skipped, one line each: ``PATH: reason``."""
+    if not skipped:
+        return
+    file = file or sys.stdout
+    listed = f" (listed in {where})" if where else ""
+    print(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}{listed}:", file=file)
+    for s in skipped:
+        print(f"  {s['path']}: {s['reason']}", file=file)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 
 FORMAT_VERSION = 1
 
@@ -81,7 +81,7 @@ class Thresholds:
 
     def check_compatible(self, tower: nn.Module) -> None:
         """Raise ThresholdsError (one sentence) when this file is for another encoder."""
-        from .patch.encoder import family_of
+        from .towers.encoder import family_of
 
         family = family_of(tower)
         found = encoder_identity(tower, family)

@@ -1,0 +1,282 @@
+"""VTU decoder layers for Llama, Mistral and Qwen2 (DESIGN.md §1 "VTU", §3), per-instance and reversible.
+
+`apply_vtu(model)` swaps the class of every supported decoder layer found in `model` (a causal LM
+or a VLM holding one) for a subclass whose forward runs the norms, the q/k/v/o projections and the
+MLP on the unique rows of the sequence only. Attention itself is stock: q/k/v are gathered back to
+full length, rotated by the stock RoPE at their real positions and passed with the stock mask and
+KV cache to the stock attention function; its output is averaged over each group (Eq. 11). So the
+full-length sequence, positions, masks, cache and `generate` stay stock, and decode steps (one new
+token, no groups) take the stock forward unchanged.
+
+Group maps do not travel as forward/generate kwargs (transformers 5.x `generate` rejects unknown
+kwargs). They are stored on a per-model state object that the patched layers read:
+
+    apply_vtu(model)
+    with vtu_groups(model, group_map):          # or set_groups(model, group_map) / set_groups(model, None)
+        out = model.generate(input_ids, ...)    # the prefill (length N) uses the map, decode steps do not
+
+A map of shape (B, N) (see `dymu.vtu` for the format) is used by every forward whose sequence
+length is N; a batch of B·k rows (num_return_sequences, beam search) repeats each map k times, as
+`generate` does with its inputs. Length-1 forwards (decode steps) ignore it. Any other length while
+a map is set is a chunked prefill, which would split groups across chunks: it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+
+from torch import Tensor, nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, eager_attention_forward
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+from .. import vtu
+
+try:  # transformers' output capturing (output_attentions=...) records attention modules by hook
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers layouts: no check
+    _active_collector = None
+
+# The family adapters: the only per-family difference inside the layer is what the stock attention
+# forward passes to the attention function on top of the common arguments. (Qwen2's per-layer
+# sliding/full mask is already chosen by Qwen2Model and arrives as this layer's attention_mask.)
+_ATTENTION_KWARGS = {
+    LlamaDecoderLayer: lambda attn: {},
+    MistralDecoderLayer: lambda attn: {"sliding_window": getattr(attn.config, "sliding_window", None)},
+    Qwen2DecoderLayer: lambda attn: {"sliding_window": attn.sliding_window},
+}
+SUPPORTED_DECODERS = tuple(cls.__name__ for cls in _ATTENTION_KWARGS)
+_SUPPORTED_MODELS = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+_COUNTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.o_proj", "post_attention_layernorm", "mlp")
+
+
+class ChunkedPrefillError(RuntimeError):
+    """A forward of length > 1 that is not the length of the group map set on the model."""
+
+
+class VTUState:
+    """Shared by all patched layers of one model: the group map, the attention mode, row counts."""
+
+    def __init__(self, attention: str = "fast"):
+        self.attention = attention
+        self.group_map: Tensor | None = None  # (B, N) long
+        self._plans: dict = {}  # (batch, device) -> vtu.Groups, valid for the current map
+        self.rows: dict[int, Counter] = {}  # layer id -> rows seen by each counted module, last forward
+        self.hooks: list = []
+
+    def set_group_map(self, group_map: Tensor | None) -> None:
+        if group_map is not None:
+            vtu.check_group_map(group_map)
+            group_map = group_map.detach().long()
+        self.group_map = group_map
+        self._plans = {}
+
+    def groups_for(self, hidden_states: Tensor) -> vtu.Groups | None:
+        """The plan for this forward, or None for the stock path (no map, or a decode step)."""
+        if self.group_map is None:
+            return None
+        batch, length = hidden_states.shape[:2]
+        b0, n = self.group_map.shape
+        if length != n:
+            if length == 1:
+                return None  # decode step: one new token per sequence, the stock path
+            raise ChunkedPrefillError(
+                f"VTU has a group map for sequences of length {n} but this forward has length {length}: "
+                "chunked prefill (or a different prompt) would split groups across forwards. Prefill the "
+                "whole prompt at once (prefill_chunk_size=None), or clear the map with set_groups(model, None)."
+            )
+        if batch % b0:
+            raise ValueError(f"VTU group map has batch {b0}, which does not divide this forward's batch {batch}")
+        key = (batch, hidden_states.device)
+        if key not in self._plans:
+            # generate() expands inputs with repeat_interleave (num_return_sequences, beams): do the same.
+            group_map = self.group_map.to(hidden_states.device).repeat_interleave(batch // b0, dim=0)
+            self._plans[key] = vtu.plan_groups(group_map)
+        return self._plans[key]
+
+
+class _VTUDecoderLayer:
+    """Mixed in before a stock decoder-layer class; `_dymu_vtu` (VTUState) is set per instance."""
+
+    _dymu_vtu: VTUState  # per instance
+    _dymu_stock: type  # per class: the stock class to restore
+    _dymu_rope = None  # per class: the family's own stock apply_rotary_pos_emb
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        **kwargs,
+    ) -> Tensor:
+        state = self._dymu_vtu
+        state.rows[id(self)] = Counter()  # the counting hooks fill it during this forward
+        state.rows[id(self)]["positions"] = hidden_states.shape[0] * hidden_states.shape[1]
+        groups = state.groups_for(hidden_states)
+        if groups is None:
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, use_cache=use_cache,
+                                   position_embeddings=position_embeddings, **kwargs)
+
+        collector = _active_collector.get() if _active_collector is not None else None
+        if collector is not None and "attentions" in collector:
+            # The stock attention module's forward (where HF records attention weights) is not run.
+            raise NotImplementedError("output_attentions is not supported on a VTU prefill (group map set)")
+        attn = self.self_attn
+        batch, length, _ = hidden_states.shape
+        residual = vtu.unique_rows(hidden_states, groups)  # (U, D)
+        x = self.input_layernorm(residual)
+        q_rows = attn.q_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hq, d)
+        k_rows = attn.k_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hkv, d)
+        v_rows = attn.v_proj(x).view(groups.num_unique, -1, attn.head_dim)
+
+        def full(rows):  # (U, H, d) -> (B, H, N, d), the stock attention layout
+            return vtu.expand(rows, groups).transpose(1, 2)
+
+        # Stock RoPE at the full positions: every copy of a unique row gets its own angle. V has no
+        # position and is only gathered; the cache receives stock full-length keys and values.
+        exact = state.attention == "exact"
+        if exact and attn.config._attn_implementation != "eager":
+            raise ValueError("vtu_attention='exact' is eager only: load the model with attn_implementation='eager'")
+        if exact and past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx):
+            raise ValueError("vtu_attention='exact' needs an empty KV cache: its keys are the unique rows of this forward")
+        cos, sin = position_embeddings
+        query, key = self._dymu_rope(full(q_rows), full(k_rows), cos, sin)
+        value = full(v_rows)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attn.layer_idx)
+
+        dropout = attn.attention_dropout if self.training else 0.0
+        if exact:  # the paper's Eq. 10 from the unrotated unique rows; the rotated keys only feed the cache
+            out = vtu.eq10_attention(q_rows, k_rows, value, groups, cos, sin, attention_mask,
+                                     attn.scaling, dropout, self.training)
+        else:
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                              eager_attention_forward)
+            out, _ = interface(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling,
+                               position_ids=position_ids, use_cache=use_cache,
+                               **_ATTENTION_KWARGS[self._dymu_stock](attn), **kwargs)
+        # out: (B, N, Hq, d). Re-merge (Eq. 11) before o_proj: the mean commutes with the linear map.
+        out = vtu.merge_mean(out.reshape(batch, length, -1), groups)  # (U, Hq*d)
+        hidden = residual + attn.o_proj(out)
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return vtu.expand(hidden, groups)  # (B, N, D): rows of a group stay exactly equal
+
+
+_VTU_CLASSES: dict[type, type] = {}
+
+
+def _vtu_class(stock: type) -> type:
+    # MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
+    # isinstance(layer, stock) still holds, so HF output capturing (hidden_states) keeps working.
+    if stock not in _VTU_CLASSES:
+        rope = staticmethod(sys.modules[stock.__module__].apply_rotary_pos_emb)
+        _VTU_CLASSES[stock] = type(f"VTU{stock.__name__}", (_VTUDecoderLayer, stock),
+                                   {"_dymu_stock": stock, "_dymu_rope": rope})
+    return _VTU_CLASSES[stock]
+
+
+def _patched_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _VTUDecoderLayer)]
+
+
+def _state(model: nn.Module) -> VTUState:
+    layers = _patched_layers(model)
+    if not layers:
+        raise ValueError("VTU is not applied to this model: call apply_vtu(model) first")
+    return layers[0]._dymu_vtu
+
+
+def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
+    """Patch every Llama/Mistral/Qwen2 decoder layer in `model` (in place, per instance) for VTU.
+
+    vtu_attention: "fast" (gather + stock RoPE + stock attention; eager, sdpa, flash) or "exact"
+    (the paper's Eq. 10 decomposition, eager only, O(B·H·N²) per frequency: a reference).
+    Applying again only updates `vtu_attention`. Undo with `remove_vtu(model)`.
+    """
+    if vtu_attention not in ("fast", "exact"):
+        raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
+    stock = [m for m in model.modules() if type(m) in _ATTENTION_KWARGS]
+    patched = _patched_layers(model)
+    if not stock and not patched:
+        raise ValueError(
+            f"VTU supports only {', '.join(SUPPORTED_DECODERS)} decoder layers ({_SUPPORTED_MODELS}, or a VLM "
+            f"whose language model is one of them); found none in {type(model).__name__}."
+        )
+    if vtu_attention == "exact":
+        impls = {m.self_attn.config._attn_implementation for m in stock + patched}
+        if impls != {"eager"}:
+            raise ValueError(f"vtu_attention='exact' is eager only, the model uses {sorted(impls)}: "
+                             "load it with attn_implementation='eager'")
+    state = patched[0]._dymu_vtu if patched else VTUState()
+    state.attention = vtu_attention
+    for layer in stock:
+        layer.__class__ = _vtu_class(type(layer))
+        layer._dymu_vtu = state
+        for name in _COUNTED:
+            state.hooks.append(layer.get_submodule(name).register_forward_hook(_row_counter(state, layer, name)))
+
+
+def _row_counter(state: VTUState, layer: nn.Module, name: str):
+    key = id(layer)
+
+    def hook(module, args, output):
+        if key in state.rows:
+            state.rows[key][name.removeprefix("self_attn.")] += args[0].shape[:-1].numel()
+
+    return hook
+
+
+def remove_vtu(model: nn.Module) -> None:
+    """Undo `apply_vtu`: restore the stock layer classes, remove hooks and VTU state. No-op if not applied."""
+    for layer in _patched_layers(model):
+        state = layer._dymu_vtu
+        for handle in state.hooks:
+            handle.remove()
+        state.hooks.clear()
+        state.set_group_map(None)
+        state.rows.clear()
+        layer.__class__ = layer._dymu_stock
+        del layer._dymu_vtu
+
+
+def set_groups(model: nn.Module, group_map: Tensor | None) -> None:
+    """Set (or clear with None) the group map (B, N) used by the prefill forwards of length N.
+
+    group_map[b, n] is the id of the unique row of position n in sequence b (ids local to each
+    sequence, in [0, N)); text and padding positions must be groups of their own. The rows of the
+    model input (inputs_embeds) within a group are expected to be equal; the first one is used.
+    Build maps with `dymu.vtu.group_map_from_labels`.
+    """
+    _state(model).set_group_map(group_map)
+
+
+@contextlib.contextmanager
+def vtu_groups(model: nn.Module, group_map: Tensor | None):
+    """Context manager: `set_groups(model, group_map)` inside, the previous map restored on exit."""
+    state = _state(model)
+    previous = state.group_map
+    state.set_group_map(group_map)
+    try:
+        yield
+    finally:
+        state.set_group_map(previous)
+
+
+def rows_processed(model: nn.Module) -> dict[str, int]:
+    """Rows each sub-module processed in the last forward, summed over the patched decoder layers.
+
+    Keys: input_layernorm, q_proj, k_proj, v_proj, o_proj, post_attention_layernorm, mlp (counted
+    by forward hooks on those modules), and positions: batch × length, what the stock model runs.
+    """
+    total = Counter()
+    for layer in _patched_layers(model):
+        total.update(layer._dymu_vtu.rows.get(id(layer), Counter()))
+    return {key: total[key] for key in ("positions", *(n.removeprefix("self_attn.") for n in _COUNTED))}

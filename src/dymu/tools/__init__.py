@@ -1,0 +1,1 @@
+"""Tools built on the library: calibration, analysis, benchmarks and the offline demo."""

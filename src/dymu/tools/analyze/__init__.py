@@ -1,0 +1,186 @@
+"""`dymu analyze`: does the token count follow image complexity? Pictures to check it on your images.
+
+For every image of one or more folders, the vision tower is run with DToMe and the given
+thresholds, and the number of visual tokens kept at the feature layer is set against a simple,
+model-free measure of how complex the image is (paper Fig. 3):
+
+    complexity C(I) = bytes of the RGB image re-encoded as JPEG at quality 75 / (H · W)
+
+i.e. JPEG bytes per pixel of the image as stored (full resolution, before the processor resizes it).
+A blank image compresses to almost nothing (~0.02 bytes/pixel); uniform noise is the worst case
+(~0.6 byte/pixel at quality 75). Caveat: JPEG's fixed headers (~600 bytes) dominate very small
+images, so an image under ~100×100 px reads as more complex than it is. Written to OUT:
+
+- ``tokens.csv``: one row per image: folder, path, width, height, jpeg_bytes_q75,
+  complexity_jpeg_q75 (bytes per pixel), tokens (visual tokens kept), full_tokens (patches per
+  image, what the stock encoder keeps), merge_map (file name under merge_maps/, empty if not drawn);
+- ``complexity_vs_tokens.png``: C(I) against tokens, one colour per folder, with the Spearman rank
+  correlation (all images, and per folder in the legend);
+- ``min_median_max.png``: per folder, the images with the fewest, the median and the most tokens
+  (paper Fig. 7), shown as the model sees them (resized and cropped by the processor);
+- ``merge_maps/NAME.png``: the image as the model sees it, next to its merge map: the patches of
+  every kept token filled with their mean colour, borders between different tokens (ToMe's
+  visualisation);
+- ``skipped.csv``: images that could not be read (they are skipped, never fatal).
+
+Python API (for notebooks): `analyze` (everything above), `measure` (rows only, no pictures, no
+matplotlib), the pure helpers `jpeg_complexity`, `spearman`, `merge_map`, `model_view`, and
+`merge_map_figure` (the merge-map PNG as a PIL image).
+The pictures need matplotlib: ``pip install 'dymu[viz]'``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .figures import (
+    _fmt_rho,
+    _matplotlib,
+    _merge_map_name,
+    merge_map_figure,
+    plot_complexity_vs_tokens,
+    plot_min_median_max,
+    save_merge_map,
+)
+from .measure import (
+    CSV_COLUMNS,
+    JPEG_QUALITY,
+    Analysis,
+    _folder_labels,
+    jpeg_bytes,
+    jpeg_complexity,
+    measure,
+    merge_map,
+    model_view,
+    spearman,
+)
+
+__all__ = ["analyze", "measure", "Analysis", "jpeg_bytes", "jpeg_complexity", "spearman", "merge_map",
+           "model_view", "merge_map_figure", "write_csv"]
+
+
+def write_csv(rows: Iterable[dict], path: str | Path, columns: Sequence[str] = CSV_COLUMNS) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            row = dict(row)
+            if isinstance(row.get("complexity_jpeg_q75"), float):
+                row["complexity_jpeg_q75"] = f"{row['complexity_jpeg_q75']:.6g}"
+            writer.writerow(row)
+    return path
+
+
+def analyze(
+    model: torch.nn.Module,
+    thresholds,
+    folders: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    processor=None,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    merge_maps: int | None = None,
+    image_root: str | Path | None = None,
+    progress: bool = False,
+) -> Analysis:
+    """Measure every image of ``folders`` (see `measure`) and write the CSV and pictures to ``out_dir``.
+
+    ``merge_maps``: draw merge maps for at most this many images per folder (default: all; 0:
+    none). Returns the `Analysis` (rows, skipped, Spearman ρ, files written).
+    """
+    _matplotlib()  # fail before the slow part when matplotlib is missing
+    out = Path(out_dir)
+    maps_dir = out / "merge_maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    sources = _folder_labels(folders)
+    processor = processor or _default_processor(model)
+    used: set[str] = set()
+    drawn: dict[str, int] = {}
+    files: list[Path] = []
+
+    def draw(row, pixel_values, group_of_patch, grid):
+        if merge_maps is not None and drawn.get(row["folder"], 0) >= merge_maps:
+            return
+        drawn[row["folder"]] = drawn.get(row["folder"], 0) + 1
+        name = _merge_map_name(row, sources[row["folder"]], used)
+        title = f"{Path(row['path']).name}: {row['tokens']} of {row['full_tokens']} tokens"
+        files.append(save_merge_map(model_view(pixel_values, processor), group_of_patch, grid, maps_dir / name, title))
+        row["merge_map"] = name
+
+    analysis = measure(model, thresholds, folders, processor=processor, batch_size=batch_size,
+                       max_images=max_images, image_root=image_root, each=draw, progress=progress)
+
+    def view(row):
+        from ...images import open_image
+
+        pixels = processor(images=[open_image(row["path"])], return_tensors="pt")["pixel_values"][0]
+        return model_view(pixels, processor)
+
+    written = [write_csv(analysis.rows, out / "tokens.csv"),
+               write_csv(analysis.skipped, out / "skipped.csv", ("folder", "path", "reason"))]
+    if analysis.rows:
+        written.append(plot_complexity_vs_tokens(analysis, out / "complexity_vs_tokens.png"))
+        written.append(plot_min_median_max(analysis, out / "min_median_max.png", view))
+    analysis.files = written + files
+    return analysis
+
+
+def _default_processor(model):
+    from ...api import vision_tower_of
+
+    tower, family = vision_tower_of(model)
+    return family.default_processor(tower.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def cmd_analyze(args) -> int:
+    from ...images import print_skipped
+    from ...loading import load_vision_model, resolve_device_dtype
+    from ...thresholds import Thresholds
+
+    _matplotlib()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    thresholds = Thresholds.load(args.thresholds)
+    model, processor = load_vision_model(args.model, device, dtype)
+    out = Path(args.out)
+    analysis = analyze(
+        model,
+        thresholds,
+        args.images,
+        out,
+        processor=processor,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        merge_maps=args.merge_maps,
+        image_root=args.image_root,
+        progress=not args.quiet,
+    )
+    rows = analysis.rows
+    if not rows:
+        raise ValueError(f"no readable images in {', '.join(args.images)} ({len(analysis.skipped)} skipped)")
+    tokens = sorted(r["tokens"] for r in rows)
+    print(f"analyzed {len(rows)} images in {len(analysis.folders)} folder(s): visual tokens kept "
+          f"min {tokens[0]} / median {tokens[(len(tokens) - 1) // 2]} / max {tokens[-1]} "
+          f"(mean {sum(tokens) / len(tokens):.1f}) of {analysis.full_tokens}")
+    print(f"Spearman rank correlation of JPEG complexity (quality {JPEG_QUALITY}) and tokens: "
+          f"rho = {_fmt_rho(analysis.spearman)} over {len(rows)} images")
+    if len(analysis.folders) > 1:
+        for label, rho in analysis.spearman_by_folder().items():
+            n = sum(r["folder"] == label for r in rows)
+            print(f"  {label}: rho = {_fmt_rho(rho)} over {n} images")
+    maps = sum(1 for r in rows if r["merge_map"])
+    print(f"wrote {out / 'tokens.csv'}, complexity_vs_tokens.png, min_median_max.png and {maps} merge maps "
+          f"in {out / 'merge_maps'}")
+    print_skipped(analysis.skipped, where=str(out / "skipped.csv"))
+    return 0

@@ -1,0 +1,187 @@
+"""Pictures for `dymu analyze` (matplotlib, imported lazily: `pip install 'dymu[viz]'`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .measure import JPEG_QUALITY, Analysis, merge_map
+
+# ---------------------------------------------------------------------------------------------
+# Pictures (matplotlib, imported lazily).
+
+
+def _matplotlib():
+    """matplotlib's object API (no pyplot: a notebook's backend is left alone)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "the analyze pictures need matplotlib, which is an optional extra: pip install 'dymu[viz]'"
+        ) from None
+    return Figure
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(k % 10) for k in range(n)]
+
+
+def _fmt_rho(rho: float) -> str:
+    return "n/a" if math.isnan(rho) else f"{rho:+.2f}"
+
+
+def plot_complexity_vs_tokens(analysis: Analysis, path: str | Path) -> Path:
+    """Scatter of JPEG complexity against tokens kept, one colour per folder, Spearman ρ shown."""
+    Figure = _matplotlib()
+    fig = Figure(figsize=(7.5, 5.2), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    by_folder = analysis.spearman_by_folder()
+    for colour, label in zip(_colours(len(analysis.folders)), analysis.folders):
+        rows = [r for r in analysis.rows if r["folder"] == label]
+        if not rows:
+            continue
+        ax.scatter(
+            [r["complexity_jpeg_q75"] for r in rows],
+            [r["tokens"] for r in rows],
+            s=28, alpha=0.8, color=colour, edgecolors="none",
+            label=f"{label} (n={len(rows)}, ρ={_fmt_rho(by_folder[label])})",
+        )
+    values = [r["complexity_jpeg_q75"] for r in analysis.rows]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # blank images sit near 0.01 bytes/pixel, noise above 1
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"JPEG complexity: bytes per pixel at quality {JPEG_QUALITY}")
+    ax.set_ylabel(f"visual tokens kept (of {analysis.full_tokens})")
+    ax.set_title(f"Spearman ρ = {_fmt_rho(analysis.spearman)} over {len(analysis.rows)} images")
+    ax.grid(alpha=0.3)
+    if analysis.rows:
+        ax.legend(loc="best", fontsize=8)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _min_median_max(rows: list[dict]) -> list[tuple[str, dict]]:
+    ordered = sorted(rows, key=lambda r: (r["tokens"], r["path"]))
+    return [("fewest", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("most", ordered[-1])]
+
+
+def plot_min_median_max(analysis: Analysis, path: str | Path, view: Callable[[dict], Image.Image]) -> Path:
+    """Per folder, the images with the fewest / median / most tokens (paper Fig. 7).
+
+    ``view(row)`` returns the picture to show for a row (analyze passes the model's view).
+    """
+    Figure = _matplotlib()
+    labels = [label for label in analysis.folders if any(r["folder"] == label for r in analysis.rows)]
+    fig = Figure(figsize=(9, 3.3 * max(1, len(labels)) + 0.4), dpi=100, layout="constrained")
+    axes = fig.subplots(max(1, len(labels)), 3, squeeze=False)
+    for i, label in enumerate(labels):
+        rows = [r for r in analysis.rows if r["folder"] == label]
+        for j, (which, row) in enumerate(_min_median_max(rows)):
+            ax = axes[i][j]
+            ax.imshow(view(row))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            name = Path(row["path"]).name
+            name = name if len(name) <= 34 else name[:31] + "..."
+            ax.set_title(f"{which}: {row['tokens']} tokens\n{name}", fontsize=9)
+            if j == 0:
+                mean = sum(r["tokens"] for r in rows) / len(rows)
+                ax.set_ylabel(f"{label}\n{len(rows)} images, mean {mean:.0f} tokens", fontsize=9)
+    if not labels:
+        axes[0][0].text(0.5, 0.5, "no images", ha="center", va="center")
+    fig.suptitle(f"Fewest / median / most tokens per folder (of {analysis.full_tokens}), as the model sees the images",
+                 fontsize=10)
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font when Pillow has FreeType
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def merge_map_figure(
+    view: Image.Image,
+    group_of_patch,
+    grid: tuple[int, int],
+    title: str,
+    *,
+    panel: int = 384,
+) -> Image.Image:
+    """The model's view of an image next to its merge map, ``title`` above (Pillow only, fast)."""
+    from PIL import ImageDraw
+
+    rows, cols = grid
+    cell = max(1, math.ceil(panel / max(rows, cols)))
+    picture = merge_map(view, group_of_patch, grid, cell=cell)
+    left = view.convert("RGB").resize(picture.size, Image.BICUBIC)
+    gap, top, caption = 12, 34, 20
+    width = 2 * picture.width + 3 * gap
+    height = top + caption + picture.height + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(left, (gap, top + caption))
+    canvas.paste(picture, (2 * gap + picture.width, top + caption))
+    draw = ImageDraw.Draw(canvas)
+    for x in (gap, 2 * gap + picture.width):  # a frame, so that white images still show their edges
+        draw.rectangle((x - 1, top + caption - 1, x + picture.width, top + caption + picture.height),
+                       outline=(150, 150, 150))
+
+    def centred(x: float, y: float, text: str, font, fill) -> None:
+        left, upper, right, lower = draw.textbbox((0, 0), text, font=font)
+        draw.text((x - (right - left) / 2 - left, y - (lower - upper) / 2 - upper), text, fill=fill, font=font)
+
+    centred(width / 2, top / 2 + 2, title, _font(18), "black")
+    small = _font(13)
+    centred(gap + picture.width / 2, top + caption / 2, "as the model sees it", small, (60, 60, 60))
+    centred(2 * gap + 1.5 * picture.width, top + caption / 2, f"merge map ({rows}x{cols} patches)", small,
+            (60, 60, 60))
+    return canvas
+
+
+def save_merge_map(
+    view: Image.Image,
+    group_of_patch,
+    grid: tuple[int, int],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Write `merge_map_figure` to ``path`` (PNG)."""
+    path = Path(path)
+    merge_map_figure(view, group_of_patch, grid, title).save(path, compress_level=3)
+    return path
+
+
+def _merge_map_name(row: dict, source: str, used: set[str]) -> str:
+    path = Path(row["path"])
+    candidates = [path.stem]
+    try:
+        rel = path.relative_to(source).with_suffix("")
+        candidates.append(f"{row['folder']}__" + "__".join(rel.parts))
+    except ValueError:
+        candidates.append(f"{row['folder']}__{path.stem}")
+    for name in candidates:
+        if name not in used:
+            break
+    else:
+        base, k = candidates[-1], 2
+        while f"{base}_{k}" in used:
+            k += 1
+        name = f"{base}_{k}"
+    used.add(name)
+    return name + ".png"

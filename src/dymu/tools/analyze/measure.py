@@ -1,0 +1,293 @@
+"""Measuring for `dymu analyze`: run the DToMe encoder over folders, JPEG complexity, Spearman ρ.
+
+No matplotlib here: `measure` returns rows only; `figures.py` draws them."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+JPEG_QUALITY = 75
+
+CSV_COLUMNS = (
+    "folder",
+    "path",
+    "width",
+    "height",
+    "jpeg_bytes_q75",
+    "complexity_jpeg_q75",
+    "tokens",
+    "full_tokens",
+    "merge_map",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def jpeg_bytes(image: Image.Image, quality: int = JPEG_QUALITY) -> int:
+    """Size in bytes of ``image`` (converted to RGB) saved as a baseline JPEG at ``quality``."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.tell()
+
+
+def jpeg_complexity(image: Image.Image, quality: int = JPEG_QUALITY) -> float:
+    """Image complexity C(I): JPEG bytes at ``quality`` (default 75) per pixel, H·W of ``image``."""
+    return jpeg_bytes(image, quality) / (image.width * image.height)
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks; tied values share the average of their ranks."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties, then Pearson); nan when undefined."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs two sequences of the same length, not {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = math.fsum((a - mx) ** 2 for a in rx)
+    vy = math.fsum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return math.nan
+    return cov / math.sqrt(vx * vy)
+
+
+def merge_map(
+    image: Image.Image,
+    group_of_patch,
+    grid: tuple[int, int],
+    *,
+    cell: int | None = None,
+    border: tuple[int, int, int] = (0, 0, 0),
+) -> Image.Image:
+    """The merge map of one image: every token's patches filled with their mean colour.
+
+    ``image``: the image as the model sees it (any size: it is resized to the patch grid).
+    ``group_of_patch``: (rows·cols,) token index of every original patch, row-major (as returned
+    by `dymu.encode` with the class token dropped). ``grid``: (rows, cols) of the patch grid.
+    Each patch becomes a ``cell``×``cell`` square (default: the image's own patch size, at least
+    8 px); a one-pixel ``border`` line separates neighbouring patches of different tokens.
+    """
+    rows, cols = grid
+    groups = np.asarray(torch.as_tensor(group_of_patch).cpu(), dtype=np.int64).reshape(-1)
+    if groups.size != rows * cols:
+        raise ValueError(
+            f"group_of_patch has {groups.size} entries but the grid {rows}x{cols} has {rows * cols} patches"
+        )
+    if cell is None:
+        cell = max(8, math.ceil(max(image.width / cols, image.height / rows)))
+    size = (cols * cell, rows * cell)
+    rgb = image.convert("RGB")
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.BICUBIC)
+    pixels = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
+    _, token = np.unique(groups, return_inverse=True)  # 0..k-1 per patch
+    labels = np.repeat(np.repeat(token.reshape(rows, cols), cell, axis=0), cell, axis=1)  # (H, W)
+    flat = labels.reshape(-1)
+    counts = np.bincount(flat)
+    means = np.stack([np.bincount(flat, weights=pixels[:, c]) for c in range(3)], axis=1) / counts[:, None]
+    out = np.rint(means[labels]).clip(0, 255).astype(np.uint8)  # (H, W, 3)
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+    edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
+    out[edge] = border
+    return Image.fromarray(out)
+
+
+def model_view(pixel_values: torch.Tensor, processor=None) -> Image.Image:
+    """Undo the processor's normalisation: (3, H, W) pixel values -> the RGB image the model sees."""
+    x = pixel_values.detach().cpu().float().numpy()
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected (3, H, W) pixel values, not {tuple(x.shape)}")
+    if getattr(processor, "do_normalize", True):
+        mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
+        x = x * np.asarray(std, dtype=np.float32).reshape(3, 1, 1) + np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    if getattr(processor, "do_rescale", True):
+        x = x * 255.0  # the processor divided by 255 (rescale_factor); values now 0..255
+    array = np.rint(x).clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return Image.fromarray(array)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: run the encoder over folders of images.
+
+
+@dataclass
+class Analysis:
+    """What `measure` / `analyze` found. ``rows`` are the tokens.csv rows (dicts, CSV_COLUMNS)."""
+
+    rows: list[dict]
+    skipped: list[dict]  # {"folder", "path", "reason"}
+    full_tokens: int
+    folders: dict[str, str] = field(default_factory=dict)  # label -> source folder / JSON
+    files: list[Path] = field(default_factory=list)  # written by `analyze`
+
+    @property
+    def spearman(self) -> float:
+        """Spearman rank correlation of complexity and tokens over all images."""
+        return spearman([r["complexity_jpeg_q75"] for r in self.rows], [r["tokens"] for r in self.rows])
+
+    def spearman_by_folder(self) -> dict[str, float]:
+        out = {}
+        for label in self.folders:
+            rows = [r for r in self.rows if r["folder"] == label]
+            out[label] = spearman([r["complexity_jpeg_q75"] for r in rows], [r["tokens"] for r in rows])
+        return out
+
+
+def _folder_labels(folders: Sequence) -> dict[str, str]:
+    """A short unique label per folder: its name, with #2, #3... on repeats."""
+    labels: dict[str, str] = {}
+    for folder in folders:
+        path = Path(folder)
+        base = path.name if path.is_dir() or path.suffix.lower() != ".json" else path.stem
+        base = base or str(path)
+        label, k = base, 2
+        while label in labels:
+            label, k = f"{base}#{k}", k + 1
+        labels[label] = str(folder)
+    return labels
+
+
+def _resolve_thresholds(thresholds, tower, model):
+    """Threshold values for the tower and the feature layer they were calibrated for."""
+    from ...api import _threshold_values, default_feature_layer
+    from ...towers.encoder import family_of
+    from ...thresholds import Thresholds
+
+    if isinstance(thresholds, (str, Path)):
+        thresholds = Thresholds.load(thresholds)
+    feature_layer = getattr(thresholds, "feature_layer", None)
+    if feature_layer is None:
+        feature_layer = default_feature_layer(model, family_of(tower))[0]
+    return _threshold_values(thresholds, tower), feature_layer
+
+
+@torch.no_grad()
+def measure(
+    model: torch.nn.Module,
+    thresholds,
+    folders: str | Path | Sequence[str | Path],
+    *,
+    processor=None,
+    batch_size: int = 16,
+    max_images: int | None = None,
+    image_root: str | Path | None = None,
+    each: Callable[[dict, torch.Tensor, torch.Tensor, tuple[int, int]], None] | None = None,
+    progress: bool = False,
+) -> Analysis:
+    """Tokens kept and JPEG complexity for every image of ``folders``; no pictures.
+
+    ``model``: a CLIP/SigLIP vision model or a VLM containing one. ``thresholds``: a `Thresholds`
+    object or file (its feature layer is used), or per-layer values. ``folders``: one or more
+    folders (searched recursively) or JSON lists of images (see `dymu.images.find_images`);
+    ``max_images`` caps each. ``processor``: the model's image processor (default: the tower
+    family's stock one). Unreadable images are skipped and listed in ``Analysis.skipped``.
+    ``each(row, pixel_values, group_of_patch, grid)`` is called for every image measured. The
+    model is left as it was (patched or not) afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from ...api import vision_tower_of
+    from ...images import ImageError, find_images, open_image
+    from ...towers.encoder import dtome_patched, encode_with_tower
+
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    labels = _folder_labels(folders)
+    tower, family = vision_tower_of(model)
+    values, feature_layer = _resolve_thresholds(thresholds, tower, model)
+    processor = processor or family.default_processor(tower.config)
+    patch = tower.config.patch_size
+    device = next(tower.parameters()).device
+
+    todo = []
+    for label, folder in labels.items():
+        found = find_images(folder, image_root)
+        todo += [(label, path) for path in (found[:max_images] if max_images else found)]
+
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    full_tokens = 0
+    pending: list[tuple[dict, torch.Tensor]] = []
+
+    def flush():
+        nonlocal full_tokens
+        if not pending:
+            return
+        pixels = torch.cat([p for _, p in pending]).to(device)
+        encoded = encode_with_tower(tower, family, pixels, feature_layer, drop_class_token=True)
+        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        full_tokens = encoded.group_of_patch.shape[1]
+        if grid[0] * grid[1] != full_tokens:  # not a plain patch grid: fall back to a square
+            side = math.isqrt(full_tokens)
+            grid = (side, full_tokens // side)
+        counts = encoded.num_tokens.tolist()
+        for k, (row, pixel_values) in enumerate(pending):
+            row["tokens"], row["full_tokens"] = int(counts[k]), int(full_tokens)
+            rows.append(row)
+            if each is not None:
+                each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid)
+        pending.clear()
+
+    with dtome_patched(tower, family, thresholds=values):
+        for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
+            try:
+                image = open_image(path)
+            except ImageError as err:
+                skipped.append({"folder": label, "path": err.path, "reason": err.reason})
+                continue
+            try:
+                pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+            except Exception as err:  # a processor can reject odd sizes; skip, do not die
+                skipped.append({"folder": label, "path": str(path), "reason": f"cannot be preprocessed ({err})"})
+                continue
+            if pixels.ndim != 4:
+                raise ValueError(
+                    f"the image processor makes pixel values of shape {tuple(pixels.shape)}; analyze needs one "
+                    "view per image (batch, 3, H, W). Pass the vision tower's plain processor."
+                )
+            nbytes = jpeg_bytes(image)
+            row = {
+                "folder": label,
+                "path": str(path),
+                "width": image.width,
+                "height": image.height,
+                "jpeg_bytes_q75": nbytes,
+                "complexity_jpeg_q75": nbytes / (image.width * image.height),
+                "tokens": None,
+                "full_tokens": None,
+                "merge_map": "",
+            }
+            if pending and pending[0][1].shape != pixels.shape:
+                flush()
+            pending.append((row, pixels))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    return Analysis(rows=rows, skipped=skipped, full_tokens=full_tokens, folders=labels)

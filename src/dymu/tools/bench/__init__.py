@@ -1,0 +1,9 @@
+"""`dymu bench`: measured speed next to the FLOP ideal.
+
+measure.py runs the models (and holds `run_bench` and the command), timing.py times sides
+interleaved, flops.py counts the ideal, report.py turns a result into markdown. This file stays
+import-free so that the CLI can read the section names without loading torch.
+"""
+
+SECTIONS = ("encoder", "prefill", "exact", "flops", "calibration", "merge_off")
+PRESET_NAMES = ("low", "mid", "high")

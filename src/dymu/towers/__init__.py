@@ -1,0 +1,6 @@
+"""Vision towers: the shared DToMe mechanism (encoder.py) and one small adapter per family.
+
+Importing this package registers every family, so `find_towers` / `family_of` see them all.
+"""
+
+from . import clip, siglip  # noqa: F401  (each registers its family)

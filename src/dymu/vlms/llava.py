@@ -1,0 +1,175 @@
+"""DyMU in `LlavaForConditionalGeneration` (LLaVA-1.5): DToMe encoder, projector on merged tokens,
+virtual unmerge to the stock placeholders, VTU in the language model.
+
+The inner `LlavaModel` is class-swapped per instance. Its `get_image_features` encodes with the
+merging tower up to the feature layer and runs the projector on the n_i merged tokens only. With
+VTU ("design A", DESIGN.md §2) each image's features are then gathered back to its P patch
+positions, so the prompt keeps the processor's stock placeholder count and `generate` stays stock.
+Its `forward` turns the group map of every image into a group map over the whole prompt and hands
+it to the VTU decoder layers for that (prefill) forward only; decode steps carry no image and take
+the stock path.
+
+The group map rides on the feature tensors themselves (`features.dymu_group_of_patch`): generate
+drops unknown kwargs and re-lists `pooler_output` for beam search / num_return_sequences, but a
+re-listed tensor is the same object, so its map goes with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
+
+from .. import vtu
+from ..towers.encoder import EncodedImages, apply_dtome, encode_with_tower, family_of, remove_dtome
+from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
+
+MODES = ("full", "dymu", "dtome", "tome", "downsample")
+SUPPORTED_VLMS = (LlavaForConditionalGeneration,)
+
+
+@dataclass
+class LlavaSettings:
+    mode: str
+    vtu: bool  # virtual unmerge to the stock placeholders + VTU decoder
+    last_encoded: EncodedImages | None = None  # of the last get_image_features call (for reports)
+
+
+def project_merged(encoded: EncodedImages, projector: nn.Module, unmerge: bool) -> list[torch.Tensor]:
+    """Projector on the merged tokens only (it is row-wise), then optionally the virtual unmerge.
+
+    Returns one tensor per image: (P, D_llm) gathered by group_of_patch when ``unmerge``, else the
+    (n_i, D_llm) merged tokens themselves.
+    """
+    live = encoded.sizes > 0  # (B, n_max)
+    projected = projector(encoded.tokens[live])  # (sum n_i, D_llm)
+    per_image = projected.split(encoded.num_tokens.tolist())
+    if not unmerge:
+        return list(per_image)
+    features = []
+    for rows, group_of_patch in zip(per_image, encoded.group_of_patch):
+        full = rows[group_of_patch]  # (P, D_llm): every patch position gets its token's row
+        full.dymu_group_of_patch = group_of_patch
+        features.append(full)
+    return features
+
+
+class DyMULlavaModel(LlavaModel):
+    _dymu: LlavaSettings
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        if not isinstance(layer, int):
+            raise ValueError(f"DyMU reads one vision feature layer, not {layer!r}")
+        tower = self.vision_tower
+        encoded = encode_with_tower(tower, family_of(tower), pixel_values, layer, strategy == "default")
+        self._dymu.last_encoded = encoded
+        features = project_merged(encoded, self.multi_modal_projector, unmerge=self._dymu.vtu)
+        return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=features)
+
+    def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None, **kwargs):
+        if pixel_values is not None and mm_encoder_outputs is None:
+            mm_encoder_outputs = {"image": self.get_image_features(
+                pixel_values,
+                vision_feature_layer=kwargs.pop("vision_feature_layer", None),
+                vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
+            )}
+            pixel_values = None
+        image = (mm_encoder_outputs or {}).get("image")
+        if image is None or not self._dymu.vtu:
+            if image is not None and input_ids is not None:
+                self._check_placeholders(input_ids, image.pooler_output)
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values,
+                                   mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+        group_map = self.prompt_group_map(input_ids, image.pooler_output)
+        with vtu_groups(self.language_model, group_map):
+            return super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+    def _check_placeholders(self, input_ids: torch.Tensor, features) -> None:
+        have = int((input_ids == self.config.image_token_id).sum())
+        need = sum(len(f) for f in features)
+        if have != need:
+            raise ValueError(
+                f"the prompt has {have} image placeholders but DyMU mode {self._dymu.mode!r} made {need} image "
+                "tokens: in modes without VTU the prompt needs one placeholder per kept token; "
+                "use dymu.generate (or dymu.llava_inputs) to build it."
+            )
+
+    def prompt_group_map(self, input_ids: torch.Tensor | None, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, N) group map of the whole prompt: each image position joins its merged token's group."""
+        if input_ids is None:
+            raise ValueError("DyMU with VTU needs input_ids to find the image placeholders (got inputs_embeds)")
+        self._check_placeholders(input_ids, features)
+        labels = torch.full_like(input_ids, -1)  # -1: a group of its own (text, padding)
+        image_positions = input_ids == self.config.image_token_id
+        offset, parts = 0, []
+        for f in features:
+            group_of_patch = getattr(f, "dymu_group_of_patch", None)
+            if group_of_patch is None:  # features not made by DyMU: every position its own token
+                group_of_patch = torch.arange(len(f), device=f.device)
+            parts.append(group_of_patch.to(input_ids.device) + offset)
+            offset += len(f)  # labels unique across images
+        # masked_scatter fills placeholders in row-major order, image after image: do the same.
+        labels[image_positions] = torch.cat(parts)
+        return vtu.group_map_from_labels(labels)
+
+
+def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
+                tome_vtu: bool = True, downsample_tokens: float | None = None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    remove_llava(model)
+    inner = model.model
+    tower = inner.vision_tower
+    family = family_of(tower)
+    if family is None:
+        raise ValueError(f"the vision tower of this LLaVA is a {type(tower).__name__}, which DyMU does not support")
+    if mode == "downsample":
+        if downsample_tokens is None:
+            raise ValueError("mode 'downsample' needs a thresholds file (its mean tokens kept sets the image size)")
+        model._dymu_downsample_tokens = float(downsample_tokens)
+    if mode in ("full", "downsample"):
+        model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample
+        return
+    if mode == "tome":
+        if r is None:
+            raise ValueError("mode 'tome' needs r (merges per layer)")
+        apply_dtome(tower, family, r=r)
+    else:
+        if thresholds is None:
+            raise ValueError(f"mode {mode!r} needs thresholds")
+        apply_dtome(tower, family, thresholds=thresholds)
+    use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
+    if use_vtu:
+        apply_vtu(inner.language_model, vtu_attention=vtu_attention)
+    inner._dymu = LlavaSettings(mode=mode, vtu=use_vtu)
+    inner._dymu_stock_class = type(inner)
+    inner.__class__ = DyMULlavaModel
+    model._dymu_mode = mode
+
+
+def remove_llava(model: nn.Module) -> None:
+    inner = model.model
+    if hasattr(inner, "_dymu_stock_class"):
+        inner.__class__ = inner._dymu_stock_class
+        del inner._dymu_stock_class, inner._dymu
+    remove_vtu(inner.language_model)
+    remove_dtome(inner.vision_tower)
+    for name in ("_dymu_mode", "_dymu_downsample_tokens"):
+        if hasattr(model, name):
+            delattr(model, name)
+
+
+def llava_mode(model: nn.Module) -> str:
+    return getattr(model, "_dymu_mode", "full")

@@ -1,0 +1,99 @@
+"""`dymu bench --quick`: a smoke test of the whole benchmark. It checks the structure of the JSON and
+the markdown, never a timing (timings depend on the machine and on what else runs on it)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dymu.tools.bench import report as bench
+from dymu.cli import main
+
+
+def test_bench_quick_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "sub" / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    # Every section ran and is in the JSON, with the machine description and the settings.
+    for key in ("date", "machine", "settings", "encoder", "prefill", "exact", "attention_flops", "calibration",
+                "merge_off", "targets", "notes", "elapsed_s", "section_s"):
+        assert key in result, key
+    for key in ("cpu", "cpu_cores", "torch", "transformers", "device"):
+        assert key in result["machine"], key
+    assert result["settings"]["plan"] == "quick"
+    assert result["settings"]["dtype"] == "float32"
+    assert result["settings"]["runs"] == 1
+    assert any("random weights" in note for note in result["notes"])
+
+    # Encoder: full + low/mid/high for each batch size, with times and ratios.
+    enc = result["encoder"]
+    assert [(r["batch"], r["variant"]) for r in enc] == [
+        (b, v) for b in result["settings"]["batches"] for v in ("full", "low", "mid", "high")
+    ]
+    for r in enc:
+        assert len(r["times_s"]) == 1 and r["median_s"] > 0
+        for key in ("speedup", "flop_ideal", "quotient", "speedup_paired", "tokens_at_feature_layer", "rule"):
+            assert math.isfinite(r[key]) if isinstance(r[key], float) else r[key], key
+        assert len(r["kept_per_layer"]) == r["layers_run"]
+    full = [r for r in enc if r["variant"] == "full"]
+    assert all(r["flop_ideal"] == 1.0 for r in full)
+    # Merging keeps fewer tokens and needs fewer FLOPs (structure of the counts, not a timing).
+    for r in enc:
+        if r["variant"] != "full":
+            assert r["flop_ideal"] > 1.0
+            assert r["tokens_at_feature_layer"] < full[0]["tokens_at_feature_layer"]
+
+    # Prefill: full + VTU at three N_un; rows per layer = text + unique visual rows.
+    pre = result["prefill"]
+    assert [r["variant"] for r in pre] == ["full", "VTU low", "VTU mid", "VTU high"]
+    text = result["settings"]["text_before"] + result["settings"]["text_after"]
+    assert pre[0]["rows_per_layer"] == pre[0]["positions"]
+    for r in pre[1:]:
+        assert r["rows_per_layer"] == r["n_un"] + text
+        assert r["flop_ideal"] > 1.0 and r["speedup"] > 0
+    assert pre[1]["n_un"] < pre[2]["n_un"] < pre[3]["n_un"]
+
+    # Exact Eq. 10 vs the gather path at one N_un.
+    assert [r["variant"] for r in result["exact"]] == ["full", "fast", "exact"]
+    assert result["exact"][1]["n_un"] == result["exact"][2]["n_un"] == pre[1]["n_un"]
+
+    # Table 1: the paper's numbers are reproduced by its formulas.
+    fl = result["attention_flops"]
+    assert [r["n_un"] for r in fl[:4]] == [576, 94, 209, 393]
+    for r in fl[:4]:
+        assert abs(r["paper_formula_mflops"] - r["paper_mflops"]) < 0.5
+    assert fl[0]["paper_formula_mflops"] == pytest.approx(576 * 576 * 128 * 32 / 1e6)
+    assert fl[1]["paper_formula_mflops"] == pytest.approx(2 * 94 * 94 * 128 * 32 / 1e6)
+
+    cal = result["calibration"]
+    assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0
+    off = result["merge_off"]
+    assert len(off["stock_times_s"]) == len(off["patched_times_s"]) == 1
+    assert {t["key"] for t in result["targets"]} == set(bench.TARGETS)
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+
+    # The markdown report on stdout.
+    for heading in ("### Encoder", "### Prefill", "### Exact Eq. 10", "### Attention FLOPs", "### Calibration",
+                    "### Merge-off overhead", "### Targets"):
+        assert heading in stdout, heading
+    assert "| batch | layers run | variant |" in stdout
+    assert "random weights" in stdout.lower()
+
+
+def test_bench_refuses_bfloat16_on_a_cpu_without_it(monkeypatch, capsys):
+    from dymu import loading
+
+    monkeypatch.setattr(loading, "cpu_supports_bfloat16", lambda: False)
+    assert main(["bench", "--quick", "--device", "cpu", "--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert "bfloat16 was asked for but this CPU cannot run bfloat16 matmuls" in err
+
+
+def test_bench_rejects_bad_thresholds_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--thresholds", "low"])
+    assert "PRESET=FILE" in capsys.readouterr().err
