@@ -35,7 +35,7 @@ import torch
 from . import PRESET_NAMES, SECTIONS
 from .flops import decoder_layer_flops, encoder_flops, table1
 from .report import evaluate_targets, markdown
-from .timing import Side, _sync, interleaved, median, paired_ratio
+from .timing import Side, device_sync, interleaved, median, paired_ratio
 
 
 
@@ -530,7 +530,7 @@ def run_bench(
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    sync = _sync(dev)
+    sync = device_sync(dev)
     result: dict = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(dev),

@@ -7,7 +7,6 @@ drift (thermal, other processes) hits all sides alike, and medians hide one-off 
 from __future__ import annotations
 
 import math
-
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from typing import Callable
 import torch
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What to call before reading the clock: waits for queued GPU work (nothing to wait for on CPU)."""
     if device.type == "cuda":
         return torch.cuda.synchronize
     return lambda: None
