@@ -157,6 +157,16 @@ def test_batch_top_edges_ranks_the_whole_batch_and_reports_the_next_score():
         assert torch.equal(M.edges_above(matches, threshold), chosen)
 
 
+def test_batch_top_edges_leave_out_edges_past_an_images_cap():
+    """An image that would give up every A token keeps one (its cap), so the threshold reproduces k."""
+    score = torch.tensor([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]])
+    matches = M.Matches(score, torch.zeros(2, 3, dtype=torch.long), cap=torch.tensor([2, 2]))
+    chosen, threshold = M.top_edges_of_batch(matches, 3)
+    assert chosen.tolist() == [[True, True, False], [True, False, False]]
+    assert float(threshold) == 0.5
+    assert torch.equal(M.edges_above(matches, threshold), chosen)
+
+
 def test_attention_bias_is_log_size_and_masks_padding():
     bias = M.attention_bias(torch.tensor([[1, 4, 0]]), torch.float32)
     assert bias.shape == (1, 1, 1, 3)

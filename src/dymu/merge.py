@@ -62,17 +62,25 @@ def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Mat
     return Matches(score=score, partner=partner, cap=cap, protect_first=protect_first)
 
 
+def _past_cap(matches: Matches) -> torch.Tensor | None:
+    """(B, Na) True on the edges ranked past their image's cap; None when no edge can be.
+
+    With a class token the cap never binds (an image of t live tokens has at most
+    ceil(t/2) - 1 = (t - 1) // 2 mergeable A tokens), so CLIP's hot path skips the sort.
+    """
+    if matches.cap is None or matches.protect_first:
+        return None
+    return matches.rank >= matches.cap[:, None]
+
+
 def edges_above(matches: Matches, threshold: float | torch.Tensor) -> torch.Tensor:
     """DToMe: merge every edge whose score exceeds the layer threshold, within the cap (the best ones).
 
     A threshold of -inf merges every edge (up to the cap), +inf none. Returns (B, Na) bool.
     """
     chosen = matches.score > threshold
-    if matches.cap is not None and not matches.protect_first:
-        # With a class token the cap never binds: an image of t live tokens has at most
-        # ceil(t/2) - 1 = (t - 1) // 2 mergeable A tokens. Skipping the sort keeps CLIP's hot path.
-        chosen &= matches.rank < matches.cap[:, None]
-    return chosen
+    past_cap = _past_cap(matches)
+    return chosen if past_cap is None else chosen & ~past_cap
 
 
 def top_r_edges(matches: Matches, r: int) -> torch.Tensor:
@@ -89,10 +97,16 @@ def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Te
     """Calibration (paper Eq. 4): merge the k best edges of the whole batch ranked together.
 
     Returns the (B, Na) bool mask of merged edges and the threshold: the score of the first edge
-    not merged, clamped at >= 0 (0 when every mergeable edge was taken). Like the paper's threshold
-    finder this has no per-image cap (``matches.cap`` is ignored): the batch is ranked as a whole.
+    not merged, clamped at >= 0 (0 when every mergeable edge was taken).
+
+    The batch is ranked as a whole, as in the paper; unlike the paper's threshold finder, the edges
+    an image could not take at inference (past its per-image cap) are not in the ranking, so the
+    threshold merges exactly these k edges on this batch again. It only differs without a class
+    token, for an image of odd t that gives up every A token (a blank image, say).
     """
-    flat = matches.score.flatten()
+    past_cap = _past_cap(matches)
+    score = matches.score if past_cap is None else matches.score.masked_fill(past_cap, float("-inf"))
+    flat = score.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     k = max(0, min(k, int(torch.isfinite(flat).sum())))
     chosen = torch.zeros_like(flat, dtype=torch.bool)

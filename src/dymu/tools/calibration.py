@@ -4,7 +4,8 @@ At each layer the A→B edges of the whole batch are ranked together and the bes
 simple images give up more tokens than complex ones; τ_i is the score of the first edge not merged
 (clamped at 0). Later layers see the batch-merged tokens, laid out in the merge order that the
 thresholds are then used with (token_order.py; recorded in the file). τ_i is then averaged over
-batches. Like the paper's threshold finder, this ranking has no per-image cap (inference has one).
+batches. The ranking leaves out the edges an image could not take at inference (past its per-image
+cap, merge.top_edges_of_batch), so that the thresholds reproduce the calibration's merges.
 
 Exactness: every batch's τ vector is kept (it is tiny) and the mean is `math.fsum` over them, the
 correctly rounded sum, which does not depend on the order batches were added in. So a resumed run,
