@@ -24,12 +24,41 @@ def test_round_trip_is_plain_json_and_exact(tower, tmp_path):
     path = thresholds.save(tmp_path / "t.json")
     data = json.loads(path.read_text())  # human-readable, no pickle
     for key in ("format_version", "dymu_version", "encoder", "feature_layer", "schedule", "r", "thresholds",
-                "tokens_kept_mean", "tokens_kept_std", "images_seen", "skipped"):
+                "tokens_kept_mean", "tokens_kept_std", "images_seen", "skipped", "order"):
         assert key in data
     assert set(data["encoder"]) == {"model", "family", "config_hash", "num_layers", "patches_per_image", "class_token"}
     loaded = Thresholds.load(path)
     assert loaded == thresholds
     assert any(math.isinf(t) for t in loaded.thresholds) == (data["thresholds"].count(None) > 0)
+
+
+def test_files_without_an_order_load_as_interleaved_and_infinities_round_trip(tower, tmp_path):
+    thresholds = calibrated(tower)
+    assert thresholds.order == "ab"
+    old = thresholds.to_json()
+    del old["order"]  # written before the setting existed
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Thresholds.load(tmp_path / "old.json").order == "interleaved"
+
+    thresholds.thresholds = [-math.inf, 0.5, math.inf, 0.25]
+    path = thresholds.save(tmp_path / "inf.json")
+    assert json.loads(path.read_text())["thresholds"] == ["-inf", 0.5, None, 0.25]  # plain JSON
+    assert Thresholds.load(path).thresholds == [-math.inf, 0.5, math.inf, 0.25]
+
+    for bad, message in (('NaN', "layer 1 threshold nan is not a number"),
+                         ('"high"', "layer 1 threshold 'high' is not a number")):
+        path.write_text(path.read_text().replace("0.5", bad))
+        with pytest.raises(ThresholdsError, match=message):
+            Thresholds.load(path)
+        path.write_text(path.read_text().replace(bad, "0.5"))
+    data = json.loads(path.read_text())
+    data["order"] = "zigzag"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ThresholdsError, match="has order 'zigzag'; dymu knows interleaved, ab, ab-score"):
+        Thresholds.load(path)
+    thresholds.thresholds[1] = math.nan
+    with pytest.raises(ThresholdsError, match="a threshold is NaN"):
+        thresholds.save(tmp_path / "nan.json")
 
 
 def test_loading_validates_against_the_encoder(tower, family, tmp_path):
@@ -68,7 +97,7 @@ PAPER_LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", PAPER_LAYOUTS)
-def test_import_of_the_papers_checkpoints(layout, tower_dir, tmp_path):
+def test_import_of_the_papers_checkpoints(layout, tower_dir, family, tmp_path):
     values = [0.97, 0.95, 0.9, 0.85]
     state = {PAPER_LAYOUTS[layout](i): torch.tensor(v, dtype=torch.bfloat16) for i, v in enumerate(values)}
     state["visual.proj"] = torch.zeros(3, 3)  # other weights are ignored
@@ -83,6 +112,8 @@ def test_import_of_the_papers_checkpoints(layout, tower_dir, tmp_path):
     assert main(["thresholds", "import", str(ckpt), "--model", str(tower_dir), "--out", str(out)]) == 0
     ours = Thresholds.load(out)
     assert ours.thresholds == expected and ours.encoder["num_layers"] == 4
+    # The layout the paper's code infers with: A survivors by slot with a class token, by score without.
+    assert ours.order == ("ab" if family == "clip" else "ab-score")
 
 
 def test_import_refuses_pickled_code_and_wrong_layer_counts(tower_dir, tmp_path, capsys):

@@ -37,6 +37,11 @@ def _threshold_values(thresholds, tower: nn.Module):
     return thresholds
 
 
+def _merge_order(thresholds, order: str | None) -> str | None:
+    """``order`` if given, else the order a `Thresholds` file was calibrated in (None: the default)."""
+    return order if order is not None else getattr(thresholds, "order", None)
+
+
 def _is_vlm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return hasattr(config, "vision_config") and hasattr(config, "text_config")
@@ -47,6 +52,7 @@ def apply(
     thresholds=None,
     *,
     r: int | Sequence[int] | None = None,
+    order: str | None = None,
     mode: str = "dymu",
     vtu_attention: str = "fast",
     tome_vtu: bool = True,
@@ -58,9 +64,12 @@ def apply(
       per layer, with VTU unless ``tome_vtu=False``), ``downsample`` (stock model, smaller images:
       see `dymu.generate`).
     - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
-      `Thresholds` object; +inf = no merge at that layer) or plain ToMe with ``r``.
+      `Thresholds` object; +inf or None = no merge at that layer, -inf = merge every edge) or plain
+      ToMe with ``r``. Every layer merges at most (t - protected) // 2 of an image's t tokens.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
+    ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
+    default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
     from .vlms.llava import SUPPORTED_VLMS, apply_llava
@@ -68,9 +77,10 @@ def apply(
     if isinstance(model, SUPPORTED_VLMS):
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
         kept = getattr(thresholds, "tokens_kept_mean", None)
+        order = _merge_order(thresholds, order)
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
-        apply_llava(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
+        apply_llava(model, thresholds, r=r, order=order, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
                     downsample_tokens=kept[-1] if kept else None)
         return model
     if _is_vlm(model):
@@ -78,9 +88,10 @@ def apply(
                          f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS)}).")
     if find_towers(model):
         tower, family = vision_tower_of(model)
+        order = _merge_order(thresholds, order)
         if thresholds is not None:
             thresholds = _threshold_values(thresholds, tower)
-        apply_dtome(tower, family, thresholds=thresholds, r=r)
+        apply_dtome(tower, family, thresholds=thresholds, r=r, order=order)
         return model
     from .decoders.llama import apply_vtu
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .token_order import DEFAULT_ORDER, ORDERS
 from .tools.bench import SECTIONS
 from .version import __version__
 
@@ -71,6 +72,7 @@ def _calibrate(args, rank: int) -> int:
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
         model_ref=args.model,
+        order=args.order,
     )
     if rank == 0:
         thresholds.save(out)
@@ -97,6 +99,9 @@ def cmd_thresholds_import(args) -> int:
         encoder=encoder_identity(tower, family, args.model),
         feature_layer=default_feature_layer(model, family)[0],
         schedule=f"imported from {Path(args.file).name}",
+        # The layout the paper's code uses at inference: class token => A survivors by slot (its
+        # CLIP path), none => A survivors by score (its batch-1 SigLIP path). README, "Fidelity".
+        order="ab" if family.has_class_token else "ab-score",
     )
     thresholds.save(args.out)
     print(f"imported {layers} thresholds from {args.file}; wrote {args.out}")
@@ -300,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-tokens", type=float, help="average visual tokens to keep at the feature layer")
     target.add_argument("--r", type=_parse_r, help="merges per image and layer: one value or one per layer")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse-linear"])
+    p.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS,
+                   help="where tokens go after a merge, recorded in the file and used by apply: interleaved "
+                        "(keep their order), ab (A survivors then B, the paper's calibration and CLIP layout), "
+                        f"ab-score (A survivors by score then B, the paper's SigLIP inference); default {DEFAULT_ORDER}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int)
     p.add_argument("--checkpoint-every", type=int, default=5, help="batches between progress checkpoints")

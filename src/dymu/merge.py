@@ -2,7 +2,7 @@
 
 Pure torch, model-agnostic. A batch is held padded: every image keeps its live tokens in a
 contiguous prefix ``[0, n_i)`` of the token axis, in an order that depends on the image alone
-(survivors keep their relative order), and padded slots carry size 0. Padded slots never take part
+(the merge order, token_order.py), and padded slots carry size 0. Padded slots never take part
 in matching, and get -inf in the attention mask built from the sizes. That is what makes merging a
 function of the image alone, whatever batch it is in (the reference code's two code paths are not:
 DESIGN.md §4.2).
@@ -14,8 +14,11 @@ Shapes: B images, N token slots (live + padding), D features, C metric dims, P o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+from .token_order import check_order
 
 
 @dataclass
@@ -24,6 +27,15 @@ class Matches:
 
     score: torch.Tensor  # (B, Na) cosine similarity; -inf where the A token may not merge
     partner: torch.Tensor  # (B, Na) index into the B tokens (odd slots) of the best partner
+    cap: torch.Tensor | None = None  # (B,) most merges an image may make at this layer; None = no cap
+    protect_first: bool = False  # slot 0 is a class token
+
+    @cached_property
+    def rank(self) -> torch.Tensor:
+        """(B, Na) place of every edge in its image's edges by descending score (stable: ties by slot)."""
+        order = torch.sort(self.score, dim=-1, descending=True, stable=True).indices
+        places = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        return torch.empty_like(order).scatter_(-1, order, places)
 
 
 def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Matches:
@@ -32,6 +44,10 @@ def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Mat
     ``metric`` (B, N, C) should be L2-normalised so that dot products are cosine similarities.
     ``protect_first`` keeps slot 0 (CLIP's class token) from ever being merged away; slot 0 is an A
     token, so it is never a merge destination either.
+
+    The cap is the paper's per-layer limit, per image: at most ``(t_i - protected) // 2`` merges,
+    with t_i the image's own live tokens (so it does not depend on the batch). It only binds without
+    a class token and with an odd t_i, when every A token would merge (729 tokens of SigLIP-384/14).
     """
     live = sizes > 0  # (B, N)
     a, b = metric[:, 0::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C)
@@ -42,24 +58,39 @@ def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Mat
     score = score.masked_fill(~live[:, 0::2], float("-inf"))
     if protect_first:
         score[:, 0] = float("-inf")
-    return Matches(score=score, partner=partner)
+    cap = (live.sum(dim=1) - int(protect_first)) // 2  # (B,)
+    return Matches(score=score, partner=partner, cap=cap, protect_first=protect_first)
+
+
+def _past_cap(matches: Matches) -> torch.Tensor | None:
+    """(B, Na) True on the edges ranked past their image's cap; None when no edge can be.
+
+    With a class token the cap never binds (an image of t live tokens has at most
+    ceil(t/2) - 1 = (t - 1) // 2 mergeable A tokens), so CLIP's hot path skips the sort.
+    """
+    if matches.cap is None or matches.protect_first:
+        return None
+    return matches.rank >= matches.cap[:, None]
 
 
 def edges_above(matches: Matches, threshold: float | torch.Tensor) -> torch.Tensor:
-    """DToMe: merge every edge whose score exceeds the layer threshold. Returns (B, Na) bool."""
-    return matches.score > threshold
+    """DToMe: merge every edge whose score exceeds the layer threshold, within the cap (the best ones).
+
+    A threshold of -inf merges every edge (up to the cap), +inf none. Returns (B, Na) bool.
+    """
+    chosen = matches.score > threshold
+    past_cap = _past_cap(matches)
+    return chosen if past_cap is None else chosen & ~past_cap
 
 
 def top_r_edges(matches: Matches, r: int) -> torch.Tensor:
-    """Plain ToMe: merge the r best edges of each image, whatever their score. Returns (B, Na) bool.
+    """Plain ToMe: merge the r best edges of each image (at most its cap), whatever their score.
 
     A stable sort makes the choice among tied scores depend on slot order only, never on the batch.
+    Returns (B, Na) bool.
     """
-    order = torch.sort(matches.score, dim=-1, descending=True, stable=True).indices
-    chosen = torch.zeros_like(matches.score, dtype=torch.bool)
-    r = min(r, matches.score.shape[-1])
-    chosen.scatter_(-1, order[:, :r], True)
-    return chosen & torch.isfinite(matches.score)
+    limit = torch.full_like(matches.rank[:, 0], r) if matches.cap is None else matches.cap.clamp(max=r)
+    return (matches.rank < limit[:, None]) & torch.isfinite(matches.score)
 
 
 def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +98,15 @@ def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Te
 
     Returns the (B, Na) bool mask of merged edges and the threshold: the score of the first edge
     not merged, clamped at >= 0 (0 when every mergeable edge was taken).
+
+    The batch is ranked as a whole, as in the paper; unlike the paper's threshold finder, the edges
+    an image could not take at inference (past its per-image cap) are not in the ranking, so the
+    threshold merges exactly these k edges on this batch again. It only differs without a class
+    token, for an image of odd t that gives up every A token (a blank image, say).
     """
-    flat = matches.score.flatten()
+    past_cap = _past_cap(matches)
+    score = matches.score if past_cap is None else matches.score.masked_fill(past_cap, float("-inf"))
+    flat = score.flatten()
     order = torch.sort(flat, descending=True, stable=True).indices
     k = max(0, min(k, int(torch.isfinite(flat).sum())))
     chosen = torch.zeros_like(flat, dtype=torch.bool)
@@ -80,18 +118,41 @@ def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Te
     return chosen.view_as(matches.score), threshold
 
 
+def survivor_layout(matches: Matches, merged: torch.Tensor, n: int, order: str) -> torch.Tensor | None:
+    """(B, N) every image's slots in the order their survivors are laid out; None for ``interleaved``.
+
+    An image that merges nothing at this layer keeps its layout, as in the paper's batch-1 path
+    (which returns early): so the layout is a function of the image alone, whatever its batch.
+    """
+    if check_order(order) == "interleaved":
+        return None
+    device = merged.device
+    bsz = merged.shape[0]
+    a_slots = torch.arange(0, n, 2, device=device).expand(bsz, -1)  # (B, Na)
+    if order == "ab-score":
+        key = matches.score  # -inf on protected and padded A slots; neither kind is a survivor...
+        if matches.protect_first:  # ...except the class token, which stays first
+            key = key.clone()
+            key[:, 0] = float("inf")
+        a_slots = 2 * torch.sort(key, dim=-1, descending=True, stable=True).indices
+    layout = torch.cat([a_slots, torch.arange(1, n, 2, device=device).expand(bsz, -1)], dim=1)
+    unchanged = torch.arange(n, device=device).expand(bsz, n)
+    return torch.where(merged.any(dim=1, keepdim=True), layout, unchanged)
+
+
 def merge(
     x: torch.Tensor,
     sizes: torch.Tensor,
     group_of_patch: torch.Tensor,
     matches: Matches,
     merged: torch.Tensor,
+    order: str = "interleaved",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge the chosen A tokens into their partners and compact every image to a live prefix.
 
     A destination becomes the size-weighted mean of itself and every A token merged into it, its
-    size the sum of their sizes. Survivors keep their relative order; the new slot count is the
-    largest number of survivors in the batch, the rest is padding (zeros, size 0).
+    size the sum of their sizes. Survivors are laid out in ``order`` (token_order.py); the new slot
+    count is the largest number of survivors in the batch, the rest is padding (zeros, size 0).
 
     Returns new ``x`` (B, N', D), ``sizes`` (B, N') and ``group_of_patch`` (B, P).
     """
@@ -107,7 +168,12 @@ def merge(
     new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
 
     keep = new_sizes > 0  # (B, N): survivors (live and not merged away)
-    new_index = keep.cumsum(1) - 1  # (B, N) compacted slot of every survivor
+    layout = survivor_layout(matches, merged, n, order)
+    if layout is None:
+        new_index = keep.cumsum(1) - 1  # (B, N) compacted slot of every survivor
+    else:  # count survivors along the layout instead of along the slots
+        place = keep.gather(1, layout).cumsum(1) - 1
+        new_index = torch.empty_like(place).scatter_(1, layout, place)
     n_new = int(keep.sum(1).max())
     # Non-survivors write to a scratch slot n_new that is cut off afterwards.
     target = torch.where(keep, new_index, torch.full_like(new_index, n_new))

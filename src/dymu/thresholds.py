@@ -8,7 +8,8 @@ Layout (format_version 1):
                   "patches_per_image": 576, "class_token": true},
       "feature_layer": -2, "schedule": "constant",
       "r": [21.0, ...] | null,             # target merges per image and layer (calibration input)
-      "thresholds": [0.91, ..., null],     # per layer; null = this layer never merges
+      "thresholds": [0.91, ..., null],     # per layer; null = never merges, "-inf" = merges every edge
+      "order": "ab",                       # merge order (dymu.token_order); missing = "interleaved"
       "tokens_kept_mean": [...], "tokens_kept_std": [...],   # after each computed layer
       "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}]
     }
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .token_order import ORDERS
 from .version import __version__
 
 FORMAT_VERSION = 1
@@ -63,6 +65,24 @@ class ThresholdsError(ValueError):
     """A thresholds file that cannot be read or does not fit the encoder."""
 
 
+def _threshold_to_json(value: float) -> float | str | None:
+    """+inf (never merge) is null, -inf (merge every edge) the string "-inf": plain JSON has no infinities."""
+    if math.isnan(value):
+        raise ThresholdsError("a threshold is NaN; use +inf for 'never merge' and -inf for 'merge every edge'.")
+    return None if value == math.inf else "-inf" if value == -math.inf else value
+
+
+def _threshold_from_json(value, path: Path, layer: int) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, str) and value.strip().lower() in ("-inf", "+inf", "inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ThresholdsError(f"thresholds file {path}: layer {layer} threshold {value!r} is not a number, "
+                              'null (never merge) or "-inf" (merge every edge).')
+    return float(value)
+
+
 @dataclass
 class Thresholds:
     thresholds: list[float]  # per layer of the tower; math.inf = no merge
@@ -74,6 +94,9 @@ class Thresholds:
     tokens_kept_std: list[float] = field(default_factory=list)
     images_seen: int = 0
     skipped: list[dict] = field(default_factory=list)
+    # Where tokens go after a merge (dymu.token_order). Files written before the setting existed
+    # were made in the only order there was then: interleaved.
+    order: str = "interleaved"
     dymu_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -108,7 +131,7 @@ class Thresholds:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["thresholds"] = [None if math.isinf(t) else t for t in self.thresholds]
+        data["thresholds"] = [_threshold_to_json(t) for t in self.thresholds]
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -138,7 +161,10 @@ class Thresholds:
             )
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
-        data["thresholds"] = [math.inf if t is None else float(t) for t in data["thresholds"]]
+        data["thresholds"] = [_threshold_from_json(t, path, i) for i, t in enumerate(data["thresholds"])]
+        if data.setdefault("order", "interleaved") not in ORDERS:
+            raise ThresholdsError(f"thresholds file {path} has order {data['order']!r}; "
+                                  f"dymu knows {', '.join(ORDERS)}.")
         return cls(**data)
 
 

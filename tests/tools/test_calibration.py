@@ -14,14 +14,16 @@ def all_images():
     return sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg"))
 
 
-def test_on_the_calibration_batch_exactly_b_times_r_edges_merge_per_layer(tower, family):
+@pytest.mark.parametrize("order", ["interleaved", "ab", "ab-score"])
+def test_on_the_calibration_batch_exactly_b_times_r_edges_merge_per_layer(tower, family, order):
     batch = [image_path(n) for n in MIXED_IMAGES]
-    thresholds = dymu.calibrate(tower, batch, r=30, batch_size=len(batch), progress=False)
+    thresholds = dymu.calibrate(tower, batch, r=30, batch_size=len(batch), progress=False, order=order)
+    assert thresholds.order == order
     run = len(tower.encoder.layers) - 1 if family == "clip" else len(tower.encoder.layers)
     assert all(math.isfinite(t) and t >= 0 for t in thresholds.thresholds[:run])
     assert all(math.isinf(t) for t in thresholds.thresholds[run:])  # layers never computed never merge
 
-    dymu.apply(tower, thresholds)
+    dymu.apply(tower, thresholds)  # in the order the file records
     pixels = processor_for(family)(images=[load_image(n) for n in MIXED_IMAGES], return_tensors="pt")["pixel_values"]
     kept = dymu.encode(tower, pixels).kept_per_layer  # (8, layers run)
     n0 = 197 if family == "clip" else 196
@@ -100,6 +102,25 @@ def test_checkpoint_from_other_settings_is_refused(tower, tmp_path):
                        progress=False)
     with pytest.raises(ValueError, match="other settings"):
         dymu.calibrate(tower, images, r=6, batch_size=4, checkpoint=ckpt, progress=False)
+
+
+def test_cli_order_is_recorded_and_used(tower, tower_dir, tmp_path):
+    from dymu.cli import main
+    from dymu.thresholds import Thresholds
+
+    out = tmp_path / "t.json"
+    args = ["calibrate", "--model", str(tower_dir), "--images", str(IMAGES), "--max-images", "8", "--r", "20",
+            "--batch-size", "8", "--quiet", "--out", str(out)]
+    assert main(args + ["--order", "ab-score"]) == 0
+    thresholds = Thresholds.load(out)
+    assert thresholds.order == "ab-score"
+    assert main(args) == 0
+    assert Thresholds.load(out).order == "ab"  # the default: the paper's calibration layout
+
+    dymu.apply(tower, thresholds)
+    assert tower._dymu_state.order == "ab-score"
+    dymu.apply(tower, thresholds, order="interleaved")  # an explicit order wins
+    assert tower._dymu_state.order == "interleaved"
 
 
 def test_float64_averaging_does_not_drift():

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import dymu
-from conftest import MIXED_IMAGES, load_image, processor_for
+from conftest import MIXED_IMAGES, build_tiny_tower, load_image, processor_for
+
+ORDERS = ["interleaved", "ab", "ab-score"]
 
 
 def stock_features(tower, family, pixels):
@@ -80,8 +82,9 @@ def test_merge_is_the_size_weighted_mean_of_pre_merge_tokens(tower, family, pixe
             torch.testing.assert_close(merged[i, j], premerge[i, members].mean(0), atol=1e-5, rtol=1e-5)
 
 
-def test_batch_invariance_on_mixed_real_images(tower, pixels):
-    dymu.apply(tower, 0.85)
+@pytest.mark.parametrize("order", ORDERS)
+def test_batch_invariance_on_mixed_real_images(tower, pixels, order):
+    dymu.apply(tower, 0.85, order=order)
     batch = dymu.encode(tower, pixels)
     counts = batch.num_tokens.tolist()
     assert len(set(counts)) > 3, f"token counts should diverge across images: {counts}"
@@ -105,8 +108,9 @@ def test_simpler_images_keep_fewer_tokens(tower, family):
     assert blank < cat < noise
 
 
-def test_fixed_r_merges_exactly_r_per_layer(tower, family, pixels):
-    dymu.apply(tower, r=10)
+@pytest.mark.parametrize("order", ORDERS)
+def test_fixed_r_merges_exactly_r_per_layer(tower, family, pixels, order):
+    dymu.apply(tower, r=10, order=order)
     encoded = dymu.encode(tower, pixels, feature_layer=-1, drop_class_token=False)
     n0 = 197 if family == "clip" else 196
     layers = len(tower.encoder.layers)
@@ -131,3 +135,118 @@ def test_clear_errors(tower):
         dymu.apply(torch.nn.Linear(2, 2), 0.9)
     with pytest.raises(ValueError, match="out of range"):
         dymu.encode(tower, torch.zeros(1, 3, 112, 112), feature_layer=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity to the paper's code: its batch-1 inference rule, written out per token.
+
+
+def paper_rule_one_image(tower, pixels, thresholds, order, class_token):
+    """The paper's batch-1 DToMe rule (its thresholded `bipartite_soft_matching` + `merge_wavg`) on one
+    image, token by token. Returns the tokens after the last layer, the original tokens each one
+    stands for, and the token count after every layer.
+
+    Per layer, with t live tokens: A = even positions, B = odd positions; every A token's best B by
+    cosine of the head-averaged keys; the class token never merges; the edges scoring above the
+    threshold merge, at most (t - protected) // 2 of them, best first (ties: lower position), each A
+    token into its B as the size-weighted mean. If nothing merges nothing moves, else the survivors
+    are laid out in ``order``. Every later attention adds log(size) to the logits of each key.
+    """
+    with torch.no_grad():
+        x = tower(pixels, output_hidden_states=True).hidden_states[0][0]  # (N, D) the embeddings
+        members = [[k] for k in range(len(x))]
+        counts = []
+        for layer, tau in zip(tower.encoder.layers, thresholds):
+            t = len(members)
+            sizes = torch.tensor([float(len(m)) for m in members])
+            h = layer.layer_norm1(x[None])
+            keys = layer.self_attn.k_proj(h)[0]  # (t, H*d)
+            attn, _ = layer.self_attn(h, attention_mask=sizes.log()[None, None, None, :])
+            x = x + attn[0]
+            metric = keys.view(t, layer.self_attn.num_heads, -1).mean(1)
+            metric = metric / metric.norm(dim=-1, keepdim=True)
+            a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
+            sims = (metric[0::2] @ metric[1::2].T).tolist()  # (A, B) cosine similarities
+            best = {}  # A position -> (score, B position)
+            for i, a in enumerate(a_pos):
+                if b_pos and not (class_token and a == 0):
+                    j = max(range(len(b_pos)), key=lambda k: (sims[i][k], -k))
+                    best[a] = (sims[i][j], b_pos[j])
+            ranked = sorted(best, key=lambda a: (-best[a][0], a))
+            merged = [a for a in ranked if best[a][0] > tau][: (t - int(class_token)) // 2]
+            if merged:
+                into = {b: [b] for b in b_pos}
+                for a in merged:
+                    into[best[a][1]].append(a)
+                rows = {p: x[p] for p in a_pos if p not in merged}
+                groups = {p: members[p] for p in rows}
+                for b, sources in into.items():
+                    w = sizes[sources]
+                    rows[b] = (w[:, None] * x[sources]).sum(0) / w.sum()
+                    groups[b] = [k for s in sources for k in members[s]]
+                a_kept = [a for a in a_pos if a not in merged]
+                if order == "interleaved":
+                    layout = sorted(rows)
+                elif order == "ab":
+                    layout = a_kept + b_pos
+                else:  # ab-score: the class token first, the other A survivors best score first
+                    first = [0] if class_token else []
+                    rest = [a for a in ranked if a not in merged and a not in first]
+                    rest += [a for a in a_kept if a not in first and a not in best]  # no B partner
+                    layout = first + rest + b_pos
+                x = torch.stack([rows[p] for p in layout])
+                members = [groups[p] for p in layout]
+            x = x + layer.mlp(layer.layer_norm2(x[None]))[0]
+            counts.append(len(members))
+    return x, members, counts
+
+
+@pytest.fixture(scope="module")
+def odd_tower(tmp_path_factory, family):
+    """A tiny tower with 15x15 = 225 patches: an odd count, where the cap binds without a class token."""
+    return build_tiny_tower(family, tmp_path_factory.mktemp(f"odd_{family}"), seed=1, image_size=120)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_equals_the_papers_batch1_rule_per_image(odd_tower, family, order):
+    names = ["synthetic_blank_white.png", "skimage_chelsea_cat.png", "synthetic_noise.png", "skimage_coffee.png"]
+    pixels = processor_for(family, 120)(images=[load_image(n) for n in names], return_tensors="pt")["pixel_values"]
+    thresholds = [0.9, -math.inf, 0.8, 0.7]  # -inf: every edge up to the cap
+    dymu.apply(odd_tower, thresholds, order=order)
+    encoded = dymu.encode(odd_tower, pixels, feature_layer=-1, drop_class_token=False)  # one batch
+    class_token = family == "clip"
+    for i, name in enumerate(names):
+        ref_x, ref_members, ref_counts = paper_rule_one_image(odd_tower, pixels[i : i + 1], thresholds, order,
+                                                              class_token)
+        one = encoded.image(i)
+        assert one["kept_per_layer"].tolist() == ref_counts, name
+        ref_group = torch.empty(225 + class_token, dtype=torch.long)
+        for token, patches in enumerate(ref_members):
+            ref_group[patches] = token
+        assert torch.equal(one["group_of_patch"], ref_group), name
+        assert (one["tokens"] - ref_x).abs().max() <= 1e-5, name
+    counts = encoded.kept_per_layer
+    assert len(set(counts[:, -1].tolist())) == len(names)  # real, content-dependent merging
+    if not class_token:  # 225 tokens, every edge above -inf: the cap (t // 2) is what stops layer 2
+        assert (counts[:, 1] == (counts[:, 0] + 1) // 2).all() and (counts[:, 0] % 2 == 1).any()
+
+
+def test_the_issue_reproduction_keeps_13_tokens(tmp_path):
+    """1-layer SigLIP, 25 tokens, every edge above the threshold: the cap (25 // 2 = 12) leaves 13."""
+    tower = build_tiny_tower("siglip", tmp_path, num_hidden_layers=1, image_size=80, patch_size=16)
+    for order in ORDERS:
+        dymu.apply(tower, thresholds=-1.5, order=order)
+        assert dymu.encode(tower, torch.zeros(1, 3, 80, 80), feature_layer=-1).num_tokens.tolist() == [13]
+
+
+def test_threshold_infinities_and_nan(tower, family, pixels):
+    n0 = 197 if family == "clip" else 196
+    dymu.apply(tower, [math.inf, None, math.inf, math.inf])  # None = +inf = never
+    assert dymu.encode(tower, pixels, feature_layer=-1, drop_class_token=False).kept_per_layer.unique().tolist() == [n0]
+    dymu.apply(tower, [-math.inf, math.inf, math.inf, math.inf])
+    kept = dymu.encode(tower, pixels, feature_layer=-1, drop_class_token=False).kept_per_layer
+    assert kept[:, 0].tolist() == [n0 - n0 // 2] * len(pixels)  # every edge: 98 merges either way
+    with pytest.raises(ValueError, match="threshold of layer 2 is NaN"):
+        dymu.apply(tower, [0.9, 0.9, math.nan, 0.9])
+    with pytest.raises(ValueError, match="'abc' is not a merge order"):
+        dymu.apply(tower, 0.9, order="abc")

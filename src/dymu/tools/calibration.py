@@ -2,7 +2,10 @@
 
 At each layer the A→B edges of the whole batch are ranked together and the best B·r_i merged, so
 simple images give up more tokens than complex ones; τ_i is the score of the first edge not merged
-(clamped at 0). Later layers see the batch-merged tokens. τ_i is then averaged over batches.
+(clamped at 0). Later layers see the batch-merged tokens, laid out in the merge order that the
+thresholds are then used with (token_order.py; recorded in the file). τ_i is then averaged over
+batches. The ranking leaves out the edges an image could not take at inference (past its per-image
+cap, merge.top_edges_of_batch), so that the thresholds reproduce the calibration's merges.
 
 Exactness: every batch's τ vector is kept (it is tiny) and the mean is `math.fsum` over them, the
 correctly rounded sum, which does not depend on the order batches were added in. So a resumed run,
@@ -28,6 +31,7 @@ from ..api import vision_tower_of, default_feature_layer
 from ..images import open_images
 from ..towers.encoder import dtome_patched, encode_with_tower, layers_to_run
 from ..thresholds import Thresholds, encoder_identity
+from ..token_order import DEFAULT_ORDER, check_order
 
 SCHEDULES = ("constant", "linear", "reverse-linear")
 
@@ -97,9 +101,10 @@ def _batches(images: Sequence, batch_size: int) -> list[list]:
     return [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
-def _settings_key(identity: dict, r: list[float], feature_layer: int, batch_size: int, images: Sequence) -> str:
+def _settings_key(identity: dict, r: list[float], feature_layer: int, batch_size: int, images: Sequence,
+                  order: str) -> str:
     names = [str(i) if not isinstance(i, Image.Image) else f"<image {k}>" for k, i in enumerate(images)]
-    blob = json.dumps([identity, r, feature_layer, batch_size, names])
+    blob = json.dumps([identity, r, feature_layer, batch_size, order, names])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -200,6 +205,7 @@ def calibrate(
     checkpoint_every: int = 5,
     progress: bool = True,
     model_ref: str | None = None,
+    order: str = DEFAULT_ORDER,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -207,10 +213,13 @@ def calibrate(
     ``target_tokens`` (average visual tokens kept at the feature layer) or ``r`` (merges per image
     and layer: one value or one per layer); default: preset mid. Unreadable images are skipped and
     listed in the result. With ``checkpoint``, progress is saved every ``checkpoint_every`` batches
-    and a rerun resumes from it. Under torch.distributed, batches are split across ranks.
+    and a rerun resumes from it. Under torch.distributed, batches are split across ranks. ``order``:
+    where tokens go after a merge ("interleaved", "ab" or "ab-score"), recorded in the result; use
+    the thresholds in the same order (`dymu.apply` does) to keep the token counts they were made for.
     """
     from tqdm.auto import tqdm
 
+    check_order(order)
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -227,13 +236,13 @@ def calibrate(
     batches = _batches(images, batch_size)
     ckpt = Checkpoint(
         None if checkpoint is None else (Path(checkpoint) if world == 1 else Path(f"{checkpoint}.rank{rank}-of-{world}")),
-        _settings_key(identity, per_layer_r, feature_layer, batch_size, images),
+        _settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
     )
     records = ckpt.load()
     done = {rec.index for rec in records}
     mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
 
-    with dtome_patched(tower, family, thresholds=math.inf):
+    with dtome_patched(tower, family, thresholds=math.inf, order=order):
         bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
                    disable=not progress or rank != 0)
         for count, index in enumerate(mine, 1):
@@ -252,12 +261,13 @@ def calibrate(
         ckpt.save(records)
 
     records = sorted(_gather_records(records), key=lambda rec: rec.index)
-    result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run)
+    result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run,
+                       order=order)
     ckpt.remove()
     return result
 
 
-def summarize(records, per_layer_r, identity, feature_layer, schedule, run) -> Thresholds:
+def summarize(records, per_layer_r, identity, feature_layer, schedule, run, order: str = DEFAULT_ORDER) -> Thresholds:
     """Average the per-batch τ (correctly rounded float64 sums) and the token statistics."""
     used = [rec for rec in records if rec.images > 0]
     images_seen = sum(rec.images for rec in used)
@@ -281,4 +291,5 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run) -> T
         tokens_kept_std=std,
         images_seen=images_seen,
         skipped=[s for rec in records for s in rec.skipped],
+        order=order,
     )

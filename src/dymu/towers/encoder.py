@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import merge as M
+from ..token_order import DEFAULT_ORDER, check_order
 
 # ---------------------------------------------------------------------------------------------
 # Per-family description of a vision tower.
@@ -71,7 +72,7 @@ class TowerState:
     """What one forward of a tower has merged so far (padded batch layout, see merge.py)."""
 
     family: TowerFamily
-    thresholds: list[float] | None  # DToMe: per layer, +inf = no merge
+    thresholds: list[float] | None  # DToMe: per layer, +inf = no merge, -inf = every edge (up to the cap)
     r: list[int] | None  # ToMe: per layer, fixed merges per image
     sizes: torch.Tensor | None = None  # (B, N) 0 = padding
     group_of_patch: torch.Tensor | None = None  # (B, N0) slot of every original token
@@ -80,6 +81,7 @@ class TowerState:
     keys: torch.Tensor | None = None  # (B, N, D) of the running layer, from the k_proj hook
     # Set by calibration to take over the choice of edges (batch-level top-k, Eq. 4).
     edge_chooser: Callable[[int, M.Matches], torch.Tensor] | None = None
+    order: str = DEFAULT_ORDER  # where survivors go after a merge (token_order.py)
 
     def reset(self, bsz: int, n: int, device: torch.device) -> None:
         self.sizes, self.group_of_patch = M.initial_groups(bsz, n, device)
@@ -92,7 +94,7 @@ class TowerState:
             return True
         if self.r is not None:
             return self.r[layer_index] > 0
-        return self.thresholds is not None and math.isfinite(self.thresholds[layer_index])
+        return self.thresholds is not None and self.thresholds[layer_index] < math.inf
 
     def choose_edges(self, layer_index: int, matches: M.Matches) -> torch.Tensor:
         if self.edge_chooser is not None:
@@ -146,7 +148,7 @@ class DyMUEncoderLayer(nn.Module):
         if not bool(chosen.any()):
             return hidden_states
         hidden_states, state.sizes, state.group_of_patch = M.merge(
-            hidden_states, state.sizes, state.group_of_patch, matches, chosen
+            hidden_states, state.sizes, state.group_of_patch, matches, chosen, order=state.order
         )
         state.merged_any = True
         return hidden_states
@@ -174,15 +176,32 @@ def _per_layer(value, num_layers: int, what: str) -> list | None:
     return value
 
 
+def _threshold_floats(values: list) -> list[float]:
+    """Per-layer thresholds as floats: None (as in JSON) = +inf = never merge; NaN is refused."""
+    out = [math.inf if t is None else float(t) for t in values]
+    for layer, t in enumerate(out):
+        if math.isnan(t):
+            raise ValueError(f"threshold of layer {layer} is NaN; use +inf (or None) for 'never merge' "
+                             "and -inf for 'merge every edge'")
+    return out
+
+
 def apply_dtome(
     tower: nn.Module,
     family: TowerFamily,
     thresholds: float | Sequence[float] | None = None,
     r: int | Sequence[int] | None = None,
+    order: str | None = None,
 ) -> TowerState:
-    """Patch one tower. ``thresholds`` (DToMe, +inf = no merge) or ``r`` (ToMe), per layer or one value."""
+    """Patch one tower. ``thresholds`` (DToMe) or ``r`` (ToMe), per layer or one value.
+
+    A threshold of +inf (or None) never merges at that layer, -inf merges every edge; every layer
+    merges at most (t - protected) // 2 tokens of an image of t live tokens (the paper's cap).
+    ``order``: where survivors go after a merge (token_order.py; default DEFAULT_ORDER).
+    """
     if (thresholds is None) == (r is None):
         raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
+    order = DEFAULT_ORDER if order is None else check_order(order)
     layers = tower.encoder.layers
     if hasattr(tower, "_dymu_state"):
         remove_dtome(tower)
@@ -190,9 +209,10 @@ def apply_dtome(
         family=family,
         thresholds=_per_layer(thresholds, len(layers), "thresholds"),
         r=_per_layer(r, len(layers), "r"),
+        order=order,
     )
     if state.thresholds is not None:
-        state.thresholds = [float(t) for t in state.thresholds]
+        state.thresholds = _threshold_floats(state.thresholds)
     if state.r is not None:
         state.r = [int(v) for v in state.r]
     handles = []
@@ -217,16 +237,16 @@ def apply_dtome(
 
 
 @contextlib.contextmanager
-def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None):
+def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None, order: str | None = None):
     """Patch ``tower`` for the duration of a block, then restore whatever patch (or none) it had."""
     previous = getattr(tower, "_dymu_state", None)
-    state = apply_dtome(tower, family, thresholds=thresholds, r=r)
+    state = apply_dtome(tower, family, thresholds=thresholds, r=r, order=order)
     try:
         yield state
     finally:
         remove_dtome(tower)
         if previous is not None:
-            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r)
+            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order)
 
 
 def _keep_keys(state: TowerState):

@@ -126,7 +126,7 @@ class DyMULlavaModel(LlavaModel):
 
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-                tome_vtu: bool = True, downsample_tokens: float | None = None) -> None:
+                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     remove_llava(model)
@@ -145,11 +145,11 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     if mode == "tome":
         if r is None:
             raise ValueError("mode 'tome' needs r (merges per layer)")
-        apply_dtome(tower, family, r=r)
+        apply_dtome(tower, family, r=r, order=order)
     else:
         if thresholds is None:
             raise ValueError(f"mode {mode!r} needs thresholds")
-        apply_dtome(tower, family, thresholds=thresholds)
+        apply_dtome(tower, family, thresholds=thresholds, order=order)
     use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention)

@@ -175,7 +175,7 @@ def _folder_labels(folders: Sequence) -> dict[str, str]:
 
 
 def _resolve_thresholds(thresholds, tower, model):
-    """Threshold values for the tower and the feature layer they were calibrated for."""
+    """Threshold values for the tower, the feature layer and the merge order they were calibrated for."""
     from ...api import _threshold_values, default_feature_layer
     from ...towers.encoder import family_of
     from ...thresholds import Thresholds
@@ -185,7 +185,7 @@ def _resolve_thresholds(thresholds, tower, model):
     feature_layer = getattr(thresholds, "feature_layer", None)
     if feature_layer is None:
         feature_layer = default_feature_layer(model, family_of(tower))[0]
-    return _threshold_values(thresholds, tower), feature_layer
+    return _threshold_values(thresholds, tower), feature_layer, getattr(thresholds, "order", None)
 
 
 @torch.no_grad()
@@ -221,7 +221,7 @@ def measure(
         folders = [folders]
     labels = _folder_labels(folders)
     tower, family = vision_tower_of(model)
-    values, feature_layer = _resolve_thresholds(thresholds, tower, model)
+    values, feature_layer, order = _resolve_thresholds(thresholds, tower, model)
     processor = processor or family.default_processor(tower.config)
     patch = tower.config.patch_size
     device = next(tower.parameters()).device
@@ -255,7 +255,7 @@ def measure(
                 each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid)
         pending.clear()
 
-    with dtome_patched(tower, family, thresholds=values):
+    with dtome_patched(tower, family, thresholds=values, order=order):
         for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
             try:
                 image = open_image(path)

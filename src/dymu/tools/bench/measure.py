@@ -247,7 +247,7 @@ def bench_encoder(plan: Plan, tower, device, thresholds: dict, sync, log) -> tup
             kind, value = rule_for(name)
             if kind == "r":
                 return lambda: apply_dtome(tower, CLIP, r=value)
-            return lambda: apply_dtome(tower, CLIP, thresholds=value)
+            return lambda: apply_dtome(tower, CLIP, thresholds=value.thresholds, order=value.order)
 
         sides = [side("full", lambda: remove_dtome(tower))] + [side(name, dtome_setup(name)) for name in PRESET_NAMES]
         log(f"encoder: batch {batch}, {run} layers, {plan.warmup} warm-up + {plan.runs} rounds of "
@@ -565,7 +565,7 @@ def run_bench(
         th = Thresholds.load(path)
         if tower is not None:
             th.check_compatible(tower)
-        chosen_thresholds[name] = th.thresholds
+        chosen_thresholds[name] = th
         notes.append(f"Encoder preset {name}: calibrated thresholds from {path} (on these random weights the "
                      "token counts are not those of the real encoder).")
     fixed = [n for n in PRESET_NAMES if n not in chosen_thresholds]
