@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS,
                    help="where tokens go after a merge, recorded in the file and used by apply: interleaved "
                         "(keep their order), ab (A survivors then B, the paper's calibration and CLIP layout), "
-                        f"ab-score (A survivors by score then B, the paper's SigLIP inference); default {DEFAULT_ORDER}")
+                        "ab-score (A survivors by score then B, the paper's SigLIP inference); "
+                        f"default {DEFAULT_ORDER}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int)
     p.add_argument("--checkpoint-every", type=int, default=5, help="batches between progress checkpoints")
