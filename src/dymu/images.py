@@ -46,8 +46,9 @@ REDUCE_TO_SIDE = 2048
 
 
 def max_pixels() -> int:
-    """The pixel limit: $DYMU_MAX_IMAGE_PIXELS, else Pillow's own decompression-bomb limit
-    (2 x PIL.Image.MAX_IMAGE_PIXELS = 178,956,970 pixels by default, about 13,377 x 13,377)."""
+    """The pixel limit: $DYMU_MAX_IMAGE_PIXELS, else the level at which Pillow refuses a file as a
+    decompression bomb (2 x PIL.Image.MAX_IMAGE_PIXELS = 178,956,970 pixels by default, about
+    13,377 x 13,377); dymu checks it itself, before decoding, with a one-line message."""
     text = os.environ.get(MAX_PIXELS_ENV)
     if text:
         try:
@@ -75,21 +76,18 @@ def check_size(size: tuple[int, int], name: str | Path, limit: int | None = None
                                f"{MAX_ASPECT_RATIO}:1")
 
 
-@contextlib.contextmanager
-def _pillow_limits(limit: int):
-    """Pillow's own bomb check off while our (equal or larger) limit applies, its warning silenced:
-    dymu's check gives the one-line message, Pillow's warning is several lines without the file name."""
-    with warnings.catch_warnings():
+def _open_header(path: Path) -> Image.Image:
+    """Image.open (reads the header only) with Pillow's own decompression-bomb check off, so that
+    dymu's check (`check_size`) gives the one-line message with the size and the limit; Pillow's
+    error has no file name and its warning is several lines. Pillow's limit is a global: it is lifted
+    for the header parse only, under a lock."""
+    with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        if Image.MAX_IMAGE_PIXELS is None or limit <= 2 * Image.MAX_IMAGE_PIXELS:
-            yield
-            return
-        with _PILLOW_LIMIT_LOCK:  # the user raised dymu's limit above Pillow's: lift Pillow's meanwhile
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                yield
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 _PILLOW_LIMIT_LOCK = threading.Lock()
@@ -118,7 +116,7 @@ def open_image(path: str | Path, *, limit: int | None = None) -> Image.Image:
         raise ImageError(path, "empty file")
     limit = max_pixels() if limit is None else limit
     try:
-        with _pillow_limits(limit), Image.open(path) as im:
+        with _open_header(path) as im:
             check_size(im.size, path, limit)
             factor = _reduce_factor(im.size)
             if factor > 1 and im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale directly
@@ -131,8 +129,6 @@ def open_image(path: str | Path, *, limit: int | None = None) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image file (unrecognised format)") from None
-    except Image.DecompressionBombError as err:  # only when Pillow's own limit was set lower than ours
-        raise ImageError(path, f"over Pillow's pixel limit ({err})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL reports truncation and bad data this way
         raise ImageError(path, f"cannot be decoded ({_first_line(err)})") from None
     except MemoryError:
@@ -185,6 +181,7 @@ def as_viewed(im: Image.Image, name: str | Path = "<image>", limit: int | None =
     im = to_rgb(im)
     if orientation in _ORIENTATION:
         im = im.transpose(_ORIENTATION[orientation])
+        im.info = {}  # the tag is applied: drop it (and any XMP copy), so viewing again is a no-op
     return im
 
 
