@@ -263,6 +263,8 @@ def find_images(source: str | Path, image_root: str | Path | None = None) -> lis
         return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such folder or JSON file")
+    if not source.is_file():  # a FIFO would block the read below forever
+        raise ValueError(f"{source}: not a regular file (a FIFO, socket or device?)")
     if source.suffix.lower() != ".json":
         raise ValueError(f"{source}: expected a folder of images or a .json list of {{'image': path}}")
     try:
