@@ -131,6 +131,8 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     # the previous patch (and mode) in place.
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if vtu_attention not in ("fast", "exact"):
+        raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     inner = model.model
     tower = inner.vision_tower
     family = family_of(tower)
