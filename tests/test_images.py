@@ -132,3 +132,42 @@ def test_folder_runs_skip_and_list_every_bad_file():
 def test_viewing_twice_changes_nothing():
     once = open_image(BAD / "exif_rotated.jpg")
     assert np.array_equal(np.asarray(dymu.images.as_viewed(once)), np.asarray(once))
+
+
+def test_a_folder_of_huge_images_holds_one_at_full_size(tmp_path):
+    # Item 10 (scaled down from four 13000 x 13000 PNGs, see the README for that measurement): calibrating on
+    # four 4200 x 4200 PNGs at batch size 4 may add at most ~2 decoded images (Pillow: 4 bytes per RGB pixel,
+    # 71 MB each) to the peak memory of the same run on small images; holding the batch decoded adds 4+.
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_tower
+
+    build_tiny_tower("clip", tmp_path / "tower")
+    small, huge = tmp_path / "small", tmp_path / "huge"
+    small.mkdir()
+    huge.mkdir()
+    cat = Image.open(IMAGES / "skimage_chelsea_cat.png").convert("RGB").resize((600, 600))
+    cat.save(small / "a.png")
+    cat.resize((4200, 4200), Image.NEAREST).save(huge / "a.png", compress_level=1)
+    for name in ("b.png", "c.png", "d.png"):
+        os.link(small / "a.png", small / name)
+        os.link(huge / "a.png", huge / name)
+    script = f"""
+import resource
+from dymu.cli import main
+def run(folder, out):
+    assert main(["calibrate", "--model", {str(tmp_path / "tower")!r}, "--images", folder, "--batch-size", "4",
+                 "--r", "5", "--quiet", "--out", out]) == 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = run({str(small)!r}, {str(tmp_path / "s.json")!r})
+peak = run({str(huge)!r}, {str(tmp_path / "h.json")!r})
+print(base, peak)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    base, peak = map(int, done.stdout.split()[-2:])
+    one_image = 4200 * 4200 * 4
+    print(f"extra peak {(peak - base) / 2**20:.0f} MiB, one image {one_image / 2**20:.0f} MiB")
+    assert peak - base < 2.5 * one_image, f"peak {peak / 2**20:.0f} MiB vs {base / 2**20:.0f} MiB on small images"
