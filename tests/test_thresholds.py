@@ -127,3 +127,67 @@ def test_import_refuses_pickled_code_and_wrong_layer_counts(tower_dir, tmp_path,
     torch.save({f"visual.trunk.blocks.{i}.threshold": torch.tensor(0.9) for i in range(3)}, short)
     assert main(["thresholds", "import", str(short), "--model", str(tower_dir), "--out", str(tmp_path / "o.json")]) == 1
     assert "has thresholds for 3 layers but" in capsys.readouterr().err
+
+
+# ---- item 5 / 11: every field is validated on load, naming the file and the field ----
+
+BROKEN = {
+    # field edit -> words of the error
+    "nan threshold": (lambda d: d["thresholds"].__setitem__(0, float("nan")), "'thresholds[0]' must be a finite number"),
+    "negative threshold": (lambda d: d["thresholds"].__setitem__(1, -0.5), "'thresholds[1]' must be a finite number >= 0"),
+    "string threshold": (lambda d: d["thresholds"].__setitem__(0, "0.9"), "'thresholds[0]'"),
+    "layer count": (lambda d: d["thresholds"].append(0.9), "'thresholds' has 5 entries but the encoder has 4 layers"),
+    "huge tokens kept": (lambda d: d["tokens_kept_mean"].__setitem__(-1, 1e12),
+                         "must be a finite number between 1 and 196"),
+    "zero tokens kept": (lambda d: d["tokens_kept_mean"].__setitem__(0, 0), "'tokens_kept_mean[0]'"),
+    "num_layers type": (lambda d: d["encoder"].__setitem__("num_layers", "4"), "'encoder.num_layers' must be a whole number"),
+    "feature layer": (lambda d: d.__setitem__("feature_layer", 99), "'feature_layer' must be a layer index"),
+    "r nan": (lambda d: d["r"].__setitem__(0, float("nan")), "'r[0]'"),
+    "images_seen": (lambda d: d.__setitem__("images_seen", -3), "'images_seen' must be a whole number >= 0"),
+    "skipped": (lambda d: d.__setitem__("skipped", [3]), "'skipped' must be a list"),
+    "bool layers": (lambda d: d["encoder"].__setitem__("num_layers", True), "'encoder.num_layers'"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_every_field_is_validated_on_load(tower, tmp_path, case):
+    edit, words = BROKEN[case]
+    data = calibrated(tower).to_json()
+    edit(data)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))  # NaN is written as the JSON extension NaN, which json reads back
+    with pytest.raises(ThresholdsError, match="^thresholds file " + str(path).replace(".", r"\.") + ": field ") as err:
+        Thresholds.load(path)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_huge_tokens_kept_mean_never_reaches_downsample(tower, tmp_path, capsys):
+    # Item 11: 1e12 tokens would make --mode downsample allocate until killed.
+    data = calibrated(tower).to_json()
+    data["tokens_kept_mean"][-1] = 1e12
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    from conftest import IMAGES
+
+    assert main(["generate", "--model", str(tmp_path), "--thresholds", str(tmp_path / "t.json"),
+                 "--image", str(IMAGES / "skimage_coffee.png"), "--prompt", "hi", "--mode", "downsample"]) == 1
+    assert "field 'tokens_kept_mean[" in capsys.readouterr().err
+
+
+def test_import_refuses_nan_or_negative_thresholds(tower_dir, tmp_path, capsys):
+    ckpt = tmp_path / "nan.pt"
+    torch.save({f"visual.trunk.blocks.{i}.threshold": torch.tensor(v) for i, v in
+                enumerate([0.9, float("nan"), 0.8, -0.2])}, ckpt)
+    out = tmp_path / "o.json"
+    assert main(["thresholds", "import", str(ckpt), "--model", str(tower_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: field 'thresholds[1]' must be a finite number" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_import_of_a_file_that_is_not_a_checkpoint_is_one_line(tower_dir, tmp_path, capsys):
+    # Item 15: torch's own error text runs over many lines.
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, not a checkpoint\n" * 5)
+    assert main(["thresholds", "import", str(text), "--model", str(tower_dir), "--out", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"checkpoint {text} is not a torch checkpoint" in err, err

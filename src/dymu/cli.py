@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,9 +16,31 @@ from .version import __version__
 
 def _parse_r(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--r expects numbers separated by commas, not {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--r expects finite numbers >= 0 (merges per layer), not {text!r}")
+    return values
+
+
+def _whole(minimum: int):
+    """An argparse type: a whole number >= minimum (0 never silently means "all")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+positive_int, nonnegative_int = _whole(1), _whole(0)
 
 
 def _init_distributed():
@@ -52,12 +75,15 @@ def _calibrate(args, rank: int) -> int:
     from .images import find_images, print_skipped
     from .loading import load_vision_model, resolve_device_dtype
 
+    from .files import check_output_file
+
+    out = check_output_file(args.out, "--out")  # before any work: a bad --out must not lose the run
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     images = find_images(args.images, args.image_root)
     if not images:
         raise ValueError(f"{args.images}: no images found")
     model, processor = load_vision_model(args.model, device, dtype)
-    out = Path(args.out)
+    args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
     thresholds = calibrate(
         model,
         images,
@@ -68,14 +94,14 @@ def _calibrate(args, rank: int) -> int:
         batch_size=args.batch_size,
         max_images=args.max_images,
         processor=processor,
-        checkpoint=out.with_name(out.name + ".partial"),
+        checkpoint=args.checkpoint_path,
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
         model_ref=args.model,
         order=args.order,
+        out=out,  # written before the checkpoint is removed
     )
     if rank == 0:
-        thresholds.save(out)
         kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
         print(f"calibrated on {thresholds.images_seen} images: {kept:.1f} visual tokens kept on average "
               f"at layer {thresholds.feature_layer} of {thresholds.encoder['patches_per_image']}; wrote {out}")
@@ -88,6 +114,9 @@ def cmd_thresholds_import(args) -> int:
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
 
+    from .files import check_output_file
+
+    check_output_file(args.out, "--out")
     values = read_paper_thresholds(args.file)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
     tower, family = vision_tower_of(model)
@@ -103,6 +132,7 @@ def cmd_thresholds_import(args) -> int:
         # CLIP path), none => A survivors by score (its batch-1 SigLIP path). README, "Fidelity".
         order="ab" if family.has_class_token else "ab-score",
     )
+    thresholds.validate(f"checkpoint {args.file}")  # NaN or negative thresholds are refused here
     thresholds.save(args.out)
     print(f"imported {layers} thresholds from {args.file}; wrote {args.out}")
     return 0
@@ -154,10 +184,12 @@ def cmd_encode(args) -> int:
     import torch
 
     from .api import apply, encode, vision_tower_of
-    from .images import find_images, open_images, print_skipped
+    from .files import atomic_write_text, check_output_file
+    from .images import find_images, open_images, pixel_values_of, print_skipped
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
+    check_output_file(args.json, "--json")  # before any work: the results are written at the end
     paths = []
     for item in args.images:
         paths += find_images(item) if Path(item).is_dir() or item.endswith(".json") else [Path(item)]
@@ -169,19 +201,17 @@ def cmd_encode(args) -> int:
     records, skipped = [], []
     for start in range(0, len(paths), args.batch_size):
         opened, bad = open_images(paths[start : start + args.batch_size])
-        skipped += bad
-        if not opened:
+        batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad)
+        if pixels is None:
             continue
-        batch, images = zip(*opened)
-        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
         for p, i in zip(batch, range(len(encoded))):
             one = encoded.image(i)
             records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
                             "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist()})
-    Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
-                                           "skipped": skipped}) + "\n")
+    atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
+                                             "skipped": skipped}) + "\n")
     for r in records:
         print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
     print_skipped(skipped, file=sys.stderr)
@@ -216,10 +246,10 @@ def add_analyze(subparsers) -> None:
                         "folders, each gets its own colour")
     p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-images", type=int, help="at most this many images per folder")
-    p.add_argument("--merge-maps", type=int, metavar="N", help="merge maps for at most N images per folder "
+    p.add_argument("--max-images", type=positive_int, help="at most this many images per folder")
+    p.add_argument("--merge-maps", type=nonnegative_int, metavar="N", help="merge maps for at most N images per folder "
                                                                "(default: all; 0: none)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -282,16 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
-    p.add_argument("--r", type=int, help="merges per layer for --mode tome")
+    p.add_argument("--r", type=nonnegative_int, help="merges per layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the answer and the report as JSON")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="write per-image token counts, sizes and group maps as JSON")
     model_args(p, thresholds_required=True)
     p.add_argument("--images", nargs="+", required=True, help="folders, JSON lists or image files")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", required=True, help="output JSON file")
     p.set_defaults(func=cmd_encode)
 
@@ -310,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(keep their order), ab (A survivors then B, the paper's calibration and CLIP layout), "
                         "ab-score (A survivors by score then B, the paper's SigLIP inference); "
                         f"default {DEFAULT_ORDER}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-images", type=int)
-    p.add_argument("--checkpoint-every", type=int, default=5, help="batches between progress checkpoints")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int)
+    p.add_argument("--checkpoint-every", type=positive_int, default=5, help="batches between progress checkpoints")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -333,26 +363,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if not args.debug:  # our own progress bar and one-line errors only
-        from transformers.utils import logging as hf_logging
+    args = None
+    try:  # Ctrl-C at any moment (parsing, imports, work) ends with one line, never a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if not args.debug:  # our own progress bar and one-line errors only
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    try:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
         return args.func(args)
     except KeyboardInterrupt:
-        print("dymu: interrupted", file=sys.stderr)
+        if args is not None and getattr(args, "debug", False):
+            raise
+        checkpoint = getattr(args, "checkpoint_path", None)
+        resume = (f"; progress is saved in {checkpoint}: the same command resumes"
+                  if checkpoint is not None and Path(checkpoint).exists() else "")
+        print(f"dymu{' ' + args.command if getattr(args, 'command', None) else ''}: interrupted{resume}",
+              file=sys.stderr)
         return 130
     except Exception as err:  # one clear line unless --debug
-        if args.debug:
+        if args is None or args.debug:
             raise
-        print(f"dymu {args.command}: error: {err}", file=sys.stderr)
+        print(f"dymu {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type when it has none (e.g. MemoryError())."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -50,6 +50,28 @@ def _config(model_ref: str):
         raise LoadError(f"cannot load a model config from {model_ref}: {first}") from None
 
 
+def from_pretrained_checked(cls, model_ref: str, **kwargs):
+    """``cls.from_pretrained(model_ref, **kwargs)``, refusing a checkpoint that does not fill the model.
+
+    transformers only logs missing weights (initialising them at random, e.g. a config declaring more
+    layers than the weights hold) and unexpected ones (weights the model has no place for), and dymu
+    silences its logs: a LoadError says it in one line instead.
+    """
+    model, info = cls.from_pretrained(model_ref, output_loading_info=True, **kwargs)
+    problems = []
+    for kind, keys in (("missing from the checkpoint (they would be random)", info.get("missing_keys")),
+                       ("in the checkpoint but not in the model", info.get("unexpected_keys")),
+                       ("of the wrong shape", [k[0] if isinstance(k, tuple) else k
+                                               for k in info.get("mismatched_keys") or ()])):
+        keys = sorted(keys or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} weights {kind}: {shown}")
+    if problems:
+        raise LoadError(f"{model_ref}: the weights do not match the config: {'; '.join(problems)}.")
+    return model
+
+
 def load_vision_model(model_ref: str, device: torch.device, dtype: torch.dtype):
     """A bare CLIP/SigLIP vision model, or a VLM (whose vision tower is then used), plus its
     image processor. Returns (model, image_processor or None)."""
@@ -70,7 +92,7 @@ def load_vision_model(model_ref: str, device: torch.device, dtype: torch.dtype):
         raise LoadError(
             f"{model_ref} is a {config.model_type!r} model, not a CLIP/SigLIP vision model or a VLM with one."
         )
-    model = cls.from_pretrained(model_ref, dtype=dtype).to(device).eval()
+    model = from_pretrained_checked(cls, model_ref, dtype=dtype).to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(model_ref)
     except (OSError, ValueError):

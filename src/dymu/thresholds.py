@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_write_text
 from .token_order import ORDERS
 from .version import __version__
 
@@ -67,6 +68,8 @@ class ThresholdsError(ValueError):
 
 def _threshold_to_json(value: float) -> float | str | None:
     """+inf (never merge) is null, -inf (merge every edge) the string "-inf": plain JSON has no infinities."""
+    if value is None:
+        return None
     if math.isnan(value):
         raise ThresholdsError("a threshold is NaN; use +inf for 'never merge' and -inf for 'merge every edge'.")
     return None if value == math.inf else "-inf" if value == -math.inf else value
@@ -102,9 +105,75 @@ class Thresholds:
 
     # -- validation ---------------------------------------------------------------------------
 
+    def validate(self, where: str = "thresholds") -> "Thresholds":
+        """Check every field's type and range; raise ThresholdsError naming ``where`` and the field.
+
+        A NaN or negative threshold, a wrong layer count or a `tokens_kept_mean` outside
+        [1, patches] (which `--mode downsample` turns into an image size) never reaches a model.
+        """
+
+        def bad(field_name: str, problem: str):
+            raise ThresholdsError(f"{where}: field {field_name!r} {problem}.")
+
+        def whole(value, field_name: str, minimum: int):
+            if not _is_int(value) or value < minimum:
+                bad(field_name, f"must be a whole number >= {minimum}, not {value!r}")
+            return value
+
+        def numbers(values, field_name: str, length: int | None, low: float, high: float = math.inf,
+                    allow_infinite: bool = False):
+            if not isinstance(values, list):
+                bad(field_name, f"must be a list, not {type(values).__name__}")
+            if length is not None and len(values) != length:
+                bad(field_name, f"has {len(values)} entries but the encoder has {length} layers")
+            for i, v in enumerate(values):
+                if allow_infinite and (v is None or (isinstance(v, float) and math.isinf(v))):
+                    continue  # null / +inf: never merge; -inf: merge every edge (up to the cap)
+                if not _is_number(v) or not math.isfinite(v) or not low <= v <= high:
+                    limits = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+                    infinite = ', null (never merge) or "-inf" (merge every edge)' if allow_infinite else ""
+                    bad(f"{field_name}[{i}]", f"must be a finite number {limits}{infinite}, not {v!r}")
+
+        if not _is_int(self.format_version) or self.format_version != FORMAT_VERSION:
+            bad("format_version", f"is {self.format_version!r}; this dymu reads version {FORMAT_VERSION}")
+        enc = self.encoder
+        if not isinstance(enc, dict):
+            bad("encoder", f"must be an object, not {type(enc).__name__}")
+        for key, kind in (("model", str), ("family", str), ("config_hash", str), ("class_token", bool)):
+            if not isinstance(enc.get(key), kind):
+                bad(f"encoder.{key}", f"must be a {kind.__name__}, not {enc.get(key)!r}")
+        layers = whole(enc.get("num_layers"), "encoder.num_layers", 1)
+        patches = whole(enc.get("patches_per_image"), "encoder.patches_per_image", 1)
+        if not _is_int(self.feature_layer) or not -layers - 1 <= self.feature_layer <= layers:
+            bad("feature_layer", f"must be a layer index between {-layers - 1} and {layers}, not {self.feature_layer!r}")
+        if not isinstance(self.schedule, str):
+            bad("schedule", f"must be a string, not {self.schedule!r}")
+        numbers(self.thresholds, "thresholds", layers, 0.0, allow_infinite=True)
+        if self.order not in ORDERS:
+            bad("order", f"is {self.order!r}; dymu knows {', '.join(ORDERS)}")
+        if self.r is not None:
+            numbers(self.r, "r", layers, 0.0, float(patches))
+        numbers(self.tokens_kept_mean, "tokens_kept_mean", None, 1.0, float(patches))
+        if len(self.tokens_kept_mean) > layers:
+            bad("tokens_kept_mean", f"has {len(self.tokens_kept_mean)} entries but the encoder has {layers} layers")
+        numbers(self.tokens_kept_std, "tokens_kept_std", None, 0.0, float(patches))
+        if len(self.tokens_kept_std) != len(self.tokens_kept_mean):
+            bad("tokens_kept_std", f"has {len(self.tokens_kept_std)} entries but tokens_kept_mean has "
+                                   f"{len(self.tokens_kept_mean)}")
+        whole(self.images_seen, "images_seen", 0)
+        if not isinstance(self.skipped, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("reason"), str)
+                for s in self.skipped):
+            bad("skipped", "must be a list of {'path': str, 'reason': str}")
+        if not isinstance(self.dymu_version, str):
+            bad("dymu_version", f"must be a string, not {self.dymu_version!r}")
+        return self
+
     def check_compatible(self, tower: nn.Module) -> None:
         """Raise ThresholdsError (one sentence) when this file is for another encoder."""
         from .towers.encoder import family_of
+
+        self.validate()
 
         family = family_of(tower)
         found = encoder_identity(tower, family)
@@ -135,11 +204,11 @@ class Thresholds:
         return data
 
     def save(self, path: str | Path) -> Path:
+        """Write the file atomically (a temporary file in the same folder, then os.replace)."""
         path = Path(path)
+        self.validate(f"thresholds to write to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(path)  # never leave a half-written file behind
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
         return path
 
     @classmethod
@@ -159,13 +228,21 @@ class Thresholds:
                 f"thresholds file {path} has format_version {data.get('format_version')!r}; "
                 f"this dymu reads version {FORMAT_VERSION}."
             )
+        if "feature_layer" not in data:
+            raise ThresholdsError(f"thresholds file {path}: field 'feature_layer' is missing.")
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
-        data["thresholds"] = [_threshold_from_json(t, path, i) for i, t in enumerate(data["thresholds"])]
-        if data.setdefault("order", "interleaved") not in ORDERS:
-            raise ThresholdsError(f"thresholds file {path} has order {data['order']!r}; "
-                                  f"dymu knows {', '.join(ORDERS)}.")
-        return cls(**data)
+        if isinstance(data["thresholds"], list):
+            data["thresholds"] = [_threshold_from_json(t, path, i) for i, t in enumerate(data["thresholds"])]
+        return cls(**data).validate(f"thresholds file {path}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +258,10 @@ def read_paper_thresholds(path: str | Path) -> list[float]:
         raise ThresholdsError(f"checkpoint {path} does not exist.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or corrupt files
-        raise ThresholdsError(f"checkpoint {path} cannot be read as a weights-only torch file ({err}).") from None
+    except Exception as err:  # torch raises several types, with several lines, for foreign or corrupt files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ThresholdsError(f"checkpoint {path} is not a torch checkpoint that loads weights-only "
+                              f"(torch says: {first[:160]}).") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -154,3 +154,132 @@ def test_presets_keep_the_papers_fractions(tower):
         assert len(r) == run
     with pytest.raises(ValueError, match="not preset and r"):
         resolve_r(tower, -1, preset="low", r=3)
+
+
+# ---- reliability (issue 13) ----
+
+def _processor_of(tower):
+    return processor_for("clip" if tower.config.model_type.startswith("clip") else "siglip")
+
+
+def _dies_after(processor, batches: int):
+    calls = {"n": 0}
+
+    def run(**kwargs):
+        calls["n"] += 1
+        if calls["n"] > batches:
+            raise KeyboardInterrupt
+        return processor(**kwargs)
+
+    return run
+
+
+def test_checkpoint_of_other_in_memory_images_is_refused(tower, tmp_path):
+    # Item 3: in-memory images are identified by their content, not by their position in the list.
+    a = [load_image(n) for n in MIXED_IMAGES[:4]]
+    b = [load_image(n) for n in MIXED_IMAGES[4:8]]
+    ckpt = tmp_path / "t.partial"
+    with pytest.raises(KeyboardInterrupt):
+        dymu.calibrate(tower, a, r=5, batch_size=2, processor=_dies_after(_processor_of(tower), 1),
+                       checkpoint=ckpt, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        dymu.calibrate(tower, b, r=5, batch_size=2, checkpoint=ckpt, progress=False)
+    # The same pictures as new objects do resume.
+    resumed = dymu.calibrate(tower, [load_image(n) for n in MIXED_IMAGES[:4]], r=5, batch_size=2,
+                             checkpoint=ckpt, progress=False)
+    assert resumed.thresholds == dymu.calibrate(tower, a, r=5, batch_size=2, progress=False).thresholds
+
+
+def test_result_is_written_before_the_checkpoint_goes(tower, tmp_path, monkeypatch):
+    # Item 6: a kill while the result is being written must leave the checkpoint behind.
+    from dymu.thresholds import Thresholds
+
+    images = all_images()[:4]
+    out, ckpt = tmp_path / "t.json", tmp_path / "t.json.partial"
+
+    def killed(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Thresholds, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dymu.calibrate(tower, images, r=5, batch_size=2, checkpoint=ckpt, out=out, progress=False)
+    assert ckpt.exists()
+    monkeypatch.undo()
+    result = dymu.calibrate(tower, images, r=5, batch_size=2, checkpoint=ckpt, out=out, progress=False)
+    assert out.exists() and not ckpt.exists()
+    assert Thresholds.load(out) == result
+
+
+@pytest.mark.parametrize("bad", ["folder", "missing_parent"])
+def test_out_is_checked_before_the_first_batch(tower, tmp_path, bad):
+    # Item 6: --out pointing at a folder (or into a missing one) fails at once, before any work.
+    out = tmp_path / "a_folder" if bad == "folder" else tmp_path / "nope" / "t.json"
+    if bad == "folder":
+        out.mkdir()
+
+    def never(**kwargs):
+        raise AssertionError("the processor ran before --out was checked")
+
+    with pytest.raises(ValueError, match="is a folder" if bad == "folder" else "does not exist"):
+        dymu.calibrate(tower, all_images()[:2], r=5, processor=never, out=out, progress=False)
+
+
+def test_temporary_files_do_not_follow_planted_symlinks(tower, tmp_path):
+    # Item 7: fixed temporary names (OUT.tmp, OUT.partial.tmp) would overwrite a symlink's target.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out, ckpt = tmp_path / "t.json", tmp_path / "t.json.partial"
+    for name in ("t.json.tmp", "t.json.partial.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    dymu.calibrate(tower, all_images()[:4], r=5, batch_size=2, checkpoint=ckpt, checkpoint_every=1, out=out,
+                   progress=False)
+    assert victim.read_text() == "precious\n" and out.is_file() and not out.is_symlink()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".t.json")]  # no temporaries left
+
+
+def test_a_second_calibration_on_the_same_checkpoint_is_refused(tower, tmp_path):
+    # Item 9: another process holds the lock (taken here with fcntl directly, as another dymu would).
+    import fcntl
+    import os
+
+    ckpt = tmp_path / "t.json.partial"
+    fd = os.open(tmp_path / "t.json.partial.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            dymu.calibrate(tower, all_images()[:2], r=5, checkpoint=ckpt, out=tmp_path / "t.json", progress=False)
+    finally:
+        os.close(fd)
+    dymu.calibrate(tower, all_images()[:2], r=5, checkpoint=ckpt, out=tmp_path / "t.json", progress=False)
+
+
+def test_ctrl_c_saves_every_finished_batch(tower, tmp_path):
+    # Item 15 / no lost work: with checkpoint_every=5, Ctrl-C after 3 batches still keeps the 3.
+    import json
+
+    ckpt = tmp_path / "t.partial"
+    with pytest.raises(KeyboardInterrupt):
+        dymu.calibrate(tower, all_images()[:16], r=5, batch_size=2, processor=_dies_after(_processor_of(tower), 3),
+                       checkpoint=ckpt, checkpoint_every=5, progress=False)
+    assert len(json.loads(ckpt.read_text())["records"]) == 3
+
+
+def test_corrupt_checkpoint_is_one_clear_line(tower, tmp_path):
+    ckpt = tmp_path / "t.partial"
+    ckpt.write_text('{"settings": "x", "rec')
+    with pytest.raises(ValueError, match=r"calibration checkpoint .*t\.partial is corrupt .*delete it to start over"):
+        dymu.calibrate(tower, all_images()[:2], r=5, checkpoint=ckpt, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ({"batch_size": -2}, "batch_size must be a whole number >= 1"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be"),
+    ({"max_images": 0}, "max_images must be a whole number >= 1"),
+    ({"r": -1}, "r must be finite numbers >= 0"),
+    ({"r": float("nan")}, "r must be finite numbers >= 0"),
+])
+def test_bad_arguments_are_refused(tower, kwargs, words):
+    kwargs = {"r": 5, **kwargs}
+    with pytest.raises(ValueError, match=words):
+        dymu.calibrate(tower, all_images()[:2], progress=False, **kwargs)

@@ -65,7 +65,10 @@ class VTUState:
         self.attention = attention
         self.group_map: Tensor | None = None  # (B, N) long
         self._plans: dict = {}  # (batch, device) -> vtu.Groups, valid for the current map
-        self.rows: dict[int, Counter] = {}  # layer id -> rows seen by each counted module, last forward
+        # layer key (its _dymu_vtu_key, stable under copy.deepcopy, unlike id()) -> rows seen by each
+        # counted module in the last forward
+        self.rows: dict[int, Counter] = {}
+        self.rows_keys: list[int] = []
         self.hooks: list = []
 
     def set_group_map(self, group_map: Tensor | None) -> None:
@@ -117,8 +120,8 @@ class _VTUDecoderLayer:
         **kwargs,
     ) -> Tensor:
         state = self._dymu_vtu
-        state.rows[id(self)] = Counter()  # the counting hooks fill it during this forward
-        state.rows[id(self)]["positions"] = hidden_states.shape[0] * hidden_states.shape[1]
+        state.rows[self._dymu_vtu_key] = Counter()  # the counting hooks fill it during this forward
+        state.rows[self._dymu_vtu_key]["positions"] = hidden_states.shape[0] * hidden_states.shape[1]
         groups = state.groups_for(hidden_states)
         if groups is None:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -201,6 +204,21 @@ def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
     (the paper's Eq. 10 decomposition, eager only, O(B·H·N²) per frequency: a reference).
     Applying again only updates `vtu_attention`. Undo with `remove_vtu(model)`.
     """
+    stock, patched = check_vtu(model, vtu_attention)
+    state = patched[0]._dymu_vtu if patched else VTUState()
+    state.attention = vtu_attention
+    for layer in stock:
+        layer.__class__ = _vtu_class(type(layer))
+        layer._dymu_vtu = state
+        layer._dymu_vtu_key = len(state.rows_keys)
+        state.rows_keys.append(layer._dymu_vtu_key)
+        for name in _COUNTED:
+            hook = _RowCounter(state, layer._dymu_vtu_key, name.removeprefix("self_attn."))
+            state.hooks.append(layer.get_submodule(name).register_forward_hook(hook))
+
+
+def check_vtu(model: nn.Module, vtu_attention: str = "fast") -> tuple[list[nn.Module], list[nn.Module]]:
+    """Validate `apply_vtu`'s arguments without changing anything: (stock layers, patched layers)."""
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     stock = [m for m in model.modules() if type(m) in _ATTENTION_KWARGS]
@@ -215,23 +233,18 @@ def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
         if impls != {"eager"}:
             raise ValueError(f"vtu_attention='exact' is eager only, the model uses {sorted(impls)}: "
                              "load it with attn_implementation='eager'")
-    state = patched[0]._dymu_vtu if patched else VTUState()
-    state.attention = vtu_attention
-    for layer in stock:
-        layer.__class__ = _vtu_class(type(layer))
-        layer._dymu_vtu = state
-        for name in _COUNTED:
-            state.hooks.append(layer.get_submodule(name).register_forward_hook(_row_counter(state, layer, name)))
+    return stock, patched
 
 
-def _row_counter(state: VTUState, layer: nn.Module, name: str):
-    key = id(layer)
+class _RowCounter:
+    """Forward hook counting the rows a module processed (an object, not a closure: see deepcopy)."""
 
-    def hook(module, args, output):
-        if key in state.rows:
-            state.rows[key][name.removeprefix("self_attn.")] += args[0].shape[:-1].numel()
+    def __init__(self, state: VTUState, key: int, name: str):
+        self.state, self.key, self.name = state, key, name
 
-    return hook
+    def __call__(self, module, args, output):
+        if self.key in self.state.rows:
+            self.state.rows[self.key][self.name] += args[0].shape[:-1].numel()
 
 
 def remove_vtu(model: nn.Module) -> None:
@@ -243,8 +256,9 @@ def remove_vtu(model: nn.Module) -> None:
         state.hooks.clear()
         state.set_group_map(None)
         state.rows.clear()
+        state.rows_keys.clear()
         layer.__class__ = layer._dymu_stock
-        del layer._dymu_vtu
+        del layer._dymu_vtu, layer._dymu_vtu_key
 
 
 def set_groups(model: nn.Module, group_map: Tensor | None) -> None:
@@ -278,5 +292,5 @@ def rows_processed(model: nn.Module) -> dict[str, int]:
     """
     total = Counter()
     for layer in _patched_layers(model):
-        total.update(layer._dymu_vtu.rows.get(id(layer), Counter()))
+        total.update(layer._dymu_vtu.rows.get(layer._dymu_vtu_key, Counter()))
     return {key: total[key] for key in ("positions", *(n.removeprefix("self_attn.") for n in _COUNTED))}

@@ -15,6 +15,7 @@ or a run split across processes, gives bit-for-bit the thresholds of one uninter
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,7 +29,8 @@ from torch import nn
 
 from .. import merge as M
 from ..api import vision_tower_of, default_feature_layer
-from ..images import open_images
+from ..files import atomic_write_text, check_output_file, exclusive_lock
+from ..images import open_images, pixel_values_of
 from ..towers.encoder import dtome_patched, encode_with_tower, layers_to_run
 from ..thresholds import Thresholds, encoder_identity
 from ..token_order import DEFAULT_ORDER, check_order
@@ -101,9 +103,19 @@ def _batches(images: Sequence, batch_size: int) -> list[list]:
     return [list(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
 
 
+def image_identity(item) -> str:
+    """How the checkpoint names an image: a path as given, an in-memory image by a hash of its
+    content (mode, size, pixels), so a checkpoint made on other PIL images is never resumed."""
+    if not isinstance(item, Image.Image):
+        return str(item)
+    digest = hashlib.sha256(f"{item.mode} {item.size}".encode())
+    digest.update(item.tobytes())
+    return f"<image sha256:{digest.hexdigest()[:32]}>"
+
+
 def _settings_key(identity: dict, r: list[float], feature_layer: int, batch_size: int, images: Sequence,
                   order: str) -> str:
-    names = [str(i) if not isinstance(i, Image.Image) else f"<image {k}>" for k, i in enumerate(images)]
+    names = [image_identity(i) for i in images]
     blob = json.dumps([identity, r, feature_layer, batch_size, order, names])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -118,21 +130,24 @@ class Checkpoint:
     def load(self) -> list[BatchRecord]:
         if self.path is None or not self.path.exists():
             return []
-        data = json.loads(self.path.read_text())
-        if data.get("settings") != self.settings:
-            raise ValueError(
-                f"checkpoint {self.path} was written by a calibration with other settings "
-                "(model, images, r, batch size or feature layer); delete it to start over."
-            )
-        return [BatchRecord(**rec) for rec in data["records"]]
+        start_over = "delete it to start over (its progress is then lost)"
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("settings") != self.settings:
+                raise ValueError(
+                    f"calibration checkpoint {self.path} was written by a calibration with other settings "
+                    f"(model, images, r, batch size or feature layer); {start_over}."
+                )
+            return [BatchRecord(**rec) for rec in data["records"]]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
+            raise ValueError(f"calibration checkpoint {self.path} is corrupt or not a dymu checkpoint "
+                             f"({type(err).__name__}); {start_over}.") from None
 
     def save(self, records: list[BatchRecord]) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
         # json writes floats with repr(), which round-trips float64 exactly; nan as NaN.
-        tmp.write_text(json.dumps({"settings": self.settings, "records": [r.__dict__ for r in records]}))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps({"settings": self.settings, "records": [r.__dict__ for r in records]}))
 
     def remove(self) -> None:
         if self.path is not None and self.path.exists():
@@ -172,6 +187,8 @@ def resolve_r(
     patches = (tower.config.image_size // tower.config.patch_size) ** 2
     if r is not None:
         values = [float(r)] if isinstance(r, (int, float)) else [float(v) for v in r]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"r must be finite numbers >= 0 (merges per image and layer), not {r!r}")
         if len(values) == 1:
             return [values[0]] * run + [0.0] * (num_layers - run)
         if len(values) != num_layers:
@@ -206,6 +223,7 @@ def calibrate(
     progress: bool = True,
     model_ref: str | None = None,
     order: str = DEFAULT_ORDER,
+    out: str | Path | None = None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -213,19 +231,29 @@ def calibrate(
     ``target_tokens`` (average visual tokens kept at the feature layer) or ``r`` (merges per image
     and layer: one value or one per layer); default: preset mid. Unreadable images are skipped and
     listed in the result. With ``checkpoint``, progress is saved every ``checkpoint_every`` batches
-    and a rerun resumes from it. Under torch.distributed, batches are split across ranks. ``order``:
-    where tokens go after a merge ("interleaved", "ab" or "ab-score"), recorded in the result; use
-    the thresholds in the same order (`dymu.apply` does) to keep the token counts they were made for.
+    (and on Ctrl-C) and a rerun resumes from it; a second calibration on the same checkpoint while
+    this one runs is refused. With ``out``, the thresholds file is checked before the first batch and
+    written before the checkpoint is removed, so no moment loses the work. Under torch.distributed,
+    batches are split across ranks (rank 0 writes ``out``). ``order``: where tokens go after a merge
+    ("interleaved", "ab" or "ab-score"), recorded in the result; use the thresholds in the same order
+    (`dymu.apply` does) to keep the token counts they were made for.
     """
     from tqdm.auto import tqdm
 
     check_order(order)
+    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images must be a whole number >= 1 (or None for all), not {max_images!r}")
+    if out is not None:
+        check_output_file(out, "thresholds file")
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
     per_layer_r = resolve_r(tower, feature_layer, preset=preset, target_tokens=target_tokens, r=r, schedule=schedule)
     run = layers_to_run(len(tower.encoder.layers), feature_layer)
-    images = list(images)[:max_images] if max_images else list(images)
+    images = list(images)[:max_images] if max_images is not None else list(images)
     if not images:
         raise ValueError("no images to calibrate on")
     processor = processor or family.default_processor(tower.config)
@@ -238,32 +266,47 @@ def calibrate(
         None if checkpoint is None else (Path(checkpoint) if world == 1 else Path(f"{checkpoint}.rank{rank}-of-{world}")),
         _settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
     )
-    records = ckpt.load()
-    done = {rec.index for rec in records}
-    mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
+    guarded = ckpt.path if ckpt.path is not None else (Path(out) if out is not None else None)
+    lock = (exclusive_lock(guarded.with_name(guarded.name + ".lock"), f"calibration output {guarded}")
+            if guarded is not None else contextlib.nullcontext())
+    with lock:
+        records = ckpt.load()
+        done = {rec.index for rec in records}
+        mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
 
-    with dtome_patched(tower, family, thresholds=math.inf, order=order):
-        bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
-                   disable=not progress or rank != 0)
-        for count, index in enumerate(mine, 1):
-            opened, skipped = open_images(batches[index])
-            loaded = [image for _, image in opened]
-            if loaded:
-                pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
-                rec = _record_batch(tower, family, pixels, per_layer_r, run, feature_layer, index, skipped)
-            else:
-                rec = BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
-            records.append(rec)
-            bar.update(len(batches[index]))
-            if count % checkpoint_every == 0:
-                ckpt.save(records)
-        bar.close()
-        ckpt.save(records)
+        with dtome_patched(tower, family, thresholds=math.inf, order=order):
+            bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
+                       disable=not progress or rank != 0)
+            try:
+                for count, index in enumerate(mine, 1):
+                    # Images are decoded one at a time and shrunk when huge (dymu.images), so a batch
+                    # holds at most one full-size image at any moment.
+                    opened, skipped = open_images(batches[index])
+                    _, pixels, skipped = pixel_values_of(processor, opened, skipped)
+                    if pixels is not None:
+                        rec = _record_batch(tower, family, pixels.to(device), per_layer_r, run, feature_layer,
+                                            index, skipped)
+                    else:
+                        rec = BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
+                    records.append(rec)
+                    bar.update(len(batches[index]))
+                    if count % checkpoint_every == 0:
+                        ckpt.save(records)
+            except KeyboardInterrupt:
+                ckpt.save(records)  # every finished batch survives Ctrl-C
+                raise
+            finally:
+                bar.close()
+            ckpt.save(records)
 
-    records = sorted(_gather_records(records), key=lambda rec: rec.index)
-    result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run,
-                       order=order)
-    ckpt.remove()
+        records = sorted(_gather_records(records), key=lambda rec: rec.index)
+        result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run,
+                           order=order)
+        if out is not None and rank == 0:
+            result.save(out)  # the result is on disk before its checkpoint goes
+        if world > 1:
+            torch.distributed.barrier()
+        ckpt.remove()
     return result
 
 

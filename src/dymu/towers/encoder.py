@@ -186,6 +186,28 @@ def _threshold_floats(values: list) -> list[float]:
     return out
 
 
+def dtome_settings(tower: nn.Module, family: TowerFamily, thresholds=None, r=None,
+                   order: str | None = None) -> TowerState:
+    """Validate what `apply_dtome` is given, changing nothing: the new (unattached) state, or a ValueError."""
+    if (thresholds is None) == (r is None):
+        raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
+    order = DEFAULT_ORDER if order is None else check_order(order)
+    layers = tower.encoder.layers
+    for index, layer in enumerate(layers):
+        stock = getattr(layer, "_dymu_stock_class", type(layer))
+        if not issubclass(stock, family.layer_class):
+            raise TypeError(f"layer {index} of the {family.name} tower is a {stock.__name__}, not a {family.layer_class.__name__}")
+    state = TowerState(family=family, thresholds=_per_layer(thresholds, len(layers), "thresholds"),
+                       r=_per_layer(r, len(layers), "r"), order=order)
+    if state.thresholds is not None:
+        state.thresholds = _threshold_floats(state.thresholds)
+    if state.r is not None:
+        if any(not math.isfinite(float(v)) or float(v) < 0 for v in state.r):
+            raise ValueError(f"r must be whole numbers >= 0 (merges per layer), not {state.r}")
+        state.r = [int(v) for v in state.r]
+    return state
+
+
 def apply_dtome(
     tower: nn.Module,
     family: TowerFamily,
@@ -198,42 +220,46 @@ def apply_dtome(
     A threshold of +inf (or None) never merges at that layer, -inf merges every edge; every layer
     merges at most (t - protected) // 2 tokens of an image of t live tokens (the paper's cap).
     ``order``: where survivors go after a merge (token_order.py; default DEFAULT_ORDER).
+    Everything is validated before anything changes: on an error the tower keeps its previous patch.
     """
-    if (thresholds is None) == (r is None):
-        raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
-    order = DEFAULT_ORDER if order is None else check_order(order)
+    state = dtome_settings(tower, family, thresholds=thresholds, r=r, order=order)
     layers = tower.encoder.layers
     if hasattr(tower, "_dymu_state"):
         remove_dtome(tower)
-    state = TowerState(
-        family=family,
-        thresholds=_per_layer(thresholds, len(layers), "thresholds"),
-        r=_per_layer(r, len(layers), "r"),
-        order=order,
-    )
-    if state.thresholds is not None:
-        state.thresholds = _threshold_floats(state.thresholds)
-    if state.r is not None:
-        state.r = [int(v) for v in state.r]
     handles = []
     for index, layer in enumerate(layers):
         stock = type(layer)
-        if not issubclass(stock, family.layer_class):
-            raise TypeError(f"layer {index} of the {family.name} tower is a {stock.__name__}, not a {family.layer_class.__name__}")
         layer.__class__ = _patched_class(stock)
         layer._dymu_stock_class = stock
         layer._dymu_state = state
         layer._dymu_index = index
-        handles.append(layer.self_attn.k_proj.register_forward_hook(_keep_keys(state)))
-
-    def reset_on_forward(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds", args[0] if args else None)
-        state.reset(embeds.shape[0], embeds.shape[1], embeds.device)
-
-    handles.append(tower.encoder.register_forward_pre_hook(reset_on_forward, with_kwargs=True))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(_KeepKeys(state)))
+    handles.append(tower.encoder.register_forward_pre_hook(_ResetOnForward(state), with_kwargs=True))
     tower._dymu_state = state
     tower._dymu_handles = handles
     return state
+
+
+# The hooks are small objects, not closures: `copy.deepcopy(model)` copies an object together with
+# the state it refers to (one copy, shared with the copied layers), whereas a closure would be
+# shared by both models and write the copy's keys into the original's state.
+
+
+class _KeepKeys:
+    def __init__(self, state: TowerState):
+        self.state = state
+
+    def __call__(self, module, args, output):
+        self.state.keys = output
+
+
+class _ResetOnForward:
+    def __init__(self, state: TowerState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+        self.state.reset(embeds.shape[0], embeds.shape[1], embeds.device)
 
 
 @contextlib.contextmanager
@@ -247,13 +273,6 @@ def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None
         remove_dtome(tower)
         if previous is not None:
             apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order)
-
-
-def _keep_keys(state: TowerState):
-    def hook(module, args, output):
-        state.keys = output
-
-    return hook
 
 
 def remove_dtome(tower: nn.Module) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -47,14 +49,14 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
     """(LlavaForConditionalGeneration, processor) from a hub id or a local folder."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..loading import LoadError, _config, resolve_device_dtype
+    from ..loading import LoadError, _config, from_pretrained_checked, resolve_device_dtype
 
     config = _config(model_ref)
     if config.model_type != "llava":
         raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
                         "(LlavaForConditionalGeneration) models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+    model = from_pretrained_checked(LlavaForConditionalGeneration, model_ref, dtype=torch_dtype).to(torch_device).eval()
     processor = AutoProcessor.from_pretrained(model_ref)
     processor.tokenizer.padding_side = "left"
     return model, processor
@@ -120,15 +122,52 @@ class _ForwardTimer:
             h.remove()
 
 
-@torch.no_grad()
-def generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, max_new_tokens: int = 32,
+# One lock per model: the patched layers keep the state of the running forward (merge sizes, group
+# maps, the last encoded batch) on the model, so two calls at once would read each other's state.
+# Kept outside the model (weakly), so the model stays deep-copyable and picklable.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model) -> threading.Lock:
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+def generate(model, processor, prompts: list[str], images: list[list], *, max_new_tokens: int = 32,
              output_scores: bool = False, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
     The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    Images are PIL images or file paths, both shown to the model as a viewer shows them
+    (`dymu.images.as_viewed`: EXIF orientation, 16-bit, alpha on white, size limits).
+
+    Thread safety: calls on the same model from several threads run one at a time (a per-model
+    lock), because a patched model keeps the state of its running forward; each call gets its own
+    correct result. Calls on different models run in parallel.
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
+    with _model_lock(model):
+        return _generate(model, processor, prompts, images, max_new_tokens=max_new_tokens,
+                         output_scores=output_scores, **generate_kwargs)
+
+
+def _viewed(item, prompt: int, index: int) -> Image.Image:
+    from ..images import as_viewed, open_image
+
+    if isinstance(item, Image.Image):
+        return as_viewed(item, f"image {index} of prompt {prompt}")
+    return open_image(item)
+
+
+@torch.no_grad()
+def _generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, max_new_tokens: int,
+              output_scores: bool, **generate_kwargs) -> GenerationResult:
     mode = llava_mode(model)
     inner = model.model
     config = model.config

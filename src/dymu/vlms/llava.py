@@ -24,8 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
 
 from .. import vtu
-from ..towers.encoder import EncodedImages, apply_dtome, encode_with_tower, family_of, remove_dtome
-from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
+from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
+from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
 
 MODES = ("full", "dymu", "dtome", "tome", "downsample")
 SUPPORTED_VLMS = (LlavaForConditionalGeneration,)
@@ -127,9 +127,12 @@ class DyMULlavaModel(LlavaModel):
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
                 tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
+    # All or nothing: every argument is checked before the model changes, so a refused call leaves
+    # the previous patch (and mode) in place.
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    remove_llava(model)
+    if vtu_attention not in ("fast", "exact"):
+        raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     inner = model.model
     tower = inner.vision_tower
     family = family_of(tower)
@@ -138,19 +141,30 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     if mode == "downsample":
         if downsample_tokens is None:
             raise ValueError("mode 'downsample' needs a thresholds file (its mean tokens kept sets the image size)")
+        if not 1 <= float(downsample_tokens) <= inner.config.image_seq_length:
+            raise ValueError(f"mode 'downsample' needs a mean of tokens kept between 1 and "
+                             f"{inner.config.image_seq_length}, not {downsample_tokens}")
+    if mode == "tome" and r is None:
+        raise ValueError("mode 'tome' needs r (merges per layer)")
+    if mode in ("dymu", "dtome") and thresholds is None:
+        raise ValueError(f"mode {mode!r} needs thresholds")
+    if mode in ("dymu", "dtome", "tome"):
+        dtome_settings(tower, family, thresholds=None if mode == "tome" else thresholds,
+                       r=r if mode == "tome" else None, order=order)
+    use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
+    if use_vtu:
+        check_vtu(inner.language_model, vtu_attention)
+
+    remove_llava(model)
+    if mode == "downsample":
         model._dymu_downsample_tokens = float(downsample_tokens)
     if mode in ("full", "downsample"):
         model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample
         return
     if mode == "tome":
-        if r is None:
-            raise ValueError("mode 'tome' needs r (merges per layer)")
         apply_dtome(tower, family, r=r, order=order)
     else:
-        if thresholds is None:
-            raise ValueError(f"mode {mode!r} needs thresholds")
         apply_dtome(tower, family, thresholds=thresholds, order=order)
-    use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention)
     inner._dymu = LlavaSettings(mode=mode, vtu=use_vtu)

@@ -1,0 +1,82 @@
+"""Writing output files safely: checked before the work starts, written atomically, locked while in use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Refuse, before any work is done, an output path that could not be written at the end:
+    a folder, a missing or read-only parent folder. ``what`` names it in the error (e.g. "--out")."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{what} {path} exists and is not a regular file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: folder {parent} is not writable")
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` all or nothing. The temporary file is created with O_EXCL under a
+    random name in the same folder (tempfile), so a planted symlink is never followed, and then
+    renamed over ``path`` (os.replace: atomic on POSIX and Windows within one file system)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of a file dymu is about to write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str):
+    """Hold an exclusive advisory lock on ``path`` (created if needed) for the block, or raise
+    LockedError at once. The kernel releases it when the process dies, so a killed run leaves no
+    stale lock. ``what`` says what is being protected, for the message."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locking
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"{what} is in use by another process (lock {path}); wait for it to finish "
+                              "or write to another file") from None
+        # The previous holder may have removed the file between our open and our lock: retry then.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
