@@ -54,7 +54,7 @@ def test_files_without_an_order_load_as_interleaved_and_infinities_round_trip(to
     data = json.loads(path.read_text())
     data["order"] = "zigzag"
     path.write_text(json.dumps(data))
-    with pytest.raises(ThresholdsError, match="has order 'zigzag'; dymu knows interleaved, ab, ab-score"):
+    with pytest.raises(ThresholdsError, match="field 'order' is 'zigzag'; dymu knows interleaved, ab, ab-score"):
         Thresholds.load(path)
     thresholds.thresholds[1] = math.nan
     with pytest.raises(ThresholdsError, match="a threshold is NaN"):
