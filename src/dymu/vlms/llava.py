@@ -28,6 +28,9 @@ from ..towers.encoder import EncodedImages, apply_dtome, encode_with_tower, fami
 from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
 
 MODES = ("full", "dymu", "dtome", "tome", "downsample")
+# Names only public functions (tests check that each named dymu.X exists).
+USE_PROMPT_INPUTS = ("use dymu.generate(model, processor, prompts, images), or "
+                     "model.generate(**dymu.prompt_inputs(model, processor, prompts, images)).")
 SUPPORTED_VLMS = (LlavaForConditionalGeneration,)
 
 
@@ -68,6 +71,10 @@ class DyMULlavaModel(LlavaModel):
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
+        if self._dymu.mode == "downsample":  # the stock encoder on images dymu resized
+            return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                              vision_feature_select_strategy=vision_feature_select_strategy,
+                                              image_sizes=image_sizes, **kwargs)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         if not isinstance(layer, int):
@@ -79,6 +86,10 @@ class DyMULlavaModel(LlavaModel):
         return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=features)
 
     def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None, **kwargs):
+        if self._dymu.mode == "downsample" and pixel_values is not None:
+            # the stock prompt and full-size pixels would run the full model, labelled downsample
+            raise ValueError(f"DyMU mode 'downsample' resizes the images and gives the prompt fewer image "
+                             f"placeholders: {USE_PROMPT_INPUTS}")
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs = {"image": self.get_image_features(
                 pixel_values,
@@ -102,8 +113,7 @@ class DyMULlavaModel(LlavaModel):
         if have != need:
             raise ValueError(
                 f"the prompt has {have} image placeholders but DyMU mode {self._dymu.mode!r} made {need} image "
-                "tokens: in modes without VTU the prompt needs one placeholder per kept token; "
-                "use dymu.generate (or dymu.llava_inputs) to build it."
+                f"tokens: in modes without VTU the prompt needs one placeholder per kept token; {USE_PROMPT_INPUTS}"
             )
 
     def prompt_group_map(self, input_ids: torch.Tensor | None, features: list[torch.Tensor]) -> torch.Tensor:
@@ -139,13 +149,15 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         if downsample_tokens is None:
             raise ValueError("mode 'downsample' needs a thresholds file (its mean tokens kept sets the image size)")
         model._dymu_downsample_tokens = float(downsample_tokens)
-    if mode in ("full", "downsample"):
-        model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample
+    if mode == "full":
+        model._dymu_mode = mode  # the stock model
         return
     if mode == "tome":
         if r is None:
             raise ValueError("mode 'tome' needs r (merges per layer)")
         apply_dtome(tower, family, r=r)
+    elif mode == "downsample":
+        pass  # stock encoder and LLM; the swapped class only refuses full-size pixels (see forward)
     else:
         if thresholds is None:
             raise ValueError(f"mode {mode!r} needs thresholds")
