@@ -180,10 +180,13 @@ def capped_layers(per_layer_r: Sequence[float], tokens_kept_mean: Sequence[float
 def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | None]:
     """(one line: target vs reached, a warning when they differ by more than ``tolerance`` or None)."""
     target, reached = th.target_tokens, th.reached_tokens
+    if target is None or reached is None:
+        return f"{reached if reached is not None else float('nan'):.1f} visual tokens on average", None
     line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
-    if target is None or reached is None or abs(reached - target) <= tolerance * max(target, 1.0):
+    if abs(reached - target) <= tolerance * max(target, 1.0):
         return line, None
-    why = (f"layers {', '.join(map(str, th.capped_layers))} hit the per-layer cap (at most half of a layer's tokens "
+    layers = ("layers " if len(th.capped_layers) > 1 else "layer ") + ", ".join(map(str, th.capped_layers))
+    why = (f"{layers} hit the per-layer cap (at most half of a layer's tokens "
            "can merge in it), so their share of the merges was cut" if th.capped_layers else
            "no layer hit the per-layer cap (a batch-level threshold of 0 stops merging: the images were too "
            "different or the batch too small)")
@@ -270,7 +273,7 @@ def calibrate(
 
     from tqdm.auto import tqdm
 
-    warn = warn or (lambda message: warnings.warn(message, CalibrationWarning, stacklevel=3))
+    warn = warn or (lambda message: warnings.warn(message, CalibrationWarning, stacklevel=4))
 
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
@@ -352,11 +355,11 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run) -> T
     mean = [math.fsum(rec.kept_sum[i] for rec in used) / images_seen for i in range(run)]
     sq = [math.fsum(rec.kept_sqsum[i] for rec in used) / images_seen for i in range(run)]
     std = [math.sqrt(max(0.0, s - m * m)) for m, s in zip(mean, sq)]
-    patches = identity["patches_per_image"]
+    patches = identity.get("patches_per_image")
     return Thresholds(
-        target_tokens=patches - math.fsum(per_layer_r),
-        reached_tokens=mean[-1] if mean else float(patches),
-        capped_layers=capped_layers(per_layer_r, mean, patches),
+        target_tokens=None if patches is None else patches - math.fsum(per_layer_r),
+        reached_tokens=mean[-1] if mean else patches,
+        capped_layers=[] if patches is None else capped_layers(per_layer_r, mean, patches),
         thresholds=thresholds,
         encoder=identity,
         feature_layer=feature_layer,

@@ -72,6 +72,10 @@ class DyMULlavaModel(LlavaModel):
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         if self._dymu.mode == "downsample":  # the stock encoder on images dymu resized
+            if pixel_values.shape[-1] >= self.vision_tower.config.image_size:
+                # full-size pixels (stock processor, stock generate) would run the full model, labelled downsample
+                raise ValueError(f"DyMU mode 'downsample' resizes the images and gives the prompt fewer image "
+                                 f"placeholders: {USE_PROMPT_INPUTS}")
             return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               image_sizes=image_sizes, **kwargs)
@@ -86,10 +90,6 @@ class DyMULlavaModel(LlavaModel):
         return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=features)
 
     def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None, **kwargs):
-        if self._dymu.mode == "downsample" and pixel_values is not None:
-            # the stock prompt and full-size pixels would run the full model, labelled downsample
-            raise ValueError(f"DyMU mode 'downsample' resizes the images and gives the prompt fewer image "
-                             f"placeholders: {USE_PROMPT_INPUTS}")
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs = {"image": self.get_image_features(
                 pixel_values,
