@@ -14,7 +14,7 @@ import pytest
 
 import dymu
 from conftest import IMAGES, MIXED_IMAGES, REPO, load_image
-from dymu.cli import IMAGES_HELP, build_parser, main
+from dymu.cli import build_parser, main
 from test_cli import one_error_line
 from dymu.thresholds import Thresholds
 
@@ -140,6 +140,8 @@ def llava_dir(model):
 
 def test_5_every_command_takes_any_mix_of_images_with_the_same_help(clip_dir, tmp_path, capsys):
     tower_dir = clip_dir
+    from dymu.cli import IMAGES_HELP
+
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     helps = {}

@@ -90,7 +90,8 @@ def find_images(source: str | Path, image_root: str | Path | None = None) -> lis
             raise FileNotFoundError(f"{text}: no image files match this pattern")
         return found
     if not source.exists():
-        raise FileNotFoundError(f"{source}: no such folder, file or JSON list")
+        what = "file" if source.suffix.lower() in IMAGE_SUFFIXES else "folder, file or JSON list"
+        raise FileNotFoundError(f"{source}: no such {what}")
     if source.suffix.lower() != ".json":
         return [source]  # one image file
     try:
