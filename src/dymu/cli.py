@@ -99,12 +99,12 @@ def _calibrate(args, rank: int) -> int:
 
 
 def cmd_thresholds_import(args) -> int:
+    loading(args.model)
     from .api import vision_tower_of, default_feature_layer
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
 
     values = read_paper_thresholds(args.file)
-    loading(args.model)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
     tower, family = vision_tower_of(model)
     layers = len(tower.encoder.layers)
@@ -139,13 +139,13 @@ def _load_patched_vlm(args):
         raise ValueError(f"mode {args.mode!r} needs --thresholds FILE (make one with `dymu calibrate`)")
     if args.mode == "tome" and args.r is None:
         raise ValueError("mode 'tome' needs --r (merges per layer)")
-    loading(args.model)
     model, processor = load_vlm(args.model, args.device, args.dtype)
     apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False))
     return model, processor
 
 
 def cmd_generate(args) -> int:
+    loading(args.model)  # before the imports: they are part of the silence
     from .vlms.generation import generate
     from .images import open_image, resolve_images
 
@@ -167,6 +167,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_encode(args) -> int:
+    loading(args.model)
     import torch
 
     from .api import apply, encode, vision_tower_of
@@ -176,7 +177,6 @@ def cmd_encode(args) -> int:
 
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
-    loading(args.model)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
     apply(model, thresholds)  # DToMe only: encode never runs the language model
     tower, family = vision_tower_of(model)
@@ -212,6 +212,8 @@ def _lazy(module: str, name: str):
     def run(args) -> int:
         from importlib import import_module
 
+        if getattr(args, "model", None):
+            loading(args.model)  # the handler's module imports torch: say what is coming first
         return getattr(import_module(module), name)(args)
 
     return run
