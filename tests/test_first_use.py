@@ -260,7 +260,7 @@ def test_8_small_things(llava, tmp_path, capsys):
     capsys.readouterr()
     assert main(["thresholds", "import", str(tmp_path / "nope.pt"), "--model", llava_dir(model),
                  "--out", str(tmp_path / "x.json")]) == 1
-    assert capsys.readouterr().err.startswith("dymu thresholds import: error:")
+    assert one_error_line(capsys).startswith("dymu thresholds import: error:")
 
 
 def test_8_a_hub_id_without_network_fails_fast_in_one_line(tmp_path, monkeypatch, capsys):

@@ -99,12 +99,12 @@ def _calibrate(args, rank: int) -> int:
 
 
 def cmd_thresholds_import(args) -> int:
-    loading(args.model)
     from .api import vision_tower_of, default_feature_layer
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
 
     values = read_paper_thresholds(args.file)
+    loading(args.model)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
     tower, family = vision_tower_of(model)
     layers = len(tower.encoder.layers)
@@ -212,8 +212,6 @@ def _lazy(module: str, name: str):
     def run(args) -> int:
         from importlib import import_module
 
-        if getattr(args, "model", None):
-            loading(args.model)  # the handler's module imports torch: say what is coming first
         return getattr(import_module(module), name)(args)
 
     return run
