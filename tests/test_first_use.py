@@ -294,7 +294,7 @@ def fill_hub_cache(cache, repo_id, files: dict):
         (root / "snapshots" / commit / name).write_text(data)
 
 
-def test_9_thresholds_from_a_folder_and_from_the_hub_cache(llava, tmp_path, capsys):
+def test_9_thresholds_from_a_folder_and_from_the_hub_cache(llava, tmp_path, monkeypatch, capsys):
     model, _, th, _ = llava
     folder = tmp_path / "repo"
     assert th.save_pretrained(folder) == folder / "thresholds.json"
@@ -308,12 +308,22 @@ def test_9_thresholds_from_a_folder_and_from_the_hub_cache(llava, tmp_path, caps
     with pytest.raises(ValueError, match="cannot load thresholds.json from dymu-org/absent"):
         Thresholds.from_pretrained("dymu-org/absent", cache_dir=cache, local_files_only=True)
 
-    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    for ref in ("dymu-org/llava-mid", "dymu-org/llava-mid:other.json", str(folder)):
-        done = run_cli(["-m", "dymu.cli", "encode", "--model", llava_dir(model), "--thresholds", ref, "--images",
-                        str(IMAGES / "skimage_coffee.png"), "--json", str(tmp_path / "e.json")], **env)
-        assert done.returncode == 0, done.stderr
-        assert json.loads((tmp_path / "e.json").read_text())["thresholds"] == ref
+    # The CLI, offline, with the Hub cache above: what HF_HUB_OFFLINE=1 HF_HUB_CACHE=... would set.
+    from huggingface_hub import constants
+
+    import dymu.loading
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    dymu.loading.hub_unreachable.cache_clear()
+    try:
+        for ref in ("dymu-org/llava-mid", "dymu-org/llava-mid:other.json", str(folder)):
+            assert main(["encode", "--model", llava_dir(model), "--thresholds", ref, "--images",
+                         str(IMAGES / "skimage_coffee.png"), "--json", str(tmp_path / "e.json")]) == 0, \
+                capsys.readouterr().err
+            assert json.loads((tmp_path / "e.json").read_text())["thresholds"] == ref
+    finally:
+        dymu.loading.hub_unreachable.cache_clear()
 
 
 # ---- 10. the README's quick start ----
@@ -325,7 +335,7 @@ def readme_section(heading: str) -> str:
     return text[start : end if end > 0 else len(text)]
 
 
-def test_10_readme_quick_start_and_the_offline_walkthrough(llava, tmp_path):
+def test_10_readme_quick_start_and_the_offline_walkthrough(llava, tmp_path, monkeypatch, capsys):
     first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:60])
     assert 'dymu.apply(model, mode="tome", r=16)' in first_screen
     assert "dymu.Thresholds.from_pretrained(" in first_screen and "dymu.apply(model, thresholds)" in first_screen
@@ -341,14 +351,12 @@ def test_10_readme_quick_start_and_the_offline_walkthrough(llava, tmp_path):
     finally:
         dymu.remove(model)
 
-    # "## Try it offline": three commands, run as written (dymu = this checkout's CLI), end in an answer.
+    # "## Try it offline": three commands, run as written (dymu = this checkout's CLI, in process), end in an answer.
     section = readme_section("## Try it offline")
     commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
                 for line in block.strip().splitlines() if line.strip() and not line.strip().startswith("#")]
     assert len(commands) == 3 and all(c.startswith("dymu ") for c in commands), commands
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.chdir(tmp_path)
     for command in commands:
-        done = subprocess.run([sys.executable, "-m", "dymu.cli", *shlex.split(command)[1:]], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (command, done.stderr[-2000:])
-    assert "[mode dymu] visual tokens per image" in done.stderr
+        assert main(shlex.split(command)[1:]) == 0, (command, capsys.readouterr().err[-2000:])
+    assert "[mode dymu] visual tokens per image" in capsys.readouterr().err
