@@ -107,7 +107,8 @@ def gen_args(model, thresholds, image, *extra):
 
 
 def one_error_line(capsys):
-    err = capsys.readouterr().err.strip()
+    """The error is one line (after the 'loading MODEL…' line that commands print before slow loads)."""
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loading "))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
 

@@ -78,6 +78,12 @@ def apply(
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
         kept = getattr(thresholds, "tokens_kept_mean", None)
         order = _merge_order(thresholds, order)
+        if mode == "downsample" and thresholds is not None and not kept:
+            raise ValueError(
+                "mode 'downsample' sizes the images by the mean visual tokens these thresholds kept during "
+                f"calibration, but this thresholds file has no calibration statistics (schedule "
+                f"{getattr(thresholds, 'schedule', '?')!r}); make one with `dymu calibrate` (Python: dymu.calibrate) "
+                "on the same model and a few hundred images")
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
         apply_llava(model, thresholds, r=r, order=order, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,

@@ -14,6 +14,23 @@ from .tools.bench import SECTIONS
 from .version import __version__
 
 
+IMAGES_HELP = ("any mix of image files, folders (searched recursively), globs ('photos/*.jpg', 'data/**/*.png') "
+               "and JSON lists of {'image': path}; several after one --images, or repeat it")
+
+
+def add_images(p, help_extra: str = "") -> None:
+    """The one --images option of every command (resolved by `dymu.images.resolve_images`)."""
+    p.add_argument("--images", nargs="+", action="extend", required=True, metavar="PATH",
+                   help=IMAGES_HELP + help_extra)
+    p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
+
+
+def loading(what: str) -> None:
+    """Say what is loading before the seconds of silence it takes (imports, weights); rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"loading {what}…", file=sys.stderr, flush=True)
+
+
 def _parse_r(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -57,6 +74,7 @@ def _init_distributed():
 
 
 def cmd_calibrate(args) -> int:
+    loading(args.model)
     rank = _init_distributed()
     import torch
 
@@ -71,17 +89,15 @@ def cmd_calibrate(args) -> int:
 
 
 def _calibrate(args, rank: int) -> int:
-    from .tools.calibration import calibrate
-    from .images import find_images, print_skipped
+    from .tools.calibration import calibrate, target_report
+    from .images import print_skipped, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
 
     from .files import check_output_file
 
     out = check_output_file(args.out, "--out")  # before any work: a bad --out must not lose the run
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    images = find_images(args.images, args.image_root)
-    if not images:
-        raise ValueError(f"{args.images}: no images found")
+    images = resolve_images(args.images, args.image_root)
     model, processor = load_vision_model(args.model, device, dtype)
     args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
     thresholds = calibrate(
@@ -90,7 +106,7 @@ def _calibrate(args, rank: int) -> int:
         preset=args.preset,
         target_tokens=args.target_tokens,
         r=args.r,
-        schedule=args.schedule,
+        schedule=args.schedule or "constant",
         batch_size=args.batch_size,
         max_images=args.max_images,
         processor=processor,
@@ -100,11 +116,12 @@ def _calibrate(args, rank: int) -> int:
         model_ref=args.model,
         order=args.order,
         out=out,  # written before the checkpoint is removed
+        warn=lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True),
     )
     if rank == 0:
-        kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-        print(f"calibrated on {thresholds.images_seen} images: {kept:.1f} visual tokens kept on average "
-              f"at layer {thresholds.feature_layer} of {thresholds.encoder['patches_per_image']}; wrote {out}")
+        line, _ = target_report(thresholds)
+        print(f"calibrated on {thresholds.images_seen} images: {line} at layer {thresholds.feature_layer} "
+              f"(of {thresholds.encoder['patches_per_image']} patches); wrote {out}")
         print_skipped(thresholds.skipped)
     return 0
 
@@ -118,6 +135,7 @@ def cmd_thresholds_import(args) -> int:
 
     check_output_file(args.out, "--out")
     values = read_paper_thresholds(args.file)
+    loading(args.model)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
     tower, family = vision_tower_of(model)
     layers = len(tower.encoder.layers)
@@ -151,7 +169,7 @@ def _load_patched_vlm(args):
     from .vlms.generation import load_vlm
     from .thresholds import Thresholds
 
-    thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
+    thresholds = Thresholds.from_ref(args.thresholds) if args.thresholds else None
     if args.mode in ("dymu", "dtome", "downsample") and thresholds is None:
         raise ValueError(f"mode {args.mode!r} needs --thresholds FILE (make one with `dymu calibrate`)")
     if args.mode == "tome" and args.r is None:
@@ -162,38 +180,40 @@ def _load_patched_vlm(args):
 
 
 def cmd_generate(args) -> int:
+    loading(args.model)  # before the imports: they are part of the silence
     from .vlms.generation import generate
-    from .images import open_image
+    from .images import open_image, resolve_images
 
-    images = [open_image(p) for p in args.image]  # fail fast, naming the file, before loading a model
+    paths = resolve_images(args.images, args.image_root)
+    images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
     model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens)
+    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens,
+                      chat_template=not args.raw_prompt)
     rep = result.report
     if args.json:
-        print(json.dumps({"answer": result.answers[0], "images": args.image, **rep.to_json()}, indent=1))
+        print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
     tokens = ", ".join(f"{n}/{rep.full_tokens}" for n in rep.visual_tokens[0])
-    print(f"[mode {rep.mode}] visual tokens per image: {tokens}; encoder {rep.encoder_s * 1e3:.1f} ms, "
-          f"prefill {rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)",
-          file=sys.stderr)
+    print(f"[mode {rep.mode}] visual tokens per image: {tokens}; one cold run (not a benchmark: see `dymu bench`): "
+          f"encoder {rep.encoder_s * 1e3:.1f} ms, prefill {rep.prefill_s * 1e3:.1f} ms, decode "
+          f"{rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
     return 0
 
 
 def cmd_encode(args) -> int:
+    loading(args.model)
     import torch
 
     from .api import apply, encode, vision_tower_of
     from .files import atomic_write_text, check_output_file
-    from .images import find_images, open_images, pixel_values_of, print_skipped
+    from .images import open_images, pixel_values_of, print_skipped, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
     check_output_file(args.json, "--json")  # before any work: the results are written at the end
-    paths = []
-    for item in args.images:
-        paths += find_images(item) if Path(item).is_dir() or item.endswith(".json") else [Path(item)]
-    thresholds = Thresholds.load(args.thresholds)
+    paths = resolve_images(args.images, args.image_root)
+    thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
     apply(model, thresholds)  # DToMe only: encode never runs the language model
     tower, family = vision_tower_of(model)
@@ -209,7 +229,8 @@ def cmd_encode(args) -> int:
         for p, i in zip(batch, range(len(encoded))):
             one = encoded.image(i)
             records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
-                            "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist()})
+                            "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist(),
+                            "kept_per_layer": one["kept_per_layer"].tolist()})
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
     for r in records:
@@ -240,13 +261,10 @@ def add_analyze(subparsers) -> None:
         "OUT/min_median_max.png and OUT/merge_maps/NAME.png. Needs matplotlib: pip install 'dymu[viz]'.",
     )
     p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")
-    p.add_argument("--thresholds", required=True, help="thresholds JSON from `dymu calibrate`")
-    p.add_argument("--images", required=True, action="append",
-                   help="folder (searched recursively) or JSON list of {'image': path}; repeat for several "
-                        "folders, each gets its own colour")
-    p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
+    p.add_argument("--thresholds", required=True, help=THRESHOLDS_HELP)
+    add_images(p, "; each one (folder, glob, list or file) is a group with its own colour")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-images", type=positive_int, help="at most this many images per folder")
+    p.add_argument("--max-images", type=positive_int, help="at most this many images per group")
     p.add_argument("--merge-maps", type=nonnegative_int, metavar="N", help="merge maps for at most N images per folder "
                                                                "(default: all; 0: none)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -254,6 +272,10 @@ def add_analyze(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_lazy("dymu.tools.analyze", "cmd_analyze"))
+
+
+THRESHOLDS_HELP = ("thresholds: a JSON file from `dymu calibrate`, a folder holding thresholds.json, or a Hugging "
+                   "Face Hub repo ORG/NAME[:FILE] (default FILE: thresholds.json)")
 
 
 def _parse_thresholds(text: str) -> tuple[str, str]:
@@ -273,7 +295,8 @@ def add_bench(subparsers) -> None:
         "merge-off overhead. Markdown to stdout, everything to --json. The full run takes under 10 minutes on a "
         "2-core CPU; --quick (tiny sizes, 1 run) well under a minute.",
     )
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: a smoke test")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: tiny sizes, 1 run; says which sections ran and prints no figures")
     p.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -303,16 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p, thresholds_required):
         p.add_argument("--model", required=True, help="LLaVA hub id or local folder")
-        p.add_argument("--thresholds", required=thresholds_required, help="thresholds JSON from `dymu calibrate`")
+        p.add_argument("--thresholds", required=thresholds_required, help=THRESHOLDS_HELP)
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
-    p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA")
+    p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA",
+                       description="Answer --prompt about the --images (all in one prompt, in the order given).")
     model_args(p, thresholds_required=False)
-    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--images", "--image", nargs="+", action="extend", required=True, metavar="PATH",
+                   help=IMAGES_HELP)
+    p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
+    p.add_argument("--prompt", required=True,
+                   help="the question only: dymu wraps it in the model's chat template and puts one image "
+                        "placeholder per image before it (e.g. 'What is in this image?'). A prompt that already "
+                        "contains the image token is refused unless --raw-prompt is given")
+    p.add_argument("--raw-prompt", action="store_true",
+                   help="use --prompt exactly as written (no chat template): it must hold the processor's image "
+                        "token (LLaVA-1.5: <image>) once per image, e.g. 'USER: <image>\nWhat is this? ASSISTANT:'")
     p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
-    p.add_argument("--r", type=nonnegative_int, help="merges per layer for --mode tome")
+    p.add_argument("--r", type=nonnegative_int, help="merges per image and layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the answer and the report as JSON")
@@ -320,27 +352,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="write per-image token counts, sizes and group maps as JSON")
     model_args(p, thresholds_required=True)
-    p.add_argument("--images", nargs="+", required=True, help="folders, JSON lists or image files")
+    add_images(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", required=True, help="output JSON file")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("calibrate", help="find per-layer merge thresholds on a set of images (paper Eq. 4)")
+    p = sub.add_parser(
+        "calibrate", help="find per-layer merge thresholds on a set of images (paper Eq. 4)",
+        description="Find one merge threshold per encoder layer on a set of images (paper Eq. 4) and write them "
+        "with the target and the visual tokens reached. The thresholds depend on the images and on the batch: "
+        "the merge edges of a whole batch are ranked together, so use images like the ones the model will see "
+        "(a few hundred; fewer than 16 warns) and batches of 8 or more (smaller warns). At most half of a "
+        "layer's tokens can merge in that layer, so very low targets or back-loaded schedules may not be "
+        "reached: the command says so, and which layers hit that cap.")
     p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")
-    p.add_argument("--images", required=True, help="folder (searched recursively) or JSON list of {'image': path}")
-    p.add_argument("--image-root", help="folder the JSON list's paths are relative to (default: the JSON's folder)")
+    add_images(p)
     target = p.add_mutually_exclusive_group()
     target.add_argument("--preset", choices=["low", "mid", "high"],
                         help="keep 93/576, 208/576 or 392/576 of the patches (the paper's variants); default mid")
     target.add_argument("--target-tokens", type=float, help="average visual tokens to keep at the feature layer")
-    target.add_argument("--r", type=_parse_r, help="merges per image and layer: one value or one per layer")
-    p.add_argument("--schedule", default="constant", choices=["constant", "linear", "reverse-linear"])
+    target.add_argument("--r", type=_parse_r,
+                        help="merges per image and layer: one value (with --schedule: the average per layer, "
+                             "spread by the schedule) or one value per layer that runs before the feature layer")
+    p.add_argument("--schedule", choices=["constant", "linear", "reverse-linear"],
+                   help="how the merges are spread over the layers: constant (default), linear (more early) or "
+                        "reverse-linear (more late)")
     p.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS,
                    help="where tokens go after a merge, recorded in the file and used by apply: interleaved "
                         "(keep their order), ab (A survivors then B, the paper's calibration and CLIP layout), "
                         "ab-score (A survivors by score then B, the paper's SigLIP inference); "
                         f"default {DEFAULT_ORDER}")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images per batch (default: %(default)s); the thresholds depend on it, use 8 or more")
     p.add_argument("--max-images", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="batches between progress checkpoints")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -388,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one clear line unless --debug
         if args is None or args.debug:
             raise
-        print(f"dymu {args.command}: error: {one_line(err)}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "thresholds_command", None)]))
+        print(f"dymu {command}: error: {one_line(err)}", file=sys.stderr)
         return 1
 
 

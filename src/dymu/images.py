@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -252,23 +253,33 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def find_images(source: str | Path, image_root: str | Path | None = None) -> list[Path]:
-    """The images named by ``source``: a folder (searched recursively, sorted) or a JSON list.
+    """The images named by one ``source``: a folder (searched recursively, sorted), an image file,
+    a glob (``**`` recurses) or a JSON list.
 
     The JSON form is a list of ``{"image": relative_path}`` (or plain strings), relative to
-    ``image_root`` (default: the JSON file's folder). Files are not opened here.
+    ``image_root`` (default: the JSON file's folder). Files are not opened here (bad ones are
+    reported when opened).
     """
+    text = str(source)
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not source.exists() and any(c in text for c in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+        found = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise FileNotFoundError(f"{text}: no image files match this pattern")
+        return found
     if not source.exists():
-        raise FileNotFoundError(f"{source}: no such folder or JSON file")
+        what = "file" if source.suffix.lower() in IMAGE_SUFFIXES else "folder, file or JSON list"
+        raise FileNotFoundError(f"{source}: no such {what}")
     if not source.is_file():  # a FIFO would block the read below forever
         raise ValueError(f"{source}: not a regular file (a FIFO, socket or device?)")
     if source.suffix.lower() != ".json":
-        raise ValueError(f"{source}: expected a folder of images or a .json list of {{'image': path}}")
+        return [source]  # one image file
     try:
         entries = json.loads(source.read_text())
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{source}: not valid JSON ({err})") from None
     if not isinstance(entries, list):
         raise ValueError(f"{source}: expected a JSON list of {{'image': path}} entries")
@@ -279,6 +290,17 @@ def find_images(source: str | Path, image_root: str | Path | None = None) -> lis
         if not isinstance(rel, str):
             raise ValueError(f"{source}: entry {k} has no 'image' path")
         paths.append(root / rel)
+    return paths
+
+
+def resolve_images(sources, image_root: str | Path | None = None) -> list[Path]:
+    """Every image named by ``sources`` (one or a list of files, folders, globs, JSON lists; see
+    `find_images`), in the order given. The one resolver behind every command's ``--images``."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    paths = [p for source in sources for p in find_images(source, image_root)]
+    if not paths:
+        raise ValueError(f"{', '.join(map(str, sources))}: no images found")
     return paths
 
 

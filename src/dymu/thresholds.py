@@ -11,8 +11,13 @@ Layout (format_version 1):
       "thresholds": [0.91, ..., null],     # per layer; null = never merges, "-inf" = merges every edge
       "order": "ab",                       # merge order (dymu.token_order); missing = "interleaved"
       "tokens_kept_mean": [...], "tokens_kept_std": [...],   # after each computed layer
-      "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}]
+      "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}],
+      "target_tokens": 208.0, "reached_tokens": 207.6,   # visual tokens at the feature layer: asked / got
+      "capped_layers": []                  # layers whose r hit the at-most-half-per-layer cap
     }
+
+On the Hugging Face Hub (or in a local folder) the file is ``thresholds.json`` at the repo's root:
+`Thresholds.from_pretrained("org/name")`, `save_pretrained(folder)`, `push_to_hub("org/name")`.
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ class Thresholds:
     # Where tokens go after a merge (dymu.token_order). Files written before the setting existed
     # were made in the only order there was then: interleaved.
     order: str = "interleaved"
+    target_tokens: float | None = None  # calibration target: mean visual tokens at the feature layer
+    reached_tokens: float | None = None  # what calibration reached on its images
+    capped_layers: list[int] = field(default_factory=list)  # layers whose r was cut by the per-layer cap
     dymu_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -237,12 +245,73 @@ class Thresholds:
         return cls(**data).validate(f"thresholds file {path}")
 
 
+    # -- the Hugging Face Hub (a repo or a local folder holding FILENAME) ---------------------------
+
+    FILENAME = "thresholds.json"
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, filename: str | None = None, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None) -> "Thresholds":
+        """Load ``filename`` (default thresholds.json) from a local folder or a Hub repo id, the way models load."""
+        filename = filename or cls.FILENAME
+        folder = Path(ref)
+        if folder.is_dir():
+            return cls.load(folder / filename)
+        if str(ref).startswith((".", "/", "~")) or str(ref).count("/") > 1:
+            raise ThresholdsError(f"thresholds folder {ref} does not exist.")
+        from huggingface_hub import hf_hub_download
+
+        from .loading import hub_unreachable
+
+        offline = local_files_only or hub_unreachable() is not None
+        try:
+            path = hf_hub_download(str(ref), filename, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=offline, token=token)
+        except Exception as err:  # huggingface_hub raises several types: one line, whichever
+            reason = hub_unreachable()
+            where = (f"it is not in the Hugging Face cache and the Hub cannot be reached ({reason})" if offline and reason
+                     else "it is not in the Hugging Face cache (local_files_only)" if offline
+                     else str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            raise ThresholdsError(f"cannot load {filename} from {ref}: {where}") from None
+        return cls.load(path)
+
+    @classmethod
+    def from_ref(cls, text: str) -> "Thresholds":
+        """What the CLI's --thresholds takes: a JSON file, a local folder, or a Hub repo ``org/name[:file]``."""
+        if Path(text).is_file() or (text.endswith(".json") and ":" not in text):
+            return cls.load(text)  # a missing .json is a missing file, not a Hub repo
+        ref, _, filename = text.partition(":") if not Path(text).exists() else (text, "", "")
+        return cls.from_pretrained(ref, filename or None)
+
+    def save_pretrained(self, folder: str | Path, filename: str | None = None) -> Path:
+        """Write ``folder/thresholds.json`` (what `from_pretrained` and `push_to_hub` read and upload)."""
+        return self.save(Path(folder) / (filename or self.FILENAME))
+
+    def push_to_hub(self, repo_id: str, filename: str | None = None, *, commit_message: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None) -> str:
+        """Upload as ``filename`` (default thresholds.json) to a Hub model repo, creating it if needed.
+        Returns the file's URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.save_pretrained(tmp, filename)
+            info = api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id,
+                                   commit_message=commit_message or f"dymu thresholds for {self.encoder.get('model')}")
+        return str(info)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 
 # ---------------------------------------------------------------------------------------------

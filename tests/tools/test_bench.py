@@ -4,6 +4,7 @@ the markdown, never a timing (timings depend on the machine and on what else run
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -73,15 +74,31 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0
     off = result["merge_off"]
     assert len(off["stock_times_s"]) == len(off["patched_times_s"]) == 1
-    assert {t["key"] for t in result["targets"]} == set(bench.TARGETS)
-    assert all(isinstance(t["met"], bool) for t in result["targets"])
+    assert result["targets"] is None  # toy sizes: no target can be judged
 
-    # The markdown report on stdout.
-    for heading in ("### Encoder", "### Prefill", "### Exact Eq. 10", "### Attention FLOPs", "### Calibration",
-                    "### Merge-off overhead", "### Targets"):
-        assert heading in stdout, heading
-    assert "| batch | layers run | variant |" in stdout
+    # The markdown report on stdout: a smoke test that names what ran and prints no figures.
+    assert "smoke test, no figures" in stdout
+    for section in ("encoder (8 rows)", "prefill (4 rows)", "exact Eq. 10", "attention FLOPs", "calibration",
+                    "merge-off"):
+        assert section in stdout, section
+    assert not re.search(r"\d+\.\d+\s*[x×]|\bmet\b|\| *yes *\||speedup \||ms\b", stdout), stdout
     assert "random weights" in stdout.lower()
+
+
+def test_bench_full_report_keeps_figures_and_targets():
+    """The markdown of a full-size run (no timing here: a result dict shaped like the full bench's)."""
+    from dymu.tools.bench.report import markdown
+
+    row = dict(batch=1, layers_run=23, variant="low", rule="r=21 per layer", tokens_at_feature_layer=93.0,
+               median_s=1.7, speedup=1.58, flop_ideal=1.78, quotient=0.89)
+    result = {"machine": {"cpu": "cpu", "cpu_cores": 2, "torch_threads": 2, "gpu": None, "torch": "t",
+                          "transformers": "t"}, "date": "d", "elapsed_s": 1.0, "notes": [],
+              "settings": {"plan": "full", "device": "cpu", "dtype": "float32", "runs": 5, "warmup": 1,
+                           "clip": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        image_size=336, patch_size=14), "feature_layer": -2},
+              "encoder": [row], "targets": bench.evaluate_targets({"encoder": [row]})}
+    text = markdown(result)
+    assert "1.58x" in text and "### Targets" in text and "| yes |" in text
 
 
 def test_bench_refuses_bfloat16_on_a_cpu_without_it(monkeypatch, capsys):

@@ -169,6 +169,53 @@ def _gather_records(records: list[BatchRecord]) -> list[BatchRecord]:
     return [rec for part in everyone for rec in part]
 
 
+class CalibrationWarning(UserWarning):
+    """Calibration ran, but its result may not be what was asked for (target missed, too few images)."""
+
+
+MIN_IMAGES, MIN_BATCH = 16, 8
+
+
+def setup_warnings(num_images: int, batch_size: int) -> list[str]:
+    """What to warn about before calibrating: too few images, or a batch too small to rank edges across."""
+    out = []
+    if num_images < MIN_IMAGES:
+        out.append(f"calibrating on only {num_images} images: thresholds from fewer than {MIN_IMAGES} are noisy "
+                   "(use a few hundred images like the ones the model will see)")
+    batch = min(batch_size, num_images)
+    if batch < MIN_BATCH:
+        out.append(f"batches of {batch} images: thresholds depend on the batch (edges are ranked across the whole "
+                   f"batch, paper Eq. 4), and batches under {MIN_BATCH} make them follow single images; "
+                   f"use --batch-size {MIN_BATCH} or more (and at least as many images)")
+    return out
+
+
+def capped_layers(per_layer_r: Sequence[float], tokens_kept_mean: Sequence[float], patches: int) -> list[int]:
+    """The layers that removed clearly fewer tokens than asked: at most half a layer's tokens can merge in it
+    (bipartite matching), so an r above that is cut to the cap."""
+    before = [float(patches), *tokens_kept_mean[:-1]]
+    return [i for i, (r, b, a) in enumerate(zip(per_layer_r, before, tokens_kept_mean)) if r > 0 and (b - a) + 0.5 < r]
+
+
+def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | None]:
+    """(one line: target vs reached, a warning when they differ by more than ``tolerance`` or None)."""
+    target, reached = th.target_tokens, th.reached_tokens
+    if target is None or reached is None:
+        return f"{reached if reached is not None else float('nan'):.1f} visual tokens on average", None
+    line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
+    if abs(reached - target) <= tolerance * max(target, 1.0):
+        return line, None
+    layers = ("layers " if len(th.capped_layers) > 1 else "layer ") + ", ".join(map(str, th.capped_layers))
+    why = (f"{layers} hit the per-layer cap (at most half of a layer's tokens "
+           "can merge in it), so their share of the merges was cut" if th.capped_layers else
+           "no layer hit the per-layer cap (a batch-level threshold of 0 stops merging: the images were too "
+           "different or the batch too small)")
+    return line, (f"calibration reached {reached:.1f} visual tokens, not the target {target:.1f} "
+                  f"({(reached - target) / max(target, 1.0):+.0%}): {why}. Try a less aggressive target, "
+                  "--schedule constant or linear (more merging in early layers, where there are more tokens), "
+                  "or a larger --batch-size.")
+
+
 def resolve_r(
     tower: nn.Module,
     feature_layer: int,
@@ -190,10 +237,17 @@ def resolve_r(
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(f"r must be finite numbers >= 0 (merges per image and layer), not {r!r}")
         if len(values) == 1:
-            return [values[0]] * run + [0.0] * (num_layers - run)
-        if len(values) != num_layers:
-            raise ValueError(f"r has {len(values)} values; give 1 or one per layer ({num_layers})")
-        return values
+            if schedule == "constant":
+                return [values[0]] * run + [0.0] * (num_layers - run)
+            return schedule_r(values[0] * run, run, num_layers, schedule)  # r = the average per layer
+        if schedule != "constant":
+            raise ValueError(f"r has {len(values)} values (one per layer), so schedule {schedule!r} has nothing to "
+                             "spread: give one r (the average merges per layer) with a schedule, or drop the schedule")
+        if len(values) != run:
+            raise ValueError(
+                f"r has {len(values)} values; give 1 or one per layer that runs: {run} (layers 0-{run - 1}: "
+                f"feature layer {feature_layer} is the output of layer {run - 1}, later layers never run)")
+        return values + [0.0] * (num_layers - run)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -224,6 +278,7 @@ def calibrate(
     model_ref: str | None = None,
     order: str = DEFAULT_ORDER,
     out: str | Path | None = None,
+    warn=None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -237,7 +292,14 @@ def calibrate(
     batches are split across ranks (rank 0 writes ``out``). ``order``: where tokens go after a merge
     ("interleaved", "ab" or "ab-score"), recorded in the result; use the thresholds in the same order
     (`dymu.apply` does) to keep the token counts they were made for.
+
+    The result records the target (visual tokens at the feature layer), what was reached, and the
+    layers whose r hit the per-layer cap. ``warn(message)`` is called for too few images, a batch
+    under 8, and a target missed by more than 10% (default: `warnings.warn` with CalibrationWarning).
     """
+    import sys
+    import warnings
+
     from tqdm.auto import tqdm
 
     check_order(order)
@@ -248,6 +310,8 @@ def calibrate(
         raise ValueError(f"max_images must be a whole number >= 1 (or None for all), not {max_images!r}")
     if out is not None:
         check_output_file(out, "thresholds file")
+    warn = warn or (lambda message: warnings.warn(message, CalibrationWarning, stacklevel=4))
+
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -257,10 +321,14 @@ def calibrate(
     if not images:
         raise ValueError("no images to calibrate on")
     processor = processor or family.default_processor(tower.config)
-    identity = encoder_identity(tower, family, model_ref)
+    # a VLM's vision sub-config has no name: record the model's (config._name_or_path)
+    identity = encoder_identity(tower, family, model_ref or getattr(getattr(model, "config", None), "_name_or_path", ""))
     device = next(tower.parameters()).device
 
     rank, world = _distributed()
+    if rank == 0:
+        for message in setup_warnings(len(images), batch_size):
+            warn(message)
     batches = _batches(images, batch_size)
     ckpt = Checkpoint(
         None if checkpoint is None else (Path(checkpoint) if world == 1 else Path(f"{checkpoint}.rank{rank}-of-{world}")),
@@ -273,10 +341,21 @@ def calibrate(
         records = ckpt.load()
         done = {rec.index for rec in records}
         mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
+        # The bar counts the images of every rank: rank 0 learns each rank's batches once, up front.
+        done_batches, per_step = len(done), [len(batches[i]) for i in mine]
+        if world > 1:
+            everyone: list = [None] * world
+            torch.distributed.all_gather_object(everyone, (len(done), per_step))
+            done_batches = sum(d for d, _ in everyone)
+            steps = max(len(s) for _, s in everyone)
+            per_step = [sum(s[k] for _, s in everyone if k < len(s)) for k in range(steps)]
+        show = progress and rank == 0
+        if show and done_batches:
+            print(f"resuming from {checkpoint}: {done_batches} of {len(batches)} batches done", file=sys.stderr,
+                  flush=True)
 
         with dtome_patched(tower, family, thresholds=math.inf, order=order):
-            bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
-                       disable=not progress or rank != 0)
+            bar = tqdm(total=sum(per_step), unit="img", desc="calibrating", disable=not show)
             try:
                 for count, index in enumerate(mine, 1):
                     # Images are decoded one at a time and shrunk when huge (dymu.images), so a batch
@@ -289,24 +368,30 @@ def calibrate(
                     else:
                         rec = BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
                     records.append(rec)
-                    bar.update(len(batches[index]))
+                    bar.update(per_step[count - 1])
                     if count % checkpoint_every == 0:
                         ckpt.save(records)
             except KeyboardInterrupt:
                 ckpt.save(records)  # every finished batch survives Ctrl-C
-                raise
-            finally:
                 bar.close()
+                raise
             ckpt.save(records)
 
         records = sorted(_gather_records(records), key=lambda rec: rec.index)
-        result = summarize(records, per_layer_r, identity, feature_layer, schedule if r is None else "explicit", run,
+        bar.update(bar.total - bar.n)  # every rank is done here (the gather waits for all)
+        bar.close()
+        explicit = r is not None and not isinstance(r, (int, float)) and len(list(r)) > 1
+        result = summarize(records, per_layer_r, identity, feature_layer, "explicit" if explicit else schedule, run,
                            order=order)
         if out is not None and rank == 0:
             result.save(out)  # the result is on disk before its checkpoint goes
         if world > 1:
             torch.distributed.barrier()
         ckpt.remove()
+    if rank == 0:
+        _, missed = target_report(result)
+        if missed:
+            warn(missed)
     return result
 
 
@@ -324,7 +409,11 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
     mean = [math.fsum(rec.kept_sum[i] for rec in used) / images_seen for i in range(run)]
     sq = [math.fsum(rec.kept_sqsum[i] for rec in used) / images_seen for i in range(run)]
     std = [math.sqrt(max(0.0, s - m * m)) for m, s in zip(mean, sq)]
+    patches = identity.get("patches_per_image")
     return Thresholds(
+        target_tokens=None if patches is None else patches - math.fsum(per_layer_r),
+        reached_tokens=mean[-1] if mean else patches,
+        capped_layers=[] if patches is None else capped_layers(per_layer_r, mean, patches),
         thresholds=thresholds,
         encoder=identity,
         feature_layer=feature_layer,

@@ -26,6 +26,7 @@ DEMO_IMAGES = [  # simplest to most cluttered (see assets/images/SOURCES.md)
     "darknet_dog_bicycle_truck.jpg",
 ]
 DEMO_PROMPT = "What is in this image?"
+TIMED_RUNS = 3
 _CORPUS = [
     "USER: What is in this image? ASSISTANT: The image shows a dog, a bicycle and a truck on a street.",
     "A white page with one red circle. An eagle flying over a field. A chessboard of black and white squares.",
@@ -105,7 +106,7 @@ def save_demo_model(model, processor, folder: str | Path) -> Path:
 def run_demo(model_ref: str | None = None, save_model: str | None = None, max_new_tokens: int = 12,
              out=print) -> dict:
     """The README's main command. Returns what it printed, as data (used by the tests)."""
-    from .calibration import calibrate
+    from .calibration import calibrate, target_report
     from ..vlms.generation import generate, load_vlm
     from ..images import open_image
     from ..api import apply
@@ -127,10 +128,11 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
 
     start = time.perf_counter()
     thresholds = calibrate(model, images, preset="mid", batch_size=len(images), progress=False,
-                           processor=processor.image_processor, model_ref=model_ref or "dymu-demo-random")
+                           processor=processor.image_processor, model_ref=model_ref or "dymu-demo-random",
+                           warn=lambda message: None)  # 6 images are too few for real use: said below
     patches = thresholds.encoder["patches_per_image"]
-    out(f"calibrated thresholds (preset mid, target {round(patches * 208 / 576)} of {patches} tokens) on "
-        f"{len(images)} bundled images in {time.perf_counter() - start:.1f}s")
+    out(f"calibrated thresholds (preset mid) on {len(images)} bundled images in {time.perf_counter() - start:.1f}s "
+        f"(a demo: real calibrations use hundreds): {target_report(thresholds)[0]} of {patches}")
 
     apply(model, thresholds, mode="dymu")
     pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -141,19 +143,32 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     for path, n in zip(paths, counts):
         out(f"  {path.name:34s} {n:4d} / {patches}  {'#' * math.ceil(40 * n / patches)}")
 
-    results = {}
+    # Timed the bench's way (shared code): a warm-up round, then full and dymu interleaved round-robin,
+    # medians of the timed rounds. min_new_tokens: both sides decode the same number of tokens.
+    from .bench.timing import Side, interleaved, median
+
     pick = len(images) - 1  # the cluttered scene
-    for mode in ("full", "dymu"):
-        apply(model, thresholds, mode=mode)
-        result = generate(model, processor, [DEMO_PROMPT], [[images[pick]]], max_new_tokens=max_new_tokens)
-        results[mode] = result
-    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}")
+    results: dict[str, list] = {"full": [], "dymu": []}
+
+    def side(mode: str) -> Side:
+        return Side(mode, setup=lambda: apply(model, thresholds, mode=mode),
+                    run=lambda: results[mode].append(generate(model, processor, [DEMO_PROMPT], [[images[pick]]],
+                                                              max_new_tokens=max_new_tokens,
+                                                              min_new_tokens=max_new_tokens)))
+
+    with torch.no_grad():
+        interleaved([side("full"), side("dymu")], runs=TIMED_RUNS, warmup=1, sync=lambda: None)
+    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}; times are medians of {TIMED_RUNS} interleaved runs "
+        "after 1 warm-up round")
     out(f"  {'mode':6s} {'tokens':>8s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  answer (random weights: noise)")
-    for mode, result in results.items():
-        rep = result.report
-        out(f"  {mode:6s} {rep.visual_tokens[0][0]:>4d}/{rep.full_tokens:<3d} {rep.encoder_s * 1e3:7.1f}ms "
-            f"{rep.prefill_s * 1e3:7.1f}ms {rep.decode_s * 1e3:7.1f}ms  {result.answers[0]!r}")
+    for mode, runs in results.items():
+        timed = [r.report for r in runs[1:]]  # runs[0] is the warm-up
+        rep = timed[0]
+        ms = {k: median([getattr(t, k) for t in timed]) * 1e3 for k in ("encoder_s", "prefill_s", "decode_s")}
+        out(f"  {mode:6s} {rep.visual_tokens[0][0]:>4d}/{rep.full_tokens:<3d} {ms['encoder_s']:7.1f}ms "
+            f"{ms['prefill_s']:7.1f}ms {ms['decode_s']:7.1f}ms  {runs[-1].answers[0]!r}")
     if random_weights:
         out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench` measures "
             "the speedup at real LLaVA-1.5 dimensions.")
-    return {"counts": dict(zip([p.name for p in paths], counts)), "results": results, "thresholds": thresholds}
+    return {"counts": dict(zip([p.name for p in paths], counts)), "results": {m: r[-1] for m, r in results.items()},
+            "runs": results, "thresholds": thresholds}

@@ -314,6 +314,13 @@ class EncodedImages:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def __repr__(self) -> str:  # shapes and counts, not whole tensors
+        counts = self.num_tokens.tolist()
+        shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")
+        return (f"EncodedImages({len(self)} images, tokens kept [{shown}] of {self.group_of_patch.shape[1]}; "
+                f"tokens {tuple(self.tokens.shape)}, sizes {tuple(self.sizes.shape)}, "
+                f"group_of_patch {tuple(self.group_of_patch.shape)}, kept_per_layer {tuple(self.kept_per_layer.shape)})")
+
     def image(self, i: int) -> dict[str, torch.Tensor]:
         """One image's tokens (n_i, D), sizes (n_i), group_of_patch (P), kept_per_layer."""
         n = int(self.num_tokens[i])

@@ -4,7 +4,8 @@ The encoder runs first (timed on its own), then `model.generate` with the encode
 as `mm_encoder_outputs`, so prefill and decode are timed apart. Modes that change the number of
 visual tokens the LLM sees (`dtome`, `tome` without VTU, `downsample`) need the prompt to hold one
 placeholder per token; this module rewrites the stock prompt accordingly. `dymu` and `tome` keep
-the stock prompt (virtual unmerge + VTU).
+the stock prompt (virtual unmerge + VTU). `prompt_inputs` builds those inputs for a plain
+`model.generate(**inputs)` in any mode.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
     """(LlavaForConditionalGeneration, processor) from a hub id or a local folder."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from ..loading import LoadError, _config, from_pretrained_checked, resolve_device_dtype
+    from ..loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
     if config.model_type != "llava":
         raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
                         "(LlavaForConditionalGeneration) models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = from_pretrained_checked(LlavaForConditionalGeneration, model_ref, dtype=torch_dtype).to(torch_device).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
     processor = AutoProcessor.from_pretrained(model_ref)
     processor.tokenizer.padding_side = "left"
     return model, processor
@@ -137,26 +138,6 @@ def _model_lock(model) -> threading.Lock:
         return lock
 
 
-def generate(model, processor, prompts: list[str], images: list[list], *, max_new_tokens: int = 32,
-             output_scores: bool = False, **generate_kwargs) -> GenerationResult:
-    """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
-
-    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
-    Images are PIL images or file paths, both shown to the model as a viewer shows them
-    (`dymu.images.as_viewed`: EXIF orientation, 16-bit, alpha on white, size limits).
-
-    Thread safety: calls on the same model from several threads run one at a time (a per-model
-    lock), because a patched model keeps the state of its running forward; each call gets its own
-    correct result. Calls on different models run in parallel.
-    """
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
-    images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
-    with _model_lock(model):
-        return _generate(model, processor, prompts, images, max_new_tokens=max_new_tokens,
-                         output_scores=output_scores, **generate_kwargs)
-
-
 def _viewed(item, prompt: int, index: int) -> Image.Image:
     from ..images import as_viewed, open_image
 
@@ -165,15 +146,43 @@ def _viewed(item, prompt: int, index: int) -> Image.Image:
     return open_image(item)
 
 
+def prompt_texts(processor, prompts: list[str], images: list[list], chat_template: bool = True) -> list[str]:
+    """The prompt strings: the chat template with one image placeholder per image (``chat_template``),
+    or the prompts as written, which must then hold the image token once per image."""
+    token = getattr(processor, "image_token", None) or "<image>"
+    texts = []
+    for prompt, ims in zip(prompts, images):
+        have = prompt.count(token)
+        if chat_template and have:
+            raise ValueError(f"the prompt already contains the image token {token!r}: give only the question "
+                             f"(dymu adds the chat template and one {token} per image), or pass the full prompt "
+                             "as is with --raw-prompt (Python: chat_template=False)")
+        if not chat_template and have != len(ims):
+            raise ValueError(f"the raw prompt has {have} image token(s) {token!r} but {len(ims)} image(s) were given: "
+                             f"put {token} once per image where the image goes")
+        texts.append(chat_text(processor, prompt, len(ims)) if chat_template else prompt)
+    return texts
+
+
+@dataclass
+class PreparedInputs:
+    inputs: dict  # input_ids, attention_mask, mm_encoder_outputs: what model.generate takes
+    counts: list[int]  # per image (flattened): tokens kept by the encoder
+    encoder_s: float
+    image_size: int | None  # downsample: the side the images were resized to
+
+
 @torch.no_grad()
-def _generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, max_new_tokens: int,
-              output_scores: bool, **generate_kwargs) -> GenerationResult:
+def _prepare(model, processor, prompts, images, chat_template: bool = True) -> PreparedInputs:
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
     mode = llava_mode(model)
     inner = model.model
     config = model.config
     device = next(model.parameters()).device
     flat = [im for per_prompt in images for im in per_prompt]
-    texts = [chat_text(processor, p, len(ims)) for p, ims in zip(prompts, images)]
+    texts = prompt_texts(processor, prompts, images, chat_template)
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
     input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
@@ -202,22 +211,59 @@ def _generate(model, processor, prompts: list[str], images: list[list[Image.Imag
                 input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
                 placeholders)
     encoder_s = time.perf_counter() - start
+    return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
+                           "mm_encoder_outputs": mm_encoder_outputs}, counts, encoder_s, side)
 
+
+def prompt_inputs(model, processor, prompts: list[str], images: list[list[Image.Image]], *,
+                  chat_template: bool = True) -> dict:
+    """Inputs for ``model.generate(**inputs)`` in any mode of `dymu.apply`: the images encoded once
+    (``mm_encoder_outputs``) and the prompts with as many image placeholders as the LLM will see
+    (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
+    ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
+    hold the image token once per image)."""
+    with _model_lock(model):
+        return _prepare(model, processor, prompts, images, chat_template).inputs
+
+
+@torch.no_grad()
+def generate(model, processor, prompts: list[str], images: list[list], *, max_new_tokens: int = 32,
+             output_scores: bool = False, chat_template: bool = True, **generate_kwargs) -> GenerationResult:
+    """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
+
+    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    Prompts are questions, wrapped in the chat template with one image placeholder per image;
+    ``chat_template=False`` takes them as written (the image token once per image).
+    Images are PIL images or file paths, both shown to the model as a viewer shows them
+    (`dymu.images.as_viewed`: EXIF orientation, 16-bit, alpha on white, size limits).
+
+    Thread safety: calls on the same model from several threads run one at a time (a per-model
+    lock), because a patched model keeps the state of its running forward; each call gets its own
+    correct result. Calls on different models run in parallel.
+    """
+    with _model_lock(model):
+        return _generate(model, processor, prompts, images, max_new_tokens=max_new_tokens,
+                         output_scores=output_scores, chat_template=chat_template, **generate_kwargs)
+
+
+def _generate(model, processor, prompts, images, *, max_new_tokens, output_scores, chat_template,
+              **generate_kwargs) -> GenerationResult:
+    prepared = _prepare(model, processor, prompts, images, chat_template)
+    inputs = prepared.inputs
     timer = _ForwardTimer(model)
     try:
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs,
-                             max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
                              return_dict_in_generate=True, output_scores=output_scores, **generate_kwargs)
     finally:
         timer.close()
-    new = out.sequences[:, input_ids.shape[1]:]
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
     answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
     per_prompt, k = [], 0
     for ims in images:
-        per_prompt.append(counts[k : k + len(ims)])
+        per_prompt.append(prepared.counts[k : k + len(ims)])
         k += len(ims)
-    report = Report(mode=mode, visual_tokens=per_prompt, full_tokens=config.image_seq_length,
-                    encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side)
+    report = Report(mode=llava_mode(model), visual_tokens=per_prompt, full_tokens=model.config.image_seq_length,
+                    encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

@@ -28,6 +28,9 @@ from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_
 from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
 
 MODES = ("full", "dymu", "dtome", "tome", "downsample")
+# Names only public functions (tests check that each named dymu.X exists).
+USE_PROMPT_INPUTS = ("use dymu.generate(model, processor, prompts, images), or "
+                     "model.generate(**dymu.prompt_inputs(model, processor, prompts, images)).")
 SUPPORTED_VLMS = (LlavaForConditionalGeneration,)
 
 
@@ -68,6 +71,14 @@ class DyMULlavaModel(LlavaModel):
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
+        if self._dymu.mode == "downsample":  # the stock encoder on images dymu resized
+            if pixel_values.shape[-1] >= self.vision_tower.config.image_size:
+                # full-size pixels (stock processor, stock generate) would run the full model, labelled downsample
+                raise ValueError(f"DyMU mode 'downsample' resizes the images and gives the prompt fewer image "
+                                 f"placeholders: {USE_PROMPT_INPUTS}")
+            return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                              vision_feature_select_strategy=vision_feature_select_strategy,
+                                              image_sizes=image_sizes, **kwargs)
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         if not isinstance(layer, int):
@@ -102,8 +113,7 @@ class DyMULlavaModel(LlavaModel):
         if have != need:
             raise ValueError(
                 f"the prompt has {have} image placeholders but DyMU mode {self._dymu.mode!r} made {need} image "
-                "tokens: in modes without VTU the prompt needs one placeholder per kept token; "
-                "use dymu.generate (or dymu.llava_inputs) to build it."
+                f"tokens: in modes without VTU the prompt needs one placeholder per kept token; {USE_PROMPT_INPUTS}"
             )
 
     def prompt_group_map(self, input_ids: torch.Tensor | None, features: list[torch.Tensor]) -> torch.Tensor:
@@ -158,11 +168,13 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     remove_llava(model)
     if mode == "downsample":
         model._dymu_downsample_tokens = float(downsample_tokens)
-    if mode in ("full", "downsample"):
-        model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample
+    if mode == "full":
+        model._dymu_mode = mode  # the stock model
         return
     if mode == "tome":
         apply_dtome(tower, family, r=r, order=order)
+    elif mode == "downsample":
+        pass  # stock encoder and LLM; the swapped class only refuses full-size pixels (see forward)
     else:
         apply_dtome(tower, family, thresholds=thresholds, order=order)
     if use_vtu:

@@ -145,13 +145,15 @@ def _default_processor(model):
 
 
 def cmd_analyze(args) -> int:
+    from ...cli import loading
     from ...images import print_skipped
     from ...loading import load_vision_model, resolve_device_dtype
     from ...thresholds import Thresholds
 
     _matplotlib()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    thresholds = Thresholds.load(args.thresholds)
+    thresholds = Thresholds.from_ref(args.thresholds)
+    loading(args.model)
     model, processor = load_vision_model(args.model, device, dtype)
     out = Path(args.out)
     analysis = analyze(

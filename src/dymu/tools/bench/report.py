@@ -46,9 +46,35 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
 
 
+SECTION_TITLES = {"encoder": "encoder", "prefill": "prefill", "exact": "exact Eq. 10",
+                  "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off"}
+
+
+def smoke_markdown(result: dict) -> str:
+    """`--quick`: which sections ran, and no figures: toy sizes and one run make times and ratios meaningless."""
+    m, s = result["machine"], result["settings"]
+    ran = []
+    for key, title in SECTION_TITLES.items():
+        value = result.get(key)
+        if value:
+            ran.append(f"{title} ({len(value)} rows)" if isinstance(value, list) else title)
+    return "\n".join([
+        f"## dymu bench --quick: smoke test, no figures — {result['date']}",
+        "",
+        f"Ran at toy sizes, {s['runs']} run each: {', '.join(ran) or 'nothing'}. Every code path of the "
+        "benchmark works. Times, speedups and targets at these sizes say nothing about dymu's speed, so none are "
+        "shown (the --json file keeps the raw measurements, for debugging); run `dymu bench` for figures.",
+        "",
+        f"Machine: {m['cpu']}, {m['cpu_cores']} cores; torch {m['torch']}, transformers {m['transformers']}; "
+        f"{s['device']} {s['dtype']}; random weights. Total time: {result['elapsed_s']:.0f} s.",
+    ])
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     s = result["settings"]
+    if s["plan"] == "quick":
+        return smoke_markdown(result)
     lines = [
         f"## dymu bench ({s['plan']}) — {result['date']}",
         "",
@@ -135,8 +161,6 @@ def markdown(result: dict) -> str:
     tg = result.get("targets")
     if tg:
         lines += ["### Targets", ""]
-        if s["plan"] == "quick":
-            lines += ["(--quick: tiny sizes and 1 run, so these timings say nothing; the targets are for the full run.)", ""]
         lines += ["| target | measured | met |", "|---|---|---|"]
         for t in tg:
             lines.append(f"| {t['target']} | {t['detail']} | {'yes' if t['met'] else 'no'} |")
