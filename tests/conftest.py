@@ -33,6 +33,11 @@ def image_path(name: str) -> Path:
     return path
 
 
+def error_lines(err: str) -> list[str]:
+    """stderr of a failed command without the 'loading MODEL…' line that commands print before slow loads."""
+    return [line for line in err.strip().splitlines() if not line.startswith("loading ")]
+
+
 def load_image(name: str) -> Image.Image:
     with Image.open(image_path(name)) as im:
         return im.convert("RGB")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import IMAGES, MIXED_IMAGES
+from conftest import IMAGES, MIXED_IMAGES, error_lines
 from dymu import __version__
 from dymu.cli import main
 from dymu.thresholds import Thresholds
@@ -108,7 +108,7 @@ def gen_args(model, thresholds, image, *extra):
 
 def one_error_line(capsys):
     """The error is one line (after the 'loading MODEL…' line that commands print before slow loads)."""
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loading "))
+    err = "\n".join(error_lines(capsys.readouterr().err))
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
 

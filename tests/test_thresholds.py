@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dymu
-from conftest import build_tiny_tower
+from conftest import build_tiny_tower, error_lines
 from dymu.cli import main
 from dymu.thresholds import Thresholds, ThresholdsError, read_paper_thresholds
 
@@ -45,8 +45,8 @@ def test_files_without_an_order_load_as_interleaved_and_infinities_round_trip(to
     assert json.loads(path.read_text())["thresholds"] == ["-inf", 0.5, None, 0.25]  # plain JSON
     assert Thresholds.load(path).thresholds == [-math.inf, 0.5, math.inf, 0.25]
 
-    for bad, message in (('NaN', "layer 1 threshold nan is not a number"),
-                         ('"high"', "layer 1 threshold 'high' is not a number")):
+    for bad, message in (('NaN', r"field 'thresholds\[1\]' must be a finite number .*, not nan"),
+                         ('"high"', r"field 'thresholds\[1\]' must be a finite number .*, not 'high'")):
         path.write_text(path.read_text().replace("0.5", bad))
         with pytest.raises(ThresholdsError, match=message):
             Thresholds.load(path)
@@ -57,7 +57,7 @@ def test_files_without_an_order_load_as_interleaved_and_infinities_round_trip(to
     with pytest.raises(ThresholdsError, match="field 'order' is 'zigzag'; dymu knows interleaved, ab, ab-score"):
         Thresholds.load(path)
     thresholds.thresholds[1] = math.nan
-    with pytest.raises(ThresholdsError, match="a threshold is NaN"):
+    with pytest.raises(ThresholdsError, match=r"field 'thresholds\[1\]' must be a finite number .*not nan"):
         thresholds.save(tmp_path / "nan.json")
 
 
@@ -180,7 +180,7 @@ def test_import_refuses_nan_or_negative_thresholds(tower_dir, tmp_path, capsys):
     out = tmp_path / "o.json"
     assert main(["thresholds", "import", str(ckpt), "--model", str(tower_dir), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"checkpoint {ckpt}: field 'thresholds[1]' must be a finite number" in err and len(err.splitlines()) == 1
+    assert f"checkpoint {ckpt}: field 'thresholds[1]' must be a finite number" in err and len(error_lines(err)) == 1
     assert not out.exists()
 
 
@@ -190,4 +190,4 @@ def test_import_of_a_file_that_is_not_a_checkpoint_is_one_line(tower_dir, tmp_pa
     text.write_text("hello, not a checkpoint\n" * 5)
     assert main(["thresholds", "import", str(text), "--model", str(tower_dir), "--out", str(tmp_path / "o.json")]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"checkpoint {text} is not a torch checkpoint" in err, err
+    assert len(error_lines(err)) == 1 and f"checkpoint {text} is not a torch checkpoint" in err, err

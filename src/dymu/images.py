@@ -273,10 +273,10 @@ def find_images(source: str | Path, image_root: str | Path | None = None) -> lis
     if not source.exists():
         what = "file" if source.suffix.lower() in IMAGE_SUFFIXES else "folder, file or JSON list"
         raise FileNotFoundError(f"{source}: no such {what}")
+    if source.suffix.lower() != ".json":
+        return [source]  # one image file (opening it checks that it is a regular file: skipped and listed if not)
     if not source.is_file():  # a FIFO would block the read below forever
         raise ValueError(f"{source}: not a regular file (a FIFO, socket or device?)")
-    if source.suffix.lower() != ".json":
-        return [source]  # one image file
     try:
         entries = json.loads(source.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

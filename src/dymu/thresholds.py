@@ -86,8 +86,8 @@ def _threshold_from_json(value, path: Path, layer: int) -> float:
     if isinstance(value, str) and value.strip().lower() in ("-inf", "+inf", "inf"):
         return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ThresholdsError(f"thresholds file {path}: layer {layer} threshold {value!r} is not a number, "
-                              'null (never merge) or "-inf" (merge every edge).')
+        raise ThresholdsError(f"thresholds file {path}: field 'thresholds[{layer}]' must be a finite number >= 0, "
+                              f'null (never merge) or "-inf" (merge every edge), not {value!r}.')
     return float(value)
 
 
