@@ -12,8 +12,8 @@ the way (the same prefill as a forward pass; each forced token is one cached dec
 Visual tokens: each logged sample's `token_counts` entry carries `visual_tokens` (per image, what
 the LLM saw) and `full_visual_tokens` (the stock count per image); at the end of the requests the
 mean per image, over all ranks and per task, is logged through lmms-eval's metric log and lands in
-the results JSON as `throughput.avg_visual_tokens` (and `avg_visual_tokens/TASK`,
-`avg_full_visual_tokens`).
+the results JSON as `throughput.avg_visual_tokens` (and `avg_full_visual_tokens`, `avg_images`,
+`avg_visual_tokens/TASK`, `avg_images/TASK`; lmms-eval prefixes `avg_`), which `dymu report` reads.
 
 Data-parallel: under `accelerate launch`, lmms-eval gives each process its shard of the documents
 (rank / world size); this model only puts itself on its process's device, keeps its own counts,
@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from loguru import logger
-from transformers import LogitsProcessor, LogitsProcessorList
-
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from loguru import logger
+from transformers import LogitsProcessor, LogitsProcessorList
 
 MODEL_ID = "dymu"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -86,6 +85,7 @@ def visual_token_summary(per_doc: dict) -> dict[str, float]:
     for task, pairs in per_task.items():
         if pairs:
             summary[f"visual_tokens/{task}"] = sum(n for n, _ in pairs) / len(pairs)
+            summary[f"images/{task}"] = float(len(pairs))
     return summary
 
 
@@ -244,8 +244,9 @@ class DyMU(lmms):
         return kwargs
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        from ..vlms.generation import generate
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        from ..vlms.generation import generate
 
         contexts = [req.args[0] for req in requests]
         lengths = [len(ids) for ids in self.tokenizer(contexts)["input_ids"]] if contexts else []
@@ -352,7 +353,8 @@ class DyMU(lmms):
         summary = self.visual_token_summary()
         if summary and self.rank == 0:
             log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
-            tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items() if "/" in k)
+            tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items()
+                              if k.startswith("visual_tokens/"))
             print(f"dymu [{self.mode}]: {summary['visual_tokens']:.1f} visual tokens per image on average "
                   f"(stock {summary['full_visual_tokens']:.0f}; {tasks})", flush=True)
         super().clean()
