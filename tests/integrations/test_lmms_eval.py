@@ -138,12 +138,13 @@ def _simple_evaluate(folder: Path, model_args: str, tasks: str, out: str | None 
                 mp.setenv(key, value)
         mp.chdir(folder)  # the task YAMLs name their parquet file relative to the working folder
         tasks_here = TaskManager(include_path=str(TASKS), include_defaults=False)  # no need to index lmms-eval's own
+        tracker = EvaluationTracker(output_path=str(folder / out)) if out else None
         results = simple_evaluate(model="dymu", model_args=model_args, tasks=tasks.split(","), log_samples=True,
-                                  task_manager=tasks_here, bootstrap_iters=0)
+                                  task_manager=tasks_here, bootstrap_iters=0, evaluation_tracker=tracker)
     samples = results.pop("samples")
-    if out is not None:
-        EvaluationTracker(output_path=str(folder / out)).save_results_aggregated(
-            results=results, samples=samples, datetime_str=get_datetime_str())
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=samples, datetime_str=get_datetime_str())
+        assert glob.glob(str(folder / out / "*" / "*_results.json")), "lmms-eval did not write the results"
     results["stdout"] = stdout.getvalue()
     return {"results": results, "samples": {task: {s["doc_id"]: s for s in docs} for task, docs in samples.items()}}
 
