@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ if importlib.util.find_spec("lmms_eval") is None:
 
 from dymu.integrations.lmms_eval import (
     cut_at_stop_strings,
+    generation_kwargs,
     length_sorted_batches,
     visual_token_summary,
 )
@@ -55,6 +57,16 @@ def test_cut_at_stop_strings():
     assert cut_at_stop_strings("a cat\nUSER: more", ["\n", "USER:"]) == "a cat"
     assert cut_at_stop_strings("a cat. USER: x\n", ["\n", "USER:"]) == "a cat. "
     assert cut_at_stop_strings("a cat", []) == "a cat"
+
+
+def test_generation_kwargs_follow_the_task():
+    assert generation_kwargs({"max_new_tokens": 16, "temperature": 0, "do_sample": False, "top_p": None}, 128) == (
+        {"max_new_tokens": 16, "do_sample": False}, [])
+    assert generation_kwargs({"temperature": 0.2, "do_sample": False}, 128)[0] == {"max_new_tokens": 128, "do_sample": False}
+    assert generation_kwargs({"temperature": 0.2, "top_p": 0.9}, 128)[0] == {
+        "max_new_tokens": 128, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    assert generation_kwargs({"num_beams": 3, "image_aspect_ratio": "pad"}, 8) == (
+        {"max_new_tokens": 8, "do_sample": False, "num_beams": 3}, ["image_aspect_ratio"])
 
 
 def test_visual_token_summary_is_per_image():
@@ -164,8 +176,14 @@ def dymu_run_2proc(eval_dir, demo_llava_dir):
     CUDA, `--multi_gpu` starts 2 that accelerate runs on the CPU with gloo."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "lmms_eval"]
+                "--main_process_port", str(_free_port()), "-m", "lmms_eval"]
     return _run_cli(eval_dir, launcher, _model_args(demo_llava_dir, "dymu", eval_dir / "mid.json"), "dymu_2proc")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _tokens(sample: dict) -> list[list[int]]:
@@ -182,6 +200,7 @@ def test_full_and_dymu_through_lmms_eval(full_run, dymu_run_2proc):
     for run, mode in ((full_run, "full"), (dymu_run_2proc, "dymu")):
         results = run["results"]
         assert results["config"]["model"] == "dymu" and f"mode={mode}" in results["config"]["model_args"]
+        assert results["config"]["model_backend"].startswith("dymu.integrations.lmms_eval.DyMU")
         vqa, mc = results["results"]["dymu_tiny_vqa"], results["results"]["dymu_tiny_mc"]
         # the metrics are the tasks' own, computed from the per-sample answers
         samples = run["samples"]["dymu_tiny_vqa"]

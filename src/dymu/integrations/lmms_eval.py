@@ -89,6 +89,24 @@ def visual_token_summary(per_doc: dict) -> dict[str, float]:
     return summary
 
 
+def generation_kwargs(gen: dict, max_new_tokens: int) -> tuple[dict, list[str]]:
+    """(kwargs for generate, names ignored) from a task's generation kwargs, `until` excluded."""
+    gen = dict(gen)
+    kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", None) or max_new_tokens)}
+    # The task's do_sample wins; a task that gives only a temperature samples when it is > 0
+    # (lmms-eval's own models' convention).
+    temperature = gen.get("temperature") or 0
+    kwargs["do_sample"] = bool(gen.pop("do_sample")) if "do_sample" in gen else float(temperature) > 0
+    for name in _SAMPLING_KWARGS:
+        value = gen.pop(name, None)
+        if kwargs["do_sample"] and value is not None:
+            kwargs[name] = value
+    num_beams = int(gen.pop("num_beams", 1) or 1)
+    if num_beams > 1:
+        kwargs["num_beams"] = num_beams
+    return kwargs, sorted(gen)
+
+
 @dataclass
 class VisualTokenCounts(TokenCounts):
     """lmms-eval's per-sample token counts plus the visual tokens the LLM saw, per image."""
@@ -227,18 +245,8 @@ class DyMU(lmms):
         self._visual_tokens.setdefault((request.task_name, request.doc_id), (list(tokens), full))
 
     def _generation_kwargs(self, gen: dict) -> dict:
-        gen = dict(gen)
-        kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", None) or self.max_new_tokens)}
-        kwargs["do_sample"] = bool(gen.pop("do_sample", False))
-        for name in _SAMPLING_KWARGS:
-            value = gen.pop(name, None)
-            if kwargs["do_sample"] and value is not None:
-                kwargs[name] = value
-        num_beams = int(gen.pop("num_beams", 1) or 1)
-        if num_beams > 1:
-            kwargs["num_beams"] = num_beams
-        ignored = sorted(set(gen) - self._warned)
-        if ignored:
+        kwargs, ignored = generation_kwargs(gen, self.max_new_tokens)
+        if set(ignored) - self._warned:
             self._warned.update(ignored)
             logger.warning(f"dymu lmms-eval model: ignoring generation kwargs {', '.join(ignored)}")
         return kwargs
