@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
+
 from conftest import load_image
+
+# lmms-eval sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES = True when its task module is
+# imported; the rest of the suite checks that truncated images are refused, so every test here
+# puts the flag back.
+PIL_LOAD_TRUNCATED = ImageFile.LOAD_TRUNCATED_IMAGES
 
 if importlib.util.find_spec("lmms_eval") is None:
     if os.environ.get("CI"):  # make test installs it; CI must never skip these
@@ -32,6 +39,15 @@ from dymu.integrations.lmms_eval import (
     length_sorted_batches,
     visual_token_summary,
 )
+
+ImageFile.LOAD_TRUNCATED_IMAGES = PIL_LOAD_TRUNCATED
+
+
+@pytest.fixture(autouse=True)
+def keep_pil_strict():
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = PIL_LOAD_TRUNCATED
+
 
 TASKS = Path(__file__).parent / "lmms_eval_tasks"
 BOTH = "dymu_tiny_vqa,dymu_tiny_mc"
