@@ -309,6 +309,21 @@ def add_bench(subparsers) -> None:
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))
 
 
+def add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="lmms-eval result folders -> a markdown table of score and visual tokens per mode",
+        description="Read every *_results.json under the given folders (python -m lmms_eval --model dymu "
+        "--output_path ...) and print one markdown row per dymu configuration (mode + thresholds file or r): "
+        "each task's score and the mean visual tokens per image the LLM saw.",
+    )
+    p.add_argument("results", nargs="+", help="lmms-eval output folders or *_results.json files")
+    p.add_argument("--metric", action="append", metavar="TASK=METRIC",
+                   help="the metric to show for TASK (default: its first); repeatable")
+    p.add_argument("--out", help="also write the table to this file")
+    p.set_defaults(func=_lazy("dymu.tools.report", "cmd_report"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dymu",
@@ -402,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze(sub)
     add_bench(sub)
+    add_report(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Integrations with evaluation frameworks (each imports its framework; `import dymu` never does)."""

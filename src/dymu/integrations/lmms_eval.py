@@ -1,0 +1,390 @@
+"""The `dymu` model for lmms-eval 0.7.x, found through the `lmms_eval.models` entry point.
+
+    python -m lmms_eval --model dymu \
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,thresholds=llava15-mid.json,mode=dymu,batch_size=8 \
+        --tasks gqa --log_samples --output_path results/
+
+Every request goes through `dymu.apply` and `dymu.generate`, so every VLM family dymu supports is
+served with no code of its own here. `loglikelihood` too: `dymu.generate` runs with a logits
+processor that forces the continuation's tokens one by one and reads their log-probabilities on
+the way (the same prefill as a forward pass; each forced token is one cached decode step).
+
+Visual tokens: each logged sample's `token_counts` entry carries `visual_tokens` (per image, what
+the LLM saw) and `full_visual_tokens` (the stock count per image); at the end of the requests the
+mean per image, over all ranks and per task, is logged through lmms-eval's metric log and lands in
+the results JSON as `throughput.avg_visual_tokens` (and `avg_full_visual_tokens`, `avg_images`,
+`avg_visual_tokens/TASK`, `avg_images/TASK`; lmms-eval prefixes `avg_`), which `dymu report` reads.
+
+Data-parallel: under `accelerate launch`, lmms-eval gives each process its shard of the documents
+(rank / world size); this model only puts itself on its process's device, keeps its own counts,
+and merges them across processes at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from loguru import logger
+from transformers import LogitsProcessor, LogitsProcessorList
+
+MODEL_ID = "dymu"
+DEFAULT_MAX_NEW_TOKENS = 128
+# generation kwargs of lmms-eval tasks that this model honours; others are ignored with a warning
+_SAMPLING_KWARGS = ("temperature", "top_p", "top_k")
+
+
+def manifest():
+    """The payload of the `lmms_eval.models` entry point (see pyproject.toml)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.DyMU")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def length_sorted_batches(lengths: list[int], keys: list, batch_size: int) -> list[list[int]]:
+    """Request indices in batches: requests with equal ``keys`` (generation settings) together,
+    longest first within a key (so padding is small and an out-of-memory shows at once), groups in
+    order of first appearance. Every index appears exactly once."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for members in groups.values():
+        members.sort(key=lambda i: (-lengths[i], i))
+        batches += [members[s : s + batch_size] for s in range(0, len(members), batch_size)]
+    return batches
+
+
+def cut_at_stop_strings(text: str, until: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def visual_token_summary(per_doc: dict) -> dict[str, float]:
+    """Mean visual tokens per image, overall and per task, from {(task, doc_id): (tokens per image,
+    stock tokens per image)}. Documents without images do not count."""
+    per_task: dict[str, list] = {}
+    for (task, _), (tokens, full) in sorted(per_doc.items(), key=lambda kv: str(kv[0])):
+        per_task.setdefault(task, []).extend((n, full) for n in tokens)
+    everything = [pair for pairs in per_task.values() for pair in pairs]
+    if not everything:
+        return {}
+    summary = {"visual_tokens": sum(n for n, _ in everything) / len(everything),
+               "full_visual_tokens": sum(f for _, f in everything) / len(everything),
+               "images": float(len(everything))}
+    for task, pairs in per_task.items():
+        if pairs:
+            summary[f"visual_tokens/{task}"] = sum(n for n, _ in pairs) / len(pairs)
+            summary[f"images/{task}"] = float(len(pairs))
+    return summary
+
+
+def generation_kwargs(gen: dict, max_new_tokens: int) -> tuple[dict, list[str]]:
+    """(kwargs for generate, names ignored) from a task's generation kwargs, `until` excluded."""
+    gen = dict(gen)
+    kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", None) or max_new_tokens)}
+    # The task's do_sample wins; a task that gives only a temperature samples when it is > 0
+    # (lmms-eval's own models' convention).
+    temperature = gen.get("temperature") or 0
+    kwargs["do_sample"] = bool(gen.pop("do_sample")) if "do_sample" in gen else float(temperature) > 0
+    for name in _SAMPLING_KWARGS:
+        value = gen.pop(name, None)
+        if kwargs["do_sample"] and value is not None:
+            kwargs[name] = value
+    num_beams = int(gen.pop("num_beams", 1) or 1)
+    if num_beams > 1:
+        kwargs["num_beams"] = num_beams
+    return kwargs, sorted(gen)
+
+
+@dataclass
+class VisualTokenCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus the visual tokens the LLM saw, per image."""
+
+    visual_tokens: list[int] | None = None
+    full_visual_tokens: int | None = None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.visual_tokens is not None:
+            d["visual_tokens"] = list(self.visual_tokens)
+            d["full_visual_tokens"] = self.full_visual_tokens
+        return d
+
+
+class ContinuationScorer(LogitsProcessor):
+    """Forces each row's continuation, token by token, and adds up its log-probability.
+
+    ``logprob[b]`` = Σ_t log p(cont_b[t] | prompt_b, cont_b[:t]); ``greedy[b]`` = every cont_b[t]
+    was the arg-max. Rows whose continuation is over are forced to ``fill_id`` (EOS ends them).
+    """
+
+    def __init__(self, continuations: list[list[int]], fill_id: int):
+        width = max(len(c) for c in continuations)
+        self.lengths = torch.tensor([len(c) for c in continuations])
+        self.targets = torch.tensor([c + [fill_id] * (width - len(c)) for c in continuations])  # (B, T)
+        self.logprob = torch.zeros(len(continuations), dtype=torch.float64)
+        self.greedy = torch.ones(len(continuations), dtype=torch.bool)
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = self.step
+        self.step += 1
+        target = self.targets[:, t].to(scores.device)  # (B,)
+        live = (t < self.lengths).to(scores.device)
+        logp = scores.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+        self.logprob += torch.where(live, logp, 0.0).double().cpu()
+        self.greedy &= (~live | (scores.argmax(-1) == target)).cpu()
+        forced = torch.full_like(scores, -math.inf)
+        forced.scatter_(1, target[:, None], 0.0)
+        return forced
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class DyMU(lmms):
+    """lmms-eval model: a Hugging Face VLM patched by `dymu.apply` (any mode), answering through
+    `dymu.generate`.
+
+    model_args: ``pretrained`` (hub id or folder), ``thresholds`` (a `dymu calibrate` JSON file, or
+    one number for every layer: ``inf`` = no merge), ``mode`` (full, dymu, dtome, tome, downsample;
+    default dymu), ``r`` (merges per layer, mode tome), ``batch_size``, ``device``, ``dtype``
+    (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none).
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, thresholds=None, mode: str = "dymu", r: int | None = None,
+                 batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, **unknown) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
+                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens).")
+        if str(batch_size).isdigit() and int(batch_size) > 0:
+            self.batch_size_per_process = int(batch_size)
+        else:
+            raise ValueError(f"dymu lmms-eval model: batch_size must be a positive whole number, not {batch_size!r}.")
+        from accelerate import Accelerator
+
+        from ..api import apply
+        from ..vlms.generation import load_vlm
+
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:  # one device per process, whatever --device said
+            device = str(self.accelerator.device)
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        thresholds = load_thresholds(thresholds)  # once per process
+        self.model, self.processor = load_vlm(str(pretrained), device, dtype)
+        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode)
+        self.mode = mode
+        self.max_new_tokens = int(max_new_tokens)
+        self._device = next(self.model.parameters()).device
+        self._visual_tokens: dict = {}  # (task, doc_id) -> (tokens per image, stock tokens per image)
+        self._warned: set[str] = set()
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """As lmms-eval's, except that ``--model_args`` win over the command line's defaults
+        (``--batch_size`` defaults to 1, which would otherwise clash with ``batch_size=8``)."""
+        from lmms_eval import utils
+
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **utils.simple_parse_args_string(arg_string)})
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_process
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _images(self, request: Instance) -> list:
+        """The request's visuals as RGB images (paths to image files are opened)."""
+        from PIL import Image
+
+        from ..images import IMAGE_SUFFIXES, open_image, to_rgb
+
+        doc_to_visual, doc_id, task, split = request.args[2:6]
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+        images = []
+        for item in _flatten(visuals):
+            if isinstance(item, Image.Image):
+                images.append(to_rgb(item))
+            elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(open_image(item))
+            else:
+                raise ValueError(f"dymu lmms-eval model: task {task} doc {doc_id} gives a visual of type "
+                                 f"{type(item).__name__} ({str(item)[:80]!r}); dymu.generate takes images only "
+                                 "(video and audio are not supported yet).")
+        return images
+
+    def _record(self, request: Instance, tokens: list[int], full: int) -> None:
+        if request.metadata.get("__padding_only__"):  # lmms-eval's filler to even out ranks
+            return
+        self._visual_tokens.setdefault((request.task_name, request.doc_id), (list(tokens), full))
+
+    def _generation_kwargs(self, gen: dict) -> dict:
+        kwargs, ignored = generation_kwargs(gen, self.max_new_tokens)
+        if set(ignored) - self._warned:
+            self._warned.update(ignored)
+            logger.warning(f"dymu lmms-eval model: ignoring generation kwargs {', '.join(ignored)}")
+        return kwargs
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        from ..vlms.generation import generate
+
+        contexts = [req.args[0] for req in requests]
+        lengths = [len(ids) for ids in self.tokenizer(contexts)["input_ids"]] if contexts else []
+        keys = [json.dumps(req.args[1], sort_keys=True, default=str) for req in requests]
+        results: list = [None] * len(requests)
+        pad_id = self.tokenizer.pad_token_id
+        for batch in length_sorted_batches(lengths, keys, self.batch_size):
+            gen = dict(requests[batch[0]].args[1])
+            until = gen.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            kwargs = self._generation_kwargs(gen)
+            if until:  # stop as soon as a stop string appears; the text is cut below as well
+                kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
+            out = generate(self.model, self.processor, [contexts[i] for i in batch],
+                           [self._images(requests[i]) for i in batch], **kwargs)
+            rep = out.report
+            new = out.sequences[:, out.sequences.shape[1] - rep.new_tokens:]
+            generated = (new != pad_id).sum(1).tolist() if pad_id is not None else [rep.new_tokens] * len(batch)
+            for k, i in enumerate(batch):
+                self._record(requests[i], rep.visual_tokens[k], rep.full_tokens)
+                results[i] = GenerationResult(
+                    text=cut_at_stop_strings(out.answers[k], until),
+                    token_counts=VisualTokenCounts(output_tokens=int(generated[k]), visual_tokens=rep.visual_tokens[k],
+                                                   full_visual_tokens=rep.full_tokens))
+            elapsed = rep.encoder_s + rep.prefill_s + rep.decode_s
+            log_metrics(total_elapsed_time=elapsed, total_gen_tokens=int(sum(generated)),
+                        avg_speed=sum(generated) / elapsed if elapsed > 0 else 0.0)
+        return results
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request ``(negative log-likelihood of the continuation, is it the greedy answer)``.
+
+        lmms-eval's multiple-choice scoring takes the arg-min of the first number (its models
+        return a loss), so this returns the summed negative log-likelihood. The pair is wrapped in a
+        `GenerationResult`, which lmms-eval 0.7.3 passes through as is (a bare tuple it turns into
+        its string), together with the visual token counts.
+        """
+        from ..vlms.generation import generate
+
+        contexts, continuations = [], []
+        for req in requests:
+            context, target, _, doc_id, task, split = req.args[:6]
+            continuations.append(target if isinstance(target, str) else target(self.task_dict[task][split][doc_id]))
+            contexts.append(context)
+        # Sorting needs only a length; the exact continuation tokens are found per batch.
+        lengths = [len(ids) for ids in self.tokenizer([c + t for c, t in zip(contexts, continuations)])["input_ids"]]
+        eos = self.model.generation_config.eos_token_id
+        fill = (eos[0] if isinstance(eos, list) else eos) if eos is not None else self.tokenizer.pad_token_id
+        results: list = [None] * len(requests)
+        for batch in length_sorted_batches(lengths, [None] * len(requests), self.batch_size):
+            images = [self._images(requests[i]) for i in batch]
+            targets = [self._continuation_ids(contexts[i], continuations[i], len(ims), requests[i])
+                       for i, ims in zip(batch, images)]
+            scorer = ContinuationScorer(targets, fill)
+            out = generate(self.model, self.processor, [contexts[i] for i in batch], images,
+                           max_new_tokens=max(len(t) for t in targets), do_sample=False,
+                           logits_processor=LogitsProcessorList([scorer]))
+            rep = out.report
+            for k, i in enumerate(batch):
+                self._record(requests[i], rep.visual_tokens[k], rep.full_tokens)
+                results[i] = GenerationResult(
+                    text=(-float(scorer.logprob[k]), bool(scorer.greedy[k])),
+                    token_counts=VisualTokenCounts(visual_tokens=rep.visual_tokens[k], full_visual_tokens=rep.full_tokens))
+        return results
+
+    def _continuation_ids(self, context: str, continuation: str, num_images: int, request: Instance) -> list[int]:
+        """The continuation's tokens as lm-eval splits them: tokenize the prompt (as dymu.generate
+        builds it) with the continuation, and take what follows the prompt's own tokens (a word
+        boundary can tokenize differently on its own)."""
+        from ..vlms.generation import chat_text
+
+        prompt = chat_text(self.processor, context, num_images)
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        ids = self.tokenizer(prompt + continuation)["input_ids"][len(prompt_ids):]
+        if not ids:
+            raise ValueError(f"dymu lmms-eval model: task {request.task_name} doc {request.doc_id}: the continuation "
+                             f"{continuation!r} has no tokens.")
+        return ids
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("dymu lmms-eval model: multi-round generation is not supported.")
+
+    # --- the end of the requests ---------------------------------------------------------------
+
+    def visual_token_summary(self) -> dict[str, float]:
+        """Mean visual tokens per image over every process's documents (a collective call under
+        data parallelism: every rank must make it)."""
+        per_doc = dict(self._visual_tokens)
+        dist = torch.distributed
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, per_doc)
+            per_doc = {}
+            for part in gathered:
+                for key, value in part.items():
+                    per_doc.setdefault(key, value)
+        return visual_token_summary(per_doc)
+
+    def clean(self):
+        """lmms-eval calls this on every rank once all requests are answered: report the visual
+        tokens (into results["throughput"]) before the base class frees the model."""
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        summary = self.visual_token_summary()
+        if summary and self.rank == 0:
+            log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
+            tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items()
+                              if k.startswith("visual_tokens/"))
+            print(f"dymu [{self.mode}]: {summary['visual_tokens']:.1f} visual tokens per image on average "
+                  f"(stock {summary['full_visual_tokens']:.0f}; {tasks})", flush=True)
+        super().clean()
+
+
+def load_thresholds(value):
+    """``thresholds`` model arg: None, one number for every layer (``inf`` = no merge) or a file."""
+    from ..thresholds import Thresholds
+
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        return Thresholds.load(value)
+
+
+def _flatten(visuals) -> list:
+    if visuals is None:
+        return []
+    if isinstance(visuals, (list, tuple)):
+        return [v for item in visuals for v in _flatten(item)]
+    return [visuals]
