@@ -34,7 +34,8 @@ _CORPUS = [
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'video' %}<video>\n{% else %}{{ part['text'] }}"
     "{% endif %}{% endfor %} {% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -45,21 +46,22 @@ def demo_image_paths() -> list[Path]:
     return [by_name[name] for name in DEMO_IMAGES]
 
 
-def build_tokenizer():
-    """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens."""
+def build_tokenizer(video: bool = False):
+    """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens
+    (and OneVision's ``<video>`` when ``video``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["<video>"] if video else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    extra = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="left")
+                                   pad_token="<pad>", extra_special_tokens=extra, padding_side="left")
 
 
 def build_demo_model(seed: int = 0):
@@ -86,6 +88,66 @@ def build_demo_model(seed: int = 0):
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+ANYRES_CROP, ANYRES_PATCH = 126, 14  # a 9x9 grid per crop: odd, like SigLIP's 27x27
+# AnyRes pinpoints up to 3x3 crops. OneVision's anyres_max_9 becomes anyres_max_4 here, so that the
+# tiny model's larger canvases (3x3 and 2x3 crops) take the bilinear downsampling path.
+ANYRES_PINPOINTS = [[ANYRES_CROP * h, ANYRES_CROP * w] for h in (1, 2, 3) for w in (1, 2, 3)]
+ONEVISION_ASPECT = "anyres_max_4"
+
+
+def build_demo_anyres_model(family: str, seed: int = 0):
+    """(model, processor) shaped like LLaVA-OneVision (SigLIP read at -1 "full", Qwen2, anyres_max,
+    video) or LLaVA-NeXT (CLIP read at -2 "default", Llama) at small dimensions, random weights.
+
+    The processor is the stock `LlavaNextProcessor`, or for OneVision `dymu.vlms.llava_next.
+    onevision_processor` (the stock one without its video processor when torchvision is missing).
+    """
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+
+    if family not in ("onevision", "next"):
+        raise ValueError(f"unknown demo family {family!r}; choose one of llava, onevision, next")
+    onevision = family == "onevision"
+    tokenizer = build_tokenizer(video=onevision)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=ANYRES_CROP, patch_size=ANYRES_PATCH)
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    grid = (ANYRES_CROP // ANYRES_PATCH) ** 2
+    torch.manual_seed(seed)
+    if onevision:
+        from ..vlms.llava_next import onevision_processor
+
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
+            image_token_index=image_token_id, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            image_grid_pinpoints=ANYRES_PINPOINTS, vision_aspect_ratio=ONEVISION_ASPECT,
+            vision_feature_layer=-1, vision_feature_select_strategy="full")
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        processor = onevision_processor(tokenizer, ANYRES_CROP, ANYRES_PINPOINTS, grid, ONEVISION_ASPECT,
+                                        chat_template=CHAT_TEMPLATE)
+    else:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(projection_dim=64, **vision),
+                                 text_config=LlamaConfig(**text), image_token_index=image_token_id,
+                                 image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", image_seq_length=grid)
+        model = LlavaNextForConditionalGeneration(config).eval()
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": ANYRES_CROP}, crop_size={"height": ANYRES_CROP, "width": ANYRES_CROP},
+            image_grid_pinpoints=ANYRES_PINPOINTS)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=ANYRES_PATCH,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=CHAT_TEMPLATE)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
 

@@ -60,10 +60,10 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
     return model, processor
 
 
-def chat_text(processor, prompt: str, num_images: int) -> str:
+def chat_text(processor, prompt: str, num_images: int, num_videos: int = 0) -> str:
     """The processor's chat template for one user turn, else LLaVA-1.5's plain format."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
     return "USER: " + "<image>\n" * num_images + prompt + " ASSISTANT:"
