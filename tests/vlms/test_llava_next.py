@@ -1,0 +1,258 @@
+"""LLaVA-OneVision and LLaVA-NeXT (AnyRes): tiny random models saved and reloaded with from_pretrained.
+
+Oracles: thresholds +inf == stock logits; real merges == a slow reference written here from the
+description (stock packing of the virtually unmerged crops, stock language model with the attention
+output averaged over each group, groups found from dense one-hot indicators pushed through the stock
+packing); batch == each prompt alone; calibration merges B·r edges per layer on its batch of crops.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+import dymu
+from conftest import load_image
+from dymu.decoders.llama import rows_processed
+from dymu.vlms.generation import chat_text
+
+FAMILIES = ["onevision", "next"]
+CLASSES = {"onevision": LlavaOnevisionForConditionalGeneration, "next": LlavaNextForConditionalGeneration}
+
+
+@pytest.fixture(scope="session")
+def anyres_dirs(tmp_path_factory):
+    from dymu.tools.demo import build_demo_anyres_model
+
+    folders = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"tiny_{family}")
+        model, processor = build_demo_anyres_model(family)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+def load(anyres_dirs, family):
+    from dymu.vlms.llava_next import load_onevision_processor
+
+    folder = anyres_dirs[family]
+    model = CLASSES[family].from_pretrained(folder, attn_implementation="eager").eval()
+    processor = load_onevision_processor(folder) if family == "onevision" else AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def odd_image():
+    """3x3 crops of an odd aspect ratio: unpadding cuts token rows (27 -> 21), and OneVision's
+    (tiny) anyres_max_4 then downsamples the 21x27 canvas bilinearly (to 15x20)."""
+    return load_image("darknet_dog_bicycle_truck.jpg").resize((380, 300))
+
+
+def frames():
+    image = load_image("darknet_kite_beach.jpg")
+    return [image.resize((160, 120)).rotate(7 * i) for i in range(3)]
+
+
+def cases(family):
+    """(prompts, images per prompt, videos per prompt): one AnyRes image, multi-image, video (OneVision)."""
+    two = [load_image("synthetic_gradient.png").resize((200, 90)), load_image("skimage_chessboard.png").resize((120, 120))]
+    prompts = ["What is this?", "Compare the two pictures.", "What happens in the video?"]
+    images = [[odd_image()], two, []]
+    videos = [[], [], [frames()]]
+    if family == "next":  # LLaVA-NeXT has no video input: a second AnyRes image instead
+        images[2], videos[2] = [load_image("darknet_eagle.jpg").resize((250, 120))], []
+    return prompts, images, videos
+
+
+def inputs_for(processor, prompts, images, videos):
+    texts = [chat_text(processor, p, len(i), len(v)) for p, i, v in zip(prompts, images, videos)]
+    kwargs = {}
+    if any(images):
+        # OneVision's processor reads the images per prompt (multi-image rule); NeXT's takes a flat list.
+        kwargs["images"] = images if hasattr(processor, "video_token") else [i for ims in images for i in ims]
+    if any(videos):
+        kwargs["videos"] = [v for vs in videos for v in vs]
+    return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+
+
+def masked_max_diff(a, b, mask):
+    return float((a - b)[mask.bool()].abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_merge_equals_stock_single_multi_video_and_mixed_batch(anyres_dirs, family):
+    model, processor = load(anyres_dirs, family)
+    prompts, images, videos = cases(family)
+    batches = [([p], [i], [v]) for p, i, v in zip(prompts, images, videos)] + [(prompts, images, videos)]
+    layers = model.config.vision_config.num_hidden_layers
+    for batch in batches:
+        inputs = inputs_for(processor, *batch)
+        with torch.no_grad():
+            stock = model(**inputs).logits
+            dymu.apply(model, [math.inf] * layers, mode="dymu")
+            ours = model(**inputs).logits
+            dymu.remove(model)
+            again = model(**inputs).logits
+        assert masked_max_diff(ours, stock, inputs["attention_mask"]) <= 1e-5
+        assert torch.equal(again, stock)
+    assert type(model.model).__name__ in ("LlavaNextModel", "LlavaOnevisionModel")
+
+
+# ---- the slow reference ----------------------------------------------------------------------------
+
+
+def _groups_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(L, G) float64 indicator rows -> (L,) group ids: identical rows (to 1e-9) share an id; an
+    all-zero row (a newline: no merged token in it) is a group of its own."""
+    key = (rows * 1e9).round()
+    ids = torch.unique(key, dim=0, return_inverse=True)[1]
+    empty = rows.abs().sum(1) == 0
+    ids[empty] = ids.max() + 1 + torch.arange(int(empty.sum()))
+    return ids
+
+
+def reference_logits(model, inputs):
+    """Stock language model on the virtually unmerged, stock-packed features, with the attention
+    output of every layer replaced by its mean over each VTU group (paper Eq. 11)."""
+    from transformers.models.llava_next import modeling_llava_next as stock_next
+    from transformers.models.llava_onevision import modeling_llava_onevision as stock_ov
+
+    inner = model.model
+    onevision = isinstance(model, LlavaOnevisionForConditionalGeneration)
+    stock = stock_ov if onevision else stock_next
+    config = model.config
+    crop_px = config.vision_config.image_size
+    input_ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(input_ids)
+    labels = torch.full_like(input_ids, -1)
+    next_label = 0
+
+    def pack(per_item, newline, sizes):
+        if onevision:
+            return inner.pack_image_features(per_item, sizes, image_newline=newline,
+                                             vision_aspect_ratio=config.vision_aspect_ratio)[0]
+        return inner.pack_image_features(per_item, sizes, config.vision_feature_select_strategy,
+                                         image_newline=newline)[0]
+
+    def unmerge(pixels):
+        enc = dymu.encode(model, pixels)
+        feats, onehots = [], []
+        for k in range(len(enc)):
+            crop = enc.image(k)
+            projected = inner.multi_modal_projector(crop["tokens"])
+            feats.append(projected[crop["group_of_patch"]])  # (P, D) virtual unmerge
+            onehots.append(torch.nn.functional.one_hot(crop["group_of_patch"], len(crop["tokens"])).double())
+        return feats, onehots
+
+    def place(token_id, items):  # items: list of (features (L, D), group ids (L,)) in reading order
+        nonlocal embeds, next_label
+        feats = torch.cat([f for f, _ in items])
+        mask = (input_ids == token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, feats)
+        ids = []
+        for _, g in items:
+            ids.append(g + next_label)
+            next_label += len(g)
+        labels[input_ids == token_id] = torch.cat(ids)
+
+    if "pixel_values" in inputs:
+        sizes = inputs["image_sizes"]
+        per_sample = inputs.get("batch_num_images")
+        patched = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        counts = [stock.image_size_to_num_patches(s, config.image_grid_pinpoints, crop_px) if p else 1
+                  for s, p in zip(sizes, patched)]
+        crops = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], counts)])
+        feats, onehots = unmerge(crops)
+        items, start = [], 0
+        for i, n in enumerate(counts):
+            f = torch.stack(feats[start:start + n])
+            width = sum(o.shape[1] for o in onehots[start:start + n])
+            ind, col = [], 0
+            for o in onehots[start:start + n]:  # each crop's tokens get their own columns
+                block = torch.zeros(o.shape[0], width, dtype=torch.float64)
+                block[:, col:col + o.shape[1]] = o
+                ind.append(block)
+                col += o.shape[1]
+            start += n
+            packed = pack([f], inner.image_newline, sizes[i:i + 1])[0]
+            packed_ind = pack([torch.stack(ind)], torch.zeros(width, dtype=torch.float64), sizes[i:i + 1])[0]
+            items.append((packed, _groups_of_rows(packed_ind)))
+        place(config.image_token_id, items)
+    if "pixel_values_videos" in inputs:
+        videos = inputs["pixel_values_videos"]
+        feats, onehots = unmerge(videos.flatten(0, 1))
+        frames_per_video = videos.shape[1]
+        items = []
+        for v in range(videos.shape[0]):
+            fs = feats[v * frames_per_video:(v + 1) * frames_per_video]
+            os_ = onehots[v * frames_per_video:(v + 1) * frames_per_video]
+            width = sum(o.shape[1] for o in os_)
+            ind, col = [], 0
+            for o in os_:
+                block = torch.zeros(o.shape[0], width, dtype=torch.float64)
+                block[:, col:col + o.shape[1]] = o
+                ind.append(block)
+                col += o.shape[1]
+            pooled = inner.apply_pooling(torch.stack(fs)).flatten(0, 1)
+            pooled_ind = inner.apply_pooling(torch.stack(ind)).flatten(0, 1)
+            packed = torch.cat([pooled, inner.image_newline[None]])
+            packed_ind = torch.cat([pooled_ind, torch.zeros(1, width, dtype=torch.float64)])
+            items.append((packed, _groups_of_rows(packed_ind)))
+        place(config.video_token_id, items)
+
+    # Dense per-sequence group membership: (B, N, N) "same group", text and padding alone.
+    same = (labels[:, :, None] == labels[:, None, :]) & (labels[:, :, None] >= 0)
+    same = same | torch.eye(labels.shape[1], dtype=torch.bool)
+    average = same.double() / same.sum(-1, keepdim=True)
+
+    def group_mean(module, args, output):
+        out = output[0]
+        return (torch.einsum("bij,bjd->bid", average.to(out.dtype), out),) + tuple(output[1:])
+
+    layers = inner.language_model.layers
+    handles = [layer.self_attn.register_forward_hook(group_mean) for layer in layers]
+    try:
+        hidden = inner.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    return model.lm_head(hidden), labels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_merges_equal_the_slow_reference(anyres_dirs, family):
+    model, processor = load(anyres_dirs, family)
+    dymu.apply(model, r=6, mode="tome")  # fixed merges: every crop and frame loses tokens
+    prompts, images, videos = cases(family)
+    inputs = inputs_for(processor, prompts, images, videos)
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        rows = rows_processed(model)
+        reference, labels = reference_logits(model, inputs)
+    assert masked_max_diff(ours, reference, inputs["attention_mask"]) <= 1e-4
+    # VTU ran its MLP on fewer rows than positions, and the reference's groups are as many.
+    groups = sum(int(l[l >= 0].unique().numel()) for l in labels)
+    text = int((labels < 0).sum())
+    layers = model.config.text_config.num_hidden_layers
+    assert rows["mlp"] == layers * (groups + text) < rows["positions"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_of_a_group_are_bitwise_equal(anyres_dirs, family):
+    model, processor = load(anyres_dirs, family)
+    dymu.apply(model, r=6, mode="tome")
+    prompts, images, videos = cases(family)
+    inputs = inputs_for(processor, prompts[:1], [[odd_image()]], [[]])
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    for f in features:
+        group = f.dymu_group_of_patch
+        for g in group.unique():
+            rows = f[group == g]
+            assert torch.equal(rows, rows[:1].expand_as(rows))
+        assert group.unique().numel() < len(f)
+        if family == "onevision":  # the canvas went through the bilinear downsampling: 21x27 -> 15x20 (+ newlines)
+            assert len(f) == 81 + 15 * 20 + 15
