@@ -61,6 +61,18 @@ def supported_vlm_names() -> list[str]:
     return [c.__name__ for name in VLM_WIRINGS for c in importlib.import_module(f"{__package__}.vlms.{name}").SUPPORTED_VLMS]
 
 
+def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+    """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image).
+
+    One crop per image, except for AnyRes VLMs (LLaVA-NeXT / OneVision), whose wiring lists every
+    image's valid crops (``encoder_pixels`` in its module)."""
+    wiring = vlm_wiring(model)
+    if wiring is not None and hasattr(wiring, "encoder_pixels"):
+        return wiring.encoder_pixels(model, processed)
+    pixels = processed["pixel_values"]
+    return pixels, [1] * len(pixels)
+
+
 def _is_vlm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return hasattr(config, "vision_config") and hasattr(config, "text_config")

@@ -256,3 +256,87 @@ def test_rows_of_a_group_are_bitwise_equal(anyres_dirs, family):
         assert group.unique().numel() < len(f)
         if family == "onevision":  # the canvas went through the bilinear downsampling: 21x27 -> 15x20 (+ newlines)
             assert len(f) == 81 + 15 * 20 + 15
+
+
+# ---- calibration on crops, dymu.generate, batches ----------------------------------------------------
+
+CALIBRATION = ["synthetic_blank_white.png", "skimage_chelsea_cat.png", "darknet_dog_bicycle_truck.jpg",
+               "synthetic_gradient.png", "skimage_coffee.png", "darknet_eagle.jpg"]
+
+
+@pytest.fixture(scope="session")
+def anyres_thresholds(anyres_dirs):
+    out = {}
+    for family in FAMILIES:
+        model, processor = load(anyres_dirs, family)
+        images = [load_image(n).resize((200, 150)) for n in CALIBRATION]  # 1x2 crops + base: 3 crops each
+        out[family] = dymu.calibrate(model, images, preset="mid", batch_size=3, progress=False,
+                                     processor=processor.image_processor, model_ref=str(anyres_dirs[family]))
+    return out
+
+
+def test_calibration_on_crops_merges_b_times_r_per_layer_and_loads_back(anyres_dirs, tmp_path):
+    from dymu.api import encoder_pixels
+
+    model, processor = load(anyres_dirs, "onevision")
+    images = [load_image(n) for n in CALIBRATION[:3]]
+    thresholds = dymu.calibrate(model, images, r=9, batch_size=3, progress=False,
+                                processor=processor.image_processor)
+    crops, counts = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))
+    assert len(counts) == 3 and sum(counts) == len(crops) > 3  # AnyRes: several crops per image
+    assert thresholds.images_seen == len(crops)
+    assert thresholds.encoder["patches_per_image"] == 81  # per crop (SigLIP's 729 in the real OneVision)
+    dymu.apply(model, thresholds)
+    with torch.no_grad():
+        kept = dymu.encode(model, crops).kept_per_layer  # (crops, layers)
+    before = torch.cat([torch.full((len(crops), 1), 81), kept[:, :-1]], dim=1)
+    assert (before - kept).sum(0).tolist() == [len(crops) * 9] * kept.shape[1]
+    thresholds.save(tmp_path / "t.json")
+    loaded = dymu.Thresholds.load(tmp_path / "t.json")
+    loaded.check_compatible(model.model.vision_tower)
+    assert loaded.thresholds == thresholds.thresholds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_prompts_equal_each_prompt_alone(anyres_dirs, anyres_thresholds, family):
+    model, processor = load(anyres_dirs, family)
+    dymu.apply(model, anyres_thresholds[family], mode="dymu")
+    prompts, images, videos = cases(family)
+    batch = dymu.generate(model, processor, prompts, images, videos=videos, max_new_tokens=4, output_scores=True)
+    report = batch.report
+    assert [len(v) for v in report.visual_tokens] == [len(i) + len(v) for i, v in zip(images, videos)]
+    pairs = [(n, s) for ns, ss in zip(report.visual_tokens, report.stock_tokens) for n, s in zip(ns, ss)]
+    assert all(0 < n <= s for n, s in pairs) and sum(n for n, _ in pairs) < sum(s for _, s in pairs), report
+    for i, prompt in enumerate(prompts):
+        alone = dymu.generate(model, processor, [prompt], [images[i]], videos=[videos[i]], max_new_tokens=4,
+                              output_scores=True)
+        assert alone.answers[0] == batch.answers[i]
+        assert alone.report.visual_tokens[0] == report.visual_tokens[i]
+        assert alone.report.stock_tokens[0] == report.stock_tokens[i]
+        for step_alone, step_batch in zip(alone.scores, batch.scores):
+            assert (step_alone[0] - step_batch[i]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_mode_report_and_stock_generate_in_dymu_mode(anyres_dirs, anyres_thresholds, family):
+    model, processor = load(anyres_dirs, family)
+    prompts, images, videos = cases(family)
+    stock = dymu.generate(model, processor, prompts[:1], images[:1], max_new_tokens=3)
+    assert stock.report.visual_tokens == stock.report.stock_tokens  # stock: every placeholder its own row
+    dymu.apply(model, anyres_thresholds[family], mode="dymu")
+    ours = dymu.generate(model, processor, prompts[:1], images[:1], max_new_tokens=3)
+    assert ours.report.stock_tokens == stock.report.stock_tokens
+    inputs = inputs_for(processor, prompts[:1], images[:1], videos[:1])
+    assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ours.sequences)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_refuses_modes_without_vtu(anyres_dirs, anyres_thresholds, family):
+    model, _ = load(anyres_dirs, family)
+    for mode in ("dtome", "downsample"):
+        with pytest.raises(ValueError, match=f"mode '{mode}' is not available for"):
+            dymu.apply(model, anyres_thresholds[family], mode=mode)
+    with pytest.raises(ValueError, match="without VTU is not available"):
+        dymu.apply(model, r=4, mode="tome", tome_vtu=False)
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        dymu.apply(model, anyres_thresholds[family], mode="fast")

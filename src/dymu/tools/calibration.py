@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from .. import merge as M
-from ..api import vision_tower_of, default_feature_layer
+from ..api import default_feature_layer, encoder_pixels, vision_tower_of
 from ..images import open_images
 from ..towers.encoder import dtome_patched, encode_with_tower, layers_to_run
 from ..thresholds import Thresholds, encoder_identity
@@ -208,6 +208,8 @@ def calibrate(
     and layer: one value or one per layer); default: preset mid. Unreadable images are skipped and
     listed in the result. With ``checkpoint``, progress is saved every ``checkpoint_every`` batches
     and a rerun resumes from it. Under torch.distributed, batches are split across ranks.
+    For LLaVA-NeXT / OneVision (give their AnyRes image processor) a batch of B images is the
+    batch of all their crops, and token counts and ``images_seen`` are per crop.
     """
     from tqdm.auto import tqdm
 
@@ -240,7 +242,8 @@ def calibrate(
             opened, skipped = open_images(batches[index])
             loaded = [image for _, image in opened]
             if loaded:
-                pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
+                # AnyRes VLMs: every crop of every image, as the tower sees them at inference.
+                pixels = encoder_pixels(model, processor(images=loaded, return_tensors="pt"))[0].to(device)
                 rec = _record_batch(tower, family, pixels, per_layer_r, run, feature_layer, index, skipped)
             else:
                 rec = BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)

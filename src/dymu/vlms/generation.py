@@ -19,17 +19,27 @@ from PIL import Image
 
 from .llava import llava_mode
 
+VLM_TYPES = {  # model_type -> transformers class name
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+
 
 @dataclass
 class Report:
     mode: str
-    visual_tokens: list[list[int]]  # per prompt, per image: tokens kept
-    full_tokens: int  # per image in the stock model
+    # Per prompt, per image (then per video): distinct visual rows the LLM runs. LLaVA-1.5: the
+    # tokens kept; AnyRes / video: the VTU groups of the packed (unpadded, newline, pooled) layout.
+    visual_tokens: list[list[int]]
+    full_tokens: int  # tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder
     encoder_s: float
     prefill_s: float
     decode_s: float
     new_tokens: int = 0
     image_size: int | None = None  # downsample: the side the images were resized to
+    # Per prompt, per image (then per video): placeholders in the stock prompt (AnyRes: after packing).
+    stock_tokens: list[list[int]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -44,18 +54,25 @@ class GenerationResult:
 
 
 def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None):
-    """(LlavaForConditionalGeneration, processor) from a hub id or a local folder."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor) of a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision from a hub id or a local folder."""
+    import transformers
+    from transformers import AutoProcessor
 
     from ..loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
-    if config.model_type != "llava":
-        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
-                        "(LlavaForConditionalGeneration) models.")
+    if config.model_type not in VLM_TYPES:
+        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports "
+                        f"{', '.join(VLM_TYPES.values())} models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
-    processor = AutoProcessor.from_pretrained(model_ref)
+    cls = getattr(transformers, VLM_TYPES[config.model_type])
+    model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+    if config.model_type == "llava_onevision":
+        from .llava_next import load_onevision_processor
+
+        processor = load_onevision_processor(model_ref)
+    else:
+        processor = AutoProcessor.from_pretrained(model_ref)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -120,15 +137,81 @@ class _ForwardTimer:
             h.remove()
 
 
+def _anyres_inputs(model, processor, prompts, images, videos, device):
+    """LLaVA-NeXT / OneVision: the stock processor's inputs, then the encoder run on its own.
+
+    Returns (input_ids, attention_mask, mm_encoder_outputs, visual rows per item, stock placeholders
+    per item), items in reading order: every prompt's images, then (OneVision) the videos.
+    """
+    from .llava_next import load_video, unique_rows_per_item
+
+    onevision = hasattr(processor, "video_token")
+    if any(videos) and not onevision:
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
+    videos = [[load_video(v) if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__") else list(v) for v in vs]
+              for vs in videos]
+    texts = [chat_text(processor, p, len(i), len(v)) for p, i, v in zip(prompts, images, videos)]
+    kwargs = {}
+    if any(images):  # OneVision reads images per prompt (its multi-image rule); NeXT a flat list
+        kwargs["images"] = [list(i) for i in images] if onevision else [im for ims in images for im in ims]
+    if any(videos):
+        kwargs["videos"] = [v for vs in videos for v in vs]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    inner, dtype = model.model, model.dtype
+    mm, visual, stock = {}, {}, {}
+    if "pixel_values" in inputs:
+        extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+        mm["image"] = inner.get_image_features(inputs["pixel_values"].to(device, dtype), inputs["image_sizes"].to(device),
+                                               **extra)
+    if "pixel_values_videos" in inputs:
+        mm["video"] = inner.get_video_features(inputs["pixel_values_videos"].to(device, dtype))
+    for kind, out in mm.items():
+        visual[kind] = unique_rows_per_item(out.pooler_output)
+        stock[kind] = [len(f) for f in out.pooler_output]
+    per_prompt_visual, per_prompt_stock, cursor = [], [], {"image": 0, "video": 0}
+    for ims, vs in zip(images, videos):
+        row_v, row_s = [], []
+        for kind, n in (("image", len(ims)), ("video", len(vs))):
+            row_v += visual.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            row_s += stock.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            cursor[kind] += n
+        per_prompt_visual.append(row_v)
+        per_prompt_stock.append(row_s)
+    return (inputs["input_ids"].to(device), inputs["attention_mask"].to(device), mm or None, per_prompt_visual,
+            per_prompt_stock)
+
+
 @torch.no_grad()
-def generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, max_new_tokens: int = 32,
-             output_scores: bool = False, **generate_kwargs) -> GenerationResult:
+def generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, videos: list[list] | None = None,
+             max_new_tokens: int = 32, output_scores: bool = False, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
-    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    The model is a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision, stock or patched by `dymu.apply` in any
+    of its modes. ``videos[i]`` (OneVision): a list of videos for prompt i, each a list of PIL frames
+    or a video file path (read with PyAV, `pip install dymu[video]`).
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    videos = videos if videos is not None else [[] for _ in prompts]
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(videos)} video lists")
+    from .llava_next import SUPPORTED_VLMS as ANYRES
+
+    if isinstance(model, ANYRES):
+        device = next(model.parameters()).device
+        start = time.perf_counter()
+        input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens = _anyres_inputs(
+            model, processor, prompts, images, videos, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        encoder_s = time.perf_counter() - start
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        return _generate_and_report(model, processor, input_ids, attention_mask, mm_encoder_outputs, per_prompt,
+                                    stock_tokens, side * side, encoder_s, None, max_new_tokens, output_scores,
+                                    generate_kwargs)
+    if any(videos):
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
     mode = llava_mode(model)
     inner = model.model
     config = model.config
@@ -163,7 +246,18 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
                 input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
                 placeholders)
     encoder_s = time.perf_counter() - start
+    per_prompt, k = [], 0
+    for ims in images:
+        per_prompt.append(counts[k : k + len(ims)])
+        k += len(ims)
+    stock_tokens = [[config.image_seq_length] * len(ims) for ims in images]
+    return _generate_and_report(model, processor, input_ids, attention_mask, mm_encoder_outputs, per_prompt,
+                                stock_tokens, config.image_seq_length, encoder_s, side, max_new_tokens, output_scores,
+                                generate_kwargs)
 
+
+def _generate_and_report(model, processor, input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens,
+                         full_tokens, encoder_s, side, max_new_tokens, output_scores, generate_kwargs):
     timer = _ForwardTimer(model)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs,
@@ -173,12 +267,9 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
         timer.close()
     new = out.sequences[:, input_ids.shape[1]:]
     answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    per_prompt, k = [], 0
-    for ims in images:
-        per_prompt.append(counts[k : k + len(ims)])
-        k += len(ims)
-    report = Report(mode=mode, visual_tokens=per_prompt, full_tokens=config.image_seq_length,
+    report = Report(mode=llava_mode(model), visual_tokens=per_prompt, full_tokens=full_tokens,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side)
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side,
+                    stock_tokens=stock_tokens)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

@@ -372,14 +372,15 @@ def remove_vlm(model: nn.Module) -> None:
 # Preprocessing: AnyRes crops for calibration, the OneVision processor without torchvision.
 
 
-def anyres_crops(model: nn.Module, processed) -> torch.Tensor:
-    """The crops the tower sees at inference for one processor output: (C, 3, S, S), every image's
-    valid crops in order (the processor pads ``pixel_values`` to the largest crop count)."""
+def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+    """The crops the tower sees at inference for one image-processor output (each image on its own,
+    all AnyRes crops): (C, 3, S, S) every image's valid crops in order, and the crops per image (the
+    processor pads ``pixel_values`` to the largest crop count)."""
     stock = stock_ov if isinstance(model, LlavaOnevisionForConditionalGeneration) else stock_next
     pixel_values, sizes = processed["pixel_values"], processed["image_sizes"]
     crop_px = model.config.vision_config.image_size
     counts = [stock.image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop_px) for s in sizes]
-    return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+    return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]), counts
 
 
 def onevision_processor(tokenizer, crop: int, pinpoints, num_image_tokens: int, aspect: str, chat_template=None):
@@ -491,14 +492,6 @@ def load_video(path: str, num_frames: int = 8):
         raise ValueError(f"{path}: has no video frames")
     step = len(frames) / min(num_frames, len(frames))
     return [frames[int(i * step)] for i in range(min(num_frames, len(frames)))]
-
-
-def anyres_mode(model: nn.Module) -> str:
-    return getattr(model, "_dymu_mode", "full")
-
-
-def stock_placeholders(features) -> list[int]:
-    return [len(f) for f in features]
 
 
 def unique_rows_per_item(features) -> list[int]:
