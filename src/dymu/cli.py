@@ -75,7 +75,10 @@ def _calibrate(args, rank: int) -> int:
     if rank == 0:
         thresholds.save(out)
         kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-        print(f"calibrated on {thresholds.images_seen} images: {kept:.1f} visual tokens kept on average "
+        from .api import vlm_wiring
+
+        unit = "AnyRes crops" if hasattr(vlm_wiring(model), "encoder_pixels") else "images"
+        print(f"calibrated on {thresholds.images_seen} {unit}: {kept:.1f} visual tokens kept on average "
               f"at layer {thresholds.feature_layer} of {thresholds.encoder['patches_per_image']}; wrote {out}")
         print_skipped(thresholds.skipped)
     return 0
@@ -106,7 +109,7 @@ def cmd_thresholds_import(args) -> int:
 def cmd_demo(args) -> int:
     from .tools.demo import run_demo
 
-    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
     return 0
 
 
@@ -130,25 +133,44 @@ def cmd_generate(args) -> int:
     from .vlms.generation import generate
     from .images import open_image
 
-    images = [open_image(p) for p in args.image]  # fail fast, naming the file, before loading a model
+    if not args.image and not args.video:
+        raise ValueError("give at least one --image or --video")
+    images = [open_image(p) for p in args.image or []]  # fail fast, naming the file, before loading a model
+    videos = [_video_frames(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens)
+    result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens)
     rep = result.report
     if args.json:
-        print(json.dumps({"answer": result.answers[0], "images": args.image, **rep.to_json()}, indent=1))
+        print(json.dumps({"answer": result.answers[0], "images": args.image, "videos": args.video, **rep.to_json()},
+                         indent=1))
         return 0
     print(result.answers[0])
-    tokens = ", ".join(f"{n}/{rep.full_tokens}" for n in rep.visual_tokens[0])
-    print(f"[mode {rep.mode}] visual tokens per image: {tokens}; encoder {rep.encoder_s * 1e3:.1f} ms, "
+    tokens = ", ".join(f"{n}/{s}" for n, s in zip(rep.visual_tokens[0], rep.stock_tokens[0]))
+    print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; "
+          f"encoder {rep.encoder_s * 1e3:.1f} ms, "
           f"prefill {rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)",
           file=sys.stderr)
     return 0
 
 
+def _video_frames(source: str, frames: int):
+    """A video: a folder of frame images (sorted by name) or a video file (PyAV)."""
+    from .images import find_images, open_image
+    from .vlms.llava_next import load_video
+
+    if Path(source).is_dir():
+        paths = sorted(find_images(source), key=lambda p: p.name)
+        if not paths:
+            raise ValueError(f"{source}: no frame images in this folder")
+        step = len(paths) / min(frames, len(paths))
+        return [open_image(paths[int(i * step)]) for i in range(min(frames, len(paths)))]
+    return load_video(source, frames)
+
+
 def cmd_encode(args) -> int:
     import torch
 
-    from .api import apply, encode, vision_tower_of
+    from .api import apply, encode, encoder_pixels, vision_tower_of
     from .images import find_images, open_images, print_skipped
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
@@ -168,13 +190,20 @@ def cmd_encode(args) -> int:
         if not opened:
             continue
         batch, images = zip(*opened)
-        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        # AnyRes VLMs (LLaVA-NeXT / OneVision): every crop of every image.
+        pixels, crops = encoder_pixels(model, processor(images=list(images), return_tensors="pt"))
         with torch.no_grad():
             encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
-        for p, i in zip(batch, range(len(encoded))):
-            one = encoded.image(i)
-            records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
-                            "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist()})
+        first = 0
+        for p, n in zip(batch, crops):
+            parts = [encoded.image(first + k) for k in range(n)]
+            first += n
+            per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
+                         "group_of_patch": one["group_of_patch"].tolist()} for one in parts]
+            record = {"path": str(p), "tokens": sum(c["tokens"] for c in per_crop),
+                      "full_tokens": n * encoded.group_of_patch.shape[1]}
+            record.update(per_crop[0] if n == 1 else {"crops": per_crop})
+            records.append(record)
     Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                            "skipped": skipped}) + "\n")
     for r in records:
@@ -261,22 +290,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA (or --model) with bundled images")
-    p.add_argument("--model", help="a LLaVA hub id or folder instead of the random-weight demo model")
+    p.add_argument("--family", default="llava", choices=["llava", "onevision", "next"],
+                   help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision or LLaVA-NeXT")
+    p.add_argument("--model", help="a LLaVA / LLaVA-NeXT / OneVision hub id or folder instead of the demo model")
     p.add_argument("--save-model", help="also save the demo model (weights, config, tokenizer, processor) here")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_demo)
 
     def model_args(p, thresholds_required):
-        p.add_argument("--model", required=True, help="LLaVA hub id or local folder")
+        p.add_argument("--model", required=True, help="LLaVA, LLaVA-NeXT or LLaVA-OneVision: hub id or local folder")
         p.add_argument("--thresholds", required=thresholds_required, help="thresholds JSON from `dymu calibrate`")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
-    p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA")
+    p = sub.add_parser("generate", help="answer a prompt about images (or a video) with a DyMU-patched LLaVA")
     model_args(p, thresholds_required=False)
-    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    p.add_argument("--video", action="append", help="OneVision: a folder of frame images, or a video file "
+                                                    "(needs PyAV: pip install 'dymu[video]'); repeatable")
+    p.add_argument("--frames", type=int, default=8, help="frames taken evenly from each --video (default 8)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
+    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"],
+                   help="LLaVA-NeXT / OneVision: full, dymu or tome (with VTU)")
     p.add_argument("--r", type=int, help="merges per layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=int, default=64)

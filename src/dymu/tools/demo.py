@@ -165,17 +165,24 @@ def save_demo_model(model, processor, folder: str | Path) -> Path:
 
 
 def run_demo(model_ref: str | None = None, save_model: str | None = None, max_new_tokens: int = 12,
-             out=print) -> dict:
+             out=print, family: str = "llava") -> dict:
     """The README's main command. Returns what it printed, as data (used by the tests)."""
     from .calibration import calibrate
     from ..vlms.generation import generate, load_vlm
     from ..images import open_image
-    from ..api import apply
+    from ..api import apply, encoder_pixels
 
     random_weights = model_ref is None
     if random_weights:
-        model, processor = build_demo_model()
-        out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
+        if family == "llava":
+            model, processor = build_demo_model()
+            out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
+        else:
+            model, processor = build_demo_anyres_model(family)
+            shape = ("LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
+                     f"{ONEVISION_ASPECT}, video)" if family == "onevision" else
+                     "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)")
+            out(f"dymu demo: a small {shape} with RANDOM weights,")
         out("built offline. Token counts and timings are real; the answers are noise.")
         if save_model:
             save_demo_model(model, processor, save_model)
@@ -184,38 +191,56 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     else:
         model, processor = load_vlm(model_ref)
         out(f"dymu demo on {model_ref}")
+    anyres = type(model).__name__ != "LlavaForConditionalGeneration"
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
 
     start = time.perf_counter()
     thresholds = calibrate(model, images, preset="mid", batch_size=len(images), progress=False,
-                           processor=processor.image_processor, model_ref=model_ref or "dymu-demo-random")
+                           processor=processor.image_processor, model_ref=model_ref or f"dymu-demo-{family}-random")
     patches = thresholds.encoder["patches_per_image"]
-    out(f"calibrated thresholds (preset mid, target {round(patches * 208 / 576)} of {patches} tokens) on "
+    unit = "crop" if anyres else "image"
+    out(f"calibrated thresholds (preset mid, target {round(patches * 208 / 576)} of {patches} tokens per {unit}) on "
         f"{len(images)} bundled images in {time.perf_counter() - start:.1f}s")
 
     apply(model, thresholds, mode="dymu")
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels, crops = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))
     with torch.no_grad():
-        model.model.get_image_features(pixel_values)
-    counts = model.model._dymu.last_encoded.num_tokens.tolist()
-    out("\nvisual tokens kept per image (simplest to most cluttered):")
-    for path, n in zip(paths, counts):
-        out(f"  {path.name:34s} {n:4d} / {patches}  {'#' * math.ceil(40 * n / patches)}")
+        from ..api import encode
+
+        kept = encode(model, pixels).num_tokens.tolist()
+    counts, first = [], 0
+    for n in crops:
+        counts.append(sum(kept[first:first + n]))
+        first += n
+    out(f"\nvisual tokens kept per image, all its {unit}s (simplest to most cluttered):")
+    for path, n, c in zip(paths, counts, crops):
+        full = c * patches
+        extra = f" ({c} crops)" if anyres else ""
+        out(f"  {path.name:34s} {n:5d} / {full}{extra:11s} {'#' * math.ceil(40 * n / full)}")
 
     results = {}
     pick = len(images) - 1  # the cluttered scene
-    for mode in ("full", "dymu"):
-        apply(model, thresholds, mode=mode)
-        result = generate(model, processor, [DEMO_PROMPT], [[images[pick]]], max_new_tokens=max_new_tokens)
-        results[mode] = result
-    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}")
-    out(f"  {'mode':6s} {'tokens':>8s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  answer (random weights: noise)")
-    for mode, result in results.items():
+    cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
+    if family == "onevision" and random_weights:  # a multi-image prompt and a video of the bundled images
+        cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
+        frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
+        cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))
+    for name, prompts, ims, videos in cases:
+        for mode in ("full", "dymu"):
+            apply(model, thresholds, mode=mode)
+            results[(name, mode)] = generate(model, processor, prompts, ims, videos=videos,
+                                             max_new_tokens=max_new_tokens)
+    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}" + ("; then 2 images; then the 6 images as "
+                                                             "video frames" if len(cases) > 1 else ""))
+    out(f"  {'input':8s} {'mode':6s} {'LLM rows/stock':>15s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  "
+        "answer (random weights: noise)")
+    for (name, mode), result in results.items():
         rep = result.report
-        out(f"  {mode:6s} {rep.visual_tokens[0][0]:>4d}/{rep.full_tokens:<3d} {rep.encoder_s * 1e3:7.1f}ms "
+        rows = f"{sum(rep.visual_tokens[0])}/{sum(rep.stock_tokens[0])}"
+        out(f"  {name:8s} {mode:6s} {rows:>15s} {rep.encoder_s * 1e3:7.1f}ms "
             f"{rep.prefill_s * 1e3:7.1f}ms {rep.decode_s * 1e3:7.1f}ms  {result.answers[0]!r}")
     if random_weights:
         out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench` measures "
-            "the speedup at real LLaVA-1.5 dimensions.")
+            "the speedup at real model dimensions.")
     return {"counts": dict(zip([p.name for p in paths], counts)), "results": results, "thresholds": thresholds}

@@ -150,6 +150,10 @@ def _anyres_inputs(model, processor, prompts, images, videos, device):
         raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
     videos = [[load_video(v) if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__") else list(v) for v in vs]
               for vs in videos]
+    for k, frames in enumerate(v for vs in videos for v in vs):
+        if not frames or len({f.size for f in frames}) > 1:
+            raise ValueError(f"video {k}: needs at least one frame and all frames of one size, got sizes "
+                             f"{sorted({f.size for f in frames})}")
     texts = [chat_text(processor, p, len(i), len(v)) for p, i, v in zip(prompts, images, videos)]
     kwargs = {}
     if any(images):  # OneVision reads images per prompt (its multi-image rule); NeXT a flat list

@@ -474,15 +474,15 @@ def _frames_processor_class():
 
 def load_video(path: str, num_frames: int = 8):
     """``num_frames`` evenly spaced frames of a video file as PIL images (needs PyAV: pip install dymu[video])."""
-    try:
-        import av
-    except ImportError:
-        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); "
-                         "or pass the frames as a list of PIL images") from None
     from pathlib import Path
 
     if not Path(path).exists():
         raise ValueError(f"{path}: no such file")
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); "
+                         "or pass the frames as a list of PIL images (or a folder of frame images)") from None
     try:
         with av.open(str(path)) as container:
             frames = [frame.to_image() for frame in container.decode(video=0)]

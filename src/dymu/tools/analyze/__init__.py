@@ -153,6 +153,10 @@ def cmd_analyze(args) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     thresholds = Thresholds.load(args.thresholds)
     model, processor = load_vision_model(args.model, device, dtype)
+    from ...api import vlm_wiring
+
+    if hasattr(vlm_wiring(model), "encoder_pixels"):
+        processor = None  # AnyRes VLM: analyse the whole image at the tower's crop size (the base crop)
     out = Path(args.out)
     analysis = analyze(
         model,
