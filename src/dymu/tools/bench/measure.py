@@ -472,7 +472,7 @@ def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
 
     cfg = model.config
     name = plan.exact_preset
-    group_map, embeds = _prefill_inputs(plan, model, visual_maps[name], seed=7)
+    group_map, embeds = _prefill_inputs((plan.text_before, plan.text_after), model, visual_maps[name], seed=7)
     layers_before = cfg.num_hidden_layers
     impl_before = cfg._attn_implementation
     model.set_attn_implementation("eager")
