@@ -340,3 +340,13 @@ def test_apply_refuses_modes_without_vtu(anyres_dirs, anyres_thresholds, family)
         dymu.apply(model, r=4, mode="tome", tome_vtu=False)
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         dymu.apply(model, anyres_thresholds[family], mode="fast")
+
+
+def test_beam_search_and_several_return_sequences_with_images_and_video(anyres_dirs):
+    model, processor = load(anyres_dirs, "onevision")
+    dymu.apply(model, r=6, mode="tome")
+    prompts, images, videos = cases("onevision")
+    for i in (0, 2):  # one AnyRes image; one video (generate re-stacks video features per beam)
+        inputs = inputs_for(processor, prompts[i:i + 1], images[i:i + 1], videos[i:i + 1])
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        assert out.shape[0] == 2

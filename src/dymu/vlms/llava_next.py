@@ -56,6 +56,7 @@ class AnyResSettings:
     mode: str
     last_encoded: EncodedImages | None = None  # crops/frames of the last encode (for reports)
     last_crops: list[int] | None = None  # crops (or frames) per image / video of that encode
+    last_videos: torch.Tensor | None = None  # (B, L, D) video features of the last encode, with their maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ class _DyMUAnyResModel:
             groups.append(group)
         features = torch.stack(out)  # (B, F·p² + 1, D), the stock layout
         features.dymu_group_of_patch = torch.stack(groups).to(features.device)
+        self._dymu.last_videos = features
         return BaseModelOutputWithPooling(pooler_output=features)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -286,22 +288,36 @@ class _DyMUAnyResModel:
             raise ValueError("DyMU with VTU needs input_ids to find the image placeholders (got inputs_embeds)")
         placeholders = []
         if (image := mm_encoder_outputs.get("image")) is not None:
-            placeholders.append((self.config.image_token_id, _labels_of(image.pooler_output, "image")))
+            placeholders.append((self.config.image_token_id, _labels_of(image.pooler_output)))
         if (video := mm_encoder_outputs.get("video")) is not None:
-            placeholders.append((self.config.video_token_id, _labels_of(video.pooler_output, "video")))
+            placeholders.append((self.config.video_token_id, self._video_labels(video.pooler_output)))
         group_map = labels_to_group_map(input_ids, placeholders)
         with vtu_groups(self.language_model, group_map):
             return super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
-def _labels_of(features, what: str) -> list[torch.Tensor]:
-    """Per image / video: the group label of every placeholder position."""
-    if isinstance(features, torch.Tensor):  # video: (B, L, D) with a (B, L) map
+    def _video_labels(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Per video (B, L, D): its (L,) group labels. generate() re-stacks video features for beam
+        search / num_return_sequences (a new tensor, without the map): each row is then found among
+        the videos of the last encode, which it equals bit for bit."""
         groups = getattr(features, "dymu_group_of_patch", None)
-        if groups is None:
-            raise ValueError(f"DyMU {what} features carry no group map: generate() re-stacks video features for "
-                             "beam search / num_return_sequences, which VTU does not support for video")
-        return list(groups)
+        if groups is not None:
+            return list(groups)
+        known = self._dymu.last_videos
+        labels = []
+        for video in features:
+            match = None if known is None else next(
+                (g for f, g in zip(known, known.dymu_group_of_patch) if f.shape == video.shape and torch.equal(f, video)),
+                None)
+            if match is None:
+                raise ValueError("DyMU video features carry no group map and match no video of the last encode: "
+                                 "pass videos as pixel_values_videos or through dymu.generate")
+            labels.append(match)
+        return labels
+
+
+def _labels_of(features) -> list[torch.Tensor]:
+    """Per image: the group label of every placeholder position."""
     labels = []
     for f in features:
         group = getattr(f, "dymu_group_of_patch", None)
