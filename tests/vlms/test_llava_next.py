@@ -222,10 +222,14 @@ def reference_logits(model, inputs):
     return model.lm_head(hidden), labels
 
 
+@pytest.mark.parametrize("mode", ["tome", "dymu"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_real_merges_equal_the_slow_reference(anyres_dirs, family):
+def test_real_merges_equal_the_slow_reference(anyres_dirs, anyres_thresholds, family, mode):
     model, processor = load(anyres_dirs, family)
-    dymu.apply(model, r=6, mode="tome")  # fixed merges: every crop and frame loses tokens
+    if mode == "tome":
+        dymu.apply(model, r=6, mode="tome")  # fixed merges: every crop and frame loses tokens
+    else:
+        dymu.apply(model, anyres_thresholds[family], mode="dymu")  # DToMe: calibrated thresholds
     prompts, images, videos = cases(family)
     inputs = inputs_for(processor, prompts, images, videos)
     with torch.no_grad():
