@@ -605,6 +605,7 @@ def run_bench(
         if runs < 1:
             raise ValueError(f"--runs must be at least 1, not {runs}")
         plan.runs, plan.merge_off_runs, plan.exact_runs = runs, 2 * runs, min(plan.exact_runs, runs)
+        plan.onevision_runs = runs
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
