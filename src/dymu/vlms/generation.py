@@ -62,8 +62,8 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
 
     config = _config(model_ref)
     if config.model_type not in VLM_TYPES:
-        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports "
-                        f"{', '.join(VLM_TYPES.values())} models.")
+        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA models "
+                        f"({', '.join(VLM_TYPES.values())}).")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     cls = getattr(transformers, VLM_TYPES[config.model_type])
     model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
