@@ -264,8 +264,10 @@ def add_bench(subparsers) -> None:
         description="Benchmark DToMe and VTU on real model dimensions with random weights (speed does not "
         "depend on the weights): CLIP ViT-L/14-336 encoder full vs DToMe low/mid/high, Vicuna-7B-shaped decoder "
         "prefill full vs VTU, the paper's Table 1 attention FLOPs counted honestly, calibration throughput, "
-        "merge-off overhead. Markdown to stdout, everything to --json. The full run takes under 10 minutes on a "
-        "2-core CPU; --quick (tiny sizes, 1 run) well under a minute.",
+        "merge-off overhead, and a LLaVA-OneVision-shaped prefill (Qwen2-7B layers over one AnyRes image). Markdown "
+        "to stdout, everything to --json. The full run takes under 10 minutes on a 2-core CPU without the onevision "
+        "section, which adds several minutes (a 7B-layer prefill over ~3,000 positions); --quick (tiny sizes, 1 run) "
+        "well under a minute.",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: a smoke test")
     p.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
