@@ -42,6 +42,42 @@ def _merge_order(thresholds, order: str | None) -> str | None:
     return order if order is not None else getattr(thresholds, "order", None)
 
 
+# The VLM wirings, one module per family under dymu.vlms (imported on first use, they import
+# transformers model code). Each exports SUPPORTED_VLMS (the model classes it patches),
+# apply_vlm(model, thresholds, r=, mode=, vtu_attention=, tome_vtu=, downsample_tokens=) and
+# remove_vlm(model). A new family adds its module name here.
+VLM_WIRINGS = ("llava", "llava_next")
+
+
+def vlm_wiring(model: nn.Module):
+    """The wiring module for ``model``'s class, or None."""
+    import importlib
+
+    for name in VLM_WIRINGS:
+        module = importlib.import_module(f"{__package__}.vlms.{name}")
+        if isinstance(model, module.SUPPORTED_VLMS):
+            return module
+    return None
+
+
+def supported_vlm_names() -> list[str]:
+    import importlib
+
+    return [c.__name__ for name in VLM_WIRINGS for c in importlib.import_module(f"{__package__}.vlms.{name}").SUPPORTED_VLMS]
+
+
+def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+    """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image).
+
+    One crop per image, except for AnyRes VLMs (LLaVA-NeXT / OneVision), whose wiring lists every
+    image's valid crops (``encoder_pixels`` in its module)."""
+    wiring = vlm_wiring(model)
+    if wiring is not None and hasattr(wiring, "encoder_pixels"):
+        return wiring.encoder_pixels(model, processed)
+    pixels = processed["pixel_values"]
+    return pixels, [1] * len(pixels)
+
+
 def _is_vlm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return hasattr(config, "vision_config") and hasattr(config, "text_config")
@@ -59,7 +95,8 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
-    - ``LlavaForConditionalGeneration``: ``mode`` is one of ``full`` (stock), ``dymu`` (DToMe +
+    - a supported VLM (``LlavaForConditionalGeneration``; ``LlavaNextForConditionalGeneration`` and
+      ``LlavaOnevisionForConditionalGeneration`` take full / dymu / tome only): ``mode`` is one of ``full`` (stock), ``dymu`` (DToMe +
       VTU, default), ``dtome`` (merged tokens fed directly, no VTU), ``tome`` (fixed ``r`` merges
       per layer, with VTU unless ``tome_vtu=False``), ``downsample`` (stock model, smaller images:
       see `dymu.generate`).
@@ -72,9 +109,8 @@ def apply(
     default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
-    from .vlms.llava import SUPPORTED_VLMS, apply_llava
-
-    if isinstance(model, SUPPORTED_VLMS):
+    wiring = vlm_wiring(model)
+    if wiring is not None:
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
         kept = getattr(thresholds, "tokens_kept_mean", None)
         order = _merge_order(thresholds, order)
@@ -86,12 +122,11 @@ def apply(
                 "on the same model and a few hundred images")
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
-        apply_llava(model, thresholds, r=r, order=order, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
-                    downsample_tokens=kept[-1] if kept else None)
+        wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
+                         downsample_tokens=kept[-1] if kept else None, order=order)
         return model
     if _is_vlm(model):
-        raise ValueError(f"{type(model).__name__} is not a supported VLM "
-                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS)}).")
+        raise ValueError(f"{type(model).__name__} is not a supported VLM (supported: {', '.join(supported_vlm_names())}).")
     if find_towers(model):
         tower, family = vision_tower_of(model)
         order = _merge_order(thresholds, order)
@@ -106,7 +141,7 @@ def apply(
     except ValueError:
         names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
         raise ValueError(
-            f"{type(model).__name__} is not supported: dymu.apply takes LlavaForConditionalGeneration, a vision "
+            f"{type(model).__name__} is not supported: dymu.apply takes a VLM ({', '.join(supported_vlm_names())}), a vision "
             f"model ({names}) or a Llama/Mistral/Qwen2 causal LM."
         ) from None
     return model
@@ -115,10 +150,10 @@ def apply(
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: stock classes, no hooks, no DyMU state. Weights were never touched."""
     from .decoders.llama import remove_vtu
-    from .vlms.llava import SUPPORTED_VLMS, remove_llava
 
-    if isinstance(model, SUPPORTED_VLMS):
-        remove_llava(model)
+    wiring = vlm_wiring(model)
+    if wiring is not None:
+        wiring.remove_vlm(model)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
     remove_vtu(model)

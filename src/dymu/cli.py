@@ -119,8 +119,11 @@ def _calibrate(args, rank: int) -> int:
         warn=lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True),
     )
     if rank == 0:
+        from .api import vlm_wiring
+
+        unit = "AnyRes crops" if hasattr(vlm_wiring(model), "encoder_pixels") else "images"
         line, _ = target_report(thresholds)
-        print(f"calibrated on {thresholds.images_seen} images: {line} at layer {thresholds.feature_layer} "
+        print(f"calibrated on {thresholds.images_seen} {unit}: {line} at layer {thresholds.feature_layer} "
               f"(of {thresholds.encoder['patches_per_image']} patches); wrote {out}")
         print_skipped(thresholds.skipped)
     return 0
@@ -159,7 +162,7 @@ def cmd_thresholds_import(args) -> int:
 def cmd_demo(args) -> int:
     from .tools.demo import run_demo
 
-    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
     return 0
 
 
@@ -184,28 +187,46 @@ def cmd_generate(args) -> int:
     from .vlms.generation import generate
     from .images import open_image, resolve_images
 
-    paths = resolve_images(args.images, args.image_root)
+    if not args.images and not args.video:
+        raise ValueError("give at least one --images or --video")
+    paths = resolve_images(args.images, args.image_root) if args.images else []
     images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
+    videos = [_video_frames(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens,
+    result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
                       chat_template=not args.raw_prompt)
     rep = result.report
     if args.json:
-        print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], **rep.to_json()}, indent=1))
+        print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
+                          **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
-    tokens = ", ".join(f"{n}/{rep.full_tokens}" for n in rep.visual_tokens[0])
-    print(f"[mode {rep.mode}] visual tokens per image: {tokens}; one cold run (not a benchmark: see `dymu bench`): "
-          f"encoder {rep.encoder_s * 1e3:.1f} ms, prefill {rep.prefill_s * 1e3:.1f} ms, decode "
-          f"{rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
+    tokens = ", ".join(f"{n}/{s}" for n, s in zip(rep.visual_tokens[0], rep.stock_tokens[0]))
+    print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; one cold run "
+          f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
+          f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
     return 0
+
+
+def _video_frames(source: str, frames: int):
+    """A video: a folder of frame images (sorted by name) or a video file (PyAV)."""
+    from .images import find_images, open_image
+    from .vlms.llava_next import load_video
+
+    if Path(source).is_dir():
+        paths = sorted(find_images(source), key=lambda p: p.name)
+        if not paths:
+            raise ValueError(f"{source}: no frame images in this folder")
+        step = len(paths) / min(frames, len(paths))
+        return [open_image(paths[int(i * step)]) for i in range(min(frames, len(paths)))]
+    return load_video(source, frames)
 
 
 def cmd_encode(args) -> int:
     loading(args.model)
     import torch
 
-    from .api import apply, encode, vision_tower_of
+    from .api import apply, encode, encoder_pixels, vision_tower_of
     from .files import atomic_write_text, check_output_file
     from .images import open_images, pixel_values_of, print_skipped, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
@@ -218,19 +239,32 @@ def cmd_encode(args) -> int:
     apply(model, thresholds)  # DToMe only: encode never runs the language model
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
-    records, skipped = [], []
+    records, skipped, crops = [], [], []
+
+    def to_pixels(processed):  # AnyRes VLMs (LLaVA-NeXT / OneVision): every crop of every image
+        pixels, per_image = encoder_pixels(model, processed)
+        crops.extend(per_image)
+        return pixels
+
     for start in range(0, len(paths), args.batch_size):
         opened, bad = open_images(paths[start : start + args.batch_size])
-        batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad)
+        crops.clear()
+        batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad, to_pixels)
         if pixels is None:
             continue
         with torch.no_grad():
             encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
-        for p, i in zip(batch, range(len(encoded))):
-            one = encoded.image(i)
-            records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
-                            "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist(),
-                            "kept_per_layer": one["kept_per_layer"].tolist()})
+        first = 0
+        for p, n in zip(batch, crops):
+            parts = [encoded.image(first + k) for k in range(n)]
+            first += n
+            per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
+                         "group_of_patch": one["group_of_patch"].tolist(),
+                         "kept_per_layer": one["kept_per_layer"].tolist()} for one in parts]
+            record = {"path": str(p), "tokens": sum(c["tokens"] for c in per_crop),
+                      "full_tokens": n * encoded.group_of_patch.shape[1]}
+            record.update(per_crop[0] if n == 1 else {"crops": per_crop})
+            records.append(record)
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
     for r in records:
@@ -292,8 +326,10 @@ def add_bench(subparsers) -> None:
         description="Benchmark DToMe and VTU on real model dimensions with random weights (speed does not "
         "depend on the weights): CLIP ViT-L/14-336 encoder full vs DToMe low/mid/high, Vicuna-7B-shaped decoder "
         "prefill full vs VTU, the paper's Table 1 attention FLOPs counted honestly, calibration throughput, "
-        "merge-off overhead. Markdown to stdout, everything to --json. The full run takes under 10 minutes on a "
-        "2-core CPU; --quick (tiny sizes, 1 run) well under a minute.",
+        "merge-off overhead, and a LLaVA-OneVision-shaped prefill (Qwen2-7B layers over one AnyRes image). Markdown "
+        "to stdout, everything to --json. The full run takes under 10 minutes on a 2-core CPU without the onevision "
+        "section, which adds several minutes (a 7B-layer prefill over ~3,000 positions); --quick (tiny sizes, 1 run) "
+        "well under a minute.",
     )
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: tiny sizes, 1 run; says which sections ran and prints no figures")
@@ -334,23 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA (or --model) with bundled images")
-    p.add_argument("--model", help="a LLaVA hub id or folder instead of the random-weight demo model")
+    p.add_argument("--family", default="llava", choices=["llava", "onevision", "next"],
+                   help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision or LLaVA-NeXT")
+    p.add_argument("--model", help="a LLaVA / LLaVA-NeXT / OneVision hub id or folder instead of the demo model")
     p.add_argument("--save-model", help="also save the demo model (weights, config, tokenizer, processor) here")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_demo)
 
     def model_args(p, thresholds_required):
-        p.add_argument("--model", required=True, help="LLaVA hub id or local folder")
+        p.add_argument("--model", required=True, help="LLaVA, LLaVA-NeXT or LLaVA-OneVision: hub id or local folder")
         p.add_argument("--thresholds", required=thresholds_required, help=THRESHOLDS_HELP)
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
-    p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA",
+    p = sub.add_parser("generate", help="answer a prompt about images (or a video) with a DyMU-patched LLaVA",
                        description="Answer --prompt about the --images (all in one prompt, in the order given).")
     model_args(p, thresholds_required=False)
-    p.add_argument("--images", "--image", nargs="+", action="extend", required=True, metavar="PATH",
-                   help=IMAGES_HELP)
+    p.add_argument("--images", "--image", nargs="+", action="extend", metavar="PATH", help=IMAGES_HELP)
     p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
+    p.add_argument("--video", action="append", help="OneVision: a folder of frame images, or a video file "
+                                                    "(needs PyAV: pip install 'dymu[video]'); repeatable")
+    p.add_argument("--frames", type=positive_int, default=8, help="frames taken evenly from each --video (default 8)")
     p.add_argument("--prompt", required=True,
                    help="the question only: dymu wraps it in the model's chat template and puts one image "
                         "placeholder per image before it (e.g. 'What is in this image?'). A prompt that already "
@@ -358,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-prompt", action="store_true",
                    help="use --prompt exactly as written (no chat template): it must hold the processor's image "
                         "token (LLaVA-1.5: <image>) once per image, e.g. 'USER: <image>\nWhat is this? ASSISTANT:'")
-    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
+    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"],
+                   help="LLaVA-NeXT / OneVision: full, dymu or tome (with VTU)")
     p.add_argument("--r", type=nonnegative_int, help="merges per image and layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)

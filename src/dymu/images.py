@@ -214,17 +214,20 @@ def open_images(items, limit: int | None = None) -> tuple[list[tuple[object, Ima
     return opened, skipped
 
 
-def pixel_values_of(processor, opened: list[tuple[object, Image.Image]], skipped: list[dict]):
+def pixel_values_of(processor, opened: list[tuple[object, Image.Image]], skipped: list[dict], to_pixels=None):
     """Run the image processor on opened images: (items kept, pixel_values or None, skipped + rejected).
 
     The whole batch at once; if the processor raises, image by image, so that one odd image is
-    skipped and listed (with the processor's reason) instead of ending a folder run.
+    skipped and listed (with the processor's reason) instead of ending a folder run. ``to_pixels``
+    turns a processor output into what the tower sees (default: its ``pixel_values``; AnyRes VLMs:
+    every image's crops, `dymu.api.encoder_pixels`).
     """
+    to_pixels = to_pixels or (lambda out: out["pixel_values"])
     images = [image for _, image in opened]
     if not images:
         return [], None, skipped
     try:
-        return [item for item, _ in opened], processor(images=images, return_tensors="pt")["pixel_values"], skipped
+        return [item for item, _ in opened], to_pixels(processor(images=images, return_tensors="pt")), skipped
     except Exception:
         pass
     import torch
@@ -232,7 +235,7 @@ def pixel_values_of(processor, opened: list[tuple[object, Image.Image]], skipped
     items, kept, skipped = [], [], list(skipped)
     for item, image in opened:
         try:
-            kept.append(processor(images=[image], return_tensors="pt")["pixel_values"])
+            kept.append(to_pixels(processor(images=[image], return_tensors="pt")))
             items.append(item)
         except Exception as err:
             name = item if not isinstance(item, Image.Image) else "<image>"

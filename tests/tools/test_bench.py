@@ -21,7 +21,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # Every section ran and is in the JSON, with the machine description and the settings.
     for key in ("date", "machine", "settings", "encoder", "prefill", "exact", "attention_flops", "calibration",
-                "merge_off", "targets", "notes", "elapsed_s", "section_s"):
+                "merge_off", "onevision", "targets", "notes", "elapsed_s", "section_s"):
         assert key in result, key
     for key in ("cpu", "cpu_cores", "torch", "transformers", "device"):
         assert key in result["machine"], key
@@ -69,6 +69,15 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
         assert abs(r["paper_formula_mflops"] - r["paper_mflops"]) < 0.5
     assert fl[0]["paper_formula_mflops"] == pytest.approx(576 * 576 * 128 * 32 / 1e6)
     assert fl[1]["paper_formula_mflops"] == pytest.approx(2 * 94 * 94 * 128 * 32 / 1e6)
+
+    # OneVision prefill: one AnyRes image in the packed layout, full + VTU low/mid/high.
+    ov = result["onevision"]
+    rows, text = ov["rows"], sum(result["settings"]["onevision_text"])
+    assert [r["variant"] for r in rows] == ["full", "VTU low", "VTU mid", "VTU high"]
+    assert ov["image"]["crops"] > 1 and rows[0]["positions"] == ov["image"]["positions"] + text
+    for r in rows[1:]:
+        assert r["rows_per_layer"] == r["n_un"] + text and r["flop_ideal"] > 1.0
+    assert rows[1]["n_un"] < rows[2]["n_un"] < rows[3]["n_un"] < ov["image"]["positions"]
 
     cal = result["calibration"]
     assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0

@@ -50,3 +50,38 @@ def test_console_script_help_and_version():
     assert "dymu 0.1.0" in subprocess.run([*exe, "--version"], capture_output=True, text=True).stdout
     helped = subprocess.run([*exe, "demo", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--save-model" in helped.stdout
+
+
+def test_onevision_demo_and_its_saved_model_through_the_cli(tmp_path, capsys):
+    from PIL import Image
+
+    model = str(tmp_path / "tiny-ov")
+    assert main(["demo", "--family", "onevision", "--save-model", model, "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "LLaVA-OneVision-shaped" in out and "crops" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("image", "2 images", "video"))]
+    assert len(rows) == 6  # full and dymu for one image, two images, a video
+
+    thresholds = tmp_path / "t.json"
+    assert main(["calibrate", "--model", model, "--images", str(IMAGES), "--max-images", "4", "--preset", "mid",
+                 "--batch-size", "2", "--quiet", "--out", str(thresholds)]) == 0
+    assert "AnyRes crops" in capsys.readouterr().out
+    assert main(["encode", "--model", model, "--thresholds", str(thresholds), "--images",
+                 str(IMAGES / "synthetic_blank_white.png"), "--json", str(tmp_path / "enc.json")]) == 0
+    encoded = json.loads((tmp_path / "enc.json").read_text())["images"][0]
+    assert encoded["full_tokens"] == 81 * len(encoded["crops"]) and encoded["tokens"] < encoded["full_tokens"]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.open(IMAGES / "darknet_kite_beach.jpg").convert("RGB").resize((160, 120)).rotate(9 * i).save(
+            frames / f"{i}.png")
+    capsys.readouterr()
+    assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
+                 str(IMAGES / "skimage_coffee.png"), "--video", str(frames), "--prompt", "What?",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stock_tokens"][0][1] == 3 * 25 + 1  # 3 frames pooled to 5x5, one newline
+    assert all(n <= s for n, s in zip(report["visual_tokens"][0], report["stock_tokens"][0]))
+    assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
+                 str(IMAGES / "skimage_coffee.png"), "--prompt", "What?", "--mode", "dtome"]) == 1
+    assert "mode 'dtome' is not available for LlavaOnevisionForConditionalGeneration" in capsys.readouterr().err

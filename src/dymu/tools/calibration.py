@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from .. import merge as M
-from ..api import vision_tower_of, default_feature_layer
+from ..api import default_feature_layer, encoder_pixels, vision_tower_of
 from ..files import atomic_write_text, check_output_file, exclusive_lock
 from ..images import open_images, pixel_values_of
 from ..towers.encoder import dtome_patched, encode_with_tower, layers_to_run
@@ -292,6 +292,8 @@ def calibrate(
     batches are split across ranks (rank 0 writes ``out``). ``order``: where tokens go after a merge
     ("interleaved", "ab" or "ab-score"), recorded in the result; use the thresholds in the same order
     (`dymu.apply` does) to keep the token counts they were made for.
+    For LLaVA-NeXT / OneVision (give their AnyRes image processor) a batch of B images is the
+    batch of all their crops, and token counts and ``images_seen`` are per crop.
 
     The result records the target (visual tokens at the feature layer), what was reached, and the
     layers whose r hit the per-layer cap. ``warn(message)`` is called for too few images, a batch
@@ -361,7 +363,9 @@ def calibrate(
                     # Images are decoded one at a time and shrunk when huge (dymu.images), so a batch
                     # holds at most one full-size image at any moment.
                     opened, skipped = open_images(batches[index])
-                    _, pixels, skipped = pixel_values_of(processor, opened, skipped)
+                    # AnyRes VLMs: every crop of every image, as the tower sees them at inference.
+                    _, pixels, skipped = pixel_values_of(processor, opened, skipped,
+                                                         lambda out: encoder_pixels(model, out)[0])
                     if pixels is not None:
                         rec = _record_batch(tower, family, pixels.to(device), per_layer_r, run, feature_layer,
                                             index, skipped)

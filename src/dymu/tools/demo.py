@@ -35,7 +35,8 @@ _CORPUS = [
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'video' %}<video>\n{% else %}{{ part['text'] }}"
     "{% endif %}{% endfor %} {% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -46,21 +47,22 @@ def demo_image_paths() -> list[Path]:
     return [by_name[name] for name in DEMO_IMAGES]
 
 
-def build_tokenizer():
-    """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens."""
+def build_tokenizer(video: bool = False):
+    """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens
+    (and OneVision's ``<video>`` when ``video``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["<video>"] if video else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    extra = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="left")
+                                   pad_token="<pad>", extra_special_tokens=extra, padding_side="left")
 
 
 def build_demo_model(seed: int = 0):
@@ -90,6 +92,66 @@ def build_demo_model(seed: int = 0):
     return model, processor
 
 
+ANYRES_CROP, ANYRES_PATCH = 126, 14  # a 9x9 grid per crop: odd, like SigLIP's 27x27
+# AnyRes pinpoints up to 3x3 crops. OneVision's anyres_max_9 becomes anyres_max_4 here, so that the
+# tiny model's larger canvases (3x3 and 2x3 crops) take the bilinear downsampling path.
+ANYRES_PINPOINTS = [[ANYRES_CROP * h, ANYRES_CROP * w] for h in (1, 2, 3) for w in (1, 2, 3)]
+ONEVISION_ASPECT = "anyres_max_4"
+
+
+def build_demo_anyres_model(family: str, seed: int = 0):
+    """(model, processor) shaped like LLaVA-OneVision (SigLIP read at -1 "full", Qwen2, anyres_max,
+    video) or LLaVA-NeXT (CLIP read at -2 "default", Llama) at small dimensions, random weights.
+
+    The processor is the stock `LlavaNextProcessor`, or for OneVision `dymu.vlms.llava_next.
+    onevision_processor` (the stock one without its video processor when torchvision is missing).
+    """
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+
+    if family not in ("onevision", "next"):
+        raise ValueError(f"unknown demo family {family!r}; choose one of llava, onevision, next")
+    onevision = family == "onevision"
+    tokenizer = build_tokenizer(video=onevision)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=ANYRES_CROP, patch_size=ANYRES_PATCH)
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    grid = (ANYRES_CROP // ANYRES_PATCH) ** 2
+    torch.manual_seed(seed)
+    if onevision:
+        from ..vlms.llava_next import onevision_processor
+
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
+            image_token_index=image_token_id, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            image_grid_pinpoints=ANYRES_PINPOINTS, vision_aspect_ratio=ONEVISION_ASPECT,
+            vision_feature_layer=-1, vision_feature_select_strategy="full")
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        processor = onevision_processor(tokenizer, ANYRES_CROP, ANYRES_PINPOINTS, grid, ONEVISION_ASPECT,
+                                        chat_template=CHAT_TEMPLATE)
+    else:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(projection_dim=64, **vision),
+                                 text_config=LlamaConfig(**text), image_token_index=image_token_id,
+                                 image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", image_seq_length=grid)
+        model = LlavaNextForConditionalGeneration(config).eval()
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": ANYRES_CROP}, crop_size={"height": ANYRES_CROP, "width": ANYRES_CROP},
+            image_grid_pinpoints=ANYRES_PINPOINTS)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=ANYRES_PATCH,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=CHAT_TEMPLATE)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
 def save_demo_model(model, processor, folder: str | Path) -> Path:
     """Save the demo model with `save_pretrained`, and the bundled sample images (with their
     SOURCES.md) under ``folder/images`` so that the README's walkthrough has images to work on."""
@@ -104,17 +166,24 @@ def save_demo_model(model, processor, folder: str | Path) -> Path:
 
 
 def run_demo(model_ref: str | None = None, save_model: str | None = None, max_new_tokens: int = 12,
-             out=print) -> dict:
+             out=print, family: str = "llava") -> dict:
     """The README's main command. Returns what it printed, as data (used by the tests)."""
     from .calibration import calibrate, target_report
     from ..vlms.generation import generate, load_vlm
     from ..images import open_image
-    from ..api import apply
+    from ..api import apply, encoder_pixels
 
     random_weights = model_ref is None
     if random_weights:
-        model, processor = build_demo_model()
-        out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
+        if family == "llava":
+            model, processor = build_demo_model()
+            out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
+        else:
+            model, processor = build_demo_anyres_model(family)
+            shape = ("LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
+                     f"{ONEVISION_ASPECT}, video)" if family == "onevision" else
+                     "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)")
+            out(f"dymu demo: a small {shape} with RANDOM weights,")
         out("built offline. Token counts and timings are real; the answers are noise.")
         if save_model:
             save_demo_model(model, processor, save_model)
@@ -123,52 +192,70 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     else:
         model, processor = load_vlm(model_ref)
         out(f"dymu demo on {model_ref}")
+    anyres = type(model).__name__ != "LlavaForConditionalGeneration"
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
 
     start = time.perf_counter()
     thresholds = calibrate(model, images, preset="mid", batch_size=len(images), progress=False,
-                           processor=processor.image_processor, model_ref=model_ref or "dymu-demo-random",
+                           processor=processor.image_processor, model_ref=model_ref or f"dymu-demo-{family}-random",
                            warn=lambda message: None)  # 6 images are too few for real use: said below
     patches = thresholds.encoder["patches_per_image"]
+    unit = "crop" if anyres else "image"
     out(f"calibrated thresholds (preset mid) on {len(images)} bundled images in {time.perf_counter() - start:.1f}s "
-        f"(a demo: real calibrations use hundreds): {target_report(thresholds)[0]} of {patches}")
+        f"(a demo: real calibrations use hundreds): {target_report(thresholds)[0]} of {patches} per {unit}")
 
     apply(model, thresholds, mode="dymu")
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels, crops = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))
     with torch.no_grad():
-        model.model.get_image_features(pixel_values)
-    counts = model.model._dymu.last_encoded.num_tokens.tolist()
-    out("\nvisual tokens kept per image (simplest to most cluttered):")
-    for path, n in zip(paths, counts):
-        out(f"  {path.name:34s} {n:4d} / {patches}  {'#' * math.ceil(40 * n / patches)}")
+        from ..api import encode
+
+        kept = encode(model, pixels).num_tokens.tolist()
+    counts, first = [], 0
+    for n in crops:
+        counts.append(sum(kept[first:first + n]))
+        first += n
+    out(f"\nvisual tokens kept per image, all its {unit}s (simplest to most cluttered):")
+    for path, n, c in zip(paths, counts, crops):
+        full = c * patches
+        extra = f" ({c} crops)" if anyres else ""
+        out(f"  {path.name:34s} {n:5d} / {full}{extra:11s} {'#' * math.ceil(40 * n / full)}")
 
     # Timed the bench's way (shared code): a warm-up round, then full and dymu interleaved round-robin,
     # medians of the timed rounds. min_new_tokens: both sides decode the same number of tokens.
     from .bench.timing import Side, interleaved, median
 
     pick = len(images) - 1  # the cluttered scene
-    results: dict[str, list] = {"full": [], "dymu": []}
+    cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
+    if family == "onevision" and random_weights:  # a multi-image prompt and a video of the bundled images
+        cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
+        frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
+        cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))
+    runs: dict[tuple[str, str], list] = {}
 
-    def side(mode: str) -> Side:
+    def side(name, prompts, ims, videos, mode: str) -> Side:
+        record = runs.setdefault((name, mode), [])
         return Side(mode, setup=lambda: apply(model, thresholds, mode=mode),
-                    run=lambda: results[mode].append(generate(model, processor, [DEMO_PROMPT], [[images[pick]]],
-                                                              max_new_tokens=max_new_tokens,
-                                                              min_new_tokens=max_new_tokens)))
+                    run=lambda: record.append(generate(model, processor, prompts, ims, videos=videos,
+                                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)))
 
     with torch.no_grad():
-        interleaved([side("full"), side("dymu")], runs=TIMED_RUNS, warmup=1, sync=lambda: None)
-    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}; times are medians of {TIMED_RUNS} interleaved runs "
-        "after 1 warm-up round")
-    out(f"  {'mode':6s} {'tokens':>8s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  answer (random weights: noise)")
-    for mode, runs in results.items():
-        timed = [r.report for r in runs[1:]]  # runs[0] is the warm-up
+        for case in cases:
+            interleaved([side(*case, "full"), side(*case, "dymu")], runs=TIMED_RUNS, warmup=1, sync=lambda: None)
+    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}" + ("; then 2 images; then the 6 images as "
+                                                             "video frames" if len(cases) > 1 else "")
+        + f"; times are medians of {TIMED_RUNS} interleaved runs after 1 warm-up round")
+    out(f"  {'input':8s} {'mode':6s} {'LLM rows/stock':>15s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  "
+        "answer (random weights: noise)")
+    for (name, mode), record in runs.items():
+        timed = [r.report for r in record[1:]]  # record[0] is the warm-up
         rep = timed[0]
         ms = {k: median([getattr(t, k) for t in timed]) * 1e3 for k in ("encoder_s", "prefill_s", "decode_s")}
-        out(f"  {mode:6s} {rep.visual_tokens[0][0]:>4d}/{rep.full_tokens:<3d} {ms['encoder_s']:7.1f}ms "
-            f"{ms['prefill_s']:7.1f}ms {ms['decode_s']:7.1f}ms  {runs[-1].answers[0]!r}")
+        rows = f"{sum(rep.visual_tokens[0])}/{sum(rep.stock_tokens[0])}"
+        out(f"  {name:8s} {mode:6s} {rows:>15s} {ms['encoder_s']:7.1f}ms "
+            f"{ms['prefill_s']:7.1f}ms {ms['decode_s']:7.1f}ms  {record[-1].answers[0]!r}")
     if random_weights:
         out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench` measures "
-            "the speedup at real LLaVA-1.5 dimensions.")
-    return {"counts": dict(zip([p.name for p in paths], counts)), "results": {m: r[-1] for m, r in results.items()},
-            "runs": results, "thresholds": thresholds}
+            "the speedup at real model dimensions.")
+    return {"counts": dict(zip([p.name for p in paths], counts)), "results": {k: r[-1] for k, r in runs.items()},
+            "runs": runs, "thresholds": thresholds}

@@ -22,17 +22,27 @@ from PIL import Image
 
 from .llava import llava_mode
 
+VLM_TYPES = {  # model_type -> transformers class name
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+
 
 @dataclass
 class Report:
     mode: str
-    visual_tokens: list[list[int]]  # per prompt, per image: tokens kept
-    full_tokens: int  # per image in the stock model
+    # Per prompt, per image (then per video): distinct visual rows the LLM runs. LLaVA-1.5: the
+    # tokens kept; AnyRes / video: the VTU groups of the packed (unpadded, newline, pooled) layout.
+    visual_tokens: list[list[int]]
+    full_tokens: int  # tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder
     encoder_s: float
     prefill_s: float
     decode_s: float
     new_tokens: int = 0
     image_size: int | None = None  # downsample: the side the images were resized to
+    # Per prompt, per image (then per video): placeholders in the stock prompt (AnyRes: after packing).
+    stock_tokens: list[list[int]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -47,26 +57,33 @@ class GenerationResult:
 
 
 def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None):
-    """(LlavaForConditionalGeneration, processor) from a hub id or a local folder."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor) of a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision from a hub id or a local folder."""
+    import transformers
+    from transformers import AutoProcessor
 
     from ..loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
-    if config.model_type != "llava":
-        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
-                        "(LlavaForConditionalGeneration) models.")
+    if config.model_type not in VLM_TYPES:
+        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA models "
+                        f"({', '.join(VLM_TYPES.values())}).")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
-    processor = AutoProcessor.from_pretrained(model_ref)
+    cls = getattr(transformers, VLM_TYPES[config.model_type])
+    model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+    if config.model_type == "llava_onevision":
+        from .llava_next import load_onevision_processor
+
+        processor = load_onevision_processor(model_ref)
+    else:
+        processor = AutoProcessor.from_pretrained(model_ref)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
-def chat_text(processor, prompt: str, num_images: int) -> str:
+def chat_text(processor, prompt: str, num_images: int, num_videos: int = 0) -> str:
     """The processor's chat template for one user turn, else LLaVA-1.5's plain format."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
     return "USER: " + "<image>\n" * num_images + prompt + " ASSISTANT:"
@@ -146,12 +163,14 @@ def _viewed(item, prompt: int, index: int) -> Image.Image:
     return open_image(item)
 
 
-def prompt_texts(processor, prompts: list[str], images: list[list], chat_template: bool = True) -> list[str]:
+def prompt_texts(processor, prompts: list[str], images: list[list], chat_template: bool = True,
+                 videos: list[list] | None = None) -> list[str]:
     """The prompt strings: the chat template with one image placeholder per image (``chat_template``),
     or the prompts as written, which must then hold the image token once per image."""
     token = getattr(processor, "image_token", None) or "<image>"
+    videos = videos if videos is not None else [[] for _ in prompts]
     texts = []
-    for prompt, ims in zip(prompts, images):
+    for prompt, ims, vs in zip(prompts, images, videos):
         have = prompt.count(token)
         if chat_template and have:
             raise ValueError(f"the prompt already contains the image token {token!r}: give only the question "
@@ -160,27 +179,95 @@ def prompt_texts(processor, prompts: list[str], images: list[list], chat_templat
         if not chat_template and have != len(ims):
             raise ValueError(f"the raw prompt has {have} image token(s) {token!r} but {len(ims)} image(s) were given: "
                              f"put {token} once per image where the image goes")
-        texts.append(chat_text(processor, prompt, len(ims)) if chat_template else prompt)
+        texts.append(chat_text(processor, prompt, len(ims), len(vs)) if chat_template else prompt)
     return texts
 
 
 @dataclass
 class PreparedInputs:
     inputs: dict  # input_ids, attention_mask, mm_encoder_outputs: what model.generate takes
-    counts: list[int]  # per image (flattened): tokens kept by the encoder
+    visual_tokens: list[list[int]]  # per prompt, per image (then video): what the LLM runs (see Report)
+    stock_tokens: list[list[int]]  # per prompt, per image (then video): placeholders in the stock prompt
+    full_tokens: int  # tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder
     encoder_s: float
     image_size: int | None  # downsample: the side the images were resized to
 
 
+def _anyres_inputs(model, processor, prompts, images, videos, device, chat_template: bool = True):
+    """LLaVA-NeXT / OneVision: the stock processor's inputs, then the encoder run on its own.
+
+    Returns (input_ids, attention_mask, mm_encoder_outputs, visual rows per item, stock placeholders
+    per item), items in reading order: every prompt's images, then (OneVision) the videos.
+    """
+    from .llava_next import load_video, unique_rows_per_item
+
+    onevision = hasattr(processor, "video_token")
+    if any(videos) and not onevision:
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
+    videos = [[load_video(v) if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__") else list(v) for v in vs]
+              for vs in videos]
+    for k, frames in enumerate(v for vs in videos for v in vs):
+        if not frames or len({f.size for f in frames}) > 1:
+            raise ValueError(f"video {k}: needs at least one frame and all frames of one size, got sizes "
+                             f"{sorted({f.size for f in frames})}")
+    texts = prompt_texts(processor, prompts, images, chat_template, videos)
+    kwargs = {}
+    if any(images):  # OneVision reads images per prompt (its multi-image rule); NeXT a flat list
+        kwargs["images"] = [list(i) for i in images] if onevision else [im for ims in images for im in ims]
+    if any(videos):
+        kwargs["videos"] = [v for vs in videos for v in vs]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    inner, dtype = model.model, model.dtype
+    mm, visual, stock = {}, {}, {}
+    if "pixel_values" in inputs:
+        extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+        mm["image"] = inner.get_image_features(inputs["pixel_values"].to(device, dtype), inputs["image_sizes"].to(device),
+                                               **extra)
+    if "pixel_values_videos" in inputs:
+        mm["video"] = inner.get_video_features(inputs["pixel_values_videos"].to(device, dtype))
+    for kind, out in mm.items():
+        visual[kind] = unique_rows_per_item(out.pooler_output)
+        stock[kind] = [len(f) for f in out.pooler_output]
+    per_prompt_visual, per_prompt_stock, cursor = [], [], {"image": 0, "video": 0}
+    for ims, vs in zip(images, videos):
+        row_v, row_s = [], []
+        for kind, n in (("image", len(ims)), ("video", len(vs))):
+            row_v += visual.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            row_s += stock.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            cursor[kind] += n
+        per_prompt_visual.append(row_v)
+        per_prompt_stock.append(row_s)
+    return (inputs["input_ids"].to(device), inputs["attention_mask"].to(device), mm or None, per_prompt_visual,
+            per_prompt_stock)
+
+
 @torch.no_grad()
-def _prepare(model, processor, prompts, images, chat_template: bool = True) -> PreparedInputs:
+def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True) -> PreparedInputs:
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    videos = videos if videos is not None else [[] for _ in prompts]
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(videos)} video lists")
     images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
+    from .llava_next import SUPPORTED_VLMS as ANYRES
+
+    device = next(model.parameters()).device
+    if isinstance(model, ANYRES):
+        start = time.perf_counter()
+        input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens = _anyres_inputs(
+            model, processor, prompts, images, videos, device, chat_template)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
+                               "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens, side * side,
+                              time.perf_counter() - start, None)
+    if any(videos):
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
     mode = llava_mode(model)
     inner = model.model
     config = model.config
-    device = next(model.parameters()).device
     flat = [im for per_prompt in images for im in per_prompt]
     texts = prompt_texts(processor, prompts, images, chat_template)
     processor.tokenizer.padding_side = "left"
@@ -211,11 +298,17 @@ def _prepare(model, processor, prompts, images, chat_template: bool = True) -> P
                 input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
                 placeholders)
     encoder_s = time.perf_counter() - start
+    per_prompt, k = [], 0
+    for ims in images:
+        per_prompt.append(counts[k : k + len(ims)])
+        k += len(ims)
+    stock_tokens = [[config.image_seq_length] * len(ims) for ims in images]
     return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
-                           "mm_encoder_outputs": mm_encoder_outputs}, counts, encoder_s, side)
+                           "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens,
+                          config.image_seq_length, encoder_s, side)
 
 
-def prompt_inputs(model, processor, prompts: list[str], images: list[list[Image.Image]], *,
+def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
                   chat_template: bool = True) -> dict:
     """Inputs for ``model.generate(**inputs)`` in any mode of `dymu.apply`: the images encoded once
     (``mm_encoder_outputs``) and the prompts with as many image placeholders as the LLM will see
@@ -223,15 +316,18 @@ def prompt_inputs(model, processor, prompts: list[str], images: list[list[Image.
     ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
     hold the image token once per image)."""
     with _model_lock(model):
-        return _prepare(model, processor, prompts, images, chat_template).inputs
+        return _prepare(model, processor, prompts, images, videos, chat_template).inputs
 
 
 @torch.no_grad()
-def generate(model, processor, prompts: list[str], images: list[list], *, max_new_tokens: int = 32,
-             output_scores: bool = False, chat_template: bool = True, **generate_kwargs) -> GenerationResult:
+def generate(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
+             max_new_tokens: int = 32, output_scores: bool = False, chat_template: bool = True,
+             **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
-    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    The model is a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision, stock or patched by `dymu.apply` in any
+    of its modes. ``videos[i]`` (OneVision): a list of videos for prompt i, each a list of PIL frames
+    or a video file path (read with PyAV, `pip install dymu[video]`).
     Prompts are questions, wrapped in the chat template with one image placeholder per image;
     ``chat_template=False`` takes them as written (the image token once per image).
     Images are PIL images or file paths, both shown to the model as a viewer shows them
@@ -242,28 +338,20 @@ def generate(model, processor, prompts: list[str], images: list[list], *, max_ne
     correct result. Calls on different models run in parallel.
     """
     with _model_lock(model):
-        return _generate(model, processor, prompts, images, max_new_tokens=max_new_tokens,
-                         output_scores=output_scores, chat_template=chat_template, **generate_kwargs)
-
-
-def _generate(model, processor, prompts, images, *, max_new_tokens, output_scores, chat_template,
-              **generate_kwargs) -> GenerationResult:
-    prepared = _prepare(model, processor, prompts, images, chat_template)
-    inputs = prepared.inputs
-    timer = _ForwardTimer(model)
-    try:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
-                             return_dict_in_generate=True, output_scores=output_scores, **generate_kwargs)
-    finally:
-        timer.close()
+        prepared = _prepare(model, processor, prompts, images, videos, chat_template)
+        inputs = prepared.inputs
+        timer = _ForwardTimer(model)
+        try:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                 do_sample=generate_kwargs.pop("do_sample", False), return_dict_in_generate=True,
+                                 output_scores=output_scores, **generate_kwargs)
+        finally:
+            timer.close()
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
     answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-    per_prompt, k = [], 0
-    for ims in images:
-        per_prompt.append(prepared.counts[k : k + len(ims)])
-        k += len(ims)
-    report = Report(mode=llava_mode(model), visual_tokens=per_prompt, full_tokens=model.config.image_seq_length,
+    report = Report(mode=llava_mode(model), visual_tokens=prepared.visual_tokens, full_tokens=prepared.full_tokens,
                     encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size)
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size,
+                    stock_tokens=prepared.stock_tokens)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

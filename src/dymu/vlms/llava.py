@@ -121,18 +121,31 @@ class DyMULlavaModel(LlavaModel):
         if input_ids is None:
             raise ValueError("DyMU with VTU needs input_ids to find the image placeholders (got inputs_embeds)")
         self._check_placeholders(input_ids, features)
-        labels = torch.full_like(input_ids, -1)  # -1: a group of its own (text, padding)
-        image_positions = input_ids == self.config.image_token_id
-        offset, parts = 0, []
+        labels = []
         for f in features:
             group_of_patch = getattr(f, "dymu_group_of_patch", None)
-            if group_of_patch is None:  # features not made by DyMU: every position its own token
-                group_of_patch = torch.arange(len(f), device=f.device)
-            parts.append(group_of_patch.to(input_ids.device) + offset)
-            offset += len(f)  # labels unique across images
-        # masked_scatter fills placeholders in row-major order, image after image: do the same.
-        labels[image_positions] = torch.cat(parts)
-        return vtu.group_map_from_labels(labels)
+            # Features not made by DyMU: every position its own token.
+            labels.append(torch.arange(len(f), device=f.device) if group_of_patch is None else group_of_patch)
+        return labels_to_group_map(input_ids, [(self.config.image_token_id, labels)])
+
+
+def labels_to_group_map(input_ids: torch.Tensor, placeholders: list[tuple[int, list[torch.Tensor]]]) -> torch.Tensor:
+    """(B, N) group map of a batch of prompts from the group labels of its images (and videos).
+
+    ``placeholders``: per placeholder token id, one label tensor per image in reading order over the
+    batch (the order `masked_scatter` fills them in); positions of one image with equal labels are
+    one group. Text and padding are groups of their own.
+    """
+    labels = torch.full_like(input_ids, -1)  # -1: a group of its own (text, padding)
+    offset = 0
+    for token_id, per_item in placeholders:
+        parts = []
+        for item in per_item:
+            parts.append(item.to(input_ids.device) + offset)
+            offset += len(item)  # labels unique across images (a label is < its image's length)
+        if parts:
+            labels[input_ids == token_id] = torch.cat(parts)
+    return vtu.group_map_from_labels(labels)
 
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
@@ -195,6 +208,9 @@ def remove_llava(model: nn.Module) -> None:
     for name in ("_dymu_mode", "_dymu_downsample_tokens"):
         if hasattr(model, name):
             delattr(model, name)
+
+
+apply_vlm, remove_vlm = apply_llava, remove_llava  # the wiring api.py dispatches to
 
 
 def llava_mode(model: nn.Module) -> str:

@@ -155,6 +155,10 @@ def cmd_analyze(args) -> int:
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)
     model, processor = load_vision_model(args.model, device, dtype)
+    from ...api import vlm_wiring
+
+    if hasattr(vlm_wiring(model), "encoder_pixels"):
+        processor = None  # AnyRes VLM: analyse the whole image at the tower's crop size (the base crop)
     out = Path(args.out)
     analysis = analyze(
         model,

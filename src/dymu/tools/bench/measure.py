@@ -9,7 +9,10 @@ So every ratio printed here is a measured one, with the ideal that FLOPs predict
   N_un = 93 / 208 / 392 unique visual rows, and the paper's exact Eq. 10 attention at one N_un;
 - **attention FLOPs** in the form of the paper's Table 1, counted honestly, next to the paper's;
 - **calibration** throughput (images/s) vs a plain encoder forward on the same batches;
-- **merge-off overhead**: the patched tower with every threshold at +inf vs the stock tower.
+- **merge-off overhead**: the patched tower with every threshold at +inf vs the stock tower;
+- **onevision**: a Qwen2-7B-shaped prefill over one LLaVA-OneVision AnyRes image (~3,000 positions
+  in the stock packed layout: base crop, unpadded canvas, newlines) plus text, stock vs VTU, with
+  group maps made by dymu's OneVision wiring from a real photo (fixed r per layer, 729-token crops).
 
 Models are built from configs with random weights: speed does not depend on the weights. Timings
 are medians of ``runs`` runs after ``warmup`` rounds; the sides being compared run interleaved
@@ -67,6 +70,14 @@ class Plan:
     merge_off_runs: int  # the merge-off overhead is a few %: more runs than the others
     runs: int
     warmup: int
+    # OneVision prefill: Qwen2 body kwargs, the SigLIP grid of the (small, map-making) tower, the
+    # photo's size (w, h), text around the image, and the timed runs (a full 7B-layer prefill over
+    # ~3,000 positions is slow on a CPU).
+    onevision_qwen2: dict | None = None
+    onevision_tower: dict | None = None
+    onevision_image: tuple[int, int] = (640, 480)
+    onevision_text: tuple[int, int] = (14, 20)
+    onevision_runs: int = 3
 
 
 def full_plan(device: torch.device) -> Plan:
@@ -92,6 +103,11 @@ def full_plan(device: torch.device) -> Plan:
         merge_off_runs=10,
         runs=5,
         warmup=1,
+        onevision_qwen2=dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                             num_key_value_heads=4, num_hidden_layers=28 if gpu else 2,
+                             vocab_size=152064 if gpu else 256, max_position_embeddings=32768),
+        onevision_tower=dict(image_size=384, patch_size=14, num_hidden_layers=26),  # SigLIP-SO400M's grid and depth
+        onevision_runs=5 if gpu else 3,
     )
 
 
@@ -116,6 +132,12 @@ def quick_plan(device: torch.device) -> Plan:
         merge_off_runs=1,
         runs=1,
         warmup=1,
+        onevision_qwen2=dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=2, vocab_size=64, max_position_embeddings=4096),
+        onevision_tower=dict(image_size=126, patch_size=14, num_hidden_layers=4),
+        onevision_image=(300, 220),
+        onevision_text=(6, 6),
+        onevision_runs=1,
     )
 
 
@@ -313,16 +335,16 @@ def _group_maps_for_prefill(plan: Plan, tower, group_maps: dict, log) -> dict[st
     return out
 
 
-def _prefill_inputs(plan: Plan, model, visual_groups: torch.Tensor, seed: int):
+def _prefill_inputs(text: tuple[int, int], model, visual_groups: torch.Tensor, seed: int):
     """(group_map (1, N), inputs_embeds (1, N, D)) for text + image + text, rows equal within groups."""
     from ...vtu import group_map_from_labels
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     labels = torch.cat([
-        torch.full((plan.text_before,), -1, dtype=torch.long),
+        torch.full((text[0],), -1, dtype=torch.long),
         visual_groups.cpu().long(),
-        torch.full((plan.text_after,), -1, dtype=torch.long),
+        torch.full((text[1],), -1, dtype=torch.long),
     ]).unsqueeze(0)
     group_map = group_map_from_labels(labels).to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -332,14 +354,17 @@ def _prefill_inputs(plan: Plan, model, visual_groups: torch.Tensor, seed: int):
 
 
 @torch.no_grad()
-def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
+def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log, text: tuple[int, int] | None = None,
+                  runs: int | None = None) -> list[dict]:
     from ...decoders.llama import apply_vtu, remove_vtu, rows_processed, set_groups
 
     cfg = model.config
     kv_hidden = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    text = text or (plan.text_before, plan.text_after)
+    runs = runs or plan.runs
     # One embedding sequence per preset; the full side runs on the "mid" sequence (speed does not
     # depend on the values).
-    inputs = {name: _prefill_inputs(plan, model, visual_maps[name], seed=i) for i, name in enumerate(PRESET_NAMES)}
+    inputs = {name: _prefill_inputs(text, model, visual_maps[name], seed=i) for i, name in enumerate(PRESET_NAMES)}
     full_embeds = inputs["mid"][1]
     positions = full_embeds.shape[1]
 
@@ -364,8 +389,8 @@ def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]
     sides = [Side("full", forward("full", full_embeds), full_setup)]
     sides += [Side(name, forward(name, inputs[name][1]), vtu_setup(name)) for name in PRESET_NAMES]
     log(f"prefill: {cfg.num_hidden_layers} decoder layers, {positions} positions, {plan.warmup} warm-up + "
-        f"{plan.runs} rounds of full, {', '.join(PRESET_NAMES)}")
-    times = interleaved(sides, plan.runs, plan.warmup, sync)
+        f"{runs} rounds of full, {', '.join(PRESET_NAMES)}")
+    times = interleaved(sides, runs, plan.warmup, sync)
     remove_vtu(model)
 
     out = []
@@ -387,6 +412,59 @@ def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]
     return out
 
 
+def onevision_group_maps(plan: Plan, log) -> tuple[dict[str, torch.Tensor], dict]:
+    """Group maps (one per preset) of one AnyRes image in the stock OneVision packed layout, made by
+    dymu's own OneVision wiring: a small SigLIP tower with the real crop grid and depth (27x27 tokens,
+    26 layers) merges with fixed r per layer, and `get_image_features` unmerges, packs (unpad,
+    newlines, anyres_max_9) and follows the groups. Only the map is used; the features are not."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from ...api import apply, remove
+    from ...images import open_image, sample_images
+
+    t = plan.onevision_tower
+    _seeded(2)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                         vision_use_head=False, **t),
+        text_config=Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=1, vocab_size=64))
+    size = t["image_size"]
+    config.image_grid_pinpoints = [[size * h, size * w] for h in range(1, 7) for w in range(1, 7)]  # OV's 6x6 grid
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
+                                                image_grid_pinpoints=config.image_grid_pinpoints)
+    photo = next(p for p in sample_images() if p.name == "darknet_dog_bicycle_truck.jpg")
+    inputs = processor(images=[open_image(photo).resize(plan.onevision_image)], return_tensors="pt")
+    grid = (size // t["patch_size"]) ** 2
+    r = preset_r(grid, t["num_hidden_layers"])
+    maps, info = {}, {"crops": int(inputs["pixel_values"].shape[1]), "tokens_per_crop": grid, "r": r,
+                      "image_size": list(plan.onevision_image)}
+    for name in PRESET_NAMES:
+        apply(model, r=r[name], mode="tome")
+        with torch.no_grad():
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        maps[name] = features.dymu_group_of_patch.cpu()
+        info[f"kept_per_crop_{name}"] = model.model._dymu.last_encoded.num_tokens.tolist()
+        remove(model)
+    info["positions"] = int(len(maps["mid"]))
+    log(f"onevision: {info['crops']} crops of {grid} tokens -> {info['positions']} packed positions; "
+        + ", ".join(f"{n}: {int(m.max()) + 1} groups" for n, m in maps.items()))
+    return maps, info
+
+
+def build_qwen2(plan: Plan, device, dtype):
+    from transformers import Qwen2Config, Qwen2Model
+
+    _seeded(3)
+    config = Qwen2Config(**plan.onevision_qwen2)
+    config._attn_implementation = "sdpa"
+    return Qwen2Model(config).to(device=device, dtype=dtype).eval()
+
+
 @torch.no_grad()
 def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
     """Eager attention: full vs VTU fast vs VTU exact (Eq. 10) at one N_un, on `exact_layers` layers."""
@@ -394,7 +472,7 @@ def bench_exact(plan: Plan, model, visual_maps: dict, sync, log) -> list[dict]:
 
     cfg = model.config
     name = plan.exact_preset
-    group_map, embeds = _prefill_inputs(plan, model, visual_maps[name], seed=7)
+    group_map, embeds = _prefill_inputs((plan.text_before, plan.text_after), model, visual_maps[name], seed=7)
     layers_before = cfg.num_hidden_layers
     impl_before = cfg._attn_implementation
     model.set_attn_implementation("eager")
@@ -527,6 +605,7 @@ def run_bench(
         if runs < 1:
             raise ValueError(f"--runs must be at least 1, not {runs}")
         plan.runs, plan.merge_off_runs, plan.exact_runs = runs, 2 * runs, min(plan.exact_runs, runs)
+        plan.onevision_runs = runs
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
@@ -541,9 +620,11 @@ def run_bench(
                      "llama": plan.llama, "text_before": plan.text_before, "text_after": plan.text_after,
                      "exact_preset": plan.exact_preset, "exact_layers": plan.exact_layers,
                      "calibration_images": plan.cal_images, "calibration_batch": plan.cal_batch,
+                     "onevision_qwen2": plan.onevision_qwen2, "onevision_text": list(plan.onevision_text),
+                     "onevision_runs": plan.onevision_runs,
                      "sections": list(sections), "weights": "random (speed does not depend on the weights)"},
         "encoder": None, "prefill": None, "exact": None, "attention_flops": None,
-        "calibration": None, "merge_off": None, "targets": None, "notes": [],
+        "calibration": None, "merge_off": None, "onevision": None, "targets": None, "notes": [],
     }
     notes = result["notes"]
     notes.append("All models have random weights: speed does not depend on the weights.")
@@ -625,6 +706,22 @@ def run_bench(
         t0 = time.perf_counter()
         result["merge_off"] = bench_merge_off(plan, tower, sync, log)
         section_time["merge_off"] = time.perf_counter() - t0
+    if "onevision" in sections:
+        t0 = time.perf_counter()
+        maps, info = onevision_group_maps(plan, log)
+        qwen2 = build_qwen2(plan, dev, dt)
+        log(f"built {plan.onevision_qwen2['num_hidden_layers']}-layer Qwen2 body "
+            f"({sum(p.numel() for p in qwen2.parameters()) / 1e6:.0f}M parameters)")
+        rows = bench_prefill(plan, qwen2, maps, sync, log, text=plan.onevision_text, runs=plan.onevision_runs)
+        result["onevision"] = {"image": info, "rows": rows}
+        del qwen2
+        section_time["onevision"] = time.perf_counter() - t0
+        notes.append(f"OneVision prefill: group maps of one {info['image_size'][0]}x{info['image_size'][1]} photo in "
+                     f"the stock OneVision layout ({info['crops']} crops of {info['tokens_per_crop']} tokens, "
+                     "unpadded canvas, newlines, anyres_max_9), made by dymu's OneVision wiring on a small "
+                     "random-weight SigLIP with the real grid and depth (fixed r per layer "
+                     f"{', '.join(f'{k} {v}' for k, v in info['r'].items())}); newline tokens and bilinear mixes "
+                     "are groups of their own.")
     result["targets"] = None if quick else evaluate_targets(result)  # toy sizes: no target can be judged
     result["section_s"] = section_time
     result["loadavg_after"] = _loadavg()

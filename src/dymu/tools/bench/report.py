@@ -158,6 +158,21 @@ def markdown(result: dict) -> str:
                   f"| patched, thresholds +inf | {_ms(off['patched_median_s'])} | {off['overhead'] * 100:+.1f}% |", "",
                   f"{len(off['stock_times_s'])} runs each; overhead = ratio of the medians − 1 (median of the per-round "
                   f"ratios: {off['overhead_paired'] * 100:+.1f}%).", ""]
+    ov = result.get("onevision")
+    if ov:
+        q, img, rows = s["onevision_qwen2"], ov["image"], ov["rows"]
+        before, after = s["onevision_text"]
+        lines += [f"### OneVision prefill: Qwen2 decoder layers (hidden {q['hidden_size']}, MLP {q['intermediate_size']}, "
+                  f"{q['num_attention_heads']} heads / {q['num_key_value_heads']} KV heads), {rows[0]['layers']} layers, "
+                  f"{rows[0]['positions']} positions ({before} text + one AnyRes image of {img['positions']} packed "
+                  f"positions from {img['crops']} crops of {img['tokens_per_crop']} tokens + {after} text), sdpa, "
+                  f"{s['onevision_runs']} runs", "",
+                  "| variant | visual groups | rows per layer | time (ms) | speedup | FLOP-ideal | quotient |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['rows_per_layer']} | "
+                         f"{_ms(r['median_s'])} | {r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
+        lines.append("")
     tg = result.get("targets")
     if tg:
         lines += ["### Targets", ""]

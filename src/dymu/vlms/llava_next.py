@@ -1,0 +1,526 @@
+"""DyMU in LLaVA-NeXT and LLaVA-OneVision (AnyRes crops, multi-image prompts, OneVision video).
+
+Data flow (design note anyres.md), per forward:
+1. All crops of all images of the batch (and all video frames) go through the DToMe tower as one
+   batch; each crop merges on its own (merge.py keeps a crop's tokens a function of that crop).
+2. The projector runs on the merged tokens only; every crop is virtually unmerged back to its full
+   token grid (`llava.project_merged`).
+3. The stock `pack_image_features` (view, permute, unpad, OneVision's anyres_max bilinear downsample,
+   `image_newline` after every row, base crop first) and, for video, the stock `apply_pooling`
+   (bilinear 2x2) run unchanged on those full grids, so the LLM sees exactly the stock layout.
+4. The group map follows every one of those steps. All of them are linear in the features, so a
+   packed position is a fixed weighted sum of merged tokens, and two positions are one VTU group
+   exactly when those weights are equal. The weights are read off by running the same stock
+   function on a 3-channel *probe* instead of the features: (plane, row, column) of every token in
+   the crop canvas. Gathers (view, permute, crop) move the probe rows; bilinear interpolation, whose
+   two taps per axis are adjacent canvas rows/columns, turns the coordinates into y0 + λ and x0 + μ,
+   from which the (at most 4) source tokens and their weights follow. Newlines get plane -1 and a
+   group of their own. Nothing (positions x groups) is ever materialised.
+5. Rows of one group must be bitwise equal for VTU (it keeps one row per group): gathers copy rows,
+   but bilinear sums of the same weights over the same token may differ in the last bit between
+   positions (w1·f + w2·f is not always f in floating point), so each group takes the row of its
+   first position (checked to be within rounding of the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next import modeling_llava_next as stock_next
+from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.models.llava_onevision import modeling_llava_onevision as stock_ov
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+)
+
+from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
+from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
+from .llava import labels_to_group_map, project_merged
+
+SUPPORTED_VLMS = (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
+MODES = ("full", "dymu", "tome")
+REFUSED_MODES = {
+    "dtome": "feeds merged tokens without VTU, but the AnyRes layout needs every crop's full token grid "
+             "(unpadding, newlines, downsampling)",
+    "downsample": "shrinks every crop's token grid, which the AnyRes packing cannot lay out",
+}
+_ROUNDING = 2.0 ** 32  # group weights are compared after rounding to this grid (float64 sums of 4 products)
+
+
+@dataclass
+class AnyResSettings:
+    mode: str
+    last_encoded: EncodedImages | None = None  # crops/frames of the last encode (for reports)
+    last_crops: list[int] | None = None  # crops (or frames) per image / video of that encode
+    last_videos: torch.Tensor | None = None  # (B, L, D) video features of the last encode, with their maps
+
+
+# ---------------------------------------------------------------------------------------------
+# The group map through the stock packing steps.
+
+
+def _probe(num_crops: int, side: int, grid_width: int, dtype=torch.float64) -> torch.Tensor:
+    """(num_crops, side², 3) probe: (plane, row, column) of every token.
+
+    Crop 0 is the base crop (plane 0, its own side x side grid), crops 1.. tile the AnyRes canvas in
+    row-major order, ``grid_width`` crops per row (plane 1, canvas coordinates). With one crop only,
+    it is the base crop.
+    """
+    r = torch.arange(side, dtype=dtype).repeat_interleave(side)  # (side²,) row of each token in its crop
+    c = torch.arange(side, dtype=dtype).repeat(side)
+    probe = torch.zeros(num_crops, side * side, 3, dtype=dtype)
+    probe[0, :, 1], probe[0, :, 2] = r, c
+    for k in range(1, num_crops):
+        i, j = divmod(k - 1, grid_width)
+        probe[k, :, 0] = 1.0
+        probe[k, :, 1], probe[k, :, 2] = i * side + r, j * side + c
+    return probe
+
+
+NEWLINE_PROBE = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
+
+
+def _tap(coord: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear coordinate y0 + λ -> (the two source indices (L, 2), their weights (L, 2))."""
+    low = coord.floor()
+    frac = coord - low
+    # A coordinate that landed a rounding error below an integer is that integer (weight 1).
+    up = frac > 1 - 1e-9
+    low, frac = torch.where(up, low + 1, low), torch.where(up | (frac < 1e-9), torch.zeros_like(frac), frac)
+    index = torch.stack([low, low + 1], dim=-1).long().clamp(0, size - 1)
+    return index, torch.stack([1 - frac, frac], dim=-1)
+
+
+def position_keys(probe_out: torch.Tensor, base_labels: torch.Tensor | None, canvas_labels: torch.Tensor | None,
+                  newline_start: int) -> torch.Tensor:
+    """What every packed position is a weighted sum of: (L, 8) int64 keys, equal rows = one group.
+
+    probe_out (L, 3): the probe after the stock packing; base_labels (side, side) and canvas_labels
+    (H, W): the merged-token label of every token of the base crop and of the AnyRes canvas. A key
+    row holds up to 4 (label, rounded weight) pairs sorted by label (same labels summed); a newline
+    gets the label ``newline_start`` + its index, a group of its own.
+    """
+    n = probe_out.shape[0]
+    plane, y, x = probe_out.unbind(-1)
+    labels = torch.full((n, 4), -1, dtype=torch.long)
+    weights = torch.zeros(n, 4, dtype=torch.float64)
+    newline = plane < -0.5
+    labels[newline, 0] = newline_start + torch.arange(int(newline.sum()))
+    weights[newline, 0] = 1.0
+    base = (plane > -0.5) & (plane < 0.5)
+    if base.any():
+        labels[base, 0] = base_labels[y[base].round().long(), x[base].round().long()]
+        weights[base, 0] = 1.0
+    grid = plane >= 0.5
+    if grid.any():
+        rows, wy = _tap(y[grid], canvas_labels.shape[0])  # (G, 2) each
+        cols, wx = _tap(x[grid], canvas_labels.shape[1])
+        labels[grid] = canvas_labels[rows[:, :, None], cols[:, None, :]].flatten(1)  # (G, 4) the 2x2 taps
+        weights[grid] = (wy[:, :, None] * wx[:, None, :]).flatten(1)
+    labels = torch.where(weights > 0, labels, -1)
+    order = labels.argsort(dim=1, stable=True)
+    labels, weights = labels.gather(1, order), weights.gather(1, order)
+    for k in range(1, 4):  # sum the weights of equal labels into the last of each run
+        same = (labels[:, k] == labels[:, k - 1]) & (labels[:, k] >= 0)
+        weights[:, k] += torch.where(same, weights[:, k - 1], 0.0)
+        weights[:, k - 1] = torch.where(same, 0.0, weights[:, k - 1])
+        labels[:, k - 1] = torch.where(same, -1, labels[:, k - 1])
+    quantised = (weights * _ROUNDING).round().long()
+    labels = torch.where(quantised > 0, labels, -1)
+    order = labels.argsort(dim=1, stable=True)
+    return torch.cat([labels.gather(1, order), quantised.gather(1, order)], dim=1)
+
+
+def groups_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """(L, 8) keys -> (L,) group label per position: equal keys, equal labels."""
+    return torch.unique(keys, dim=0, return_inverse=True)[1]
+
+
+def snap_to_groups(features: torch.Tensor, group: torch.Tensor, what: str) -> torch.Tensor:
+    """Give every position of a group the row of the group's first position, after checking that
+    the rows differ at most by rounding (else the group map is wrong: raise)."""
+    positions = torch.arange(len(group), device=group.device)
+    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long, device=group.device)
+    first = first.scatter_reduce(0, group, positions, reduce="amin")
+    snapped = features[first[group].to(features.device)]
+    if not torch.equal(snapped, features):
+        scale = features.abs().amax().clamp(min=1e-30)
+        worst = float((snapped - features).abs().amax().detach() / scale.detach())
+        if worst > 1e-5:
+            raise RuntimeError(f"DyMU group map for {what} is wrong: rows of one group differ by {worst:.2e} (relative)")
+    return snapped
+
+
+def _label_grid(labels: torch.Tensor, side: int) -> torch.Tensor:
+    """(side²,) labels of one crop -> (side, side)."""
+    return labels.view(side, side)
+
+
+def _canvas_labels(crop_labels: torch.Tensor, side: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(grid_h·grid_w, side²) labels of the grid crops -> (grid_h·side, grid_w·side) canvas."""
+    return crop_labels.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side)
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched inner models.
+
+
+class _DyMUAnyResModel:
+    """Mixed in before LlavaNextModel / LlavaOnevisionModel (per-instance class swap)."""
+
+    _dymu: AnyResSettings
+    _dymu_stock_class: type
+
+    # -- features ---------------------------------------------------------------------------------
+    def _feature_choice(self, layer, strategy) -> tuple[int, bool]:
+        layer = self.config.vision_feature_layer if layer is None else layer
+        strategy = strategy or self.config.vision_feature_select_strategy
+        if not isinstance(layer, int):
+            raise ValueError(f"DyMU reads one vision feature layer, not {layer!r}")
+        return layer, strategy == "default"
+
+    def _encode_crops(self, crops: torch.Tensor, layer, strategy, counts: list[int]) -> list[torch.Tensor]:
+        """(C, 3, S, S) crops -> per crop (side², D) projected features, virtually unmerged, each
+        carrying ``dymu_group_of_patch`` (side²,): the merged token of every token of its grid."""
+        tower = self.vision_tower
+        layer, drop_cls = self._feature_choice(layer, strategy)
+        encoded = encode_with_tower(tower, family_of(tower), crops, layer, drop_cls)
+        self._dymu.last_encoded, self._dymu.last_crops = encoded, counts
+        return project_merged(encoded, self.multi_modal_projector, unmerge=True)
+
+    def _stock_pack(self, features, image_sizes, strategy, newline, aspect):
+        if isinstance(self, LlavaOnevisionModel):
+            return self.pack_image_features(features, image_sizes, image_newline=newline,
+                                            vision_aspect_ratio=aspect or self.config.vision_aspect_ratio)[0]
+        return self.pack_image_features(features, image_sizes, vision_feature_select_strategy=strategy,
+                                        image_newline=newline)[0]
+
+    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, vision_aspect_ratio=None, batch_num_images=None,
+                           **kwargs) -> BaseModelOutputWithPooling:
+        stock = stock_ov if isinstance(self, LlavaOnevisionModel) else stock_next
+        crop_px = self.config.vision_config.image_size
+        side = crop_px // self.config.vision_config.patch_size
+        # OneVision: images of a multi-image prompt get their base crop only (as the stock model).
+        patched = [True] * len(image_sizes) if batch_num_images is None else \
+            [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        counts = [stock.image_size_to_num_patches(size, self.config.image_grid_pinpoints, crop_px) if p else 1
+                  for size, p in zip(image_sizes, patched)]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+        per_crop = self._encode_crops(pixel_values, vision_feature_layer, vision_feature_select_strategy, counts)
+
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        features, probes, crop_labels, start = [], [], [], 0
+        for n, size in zip(counts, image_sizes):
+            crops = per_crop[start:start + n]
+            start += n
+            features.append(torch.stack(crops))  # (n, side², D)
+            # Labels unique within the image: crop k's tokens are k·side² + their merged-token index.
+            crop_labels.append(torch.stack([c.dymu_group_of_patch.cpu() + k * side * side for k, c in enumerate(crops)]))
+            grid_w = stock.get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, crop_px)[1] if n > 1 else 1
+            probes.append(_probe(n, side, grid_w))
+        packed = self._stock_pack(features, image_sizes, strategy, self.image_newline, vision_aspect_ratio)
+        packed_probes = self._stock_pack(probes, image_sizes.cpu(), strategy, NEWLINE_PROBE, vision_aspect_ratio)
+        out = []
+        for i, (rows, probe_out, labels, n) in enumerate(zip(packed, packed_probes, crop_labels, counts)):
+            canvas = None
+            if n > 1:
+                grid_h, grid_w = stock.get_anyres_image_grid_shape(image_sizes[i], self.config.image_grid_pinpoints,
+                                                                   crop_px)
+                canvas = _canvas_labels(labels[1:], side, grid_h, grid_w)
+            keys = position_keys(probe_out, _label_grid(labels[0], side), canvas, newline_start=n * side * side)
+            group = groups_from_keys(keys)
+            rows = snap_to_groups(rows, group, f"image {i}")
+            rows.dymu_group_of_patch = group.to(rows.device)
+            out.append(rows)
+        return BaseModelOutputWithPooling(pooler_output=out)
+
+    def get_video_features(self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs) -> BaseModelOutputWithPooling:
+        """OneVision video: per-frame DToMe, stock 2x2 bilinear pooling, one trailing newline."""
+        batch, frames = pixel_values_videos.shape[:2]
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        per_frame = self._encode_crops(pixel_values_videos.flatten(0, 1), vision_feature_layer,
+                                       vision_feature_select_strategy, [frames] * batch)
+        pooled = self.apply_pooling(torch.stack(per_frame))  # (B·F, p², D), stock
+        probe = _probe(1, side, 1).expand(batch * frames, -1, -1).clone()
+        probe[..., 0] = 1.0  # a frame is a canvas of its own: bilinear taps inside it
+        pooled_probe = self.apply_pooling(probe)  # (B·F, p², 3)
+        out, groups = [], []
+        for v in range(batch):
+            keys = []
+            for f in range(frames):
+                k = v * frames + f
+                labels = per_frame[k].dymu_group_of_patch.cpu() + f * side * side
+                keys.append(position_keys(pooled_probe[k], None, _label_grid(labels, side), newline_start=0))
+            newline = position_keys(NEWLINE_PROBE[None], None, None, newline_start=frames * side * side)
+            group = groups_from_keys(torch.cat(keys + [newline]))
+            rows = torch.cat([pooled[v * frames:(v + 1) * frames].flatten(0, 1), self.image_newline[None].to(pooled)])
+            out.append(snap_to_groups(rows, group, f"video {v}"))
+            groups.append(group)
+        features = torch.stack(out)  # (B, F·p² + 1, D), the stock layout
+        features.dymu_group_of_patch = torch.stack(groups).to(features.device)
+        self._dymu.last_videos = features
+        return BaseModelOutputWithPooling(pooler_output=features)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, pixel_values_videos=None,
+                mm_encoder_outputs=None, **kwargs):
+        choice = {k: kwargs.pop(k, None) for k in ("vision_feature_layer", "vision_feature_select_strategy")}
+        aspect, per_sample = kwargs.pop("vision_aspect_ratio", None), kwargs.pop("batch_num_images", None)
+        kwargs.pop("image_sizes_videos", None)
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        if pixel_values is not None and pixel_values.size(0) > 0 and mm_encoder_outputs.get("image") is None:
+            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, image_sizes, vision_aspect_ratio=aspect,
+                                                                  batch_num_images=per_sample, **choice)
+        if pixel_values_videos is not None and mm_encoder_outputs.get("video") is None:
+            mm_encoder_outputs["video"] = self.get_video_features(pixel_values_videos, **choice)
+        if not mm_encoder_outputs:
+            return super().forward(input_ids=input_ids, **kwargs)
+        if input_ids is None:
+            raise ValueError("DyMU with VTU needs input_ids to find the image placeholders (got inputs_embeds)")
+        placeholders = []
+        if (image := mm_encoder_outputs.get("image")) is not None:
+            placeholders.append((self.config.image_token_id, _labels_of(image.pooler_output)))
+        if (video := mm_encoder_outputs.get("video")) is not None:
+            placeholders.append((self.config.video_token_id, self._video_labels(video.pooler_output)))
+        group_map = labels_to_group_map(input_ids, placeholders)
+        with vtu_groups(self.language_model, group_map):
+            return super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+
+    def _video_labels(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Per video (B, L, D): its (L,) group labels. generate() re-stacks video features for beam
+        search / num_return_sequences (a new tensor, without the map): each row is then found among
+        the videos of the last encode, which it equals bit for bit."""
+        groups = getattr(features, "dymu_group_of_patch", None)
+        if groups is not None:
+            return list(groups)
+        known = self._dymu.last_videos
+        labels = []
+        for video in features:
+            match = None if known is None else next(
+                (g for f, g in zip(known, known.dymu_group_of_patch) if f.shape == video.shape and torch.equal(f, video)),
+                None)
+            if match is None:
+                raise ValueError("DyMU video features carry no group map and match no video of the last encode: "
+                                 "pass videos as pixel_values_videos or through dymu.generate")
+            labels.append(match)
+        return labels
+
+
+def _labels_of(features) -> list[torch.Tensor]:
+    """Per image: the group label of every placeholder position."""
+    labels = []
+    for f in features:
+        group = getattr(f, "dymu_group_of_patch", None)
+        labels.append(torch.arange(len(f), device=f.device) if group is None else group)
+    return labels
+
+
+class DyMULlavaNextModel(_DyMUAnyResModel, LlavaNextModel):
+    pass
+
+
+class DyMULlavaOnevisionModel(_DyMUAnyResModel, LlavaOnevisionModel):
+    pass
+
+
+_PATCHED = {LlavaNextModel: DyMULlavaNextModel, LlavaOnevisionModel: DyMULlavaOnevisionModel}
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / remove (the wiring registered in api.py).
+
+
+def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
+              tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
+    # All or nothing (as for LLaVA-1.5): every argument is checked before the model changes.
+    name = type(model).__name__
+    if mode in REFUSED_MODES:
+        raise ValueError(f"mode {mode!r} is not available for {name}: it {REFUSED_MODES[mode]}; "
+                         f"use one of {', '.join(MODES)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "tome" and not tome_vtu:
+        raise ValueError(f"mode 'tome' without VTU is not available for {name}: {REFUSED_MODES['dtome']}")
+    inner = model.model
+    tower = inner.vision_tower
+    family = family_of(tower)
+    if family is None:
+        raise ValueError(f"the vision tower of this {name} is a {type(tower).__name__}, which DyMU does not support")
+    if mode == "tome" and r is None:
+        raise ValueError("mode 'tome' needs r (merges per layer)")
+    if mode == "dymu" and thresholds is None:
+        raise ValueError(f"mode {mode!r} needs thresholds")
+    if mode != "full":
+        dtome_settings(tower, family, thresholds=None if mode == "tome" else thresholds,
+                       r=r if mode == "tome" else None, order=order)
+        check_vtu(inner.language_model, vtu_attention)
+
+    remove_vlm(model)
+    model._dymu_mode = mode
+    if mode == "full":
+        return
+    if mode == "tome":
+        apply_dtome(tower, family, r=r, order=order)
+    else:
+        apply_dtome(tower, family, thresholds=thresholds, order=order)
+    apply_vtu(inner.language_model, vtu_attention=vtu_attention)
+    inner._dymu = AnyResSettings(mode=mode)
+    inner._dymu_stock_class = type(inner)
+    inner.__class__ = _PATCHED[type(inner)]
+
+
+def remove_vlm(model: nn.Module) -> None:
+    inner = model.model
+    if hasattr(inner, "_dymu_stock_class"):
+        inner.__class__ = inner._dymu_stock_class
+        del inner._dymu_stock_class, inner._dymu
+    remove_vtu(inner.language_model)
+    remove_dtome(inner.vision_tower)
+    if hasattr(model, "_dymu_mode"):
+        del model._dymu_mode
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: AnyRes crops for calibration, the OneVision processor without torchvision.
+
+
+def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+    """The crops the tower sees at inference for one image-processor output (each image on its own,
+    all AnyRes crops): (C, 3, S, S) every image's valid crops in order, and the crops per image (the
+    processor pads ``pixel_values`` to the largest crop count)."""
+    stock = stock_ov if isinstance(model, LlavaOnevisionForConditionalGeneration) else stock_next
+    pixel_values, sizes = processed["pixel_values"], processed["image_sizes"]
+    crop_px = model.config.vision_config.image_size
+    counts = [stock.image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop_px) for s in sizes]
+    return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]), counts
+
+
+def onevision_processor(tokenizer, crop: int, pinpoints, num_image_tokens: int, aspect: str, chat_template=None):
+    """The stock `LlavaOnevisionProcessor`; without torchvision (which transformers' video processors
+    need) the same processor whose videos are lists of PIL frames turned into pixels by
+    `frames_to_pixels` (the stock video processor's steps: resize to the crop, rescale, CLIP mean/std)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.utils.import_utils import is_torchvision_available
+
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints)
+    kwargs = dict(num_image_tokens=num_image_tokens, vision_feature_select_strategy="full",
+                  vision_aspect_ratio=aspect, chat_template=chat_template)
+    if is_torchvision_available():
+        from transformers import LlavaOnevisionProcessor
+        from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+        video = LlavaOnevisionVideoProcessor(size={"height": crop, "width": crop})
+        return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
+                                       **kwargs)
+    return _frames_processor_class()(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
+def load_onevision_processor(model_ref: str):
+    """AutoProcessor, or (no torchvision) the frames-only processor from the saved parts."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.utils.import_utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(model_ref)
+    from huggingface_hub import hf_hub_download
+
+    folder = Path(model_ref)
+    path = folder / "processor_config.json" if folder.is_dir() else Path(hf_hub_download(model_ref, "processor_config.json"))
+    saved = json.loads(path.read_text())
+    kwargs = {k: saved[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
+              if k in saved}
+    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    image_processor = AutoImageProcessor.from_pretrained(model_ref)
+    template = getattr(tokenizer, "chat_template", None) or saved.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text()
+    return _frames_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                                     **kwargs)
+
+
+def frames_to_pixels(frames, crop: int) -> torch.Tensor:
+    """(F, 3, crop, crop) pixels of a list of PIL frames, as LlavaOnevisionVideoProcessor makes them."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    frame_processor = SiglipImageProcessorPil(size={"height": crop, "width": crop}, resample=PILImageResampling.BICUBIC,
+                                              image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    return frame_processor(images=[f.convert("RGB") for f in frames], return_tensors="pt")["pixel_values"]
+
+
+_FRAMES_CLASS = None
+
+
+def _frames_processor_class():
+    global _FRAMES_CLASS
+    if _FRAMES_CLASS is None:
+        from transformers import LlavaOnevisionProcessor
+
+        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, chat_template=None, vision_aspect_ratio="anyres_max_9",
+                     **kwargs):
+            LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                                             vision_feature_select_strategy=vision_feature_select_strategy,
+                                             chat_template=chat_template, vision_aspect_ratio=vision_aspect_ratio,
+                                             **kwargs)
+            self.video_processor = None  # videos are handled by _process_videos below
+
+        def _process_videos(self, videos, **kwargs):
+            crop = self.image_processor.size["height"]
+            pixels = torch.stack([frames_to_pixels(frames, crop) for frames in videos])
+            processed = {"pixel_values_videos": pixels}
+            return processed, [self.replace_video_token(processed, i) for i in range(len(videos))]
+
+        # Named like the stock class so that a saved processor loads as the stock one where
+        # torchvision is installed.
+        _FRAMES_CLASS = type("LlavaOnevisionProcessor", (LlavaOnevisionProcessor,),
+                             {"__init__": __init__, "_process_videos": _process_videos,
+                              "__doc__": "LlavaOnevisionProcessor whose videos are lists of PIL frames (no torchvision)."})
+    return _FRAMES_CLASS
+
+
+def load_video(path: str, num_frames: int = 8):
+    """``num_frames`` evenly spaced frames of a video file as PIL images (needs PyAV: pip install dymu[video])."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ValueError(f"{path}: no such file")
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); "
+                         "or pass the frames as a list of PIL images (or a folder of frame images)") from None
+    try:
+        with av.open(str(path)) as container:
+            frames = [frame.to_image() for frame in container.decode(video=0)]
+    except Exception as err:  # noqa: BLE001 - any decoder error is one clear line
+        raise ValueError(f"{path}: cannot be decoded as a video ({err})") from None
+    if not frames:
+        raise ValueError(f"{path}: has no video frames")
+    step = len(frames) / min(num_frames, len(frames))
+    return [frames[int(i * step)] for i in range(min(num_frames, len(frames)))]
+
+
+def unique_rows_per_item(features) -> list[int]:
+    """Distinct VTU rows per image / video (groups), as the LLM runs them."""
+    if isinstance(features, torch.Tensor):
+        maps = getattr(features, "dymu_group_of_patch", None)
+        return [int(g.unique().numel()) for g in maps] if maps is not None else [features.shape[1]] * len(features)
+    return [int(f.dymu_group_of_patch.unique().numel()) if hasattr(f, "dymu_group_of_patch") else len(f)
+            for f in features]
+
