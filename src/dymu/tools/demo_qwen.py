@@ -1,0 +1,155 @@
+"""Small Qwen2-VL / Qwen2.5-VL / Qwen3-VL models with RANDOM weights and a real processor, built offline.
+
+Every code path is the real one: the stock `*ForConditionalGeneration` classes at small dimensions
+(Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers), a real
+byte-level BPE tokenizer trained here with the Qwen vision special tokens, the stock Qwen2-VL image
+processor (PIL backend) and the family's stock processor class. There is no video processor (it
+needs torchvision): `video_inputs` builds the video tensors the way the Qwen2-VL video processor does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+             "<|image_pad|>", "<|video_pad|>"]
+_CORPUS = [
+    "user What is in this image? assistant The image shows a dog, a bicycle and a truck on a street.",
+    "A white page with one red circle. An eagle flying over a field. A chessboard of black and white squares.",
+    "Describe the picture in detail. Count the objects. Read the text. What happens in this video?",
+    "Vision language models turn images into tokens; merging similar tokens makes them cheaper.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        padding_side="left")
+
+
+def _text_dims(vocab: int, tokenizer) -> dict:
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+           (("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("bos_token_id", "<|im_start|>"))}
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids)
+
+
+def qwen_config(family: str, tokenizer):
+    """The tiny config of a family; image/video/vision-start token ids taken from ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = _text_dims(len(tokenizer), tokenizer)
+    # head_dim 16: mrope sections (t, h, w) of 2 + 3 + 3 = 8 frequencies
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    if family == "qwen2_vl":
+        vision = dict(depth=4, embed_dim=64, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=vision, **special)
+    if family == "qwen2_5_vl":
+        # window_size 56 px = 2x2 units per window: 16 windows per 224 px image; blocks 1 and 3 full attention
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1, 3], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=vision, **special)
+    if family == "qwen3_vl":
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[1, 2])
+        text = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown Qwen VL family {family!r}; choose one of {', '.join(QWEN_FAMILIES)}")
+
+
+_NO_VIDEO_CLASSES: dict[type, type] = {}
+
+
+def processor_class(family: str) -> type:
+    """The family's stock processor class without its video processor (which needs torchvision).
+
+    The subclass only narrows ``__init__`` to (image_processor, tokenizer): transformers reads a
+    processor's parts from its ``__init__`` signature. Text, images and chat templates are stock.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+
+    stock = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
+    if stock not in _NO_VIDEO_CLASSES:
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
+
+        _NO_VIDEO_CLASSES[stock] = type(f"{stock.__name__}NoVideo", (stock,), {"__init__": __init__})
+    return _NO_VIDEO_CLASSES[stock]
+
+
+def build_qwen_processor(family: str, tokenizer=None):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = tokenizer or build_qwen_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": IMAGE_MAX_PIXELS})
+    return processor_class(family)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
+    """(model, processor): the family's stock ForConditionalGeneration at small dims, random weights."""
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
+
+    tokenizer = build_qwen_tokenizer()
+    config = qwen_config(family, tokenizer)
+    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # HF's random init is tiny (std 0.02): scale q/k up so that attention is not near-uniform and a
+    # wrong position or group shows far above the test tolerances.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "attn.qkv.weight")):
+                p.mul_(4.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model, build_qwen_processor(family, tokenizer)
+
+
+def video_inputs(image_processor, frames: list, fps: float = 2.0) -> dict:
+    """pixel_values_videos (T/2·h·w, C·2·p·p) and video_grid_thw (1, 3) for one video, as the stock
+    Qwen2-VL video processor lays them out: frames resized like images, the last frame repeated to
+    an even count, two consecutive frames fused per temporal patch, 2x2-unit-major rows."""
+    if len(frames) % 2:
+        frames = list(frames) + [frames[-1]]
+    out = image_processor(images=frames, return_tensors="pt")
+    grid = out["image_grid_thw"]  # (F, 3), every frame (1, h, w)
+    if not bool((grid == grid[:1]).all()):
+        raise ValueError("video frames must all have the same size")
+    _, h, w = grid[0].tolist()
+    patch = image_processor.patch_size
+    per_frame = out["pixel_values"].view(len(frames), h * w, 3, 2, patch, patch)  # temporal copies are equal
+    first, second = per_frame[0::2, :, :, 0], per_frame[1::2, :, :, 0]  # (T, hw, 3, p, p)
+    fused = torch.stack([first, second], dim=3)  # (T, hw, 3, 2, p, p)
+    return {"pixel_values_videos": fused.reshape(len(frames) // 2 * h * w, -1),
+            "video_grid_thw": torch.tensor([[len(frames) // 2, h, w]]),
+            "second_per_grid_ts": torch.tensor([2.0 / fps])}
