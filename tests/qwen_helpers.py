@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model, processor_class, video_inputs  # noqa: F401
+from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model, processor_class  # noqa: F401
 
 
 def save_qwen(family: str, folder) -> None:

@@ -50,6 +50,7 @@ def apply(
     mode: str = "dymu",
     vtu_attention: str = "fast",
     tome_vtu: bool = True,
+    merge_point: str = "vit",
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
@@ -59,12 +60,20 @@ def apply(
       see `dymu.generate`).
     - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
       `Thresholds` object; +inf = no merge at that layer) or plain ToMe with ``r``.
+    - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
+      (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
+      rounds after the PatchMerger, one threshold per round): `dymu.vlms.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
     from .vlms.llava import SUPPORTED_VLMS, apply_llava
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
+        return model
     if isinstance(model, SUPPORTED_VLMS):
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
         kept = getattr(thresholds, "tokens_kept_mean", None)
@@ -75,7 +84,7 @@ def apply(
         return model
     if _is_vlm(model):
         raise ValueError(f"{type(model).__name__} is not a supported VLM "
-                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS)}).")
+                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_VLMS + SUPPORTED_QWEN_VLMS)}).")
     if find_towers(model):
         tower, family = vision_tower_of(model)
         if thresholds is not None:
@@ -99,9 +108,12 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: stock classes, no hooks, no DyMU state. Weights were never touched."""
     from .decoders.llama import remove_vtu
     from .vlms.llava import SUPPORTED_VLMS, remove_llava
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, remove_qwen_vl
 
     if isinstance(model, SUPPORTED_VLMS):
         remove_llava(model)
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        remove_qwen_vl(model)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
     remove_vtu(model)

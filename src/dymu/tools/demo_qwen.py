@@ -4,7 +4,8 @@ Every code path is the real one: the stock `*ForConditionalGeneration` classes a
 (Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers), a real
 byte-level BPE tokenizer trained here with the Qwen vision special tokens, the stock Qwen2-VL image
 processor (PIL backend) and the family's stock processor class. There is no video processor (it
-needs torchvision): `video_inputs` builds the video tensors the way the Qwen2-VL video processor does.
+needs torchvision): `dymu.vlms.qwen_vl.qwen_inputs` builds video tensors and placeholders the way the
+stock video processor and processor do.
 """
 
 from __future__ import annotations
@@ -133,23 +134,3 @@ def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model, build_qwen_processor(family, tokenizer)
-
-
-def video_inputs(image_processor, frames: list, fps: float = 2.0) -> dict:
-    """pixel_values_videos (T/2·h·w, C·2·p·p) and video_grid_thw (1, 3) for one video, as the stock
-    Qwen2-VL video processor lays them out: frames resized like images, the last frame repeated to
-    an even count, two consecutive frames fused per temporal patch, 2x2-unit-major rows."""
-    if len(frames) % 2:
-        frames = list(frames) + [frames[-1]]
-    out = image_processor(images=frames, return_tensors="pt")
-    grid = out["image_grid_thw"]  # (F, 3), every frame (1, h, w)
-    if not bool((grid == grid[:1]).all()):
-        raise ValueError("video frames must all have the same size")
-    _, h, w = grid[0].tolist()
-    patch = image_processor.patch_size
-    per_frame = out["pixel_values"].view(len(frames), h * w, 3, 2, patch, patch)  # temporal copies are equal
-    first, second = per_frame[0::2, :, :, 0], per_frame[1::2, :, :, 0]  # (T, hw, 3, p, p)
-    fused = torch.stack([first, second], dim=3)  # (T, hw, 3, 2, p, p)
-    return {"pixel_values_videos": fused.reshape(len(frames) // 2 * h * w, -1),
-            "video_grid_thw": torch.tensor([[len(frames) // 2, h, w]]),
-            "second_per_grid_ts": torch.tensor([2.0 / fps])}
