@@ -46,6 +46,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from .. import merge as M
+from .. import vtu
 
 QWEN_TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)
 MERGE_POINTS = ("vit", "post")
@@ -147,8 +148,11 @@ def _merges_at(thresholds, edge_chooser, step: int) -> bool:
 
 
 def _finish(visual, tokens, group, lengths, units, kept_steps, deepstack, reverse=None) -> QwenEncoded:
-    if reverse is not None:  # Qwen2.5-VL: units were in window order; back to the stock order
-        group = group[reverse]
+    if reverse is not None:  # Qwen2.5-VL: units were in window order; back to the stock order, and
+        group = group[reverse]  # tokens renumbered in order of their first unit (reading order)
+        renumbered = vtu.group_map_from_labels(group[None])[0]
+        old_of_new = torch.empty_like(group[: len(tokens)]).scatter_(0, renumbered, group)
+        tokens, deepstack, group = tokens[old_of_new], [d[old_of_new] for d in deepstack], renumbered
     return QwenEncoded(features=tokens[group], group_of_unit=group, tokens=tokens, units_per_segment=units,
                        kept_per_segment=lengths, kept_per_step=torch.stack(kept_steps, 1) if kept_steps
                        else lengths[:, None], deepstack=[d[group] for d in deepstack])
@@ -334,3 +338,33 @@ def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
                 merge_point: str = "vit", edge_chooser: EdgeChooser | None = None) -> QwenEncoded:
     encode = encode_vit if merge_point == "vit" else encode_post
     return encode(visual, pixel_values, grid_thw.to(pixel_values.device), thresholds, edge_chooser)
+
+
+def qwen_identity(visual: nn.Module, merge_point: str, steps: int, model_ref: str | None = None) -> dict:
+    """What a thresholds file records about the Qwen tower it was calibrated on (units vary per image,
+    so there is no fixed patch count: presets and r are fractions of each segment's units)."""
+    import hashlib
+    import json
+
+    config = visual.config
+    arch = {k: getattr(config, k, None) for k in ("model_type", "depth", "hidden_size", "embed_dim", "num_heads",
+                                                   "patch_size", "spatial_merge_size", "window_size")}
+    return {"model": model_ref or getattr(config, "_name_or_path", "") or "", "family": config.model_type,
+            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
+            "num_layers": steps, "patches_per_image": None, "class_token": False, "merge_point": merge_point}
+
+
+def check_thresholds_file(thresholds, visual: nn.Module, merge_point: str) -> None:
+    """One-sentence errors when a `Thresholds` object was calibrated for another tower or merge point."""
+    want = getattr(thresholds, "encoder", None)
+    if not want:
+        return
+    where = f"thresholds for {want.get('model') or 'an unnamed encoder'}"
+    found = qwen_identity(visual, merge_point, len(thresholds.thresholds))
+    if want.get("merge_point") is None:
+        raise ValueError(f"{where} are for a {want.get('family')} encoder, not a Qwen VL vision tower")
+    if want["merge_point"] != merge_point:
+        raise ValueError(f"{where} were calibrated with merge_point={want['merge_point']!r}, not {merge_point!r}")
+    if want["family"] != found["family"] or want["config_hash"] != found["config_hash"]:
+        raise ValueError(f"{where} were calibrated on a differently shaped vision tower "
+                         f"({want['family']} {want['config_hash']} vs {found['family']} {found['config_hash']})")

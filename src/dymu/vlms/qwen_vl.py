@@ -32,7 +32,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 
 from .. import vtu
 from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
-from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, encode_qwen
+from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
 
 SUPPORTED_QWEN_VLMS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
                        Qwen3VLForConditionalGeneration)
@@ -209,6 +209,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     inner = model.model
     if thresholds is None:
         raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
+    check_thresholds_file(thresholds, inner.visual, merge_point)
     values = check_thresholds(inner.visual, getattr(thresholds, "thresholds", thresholds), merge_point)
     apply_vtu(inner.language_model, vtu_attention=vtu_attention)
     inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values)
