@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model, processor_class  # noqa: F401
+from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model  # noqa: F401
+from dymu.vlms.qwen_vl import load_qwen_processor
 
 
 def save_qwen(family: str, folder) -> None:
@@ -17,7 +18,7 @@ def load_qwen(family: str, folder, attn: str = "eager"):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
-    processor = processor_class(family).from_pretrained(folder)
+    processor = load_qwen_processor(str(folder), family)
     processor.tokenizer.padding_side = "left"
     return model, processor
 

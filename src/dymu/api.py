@@ -50,7 +50,7 @@ def apply(
     mode: str = "dymu",
     vtu_attention: str = "fast",
     tome_vtu: bool = True,
-    merge_point: str = "vit",
+    merge_point: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
@@ -63,7 +63,8 @@ def apply(
     - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
       ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
       (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
-      rounds after the PatchMerger, one threshold per round): `dymu.vlms.qwen_vl`.
+      rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
+      ``"vit"``. See `dymu.vlms.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
@@ -72,6 +73,7 @@ def apply(
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
+        merge_point = merge_point or getattr(thresholds, "encoder", {}).get("merge_point") or "vit"
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
         return model
     if isinstance(model, SUPPORTED_VLMS):
@@ -136,6 +138,7 @@ def encode(
     pixel_values: torch.Tensor,
     feature_layer: int | None = None,
     drop_class_token: bool | None = None,
+    grid_thw: torch.Tensor | None = None,
 ) -> EncodedImages:
     """Encode images with the (patched or stock) vision tower of ``model``.
 
@@ -144,7 +147,16 @@ def encode(
     layer. Layers after the feature layer are not computed. Defaults follow the VLM's config
     (``vision_feature_layer`` / ``vision_feature_select_strategy``) when ``model`` is a VLM, else
     -2 without the class token for CLIP (LLaVA-1.5) and -1 for SigLIP (LLaVA-OneVision).
+
+    A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
+    ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
     """
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        if grid_thw is None:
+            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
+        return encode_qwen_vl(model, pixel_values, grid_thw)
     tower, family = vision_tower_of(model)
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer

@@ -57,6 +57,24 @@ def _calibrate(args, rank: int) -> int:
         raise ValueError(f"{args.images}: no images found")
     model, processor = load_vision_model(args.model, device, dtype)
     out = Path(args.out)
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: fractions, no checkpoint/torchrun
+        if args.target_tokens is not None:
+            raise ValueError("--target-tokens does not apply to Qwen VLs (images keep their native size): "
+                             "use --preset or --r (fractions of each image's units)")
+        thresholds = calibrate(model, images, preset=args.preset, r=args.r, schedule=args.schedule,
+                               batch_size=args.batch_size, max_images=args.max_images, processor=processor,
+                               progress=not args.quiet, model_ref=args.model,
+                               qwen={"merge_point": args.merge_point, "rounds": args.rounds or 3})
+        thresholds.save(out)
+        kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
+        print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
+              f"(LLM tokens) kept on average per image; wrote {out}")
+        print_skipped(thresholds.skipped)
+        return 0
+    if args.merge_point != "vit" or args.rounds is not None:
+        raise ValueError("--merge-point and --rounds are for Qwen VLs only")
     thresholds = calibrate(
         model,
         images,
@@ -104,6 +122,13 @@ def cmd_thresholds_import(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.family != "llava":
+        from .tools.demo_qwen import run_qwen_demo
+
+        if args.model:
+            raise ValueError("--model is for the LLaVA demo; the Qwen demos build their own random-weight model")
+        run_qwen_demo(args.family, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+        return 0
     from .tools.demo import run_demo
 
     run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
@@ -126,19 +151,39 @@ def _load_patched_vlm(args):
     return model, processor
 
 
+def _video_frames(folder: str) -> list:
+    """A video as a folder of frame images, in file-name order."""
+    from .images import find_images, open_image
+
+    if not Path(folder).is_dir():
+        raise ValueError(f"--video {folder}: not a folder of frame images")
+    frames = [open_image(p) for p in sorted(find_images(folder))]
+    if not frames:
+        raise ValueError(f"--video {folder}: no frame images found")
+    return frames
+
+
 def cmd_generate(args) -> int:
     from .vlms.generation import generate
     from .images import open_image
 
-    images = [open_image(p) for p in args.image]  # fail fast, naming the file, before loading a model
+    images = [open_image(p) for p in args.image or []]  # fail fast, naming the file, before loading a model
+    videos = [_video_frames(folder) for folder in args.video or []]
+    if not images and not videos:
+        raise ValueError("give at least one --image or --video")
     model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], max_new_tokens=args.max_new_tokens)
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if videos and not isinstance(model, SUPPORTED_QWEN_VLMS):
+        raise ValueError("--video is supported for Qwen VLs only")
+    result = generate(model, processor, [args.prompt], [images + videos], max_new_tokens=args.max_new_tokens)
     rep = result.report
     if args.json:
         print(json.dumps({"answer": result.answers[0], "images": args.image, **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
-    tokens = ", ".join(f"{n}/{rep.full_tokens}" for n in rep.visual_tokens[0])
+    full = rep.full_tokens[0] if isinstance(rep.full_tokens, list) else [rep.full_tokens] * len(rep.visual_tokens[0])
+    tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], full))
     print(f"[mode {rep.mode}] visual tokens per image: {tokens}; encoder {rep.encoder_s * 1e3:.1f} ms, "
           f"prefill {rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)",
           file=sys.stderr)
@@ -159,6 +204,10 @@ def cmd_encode(args) -> int:
     thresholds = Thresholds.load(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
     apply(model, thresholds)  # DToMe only: encode never runs the language model
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        return _encode_qwen(args, model, processor, paths)
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
     records, skipped = [], []
@@ -175,6 +224,36 @@ def cmd_encode(args) -> int:
             one = encoded.image(i)
             records.append({"path": str(p), "tokens": len(one["tokens"]), "full_tokens": encoded.group_of_patch.shape[1],
                             "sizes": one["sizes"].tolist(), "group_of_patch": one["group_of_patch"].tolist()})
+    Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
+                                           "skipped": skipped}) + "\n")
+    for r in records:
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
+    print_skipped(skipped, file=sys.stderr)
+    if not records:
+        raise ValueError("no readable images")
+    return 0
+
+
+def _encode_qwen(args, model, processor, paths) -> int:
+    """dymu encode for a Qwen VL: per image, LLM tokens kept of the stock units and the group of every unit."""
+    from .api import encode
+    from .images import open_images, print_skipped
+
+    records, skipped = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(paths), args.batch_size):
+        opened, bad = open_images(paths[start : start + args.batch_size])
+        skipped += bad
+        if not opened:
+            continue
+        batch, images = zip(*opened)
+        inputs = processor(images=list(images), return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
+        groups = encoded.group_of_unit.split((grid.prod(-1) // 4).tolist())
+        for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
+            records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
+                            "group_of_unit": (g - g.min()).tolist()})
     Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                            "skipped": skipped}) + "\n")
     for r in records:
@@ -260,23 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA (or --model) with bundled images")
+    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA or Qwen VL (or --model) with "
+                                    "bundled images")
     p.add_argument("--model", help="a LLaVA hub id or folder instead of the random-weight demo model")
+    p.add_argument("--family", default="llava", choices=["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+                   help="which small random-weight VLM to build (default llava)")
     p.add_argument("--save-model", help="also save the demo model (weights, config, tokenizer, processor) here")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_demo)
 
     def model_args(p, thresholds_required):
-        p.add_argument("--model", required=True, help="LLaVA hub id or local folder")
+        p.add_argument("--model", required=True, help="LLaVA or Qwen2-VL / Qwen2.5-VL / Qwen3-VL hub id or local folder")
         p.add_argument("--thresholds", required=thresholds_required, help="thresholds JSON from `dymu calibrate`")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
     p = sub.add_parser("generate", help="answer a prompt about images with a DyMU-patched LLaVA")
     model_args(p, thresholds_required=False)
-    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    p.add_argument("--image", action="append", help="image file (repeat for several)")
+    p.add_argument("--video", action="append", help="Qwen VLs: a folder of video frames, in file-name order "
+                                                   "(repeat for several; videos follow the images in the prompt)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"])
+    p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"],
+                   help="Qwen VLs: full or dymu")
     p.add_argument("--r", type=int, help="merges per layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -303,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int)
     p.add_argument("--checkpoint-every", type=int, default=5, help="batches between progress checkpoints")
+    p.add_argument("--merge-point", default="vit", choices=["vit", "post"],
+                   help="Qwen VLs: merge 2x2 units in every ViT block (vit, the paper) or after the PatchMerger "
+                        "(post: stock ViT, saves LLM compute only)")
+    p.add_argument("--rounds", type=int, help="Qwen VLs, --merge-point post: merge rounds (default 3)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..vlms.qwen_vl import processor_class
+
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -84,26 +86,6 @@ def qwen_config(family: str, tokenizer):
     raise ValueError(f"unknown Qwen VL family {family!r}; choose one of {', '.join(QWEN_FAMILIES)}")
 
 
-_NO_VIDEO_CLASSES: dict[type, type] = {}
-
-
-def processor_class(family: str) -> type:
-    """The family's stock processor class without its video processor (which needs torchvision).
-
-    The subclass only narrows ``__init__`` to (image_processor, tokenizer): transformers reads a
-    processor's parts from its ``__init__`` signature. Text, images and chat templates are stock.
-    """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
-
-    stock = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[family]
-    if stock not in _NO_VIDEO_CLASSES:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
-
-        _NO_VIDEO_CLASSES[stock] = type(f"{stock.__name__}NoVideo", (stock,), {"__init__": __init__})
-    return _NO_VIDEO_CLASSES[stock]
-
-
 def build_qwen_processor(family: str, tokenizer=None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -134,3 +116,74 @@ def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model, build_qwen_processor(family, tokenizer)
+
+
+def save_qwen_demo_model(model, processor, folder):
+    """Save the demo model and processor (reload with `dymu.vlms.generation.load_vlm(folder)`)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max_new_tokens: int = 8,
+                  out=print) -> dict:
+    """`dymu demo --family F`: calibrate, tokens per image, a video's tokens per temporal patch, and
+    generate in full vs dymu mode (merge_point vit and post). Returns what it printed, as data."""
+    import math
+    import time
+
+    from ..api import apply
+    from ..images import open_image
+    from ..vlms.generation import generate
+    from .calibration import calibrate
+    from .demo import DEMO_PROMPT, demo_image_paths
+
+    model, processor = build_qwen_demo_model(family)
+    out(f"dymu demo: a small {family} model ({len(model.model.visual.blocks)} ViT blocks on 2x2 units, "
+        f"{len(model.model.language_model.layers)} decoder layers with M-RoPE) with RANDOM weights, built offline.")
+    out("Token counts and timings are real; the answers are noise.")
+    if save_model:
+        save_qwen_demo_model(model, processor, save_model)
+        out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}")
+    paths = demo_image_paths()
+    images = [open_image(p) for p in paths]
+    results: dict = {"counts": {}, "results": {}}
+    for merge_point in ("vit", "post"):
+        start = time.perf_counter()
+        thresholds = calibrate(model, images, preset="mid", batch_size=len(images), processor=processor,
+                               progress=False, qwen={"merge_point": merge_point})
+        out(f"\n[merge_point {merge_point}] calibrated (preset mid: keep ~{208 / 576:.0%} of each image's units) "
+            f"on {len(images)} bundled images in {time.perf_counter() - start:.1f}s")
+        apply(model, thresholds, mode="dymu")
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], grid)
+        per_image = model.model._dymu.last_encoded["image"].per_item(grid)
+        results["counts"][merge_point] = dict(zip([p.name for p in paths], per_image))
+        out("LLM tokens kept per image (simplest to most cluttered):")
+        for path, (kept, units) in zip(paths, per_image):
+            out(f"  {path.name:34s} {kept:4d} / {units:<4d} {'#' * math.ceil(40 * kept / units)}")
+        frames = [images[-1].resize((224, 168)).crop((4 * k, 0, 4 * k + 196, 168)) for k in range(4)]
+        result = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]], max_new_tokens=max_new_tokens)
+        video = model.model._dymu.last_encoded["video"]
+        out(f"a 4-frame video (2 temporal patches): tokens per temporal patch {video.kept_per_segment.tolist()} "
+            f"of {video.units_per_segment.tolist()}")
+        results["results"][merge_point] = result
+    apply(model, None, mode="full")
+    results["results"]["full"] = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]],
+                                          max_new_tokens=max_new_tokens)
+    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[-1].name} and the video")
+    out(f"  {'mode':10s} {'tokens':>16s} {'encoder':>9s} {'prefill':>9s}  answer (random weights: noise)")
+    for name, result in (("full", results["results"]["full"]), ("dymu vit", results["results"]["vit"]),
+                         ("dymu post", results["results"]["post"])):
+        rep = result.report
+        tokens = "+".join(str(n) for n in rep.visual_tokens[0]) + "/" + "+".join(str(n) for n in rep.full_tokens[0])
+        out(f"  {name:10s} {tokens:>16s} {rep.encoder_s * 1e3:7.1f}ms {rep.prefill_s * 1e3:7.1f}ms  "
+            f"{result.answers[0]!r}")
+    out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench --only qwen_vit,"
+        "qwen_prefill` measures Qwen2.5-VL-7B dimensions.")
+    return results

@@ -24,7 +24,7 @@ from .llava import llava_mode
 class Report:
     mode: str
     visual_tokens: list[list[int]]  # per prompt, per image: tokens kept
-    full_tokens: int  # per image in the stock model
+    full_tokens: int | list[list[int]]  # per image in the stock model (Qwen VLs: per prompt, per image/video)
     encoder_s: float
     prefill_s: float
     decode_s: float
@@ -43,17 +43,28 @@ class GenerationResult:
     scores: list = field(default_factory=list)  # per generated step: (B, vocab) logits, when asked
 
 
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
 def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None):
-    """(LlavaForConditionalGeneration, processor) from a hub id or a local folder."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(LlavaForConditionalGeneration or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model, processor)
+    from a hub id or a local folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
     from ..loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
-    if config.model_type != "llava":
+    if config.model_type not in ("llava", *QWEN_MODEL_TYPES):
         raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
-                        "(LlavaForConditionalGeneration) models.")
+                        "(LlavaForConditionalGeneration) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    if config.model_type in QWEN_MODEL_TYPES:
+        from .qwen_vl import load_qwen_processor
+
+        model = AutoModelForImageTextToText.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+        processor = load_qwen_processor(model_ref, config.model_type)
+        processor.tokenizer.padding_side = "left"
+        return model, processor
     model = LlavaForConditionalGeneration.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
     processor = AutoProcessor.from_pretrained(model_ref)
     processor.tokenizer.padding_side = "left"
@@ -125,10 +136,16 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
              output_scores: bool = False, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
-    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode, or
+    a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (then an item of ``images[i]`` may also be a list of
+    frames: a video).
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    from .qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        return _generate_qwen(model, processor, prompts, images, max_new_tokens, output_scores, generate_kwargs)
     mode = llava_mode(model)
     inner = model.model
     config = model.config
@@ -180,5 +197,61 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
     report = Report(mode=mode, visual_tokens=per_prompt, full_tokens=config.image_seq_length,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side)
+    return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
+                            scores=list(out.scores) if output_scores else [])
+
+
+def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs) -> GenerationResult:
+    """Qwen VLs keep the stock prompt in every supported mode (virtual unmerge): encode images and
+    videos first (timed), then generate with them as `mm_encoder_outputs`."""
+    from .qwen_vl import qwen_inputs
+
+    device = next(model.parameters()).device
+    texts = []
+    for prompt, items in zip(prompts, media):
+        content = [{"type": "video" if isinstance(m, (list, tuple)) else "image"} for m in items]
+        texts.append(processor.apply_chat_template(
+            [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=False))
+    processor.tokenizer.padding_side = "left"
+    inputs = qwen_inputs(processor, texts, media).to(device)
+    inner = model.model
+    start = time.perf_counter()
+    encoded, full = {}, {}
+    for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if pixels in inputs:
+            grid = inputs[f"{modality}_grid_thw"]
+            encoded[modality] = getattr(inner, f"get_{modality}_features")(inputs.pop(pixels).to(model.dtype), grid)
+            full[modality] = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    encoder_s = time.perf_counter() - start
+    settings = getattr(inner, "_dymu", None)
+    counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
+                  if settings is not None else full[m]) for m in encoded}
+    timer = _ForwardTimer(model)
+    try:
+        out = model.generate(**inputs, mm_encoder_outputs=encoded or None, max_new_tokens=max_new_tokens,
+                             do_sample=generate_kwargs.pop("do_sample", False), return_dict_in_generate=True,
+                             output_scores=output_scores, **generate_kwargs)
+    finally:
+        timer.close()
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    # per prompt, per image/video in the prompt's order: tokens kept (images are encoded before videos)
+    taken = {"image": 0, "video": 0}
+    per_prompt, per_prompt_full = [], []
+    for items in media:
+        row, row_full = [], []
+        for m in items:
+            modality = "video" if isinstance(m, (list, tuple)) else "image"
+            row.append(counts[modality][taken[modality]])
+            row_full.append(full[modality][taken[modality]])
+            taken[modality] += 1
+        per_prompt.append(row)
+        per_prompt_full.append(row_full)
+    report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
+                    encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1])
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

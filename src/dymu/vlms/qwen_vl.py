@@ -182,6 +182,40 @@ def qwen_inputs(processor, texts: list[str], media: list[list], fps: float = 2.0
     return BatchFeature(inputs)
 
 
+_NO_VIDEO_CLASSES: dict[type, type] = {}
+
+
+def processor_class(model_type: str) -> type:
+    """The family's stock processor class without its video processor (which needs torchvision).
+
+    The subclass only narrows ``__init__`` to (image_processor, tokenizer): transformers reads a
+    processor's parts from its ``__init__`` signature. Text, images and chat templates are stock.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+
+    stocks = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
+    if model_type not in stocks:
+        raise ValueError(f"{model_type!r} is not a Qwen VL model type ({', '.join(stocks)})")
+    stock = stocks[model_type]
+    if stock not in _NO_VIDEO_CLASSES:
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
+
+        _NO_VIDEO_CLASSES[stock] = type(f"{stock.__name__}NoVideo", (stock,), {"__init__": __init__})
+    return _NO_VIDEO_CLASSES[stock]
+
+
+def load_qwen_processor(model_ref: str, model_type: str):
+    """The stock processor of a Qwen VL folder/hub id, or, where its video processor cannot load
+    (no torchvision, or a folder saved by the demo), the same processor without video processor."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_ref)
+    except (ImportError, AttributeError, ValueError, OSError, TypeError):
+        return processor_class(model_type).from_pretrained(model_ref)
+
+
 _SWAPPED: dict[type, type] = {}
 
 
@@ -215,6 +249,16 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values)
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _swapped_class(type(inner))
+
+
+@torch.no_grad()
+def encode_qwen_vl(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> QwenEncoded:
+    """The vision side only, with the model's DyMU settings (none: stock, every unit its own token)."""
+    visual = model.model.visual
+    settings = getattr(model.model, "_dymu", None)
+    if settings is None:
+        return encode_qwen(visual, pixel_values, grid_thw, [float("inf")], "post")
+    return encode_qwen(visual, pixel_values, grid_thw, settings.thresholds, settings.merge_point)
 
 
 def remove_qwen_vl(model: nn.Module) -> None:
