@@ -325,7 +325,8 @@ def add_bench(subparsers) -> None:
     p.add_argument("--thresholds", action="append", type=_parse_thresholds, metavar="PRESET=FILE",
                    help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
                         "fixed r per layer; repeatable")
-    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}; opt-in: "
+                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill)")
     p.add_argument("--runs", type=int, help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))
 

@@ -211,9 +211,12 @@ def load_qwen_processor(model_ref: str, model_type: str):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(model_ref)
+        processor = AutoProcessor.from_pretrained(model_ref)
+        if hasattr(processor, "image_processor"):  # (an unknown processor class loads as a bare tokenizer)
+            return processor
     except (ImportError, AttributeError, ValueError, OSError, TypeError):
-        return processor_class(model_type).from_pretrained(model_ref)
+        pass
+    return processor_class(model_type).from_pretrained(model_ref)
 
 
 _SWAPPED: dict[type, type] = {}
