@@ -30,6 +30,7 @@ class Report:
     decode_s: float
     new_tokens: int = 0
     image_size: int | None = None  # downsample: the side the images were resized to
+    video_tokens_per_temporal_patch: list[list[int]] | None = None  # Qwen VLs: per video (2 frames per patch)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -250,8 +251,17 @@ def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scor
             taken[modality] += 1
         per_prompt.append(row)
         per_prompt_full.append(row_full)
+    per_patch = None
+    if "video" in encoded:
+        grid = inputs["video_grid_thw"]
+        segments = (settings.last_encoded["video"].kept_per_segment.tolist() if settings is not None else
+                    [int(h * w) // 4 for t, h, w in grid.tolist() for _ in range(t)])
+        per_patch, s = [], 0
+        for t in grid[:, 0].tolist():
+            per_patch.append(segments[s : s + t])
+            s += t
     report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1])
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
