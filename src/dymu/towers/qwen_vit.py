@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from .. import merge as M
 from .. import vtu
@@ -147,7 +147,7 @@ def _merges_at(thresholds, edge_chooser, step: int) -> bool:
     return edge_chooser is not None or math.isfinite(thresholds[step])
 
 
-def _finish(visual, tokens, group, lengths, units, kept_steps, deepstack, reverse=None) -> QwenEncoded:
+def _finish(tokens, group, lengths, units, kept_steps, deepstack, reverse=None) -> QwenEncoded:
     if reverse is not None:  # Qwen2.5-VL: units were in window order; back to the stock order, and
         group = group[reverse]  # tokens renumbered in order of their first unit (reading order)
         renumbered = vtu.group_map_from_labels(group[None])[0]
@@ -203,7 +203,7 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
             sizes, lengths, group = merged.sizes, merged.lengths, merged.new_index[group]
         kept.append(lengths)
     parts = payload.split(widths, dim=-1)
-    return _finish(visual, parts[0], group, lengths, units, kept, list(parts[1:]))
+    return _finish(parts[0], group, lengths, units, kept, list(parts[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
         hidden = hidden + block.mlp(block.norm2(hidden))
         if index in deepstack_at:
             deepstack.append(visual.deepstack_merger_list[deepstack_at.index(index)](hidden))
-    return _finish(visual, visual.merger(hidden), group, lengths, units, kept, deepstack, reverse)
+    return _finish(visual.merger(hidden), group, lengths, units, kept, deepstack, reverse)
 
 
 def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[float]:

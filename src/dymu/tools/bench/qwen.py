@@ -126,7 +126,7 @@ def bench_qwen(quick: bool = False, device: str = "cpu", runs: int | None = None
                              speedup=paired_ratio(times["full"], times[name]),
                              flop_ideal=full_flops / _tower_flops(visual, encoded[name], grid)))
     log("qwen_vit: " + ", ".join(f"{r['variant']} {r['median_s']:.2f}s" for r in vit_rows))
-    del visual
+    visual.to("meta")  # free the tower before the decoder is built
 
     # Prefill: text + the image's positions, Qwen2.5-VL-7B text dims, VTU with the tower's groups.
     tcfg = Qwen2_5_VLTextConfig(**plan["text"], rope_parameters={"rope_type": "default", "rope_theta": 1e6,
