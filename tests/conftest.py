@@ -117,3 +117,23 @@ def demo_llava_dir(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# Debug check of the VTU layers, on in every test: rows of one group are bitwise equal entering
+# each decoder layer (dymu.decoders.llama.CHECK_GROUP_ROWS_ENV).
+os.environ["DYMU_CHECK_GROUP_ROWS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def qwen_dirs(tmp_path_factory):
+    """The three tiny random Qwen VLs (dymu.tools.demo_qwen), saved with save_pretrained."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from qwen_helpers import QWEN_FAMILIES, save_qwen
+
+    dirs = {}
+    for family in QWEN_FAMILIES:
+        dirs[family] = tmp_path_factory.mktemp(family)
+        save_qwen(family, dirs[family])
+    return dirs

@@ -46,7 +46,7 @@ def _merge_order(thresholds, order: str | None) -> str | None:
 # transformers model code). Each exports SUPPORTED_VLMS (the model classes it patches),
 # apply_vlm(model, thresholds, r=, mode=, vtu_attention=, tome_vtu=, downsample_tokens=) and
 # remove_vlm(model). A new family adds its module name here.
-VLM_WIRINGS = ("llava", "llava_next")
+VLM_WIRINGS = ("llava", "llava_next", "qwen_vl")
 
 
 def vlm_wiring(model: nn.Module):
@@ -92,6 +92,7 @@ def apply(
     mode: str = "dymu",
     vtu_attention: str = "fast",
     tome_vtu: bool = True,
+    merge_point: str | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
@@ -103,12 +104,29 @@ def apply(
     - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
       `Thresholds` object; +inf or None = no merge at that layer, -inf = merge every edge) or plain
       ToMe with ``r``. Every layer merges at most (t - protected) // 2 of an image's t tokens.
+    - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
+      (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
+      rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
+      ``"vit"``. See `dymu.vlms.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
     default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     """
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        # Qwen VLs hold their own thresholds (per ViT block or per merge round): no r, no order.
+        if r is not None or order is not None or not tome_vtu:
+            raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
+                             "full / dymu): r, order and tome_vtu are for CLIP/SigLIP towers")
+        merge_point = merge_point or getattr(thresholds, "encoder", {}).get("merge_point") or "vit"
+        apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
+        return model
+    if merge_point is not None:
+        raise ValueError(f"merge_point is for the Qwen VLs, not {type(model).__name__}")
     wiring = vlm_wiring(model)
     if wiring is not None:
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
@@ -176,6 +194,7 @@ def encode(
     pixel_values: torch.Tensor,
     feature_layer: int | None = None,
     drop_class_token: bool | None = None,
+    grid_thw: torch.Tensor | None = None,
 ) -> EncodedImages:
     """Encode images with the (patched or stock) vision tower of ``model``.
 
@@ -184,7 +203,16 @@ def encode(
     layer. Layers after the feature layer are not computed. Defaults follow the VLM's config
     (``vision_feature_layer`` / ``vision_feature_select_strategy``) when ``model`` is a VLM, else
     -2 without the class token for CLIP (LLaVA-1.5) and -1 for SigLIP (LLaVA-OneVision).
+
+    A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
+    ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
     """
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        if grid_thw is None:
+            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
+        return encode_qwen_vl(model, pixel_values, grid_thw)
     tower, family = vision_tower_of(model)
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer

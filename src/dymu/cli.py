@@ -100,6 +100,23 @@ def _calibrate(args, rank: int) -> int:
     images = resolve_images(args.images, args.image_root)
     model, processor = load_vision_model(args.model, device, dtype)
     args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: fractions, no checkpoint/torchrun
+        if args.target_tokens is not None:
+            raise ValueError("--target-tokens does not apply to Qwen VLs (images keep their native size): "
+                             "use --preset or --r (fractions of each image's units)")
+        thresholds = calibrate(model, images, preset=args.preset, r=args.r, schedule=args.schedule or "constant",
+                               batch_size=args.batch_size, max_images=args.max_images, processor=processor,
+                               progress=not args.quiet, model_ref=args.model, out=out,
+                               qwen={"merge_point": args.merge_point, "rounds": args.rounds or 3})
+        kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
+        print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
+              f"(LLM tokens) kept on average per image; wrote {out}")
+        print_skipped(thresholds.skipped)
+        return 0
+    if args.merge_point != "vit" or args.rounds is not None:
+        raise ValueError("--merge-point and --rounds are for Qwen VLs only")
     thresholds = calibrate(
         model,
         images,
@@ -160,6 +177,13 @@ def cmd_thresholds_import(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.family.startswith("qwen"):
+        from .tools.demo_qwen import run_qwen_demo
+
+        if args.model:
+            raise ValueError("--model is for the LLaVA demo; the Qwen demos build their own random-weight model")
+        run_qwen_demo(args.family, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+        return 0
     from .tools.demo import run_demo
 
     run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
@@ -193,15 +217,23 @@ def cmd_generate(args) -> int:
     images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
     videos = [_video_frames(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
-                      chat_template=not args.raw_prompt)
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):  # a Qwen prompt lists its videos (lists of frames) after its images
+        result = generate(model, processor, [args.prompt], [images + videos], max_new_tokens=args.max_new_tokens,
+                          chat_template=not args.raw_prompt)
+    else:
+        result = generate(model, processor, [args.prompt], [images], videos=[videos],
+                          max_new_tokens=args.max_new_tokens, chat_template=not args.raw_prompt)
     rep = result.report
     if args.json:
         print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
                           **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
-    tokens = ", ".join(f"{n}/{s}" for n, s in zip(rep.visual_tokens[0], rep.stock_tokens[0]))
+    full = (rep.full_tokens[0] if isinstance(rep.full_tokens, list)
+            else rep.stock_tokens[0] if rep.stock_tokens else [rep.full_tokens] * len(rep.visual_tokens[0]))
+    tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], full))
     print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; one cold run "
           f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
           f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
@@ -237,6 +269,10 @@ def cmd_encode(args) -> int:
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
     apply(model, thresholds)  # DToMe only: encode never runs the language model
+    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        return _encode_qwen(args, model, processor, paths)
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
     records, skipped, crops = [], [], []
@@ -267,6 +303,36 @@ def cmd_encode(args) -> int:
             records.append(record)
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
+    for r in records:
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
+    print_skipped(skipped, file=sys.stderr)
+    if not records:
+        raise ValueError("no readable images")
+    return 0
+
+
+def _encode_qwen(args, model, processor, paths) -> int:
+    """dymu encode for a Qwen VL: per image, LLM tokens kept of the stock units and the group of every unit."""
+    from .api import encode
+    from .images import open_images, print_skipped
+
+    records, skipped = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(paths), args.batch_size):
+        opened, bad = open_images(paths[start : start + args.batch_size])
+        skipped += bad
+        if not opened:
+            continue
+        batch, images = zip(*opened)
+        inputs = processor(images=list(images), return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
+        groups = encoded.group_of_unit.split((grid.prod(-1) // 4).tolist())
+        for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
+            records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
+                            "group_of_unit": (g - g.min()).tolist()})
+    Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
+                                           "skipped": skipped}) + "\n")
     for r in records:
         print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
     print_skipped(skipped, file=sys.stderr)
@@ -340,7 +406,8 @@ def add_bench(subparsers) -> None:
     p.add_argument("--thresholds", action="append", type=_parse_thresholds, metavar="PRESET=FILE",
                    help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
                         "fixed r per layer; repeatable")
-    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}; opt-in: "
+                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill)")
     p.add_argument("--runs", type=int, help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))
 
@@ -369,16 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA (or --model) with bundled images")
-    p.add_argument("--family", default="llava", choices=["llava", "onevision", "next"],
-                   help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision or LLaVA-NeXT")
-    p.add_argument("--model", help="a LLaVA / LLaVA-NeXT / OneVision hub id or folder instead of the demo model")
+    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA or Qwen VL (or --model) with "
+                                    "bundled images")
+    p.add_argument("--family", default="llava", choices=["llava", "onevision", "next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"],
+                   help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT or a Qwen VL")
+    p.add_argument("--model", help="a LLaVA / LLaVA-NeXT / OneVision / Qwen VL hub id or folder instead of the demo model")
     p.add_argument("--save-model", help="also save the demo model (weights, config, tokenizer, processor) here")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=cmd_demo)
 
     def model_args(p, thresholds_required):
-        p.add_argument("--model", required=True, help="LLaVA, LLaVA-NeXT or LLaVA-OneVision: hub id or local folder")
+        p.add_argument("--model", required=True,
+                       help="LLaVA, LLaVA-NeXT, LLaVA-OneVision or Qwen2-VL / Qwen2.5-VL / Qwen3-VL: hub id or local folder")
         p.add_argument("--thresholds", required=thresholds_required, help=THRESHOLDS_HELP)
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -388,8 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, thresholds_required=False)
     p.add_argument("--images", "--image", nargs="+", action="extend", metavar="PATH", help=IMAGES_HELP)
     p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
-    p.add_argument("--video", action="append", help="OneVision: a folder of frame images, or a video file "
-                                                    "(needs PyAV: pip install 'dymu[video]'); repeatable")
+    p.add_argument("--video", action="append", help="OneVision or a Qwen VL: a folder of frame images, or a video "
+                                                    "file (needs PyAV: pip install 'dymu[video]'); repeatable")
     p.add_argument("--frames", type=positive_int, default=8, help="frames taken evenly from each --video (default 8)")
     p.add_argument("--prompt", required=True,
                    help="the question only: dymu wraps it in the model's chat template and puts one image "
@@ -399,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use --prompt exactly as written (no chat template): it must hold the processor's image "
                         "token (LLaVA-1.5: <image>) once per image, e.g. 'USER: <image>\nWhat is this? ASSISTANT:'")
     p.add_argument("--mode", default="dymu", choices=["full", "dymu", "dtome", "tome", "downsample"],
-                   help="LLaVA-NeXT / OneVision: full, dymu or tome (with VTU)")
+                   help="LLaVA-NeXT / OneVision: full, dymu or tome (with VTU); Qwen VLs: full or dymu")
     p.add_argument("--r", type=nonnegative_int, help="merges per image and layer for --mode tome")
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -442,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch (default: %(default)s); the thresholds depend on it, use 8 or more")
     p.add_argument("--max-images", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="batches between progress checkpoints")
+    p.add_argument("--merge-point", default="vit", choices=["vit", "post"],
+                   help="Qwen VLs: merge 2x2 units in every ViT block (vit, the paper) or after the PatchMerger "
+                        "(post: stock ViT, saves LLM compute only)")
+    p.add_argument("--rounds", type=positive_int, help="Qwen VLs, --merge-point post: merge rounds (default 3)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")

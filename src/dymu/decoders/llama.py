@@ -24,9 +24,11 @@ a map is set is a chunked prefill, which would split groups across chunks: it ra
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections import Counter
 
+import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, eager_attention_forward
@@ -40,16 +42,38 @@ try:  # transformers' output capturing (output_attentions=...) records attention
 except ImportError:  # pragma: no cover - other transformers layouts: no check
     _active_collector = None
 
-# The family adapters: the only per-family difference inside the layer is what the stock attention
-# forward passes to the attention function on top of the common arguments. (Qwen2's per-layer
-# sliding/full mask is already chosen by Qwen2Model and arrives as this layer's attention_mask.)
+# The family adapters: the only per-family differences inside the layer are what the stock attention
+# forward passes to the attention function on top of the common arguments, and whether it normalises
+# every head of q and k (Qwen3: q_norm/k_norm, row-wise, so they run on the unique rows). (Qwen2's
+# per-layer sliding/full mask is already chosen by Qwen2Model and arrives as this layer's attention_mask.)
 _ATTENTION_KWARGS = {
     LlamaDecoderLayer: lambda attn: {},
     MistralDecoderLayer: lambda attn: {"sliding_window": getattr(attn.config, "sliding_window", None)},
     Qwen2DecoderLayer: lambda attn: {"sliding_window": attn.sliding_window},
 }
-SUPPORTED_DECODERS = tuple(cls.__name__ for cls in _ATTENTION_KWARGS)
-_SUPPORTED_MODELS = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+_HEAD_NORMS: set[type] = set()  # decoder layers whose attention has per-head q_norm / k_norm
+_SUPPORTED_MODELS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+# Debug check (on in the tests): rows of one group must be bitwise equal entering every VTU layer.
+# A model that adds per-position inputs between layers (Qwen3-VL deepstack) would otherwise silently
+# keep only the first row of each group.
+CHECK_GROUP_ROWS_ENV = "DYMU_CHECK_GROUP_ROWS"
+
+
+def register_decoder(stock: type, attention_kwargs, head_norms: bool = False, models: str | None = None) -> None:
+    """Make VTU support another decoder-layer class (one line per family: see decoders/qwen_vl.py)."""
+    _ATTENTION_KWARGS[stock] = attention_kwargs
+    if head_norms:
+        _HEAD_NORMS.add(stock)
+    if models and models not in _SUPPORTED_MODELS:
+        _SUPPORTED_MODELS.append(models)
+
+
+def supported_decoders() -> tuple[str, ...]:
+    return tuple(cls.__name__ for cls in _ATTENTION_KWARGS)
+
+
+class GroupRowsError(RuntimeError):
+    """Rows of one VTU group differ entering a decoder layer (debug check, DYMU_CHECK_GROUP_ROWS=1)."""
 _COUNTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
             "self_attn.o_proj", "post_attention_layernorm", "mlp")
 
@@ -135,10 +159,15 @@ class _VTUDecoderLayer:
         attn = self.self_attn
         batch, length, _ = hidden_states.shape
         residual = vtu.unique_rows(hidden_states, groups)  # (U, D)
+        if os.environ.get(CHECK_GROUP_ROWS_ENV) == "1" and not torch.equal(hidden_states, vtu.expand(residual, groups)):
+            raise GroupRowsError(f"decoder layer {attn.layer_idx}: rows of one VTU group differ at its input; "
+                                 "VTU would silently use the first row of each group")
         x = self.input_layernorm(residual)
         q_rows = attn.q_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hq, d)
         k_rows = attn.k_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hkv, d)
         v_rows = attn.v_proj(x).view(groups.num_unique, -1, attn.head_dim)
+        if self._dymu_stock in _HEAD_NORMS:  # per-head RMSNorm: row-wise, so on the unique rows
+            q_rows, k_rows = attn.q_norm(q_rows), attn.k_norm(k_rows)
 
         def full(rows):  # (U, H, d) -> (B, H, N, d), the stock attention layout
             return vtu.expand(rows, groups).transpose(1, 2)
@@ -198,7 +227,7 @@ def _state(model: nn.Module) -> VTUState:
 
 
 def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
-    """Patch every Llama/Mistral/Qwen2 decoder layer in `model` (in place, per instance) for VTU.
+    """Patch every supported decoder layer (`supported_decoders()`) in `model` (in place, per instance) for VTU.
 
     vtu_attention: "fast" (gather + stock RoPE + stock attention; eager, sdpa, flash) or "exact"
     (the paper's Eq. 10 decomposition, eager only, O(B·H·N²) per frequency: a reference).
@@ -225,7 +254,7 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast") -> tuple[list[nn.Mo
     patched = _patched_layers(model)
     if not stock and not patched:
         raise ValueError(
-            f"VTU supports only {', '.join(SUPPORTED_DECODERS)} decoder layers ({_SUPPORTED_MODELS}, or a VLM "
+            f"VTU supports only {', '.join(supported_decoders())} decoder layers ({', '.join(_SUPPORTED_MODELS)}, or a VLM "
             f"whose language model is one of them); found none in {type(model).__name__}."
         )
     if vtu_attention == "exact":

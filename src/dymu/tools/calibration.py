@@ -279,8 +279,11 @@ def calibrate(
     order: str = DEFAULT_ORDER,
     out: str | Path | None = None,
     warn=None,
+    qwen: dict | None = None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
+
+    Qwen VLs go to `calibrate_qwen` (``qwen`` holds its own options: merge_point, rounds).
 
     ``images``: paths or PIL images. The merge target is one of ``preset`` (low/mid/high),
     ``target_tokens`` (average visual tokens kept at the feature layer) or ``r`` (merges per image
@@ -314,6 +317,22 @@ def calibrate(
         check_output_file(out, "thresholds file")
     warn = warn or (lambda message: warnings.warn(message, CalibrationWarning, stacklevel=4))
 
+    from ..vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        unsupported = [name for name, v in (("target_tokens", target_tokens), ("feature_layer", feature_layer),
+                                            ("checkpoint", checkpoint)) if v is not None]
+        if unsupported or _distributed()[1] > 1:
+            raise ValueError(f"calibration of a Qwen VL does not support {', '.join(unsupported) or 'torchrun'} "
+                             "(use preset or r, fractions of each image's units)")
+        if order != DEFAULT_ORDER:
+            raise ValueError("a Qwen VL merges whole 2x2 units in its own layout: order does not apply")
+        result = calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
+                                max_images=max_images, processor=processor, progress=progress, model_ref=model_ref,
+                                **(qwen or {}))
+        if out is not None:
+            result.save(out)
+        return result
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -429,3 +448,81 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
         skipped=[s for rec in records for s in rec.skipped],
         order=order,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the same Eq. 4 on 2x2-unit edges (towers/qwen_vit.py).
+
+QWEN_POST_ROUNDS = 3  # merge_point="post": bipartite rounds after the PatchMerger (each removes <= 1/2)
+
+
+def qwen_r(steps: int, *, preset: str | None = None, r=None, schedule: str = "constant") -> list[float]:
+    """Per block (or round) fraction of each segment's units to merge away: from a preset (the
+    paper's CLIP kept fractions, applied to the units of every image) or explicit fractions."""
+    if preset is not None and r is not None:
+        raise ValueError("give one of preset or r, not both")
+    if r is not None:
+        values = [float(r)] * steps if isinstance(r, (int, float)) else [float(v) for v in r]
+        if len(values) != steps or not all(0 <= v < 1 for v in values):
+            raise ValueError(f"r for a Qwen VL is a fraction of each image's units in [0, 1): one value or {steps}")
+        return values
+    preset = preset or "mid"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return schedule_r(1.0 - PRESETS[preset], steps, steps, schedule)
+
+
+@torch.no_grad()
+def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = None, r=None,
+                   schedule: str = "constant", batch_size: int = 8, max_images: int | None = None,
+                   processor=None, merge_point: str = "vit", rounds: int = QWEN_POST_ROUNDS,
+                   progress: bool = True, model_ref: str | None = None) -> Thresholds:
+    """Eq. 4 for a Qwen VL: at every block ("vit") or round ("post") the unit edges of all segments
+    (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
+    τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
+    model's processor or its image processor (images keep their native resolution)."""
+    from tqdm.auto import tqdm
+
+    from ..towers.qwen_vit import MERGE_POINTS, encode_qwen, qwen_identity
+
+    if merge_point not in MERGE_POINTS:
+        raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
+    if processor is None:
+        raise ValueError("calibrating a Qwen VL needs its processor (processor=...)")
+    image_processor = getattr(processor, "image_processor", processor)
+    visual = model.model.visual
+    steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
+    fractions = qwen_r(steps, preset=preset, r=r, schedule=schedule)
+    images = list(images)[:max_images] if max_images else list(images)
+    if not images:
+        raise ValueError("no images to calibrate on")
+    device = next(visual.parameters()).device
+    records = []
+    batches = _batches(images, batch_size)
+    bar = tqdm(total=len(images), unit="img", desc="calibrating", disable=not progress)
+    for index, batch in enumerate(batches):
+        opened, skipped = open_images(batch)
+        loaded = [image for _, image in opened]
+        if not loaded:
+            records.append(BatchRecord(index, [math.nan] * steps, 0, [0] * steps, [0] * steps, skipped))
+            continue
+        inputs = image_processor(images=loaded, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
+        tau = [math.nan] * steps
+
+        def batch_top_edges(step: int, matches: M.Matches) -> torch.Tensor:
+            chosen, threshold = M.top_edges_of_batch(matches, round(fractions[step] * units))
+            tau[step] = float(threshold)
+            return chosen
+
+        encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [math.inf] * steps,
+                              merge_point, edge_chooser=batch_top_edges)
+        kept = encoded.kept_per_step
+        records.append(BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
+                                   images=len(loaded), kept_sum=kept.sum(0).tolist(),
+                                   kept_sqsum=(kept * kept).sum(0).tolist(), skipped=skipped))
+        bar.update(len(batch))
+    bar.close()
+    identity = qwen_identity(visual, merge_point, steps, model_ref)
+    return summarize(records, fractions, identity, -1, schedule if r is None else "explicit", steps)

@@ -32,10 +32,12 @@ VLM_TYPES = {  # model_type -> transformers class name
 @dataclass
 class Report:
     mode: str
-    # Per prompt, per image (then per video): distinct visual rows the LLM runs. LLaVA-1.5: the
-    # tokens kept; AnyRes / video: the VTU groups of the packed (unpadded, newline, pooled) layout.
+    # Per prompt, per image (then per video): distinct visual rows the LLM runs. LLaVA-1.5 and the Qwen
+    # VLs: the tokens kept; AnyRes / video: the VTU groups of the packed (unpadded, newline, pooled) layout.
     visual_tokens: list[list[int]]
-    full_tokens: int  # tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder
+    # Tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder; Qwen VLs: per
+    # prompt, per image / video (native resolution: every image has its own count).
+    full_tokens: int | list[list[int]]
     encoder_s: float
     prefill_s: float
     decode_s: float
@@ -43,6 +45,7 @@ class Report:
     image_size: int | None = None  # downsample: the side the images were resized to
     # Per prompt, per image (then per video): placeholders in the stock prompt (AnyRes: after packing).
     stock_tokens: list[list[int]] = field(default_factory=list)
+    video_tokens_per_temporal_patch: list[list[int]] | None = None  # Qwen VLs: per video (2 frames per patch)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -56,18 +59,29 @@ class GenerationResult:
     scores: list = field(default_factory=list)  # per generated step: (B, vocab) logits, when asked
 
 
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
 def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None):
-    """(model, processor) of a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision from a hub id or a local folder."""
+    """(model, processor) of a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision or a Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL, from a hub id or a local folder."""
     import transformers
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
-    if config.model_type not in VLM_TYPES:
-        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA models "
-                        f"({', '.join(VLM_TYPES.values())}).")
+    if config.model_type not in (*VLM_TYPES, *QWEN_MODEL_TYPES):
+        raise LoadError(f"{model_ref} is a {config.model_type!r} model; dymu generate supports LLaVA "
+                        f"({', '.join(VLM_TYPES.values())}) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    if config.model_type in QWEN_MODEL_TYPES:
+        from .qwen_vl import load_qwen_processor
+
+        model = AutoModelForImageTextToText.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+        processor = load_qwen_processor(model_ref, config.model_type)
+        processor.tokenizer.padding_side = "left"
+        return model, processor
     cls = getattr(transformers, VLM_TYPES[config.model_type])
     model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
     if config.model_type == "llava_onevision":
@@ -249,6 +263,11 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
     videos = videos if videos is not None else [[] for _ in prompts]
     if len(videos) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} video lists")
+    from .qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        raise ValueError(f"{type(model).__name__} keeps the stock prompt in every dymu mode: give model.generate the "
+                         "processor's inputs as they are, or use dymu.generate")
     images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
     from .llava_next import SUPPORTED_VLMS as ANYRES
 
@@ -327,7 +346,8 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
 
     The model is a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision, stock or patched by `dymu.apply` in any
     of its modes. ``videos[i]`` (OneVision): a list of videos for prompt i, each a list of PIL frames
-    or a video file path (read with PyAV, `pip install dymu[video]`).
+    or a video file path (read with PyAV, `pip install dymu[video]`). Or a Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL model: then an item of ``images[i]`` may also be a list of frames (a video).
     Prompts are questions, wrapped in the chat template with one image placeholder per image;
     ``chat_template=False`` takes them as written (the image token once per image).
     Images are PIL images or file paths, both shown to the model as a viewer shows them
@@ -337,6 +357,16 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     lock), because a patched model keeps the state of its running forward; each call gets its own
     correct result. Calls on different models run in parallel.
     """
+    from .qwen_vl import SUPPORTED_QWEN_VLMS
+
+    if isinstance(model, SUPPORTED_QWEN_VLMS):  # an item of images[i] may be a list of frames: a video
+        if videos is not None or not chat_template:
+            raise ValueError(f"{type(model).__name__}: give videos as lists of frames inside images[i], and prompts "
+                             "as questions (chat_template=False is for the LLaVA models)")
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        with _model_lock(model):
+            return _generate_qwen(model, processor, prompts, images, max_new_tokens, output_scores, generate_kwargs)
     with _model_lock(model):
         prepared = _prepare(model, processor, prompts, images, videos, chat_template)
         inputs = prepared.inputs
@@ -353,5 +383,70 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
                     encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size,
                     stock_tokens=prepared.stock_tokens)
+    return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
+                            scores=list(out.scores) if output_scores else [])
+
+
+def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs) -> GenerationResult:
+    """Qwen VLs keep the stock prompt in every supported mode (virtual unmerge): encode images and
+    videos first (timed), then generate with them as `mm_encoder_outputs`."""
+    from .qwen_vl import qwen_inputs
+
+    device = next(model.parameters()).device
+    texts = []
+    for prompt, items in zip(prompts, media):
+        content = [{"type": "video" if isinstance(m, (list, tuple)) else "image"} for m in items]
+        texts.append(processor.apply_chat_template(
+            [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=False))
+    processor.tokenizer.padding_side = "left"
+    inputs = qwen_inputs(processor, texts, media).to(device)
+    inner = model.model
+    start = time.perf_counter()
+    encoded, full = {}, {}
+    for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if pixels in inputs:
+            grid = inputs[f"{modality}_grid_thw"]
+            encoded[modality] = getattr(inner, f"get_{modality}_features")(inputs.pop(pixels).to(model.dtype), grid)
+            full[modality] = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    encoder_s = time.perf_counter() - start
+    settings = getattr(inner, "_dymu", None)
+    counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
+                  if settings is not None else full[m]) for m in encoded}
+    timer = _ForwardTimer(model)
+    try:
+        out = model.generate(**inputs, mm_encoder_outputs=encoded or None, max_new_tokens=max_new_tokens,
+                             do_sample=generate_kwargs.pop("do_sample", False), return_dict_in_generate=True,
+                             output_scores=output_scores, **generate_kwargs)
+    finally:
+        timer.close()
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    # per prompt, per image/video in the prompt's order: tokens kept (images are encoded before videos)
+    taken = {"image": 0, "video": 0}
+    per_prompt, per_prompt_full = [], []
+    for items in media:
+        row, row_full = [], []
+        for m in items:
+            modality = "video" if isinstance(m, (list, tuple)) else "image"
+            row.append(counts[modality][taken[modality]])
+            row_full.append(full[modality][taken[modality]])
+            taken[modality] += 1
+        per_prompt.append(row)
+        per_prompt_full.append(row_full)
+    per_patch = None
+    if "video" in encoded:
+        grid = inputs["video_grid_thw"]
+        segments = (settings.last_encoded["video"].kept_per_segment.tolist() if settings is not None else
+                    [int(h * w) // 4 for t, h, w in grid.tolist() for _ in range(t)])
+        per_patch, s = [], 0
+        for t in grid[:, 0].tolist():
+            per_patch.append(segments[s : s + t])
+            s += t
+    report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
+                    encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

@@ -730,10 +730,20 @@ def run_bench(
 
 
 def cmd_bench(args) -> int:
+    from .qwen import QWEN_SECTIONS, bench_qwen, qwen_markdown
+
     sections = tuple(args.only.split(",")) if args.only else SECTIONS
-    result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
-                       thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
-    print(markdown(result))
+    qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
+    sections = tuple(s for s in sections if s not in QWEN_SECTIONS)
+    result = {}
+    if sections:
+        result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
+                           thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
+        print(markdown(result))
+    if qwen:
+        log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        result["qwen"] = bench_qwen(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
+        print(qwen_markdown(result["qwen"]))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

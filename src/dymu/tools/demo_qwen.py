@@ -1,0 +1,189 @@
+"""Small Qwen2-VL / Qwen2.5-VL / Qwen3-VL models with RANDOM weights and a real processor, built offline.
+
+Every code path is the real one: the stock `*ForConditionalGeneration` classes at small dimensions
+(Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers), a real
+byte-level BPE tokenizer trained here with the Qwen vision special tokens, the stock Qwen2-VL image
+processor (PIL backend) and the family's stock processor class. There is no video processor (it
+needs torchvision): `dymu.vlms.qwen_vl.qwen_inputs` builds video tensors and placeholders the way the
+stock video processor and processor do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..vlms.qwen_vl import processor_class
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
+_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+             "<|image_pad|>", "<|video_pad|>"]
+_CORPUS = [
+    "user What is in this image? assistant The image shows a dog, a bicycle and a truck on a street.",
+    "A white page with one red circle. An eagle flying over a field. A chessboard of black and white squares.",
+    "Describe the picture in detail. Count the objects. Read the text. What happens in this video?",
+    "Vision language models turn images into tokens; merging similar tokens makes them cheaper.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        padding_side="left")
+
+
+def _text_dims(vocab: int, tokenizer) -> dict:
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
+           (("pad_token_id", "<|endoftext|>"), ("eos_token_id", "<|im_end|>"), ("bos_token_id", "<|im_start|>"))}
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, **ids)
+
+
+def qwen_config(family: str, tokenizer):
+    """The tiny config of a family; image/video/vision-start token ids taken from ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = _text_dims(len(tokenizer), tokenizer)
+    # head_dim 16: mrope sections (t, h, w) of 2 + 3 + 3 = 8 frequencies
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    if family == "qwen2_vl":
+        vision = dict(depth=4, embed_dim=64, hidden_size=text["hidden_size"], num_heads=4, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=vision, **special)
+    if family == "qwen2_5_vl":
+        # window_size 56 px = 2x2 units per window: 16 windows per 224 px image; blocks 1 and 3 full attention
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1, 3], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=vision, **special)
+    if family == "qwen3_vl":
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[1, 2])
+        text = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown Qwen VL family {family!r}; choose one of {', '.join(QWEN_FAMILIES)}")
+
+
+def build_qwen_processor(family: str, tokenizer=None):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = tokenizer or build_qwen_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": IMAGE_MAX_PIXELS})
+    return processor_class(family)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
+    """(model, processor): the family's stock ForConditionalGeneration at small dims, random weights."""
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
+
+    tokenizer = build_qwen_tokenizer()
+    config = qwen_config(family, tokenizer)
+    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # HF's random init is tiny (std 0.02): scale q/k up so that attention is not near-uniform and a
+    # wrong position or group shows far above the test tolerances.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "attn.qkv.weight")):
+                p.mul_(4.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return model, build_qwen_processor(family, tokenizer)
+
+
+def save_qwen_demo_model(model, processor, folder):
+    """Save the demo model and processor (reload with `dymu.vlms.generation.load_vlm(folder)`)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max_new_tokens: int = 8,
+                  out=print) -> dict:
+    """`dymu demo --family F`: calibrate, tokens per image, a video's tokens per temporal patch, and
+    generate in full vs dymu mode (merge_point vit and post). Returns what it printed, as data."""
+    import math
+    import time
+
+    from ..api import apply
+    from ..images import open_image
+    from ..vlms.generation import generate
+    from .calibration import calibrate
+    from .demo import DEMO_PROMPT, demo_image_paths
+
+    model, processor = build_qwen_demo_model(family)
+    out(f"dymu demo: a small {family} model ({len(model.model.visual.blocks)} ViT blocks on 2x2 units, "
+        f"{len(model.model.language_model.layers)} decoder layers with M-RoPE) with RANDOM weights, built offline.")
+    out("Token counts and timings are real; the answers are noise.")
+    if save_model:
+        save_qwen_demo_model(model, processor, save_model)
+        out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}")
+    paths = demo_image_paths()
+    images = [open_image(p) for p in paths]
+    results: dict = {"counts": {}, "results": {}}
+    for merge_point in ("vit", "post"):
+        start = time.perf_counter()
+        thresholds = calibrate(model, images, preset="mid", batch_size=len(images), processor=processor,
+                               progress=False, qwen={"merge_point": merge_point})
+        out(f"\n[merge_point {merge_point}] calibrated (preset mid: keep ~{208 / 576:.0%} of each image's units) "
+            f"on {len(images)} bundled images in {time.perf_counter() - start:.1f}s")
+        apply(model, thresholds, mode="dymu")
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], grid)
+        per_image = model.model._dymu.last_encoded["image"].per_item(grid)
+        results["counts"][merge_point] = dict(zip([p.name for p in paths], per_image))
+        out("LLM tokens kept per image (simplest to most cluttered):")
+        for path, (kept, units) in zip(paths, per_image):
+            out(f"  {path.name:34s} {kept:4d} / {units:<4d} {'#' * math.ceil(40 * kept / units)}")
+        frames = [images[-1].resize((224, 168)).crop((4 * k, 0, 4 * k + 196, 168)) for k in range(4)]
+        result = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]], max_new_tokens=max_new_tokens)
+        video = model.model._dymu.last_encoded["video"]
+        out(f"a 4-frame video (2 temporal patches): tokens per temporal patch {video.kept_per_segment.tolist()} "
+            f"of {video.units_per_segment.tolist()}")
+        results["results"][merge_point] = result
+    apply(model, None, mode="full")
+    results["results"]["full"] = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]],
+                                          max_new_tokens=max_new_tokens)
+    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[-1].name} and the video")
+    out(f"  {'mode':10s} {'tokens':>16s} {'encoder':>9s} {'prefill':>9s}  answer (random weights: noise)")
+    for name, result in (("full", results["results"]["full"]), ("dymu vit", results["results"]["vit"]),
+                         ("dymu post", results["results"]["post"])):
+        rep = result.report
+        tokens = "+".join(str(n) for n in rep.visual_tokens[0]) + "/" + "+".join(str(n) for n in rep.full_tokens[0])
+        out(f"  {name:10s} {tokens:>16s} {rep.encoder_s * 1e3:7.1f}ms {rep.prefill_s * 1e3:7.1f}ms  "
+            f"{result.answers[0]!r}")
+    out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench --only qwen_vit,"
+        "qwen_prefill` measures Qwen2.5-VL-7B dimensions.")
+    return results

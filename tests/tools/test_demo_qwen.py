@@ -1,0 +1,57 @@
+"""`dymu demo --family ...` and the CLI round trip through a saved tiny Qwen VL (calibrate, encode,
+generate with an image and a video, bench rows)."""
+
+import json
+
+from conftest import IMAGES
+from dymu.cli import main
+
+
+def test_qwen_demo_counts_rise_with_clutter(tmp_path, capsys):
+    assert main(["demo", "--family", "qwen3_vl", "--save-model", str(tmp_path / "q3"), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "tokens per temporal patch" in out
+    lines = [line for line in out.splitlines() if line.strip().endswith("#") and "/" in line]
+    assert len(lines) == 12  # 6 images, merge_point vit and post
+    kept = [int(line.split()[1]) / int(line.split()[3]) for line in lines]
+    assert kept[0] < kept[5] and kept[6] < kept[11]  # blank page < cluttered street, both merge points
+    assert (tmp_path / "q3" / "config.json").exists()
+
+
+def test_qwen_cli_round_trip(qwen_dirs, tmp_path, capsys):
+    model = str(qwen_dirs["qwen2_5_vl"])
+    thresholds = tmp_path / "post.json"
+    assert main(["calibrate", "--model", model, "--images", str(IMAGES), "--max-images", "8", "--preset", "mid",
+                 "--merge-point", "post", "--rounds", "2", "--batch-size", "4", "--quiet", "--out",
+                 str(thresholds)]) == 0
+    saved = json.loads(thresholds.read_text())
+    assert saved["encoder"]["merge_point"] == "post" and len(saved["thresholds"]) == 2
+    assert main(["encode", "--model", model, "--thresholds", str(thresholds), "--images",
+                 str(IMAGES / "synthetic_blank_white.png"), str(IMAGES / "darknet_dog_bicycle_truck.jpg"),
+                 "--json", str(tmp_path / "enc.json")]) == 0
+    encoded = json.loads((tmp_path / "enc.json").read_text())["images"]
+    assert encoded[0]["tokens"] / encoded[0]["full_tokens"] < encoded[1]["tokens"] / encoded[1]["full_tokens"]
+    assert len(encoded[1]["group_of_unit"]) == encoded[1]["full_tokens"]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(3):
+        (frames / f"{k:03d}.png").write_bytes((IMAGES / "synthetic_gradient.png").read_bytes())
+    capsys.readouterr()
+    assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
+                 str(IMAGES / "darknet_eagle.jpg"), "--video", str(frames), "--prompt", "What?",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "dymu" and len(report["visual_tokens"][0]) == 2
+    assert all(k < f for k, f in zip(report["visual_tokens"][0], report["full_tokens"][0]))
+    per_patch = report["video_tokens_per_temporal_patch"]  # 3 frames -> padded to 4 -> 2 temporal patches
+    assert len(per_patch) == 1 and len(per_patch[0]) == 2 and sum(per_patch[0]) == report["visual_tokens"][0][1]
+    # A thresholds file for the other merge point is refused with one line.
+    assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
+                 str(IMAGES / "darknet_eagle.jpg"), "--prompt", "x", "--mode", "dtome"]) == 1
+    assert "not supported for Qwen VLs" in capsys.readouterr().err
+
+
+def test_qwen_bench_rows_quick(capsys):
+    assert main(["bench", "--quick", "--only", "qwen_vit,qwen_prefill"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen2.5-VL vision tower" in out and "| DToMe mid (vit) |" in out and "| VTU mid |" in out

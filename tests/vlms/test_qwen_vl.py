@@ -1,0 +1,185 @@
+"""DyMU wiring in tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (saved and reloaded): images, several
+images, video, image + video in one prompt, left-padded batches; merge_point "vit" and "post".
+
+Oracles: thresholds +inf ⇒ stock logits and generate tokens; with real merges the prefill equals the
+stock model fed the same (virtually unmerged) features with every layer's attention output averaged
+over the groups that a plain loop reads off the encoder's group_of_unit in placeholder order (paper
+Eq. 11); an image alone and in a batch gives the same groups and features.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from dymu.towers.qwen_vit import encode_qwen
+from dymu.vlms.qwen_vl import qwen_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import load_image  # noqa: E402
+from qwen_helpers import QWEN_FAMILIES, chat, load_qwen  # noqa: E402
+
+ATOL = 1e-5
+INF = float("inf")
+
+
+def frames(n=4):
+    """A short video: a window sliding over a photo (same size frames)."""
+    photo = load_image("darknet_dog_bicycle_truck.jpg").resize((320, 240))
+    return [photo.crop((8 * k, 0, 8 * k + 224, 168)) for k in range(n)]
+
+
+def batch(processor):
+    """Left-padded: one image; two images; a video then an image; a video alone."""
+    eagle, white, grad = (load_image(n) for n in ("darknet_eagle.jpg", "synthetic_blank_white.png",
+                                                   "synthetic_gradient.png"))
+    items = [("What is this?", [eagle]), ("Compare them.", [white, grad]), ("And now?", [frames(), eagle]),
+             ("Describe.", [frames(2)])]
+    texts = [chat(processor, text, ["video" if isinstance(m, list) else "image" for m in media])
+             for text, media in items]
+    return qwen_inputs(processor, texts, [media for _, media in items])
+
+
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def stock_and_inputs(qwen_dirs, family):
+    stock, processor = load_qwen(family, qwen_dirs[family])
+    inputs = batch(processor)
+    with torch.no_grad():
+        logits = stock(**inputs).logits
+        tokens = stock.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return stock, processor, inputs, logits, tokens
+
+
+def test_batch_holds_images_videos_and_padding(stock_and_inputs):
+    _, _, inputs, _, _ = stock_and_inputs
+    assert inputs["image_grid_thw"].shape[0] == 4 and inputs["video_grid_thw"][:, 0].tolist() == [2, 1]
+    assert (inputs["attention_mask"] == 0).any()  # left padding
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_infinite_thresholds_equal_stock_logits_and_tokens(qwen_dirs, family, stock_and_inputs, merge_point):
+    _, _, inputs, want_logits, want_tokens = stock_and_inputs
+    model, _ = load_qwen(family, qwen_dirs[family])
+    depth = len(model.model.visual.blocks)
+    dymu.apply(model, [INF] * (depth if merge_point == "vit" else 2), merge_point=merge_point)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert (logits - want_logits).abs().max().item() <= ATOL
+    assert torch.equal(tokens, want_tokens)
+    dymu.remove(model)
+    assert type(model.model) is type(stock_and_inputs[0].model)
+
+
+def _reference_group_map(model, inputs, encoded):
+    """Plain loop: walk the placeholders in row-major order, images then videos, and label each
+    position with (item, group of its unit)."""
+    ids = inputs["input_ids"]
+    labels = torch.full_like(ids, -1)
+    next_label = 0
+    for modality in ("image", "video"):
+        if modality not in encoded:
+            continue
+        groups = encoded[modality].group_of_unit.tolist()
+        token = getattr(model.config, f"{modality}_token_id")
+        k = 0
+        for b in range(ids.shape[0]):
+            for n in range(ids.shape[1]):
+                if ids[b, n] == token:
+                    labels[b, n] = next_label + groups[k]
+                    k += 1
+        assert k == len(groups)
+        next_label += max(groups) + 1
+    group_map = torch.full_like(ids, -1)
+    for b in range(ids.shape[0]):
+        seen = {}
+        for n in range(ids.shape[1]):
+            key = ("label", int(labels[b, n])) if labels[b, n] >= 0 else ("pos", n)
+            group_map[b, n] = seen.setdefault(key, len(seen))
+    return group_map
+
+
+def _average_within_groups(group_map):
+    def hook(module, args, output):
+        out = output[0].clone()
+        for b in range(group_map.shape[0]):
+            for gid in group_map[b].unique():
+                members = group_map[b] == gid
+                out[b, members] = output[0][b, members].mean(0)
+        return (out, *output[1:])
+
+    return hook
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_inputs, merge_point):
+    stock, _, inputs, _, _ = stock_and_inputs
+    model, _ = load_qwen(family, qwen_dirs[family])
+    depth = len(model.model.visual.blocks)
+    dymu.apply(model, [0.6] * (depth if merge_point == "vit" else 2), merge_point=merge_point)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        encoded = dict(model.model._dymu.last_encoded)
+        outputs = {m: getattr(model.model, f"get_{m}_features")(inputs[f"pixel_values{'_videos' if m == 'video' else ''}"],
+                                                               inputs[f"{m}_grid_thw"]) for m in ("image", "video")}
+    for enc in encoded.values():  # real merging happened, and within every segment
+        assert enc.kept_per_segment.sum() < enc.units_per_segment.sum()
+    group_map = _reference_group_map(model, inputs, encoded)
+    handles = [layer.self_attn.register_forward_hook(_average_within_groups(group_map))
+               for layer in stock.model.language_model.layers]
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+            "second_per_grid_ts")
+    try:
+        with torch.no_grad():
+            reference = stock(**{k: inputs[k] for k in keys if k in inputs}, mm_encoder_outputs=outputs).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert (logits - reference).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_image_alone_and_in_batch_gives_same_groups_and_features(stock_and_inputs, merge_point):
+    stock, _, inputs, _, _ = stock_and_inputs
+    visual = stock.model.visual
+    thresholds = [0.6] * (len(visual.blocks) if merge_point == "vit" else 2)
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    rows = (grid.prod(-1)).tolist()
+    together = encode_qwen(visual, pixels, grid, thresholds, merge_point)
+    units = (grid.prod(-1) // 4).tolist()
+    start_row, start_unit = 0, 0
+    for i in range(len(grid)):
+        alone = encode_qwen(visual, pixels[start_row:start_row + rows[i]], grid[i:i + 1], thresholds, merge_point)
+        part = slice(start_unit, start_unit + units[i])
+        groups = together.group_of_unit[part]
+        assert torch.equal(groups - groups.min(), alone.group_of_unit)
+        assert (together.features[part] - alone.features).abs().max().item() <= ATOL
+        start_row, start_unit = start_row + rows[i], start_unit + units[i]
+
+
+def test_generate_with_merges_runs_with_beams(qwen_dirs, family, stock_and_inputs):
+    _, _, inputs, _, _ = stock_and_inputs
+    model, _ = load_qwen(family, qwen_dirs[family])
+    dymu.apply(model, 0.6)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 2 * inputs["input_ids"].shape[0]
+
+
+def test_bad_settings_have_clear_errors(qwen_dirs):
+    model, _ = load_qwen("qwen2_5_vl", qwen_dirs["qwen2_5_vl"])
+    with pytest.raises(ValueError, match="mode 'dtome'.*not supported for Qwen VLs"):
+        dymu.apply(model, 0.5, mode="dtome")
+    with pytest.raises(ValueError, match="merge_point must be one of vit, post"):
+        dymu.apply(model, 0.5, merge_point="middle")
+    with pytest.raises(ValueError, match="one threshold per vision block \\(4\\), got 3"):
+        dymu.apply(model, [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="needs thresholds"):
+        dymu.apply(model, None)
