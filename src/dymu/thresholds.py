@@ -151,7 +151,12 @@ class Thresholds:
             if not isinstance(enc.get(key), kind):
                 bad(f"encoder.{key}", f"must be a {kind.__name__}, not {enc.get(key)!r}")
         layers = whole(enc.get("num_layers"), "encoder.num_layers", 1)
-        patches = whole(enc.get("patches_per_image"), "encoder.patches_per_image", 1)
+        if enc.get("merge_point") is not None:  # a Qwen VL: native resolution, units vary per image
+            if enc.get("patches_per_image") is not None:
+                bad("encoder.patches_per_image", "must be null for a Qwen VL (images keep their native size)")
+            patches = math.inf
+        else:
+            patches = whole(enc.get("patches_per_image"), "encoder.patches_per_image", 1)
         if not _is_int(self.feature_layer) or not -layers - 1 <= self.feature_layer <= layers:
             bad("feature_layer", f"must be a layer index between {-layers - 1} and {layers}, not {self.feature_layer!r}")
         if not isinstance(self.schedule, str):
