@@ -10,6 +10,7 @@ Layout (format_version 1):
       "r": [21.0, ...] | null,             # target merges per image and layer (calibration input)
       "thresholds": [0.91, ..., null],     # per layer; null = never merges, "-inf" = merges every edge
       "order": "ab",                       # merge order (dymu.token_order); missing = "interleaved"
+      "max_tokens": null, "min_tokens": null,  # default per-image token budget (dymu.apply overrides)
       "tokens_kept_mean": [...], "tokens_kept_std": [...],   # after each computed layer
       "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}]
     }
@@ -97,6 +98,10 @@ class Thresholds:
     # Where tokens go after a merge (dymu.token_order). Files written before the setting existed
     # were made in the only order there was then: interleaved.
     order: str = "interleaved"
+    # Default per-image token budget at the feature layer (class token not counted); None = none.
+    # `dymu.apply(max_tokens=..., min_tokens=...)` and the CLI's --max-tokens/--min-tokens override it.
+    max_tokens: int | None = None
+    min_tokens: int | None = None
     dymu_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -165,6 +170,10 @@ class Thresholds:
         if data.setdefault("order", "interleaved") not in ORDERS:
             raise ThresholdsError(f"thresholds file {path} has order {data['order']!r}; "
                                   f"dymu knows {', '.join(ORDERS)}.")
+        for name in ("max_tokens", "min_tokens"):
+            value = data.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ThresholdsError(f"thresholds file {path}: {name} {value!r} is not a whole number >= 1 or null.")
         return cls(**data)
 
 

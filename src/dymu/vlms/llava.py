@@ -126,7 +126,8 @@ class DyMULlavaModel(LlavaModel):
 
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
+                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
+                budget=None) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     remove_llava(model)
@@ -140,16 +141,18 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
             raise ValueError("mode 'downsample' needs a thresholds file (its mean tokens kept sets the image size)")
         model._dymu_downsample_tokens = float(downsample_tokens)
     if mode in ("full", "downsample"):
-        model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample
+        model._dymu_mode = mode  # the stock model; dymu.generate resizes images for downsample (no budget)
         return
+    if mode == "tome" and r is None:
+        raise ValueError("mode 'tome' needs r (merges per layer)")
+    feature_layer = model.config.vision_feature_layer
+    feature_layer = feature_layer if isinstance(feature_layer, int) else -1
     if mode == "tome":
-        if r is None:
-            raise ValueError("mode 'tome' needs r (merges per layer)")
-        apply_dtome(tower, family, r=r, order=order)
+        apply_dtome(tower, family, r=r, order=order, budget=budget, feature_layer=feature_layer)
     else:
         if thresholds is None:
             raise ValueError(f"mode {mode!r} needs thresholds")
-        apply_dtome(tower, family, thresholds=thresholds, order=order)
+        apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention)
