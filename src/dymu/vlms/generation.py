@@ -9,6 +9,7 @@ the stock prompt (virtual unmerge + VTU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -30,6 +31,9 @@ class Report:
     decode_s: float
     new_tokens: int = 0
     image_size: int | None = None  # downsample: the side the images were resized to
+    # With a token budget or focus regions: the tokens the same images keep without either (an
+    # extra encoder pass, not timed), to show what the cost control saved. None otherwise.
+    visual_tokens_without_budget_or_focus: list[list[int]] | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -120,20 +124,57 @@ class _ForwardTimer:
             h.remove()
 
 
+def _call_budget(tower, max_tokens, min_tokens):
+    """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
+    from ..towers.encoder import make_budget
+
+    state = getattr(tower, "_dymu_state", None)
+    if max_tokens is None and min_tokens is None:
+        return None if state is None else state.budget
+    if state is None:
+        raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
+    current = state.budget
+    return make_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
+                       min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+
+
+def _flat_focus(focus, images) -> list | None:
+    """``focus`` nested like ``images`` (one entry per image of each prompt) -> one entry per image."""
+    if focus is None:
+        return None
+    if len(focus) != len(images) or any(f is not None and len(f) != len(ims) for f, ims in zip(focus, images)):
+        raise ValueError("focus must be nested like images: one list per prompt, one entry (or None) per image")
+    return [f for per_prompt, ims in zip(focus, images) for f in (per_prompt if per_prompt is not None else [None] * len(ims))]
+
+
 @torch.no_grad()
 def generate(model, processor, prompts: list[str], images: list[list[Image.Image]], *, max_new_tokens: int = 32,
-             output_scores: bool = False, **generate_kwargs) -> GenerationResult:
+             output_scores: bool = False, max_tokens: int | None = None, min_tokens: int | None = None,
+             focus: list[list] | None = None, fill=None, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
     The model is a `LlavaForConditionalGeneration`, stock or patched by `dymu.apply` in any mode.
+    ``max_tokens`` / ``min_tokens``: a token budget per image for this call (replacing the one
+    `dymu.apply` set). ``focus``: nested like ``images``, one entry per image (None: whole image): a
+    box (x0, y0, x1, y1) in the image's pixels, a list of boxes, a mask image or a boolean array;
+    outside it the pixels become ``fill`` (default white; "mean" or a colour) before the processor
+    (`dymu.focus`). With either, the report also gives the tokens kept without them.
     """
+    from ..focus import DEFAULT_FILL, apply_focus_all
+    from ..towers.encoder import budget_set, encode_with_tower, family_of
+
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     mode = llava_mode(model)
     inner = model.model
     config = model.config
     device = next(model.parameters()).device
-    flat = [im for per_prompt in images for im in per_prompt]
+    tower = inner.vision_tower
+    budget = _call_budget(tower, max_tokens, min_tokens)
+    original = [im for per_prompt in images for im in per_prompt]
+    flat = apply_focus_all(original, _flat_focus(focus, images), DEFAULT_FILL if fill is None else fill)
+    merging = hasattr(tower, "_dymu_state")
+    constrained = bool(original) and merging and (budget is not None or focus is not None)
     texts = [chat_text(processor, p, len(ims)) for p, ims in zip(prompts, images)]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
@@ -151,7 +192,8 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
             small.size, small.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
             pixel_values = small(images=flat, return_tensors="pt")["pixel_values"]
             kwargs["interpolate_pos_encoding"] = True
-        features = inner.get_image_features(pixel_values.to(device, model.dtype), **kwargs)
+        with budget_set(tower, budget) if merging else contextlib.nullcontext():
+            features = inner.get_image_features(pixel_values.to(device, model.dtype), **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         mm_encoder_outputs = {"image": features}
@@ -163,6 +205,17 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
                 input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
                 placeholders)
     encoder_s = time.perf_counter() - start
+    without = None
+    if constrained:  # the same images, whole and without a budget (not timed)
+        plain = processor.image_processor(images=original, return_tensors="pt")["pixel_values"]
+        layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        with budget_set(tower, None):
+            plain_counts = encode_with_tower(tower, family_of(tower), plain.to(device, model.dtype), layer,
+                                             strategy == "default").num_tokens.tolist()
+        without, k = [], 0
+        for ims in images:
+            without.append(plain_counts[k : k + len(ims)])
+            k += len(ims)
 
     timer = _ForwardTimer(model)
     try:
@@ -179,6 +232,7 @@ def generate(model, processor, prompts: list[str], images: list[list[Image.Image
         k += len(ims)
     report = Report(mode=mode, visual_tokens=per_prompt, full_tokens=config.image_seq_length,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side)
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=side,
+                    visual_tokens_without_budget_or_focus=without)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
