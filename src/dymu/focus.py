@@ -65,7 +65,7 @@ def focus_mask(size: tuple[int, int], focus: Focus) -> np.ndarray:
     """(H, W) bool array, True inside the focus region of an image of ``size`` = (W, H).
 
     ``focus``: a box (x0, y0, x1, y1), a list of boxes (their union), a mask image or its path
-    (non-zero / white = inside), or a (H, W) boolean (or 0/1) array. Boxes are clipped to the image.
+    (white = inside: grey level > 127), or a (H, W) boolean (or 0/1) array. Boxes are clipped to the image.
     """
     width, height = size
     if isinstance(focus, (str, Path)):
@@ -73,7 +73,7 @@ def focus_mask(size: tuple[int, int], focus: Focus) -> np.ndarray:
 
         focus = open_image(focus).convert("L")
     if isinstance(focus, Image.Image):
-        focus = np.asarray(focus.convert("L")) > 0
+        focus = np.asarray(focus.convert("L")) > 127  # white = inside (robust to JPEG noise)
     if hasattr(focus, "detach"):  # a torch tensor, without importing torch here
         focus = focus.detach().cpu().numpy()
     if isinstance(focus, np.ndarray):
