@@ -7,7 +7,7 @@ import torch
 
 import dymu
 from dymu import merge as M
-from conftest import IMAGES, MIXED_IMAGES, build_tiny_tower, load_image, processor_for
+from conftest import IMAGES, MIXED_IMAGES, load_image, processor_for
 
 ALL_IMAGES = sorted(p.name for p in IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".png"))
 THRESHOLDS = [0.95, 0.9, 0.85, 0.8]  # real, content-dependent merging on the tiny towers
