@@ -15,6 +15,7 @@ from .towers.encoder import (
     apply_dtome,
     encode_with_tower,
     find_towers,
+    make_budget,
     remove_dtome,
 )
 
@@ -78,6 +79,15 @@ def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]
     return pixels, [1] * len(pixels)
 
 
+def _budget(thresholds, max_tokens, min_tokens):
+    """The token budget: the arguments where given, else the `Thresholds` file's defaults."""
+    if max_tokens is None:
+        max_tokens = getattr(thresholds, "max_tokens", None)
+    if min_tokens is None:
+        min_tokens = getattr(thresholds, "min_tokens", None)
+    return make_budget(max_tokens, min_tokens)
+
+
 def _is_vlm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     return hasattr(config, "vision_config") and hasattr(config, "text_config")
@@ -93,6 +103,8 @@ def apply(
     vtu_attention: str = "fast",
     tome_vtu: bool = True,
     merge_point: str | None = None,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
@@ -114,14 +126,20 @@ def apply(
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
     default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
+    ``max_tokens`` / ``min_tokens``: a per-image token budget at the feature layer (class token not
+    counted), on top of the thresholds (or r): an image over ``max_tokens`` merges its best remaining
+    edges in the last layers before the feature layer, within the per-layer cap; an image stops
+    merging before it would drop under ``min_tokens``. Default: the `Thresholds` file's
+    ``max_tokens`` / ``min_tokens``; ``max_tokens=math.inf`` / ``min_tokens=0`` switch them off.
+    Checked here: a ``max_tokens`` the layers cannot reach is refused.
     """
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         # Qwen VLs hold their own thresholds (per ViT block or per merge round): no r, no order.
-        if r is not None or order is not None or not tome_vtu:
+        if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:
             raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
-                             "full / dymu): r, order and tome_vtu are for CLIP/SigLIP towers")
+                             "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
         merge_point = merge_point or getattr(thresholds, "encoder", {}).get("merge_point") or "vit"
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
         return model
@@ -132,6 +150,7 @@ def apply(
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
         kept = getattr(thresholds, "tokens_kept_mean", None)
         order = _merge_order(thresholds, order)
+        budget = _budget(thresholds, max_tokens, min_tokens)
         if mode == "downsample" and thresholds is not None and not kept:
             raise ValueError(
                 "mode 'downsample' sizes the images by the mean visual tokens these thresholds kept during "
@@ -141,16 +160,18 @@ def apply(
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
         wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
-                         downsample_tokens=kept[-1] if kept else None, order=order)
+                         downsample_tokens=kept[-1] if kept else None, order=order, budget=budget)
         return model
     if _is_vlm(model):
         raise ValueError(f"{type(model).__name__} is not a supported VLM (supported: {', '.join(supported_vlm_names())}).")
     if find_towers(model):
         tower, family = vision_tower_of(model)
         order = _merge_order(thresholds, order)
+        budget = _budget(thresholds, max_tokens, min_tokens)
         if thresholds is not None:
             thresholds = _threshold_values(thresholds, tower)
-        apply_dtome(tower, family, thresholds=thresholds, r=r, order=order)
+        apply_dtome(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
+                    feature_layer=default_feature_layer(model, family)[0])
         return model
     from .decoders.llama import apply_vtu
 
@@ -191,10 +212,14 @@ def default_feature_layer(model: nn.Module, family: TowerFamily) -> tuple[int, b
 @torch.no_grad()
 def encode(
     model: nn.Module,
-    pixel_values: torch.Tensor,
+    pixel_values,
     feature_layer: int | None = None,
     drop_class_token: bool | None = None,
     grid_thw: torch.Tensor | None = None,
+    *,
+    focus=None,
+    fill=None,
+    processor=None,
 ) -> EncodedImages:
     """Encode images with the (patched or stock) vision tower of ``model``.
 
@@ -203,6 +228,13 @@ def encode(
     layer. Layers after the feature layer are not computed. Defaults follow the VLM's config
     (``vision_feature_layer`` / ``vision_feature_select_strategy``) when ``model`` is a VLM, else
     -2 without the class token for CLIP (LLaVA-1.5) and -1 for SigLIP (LLaVA-OneVision).
+
+    ``pixel_values``: the processor's (B, 3, H, W) tensor, or a list of PIL images, which
+    ``processor`` (default: the tower family's stock one) turns into it. ``focus``: one entry per
+    image (None: the whole image): a box (x0, y0, x1, y1) in pixels of the image, a list of boxes, a
+    mask image or a boolean (H, W) array. Outside it the pixels are set to ``fill`` (default white,
+    or "mean", or a colour) before the processor (`dymu.focus`), so needs PIL images. The budget set
+    by `apply` applies at ``feature_layer``.
 
     A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
     ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
@@ -217,4 +249,15 @@ def encode(
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
     drop_class_token = default_drop if drop_class_token is None else drop_class_token
+    if not isinstance(pixel_values, torch.Tensor):
+        from .focus import DEFAULT_FILL, apply_focus_all
+
+        images = apply_focus_all(list(pixel_values), focus, DEFAULT_FILL if fill is None else fill)
+        processor = processor or family.default_processor(tower.config)
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    elif focus is not None:
+        raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=) "
+                         "instead of pixel values, or fill them yourself with dymu.focus.apply_focus")
+    param = next(tower.parameters())
+    pixel_values = pixel_values.to(param.device)
     return encode_with_tower(tower, family, pixel_values, feature_layer, drop_class_token)

@@ -60,6 +60,54 @@ def _whole(minimum: int):
 positive_int, nonnegative_int = _whole(1), _whole(0)
 
 
+def _parse_max_tokens(text: str):
+    if text.strip().lower() in ("none", "inf", "off"):
+        return float("inf")  # switches off a thresholds file's default budget
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-tokens expects a whole number >= 1 (or 'none'), not {text!r}")
+    return value
+
+
+def _parse_min_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--min-tokens expects a whole number >= 0 (0: none), not {text!r}")
+    return value
+
+
+def _parse_focus_box(text: str):
+    from .focus import parse_box  # numpy + PIL only: `dymu --help` stays fast
+
+    try:
+        return parse_box(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_budget_args(p) -> None:
+    p.add_argument("--max-tokens", type=_parse_max_tokens, metavar="K",
+                   help="token budget: at most K visual tokens per image at the feature layer (extra merges of "
+                        "its best remaining edges in the last layers); 'none' switches off the thresholds file's")
+    p.add_argument("--min-tokens", type=_parse_min_tokens, metavar="K",
+                   help="an image stops merging before it drops under K tokens (0: none)")
+
+
+def add_focus_args(p, masks_help: str, repeat_mask: bool = False) -> None:
+    p.add_argument("--focus", action="append", type=_parse_focus_box, metavar="x0,y0,x1,y1",
+                   help="focus box in pixels of the image (repeat for several: their union); outside it the image is "
+                        "filled flat before the processor, so DToMe merges it into few tokens")
+    p.add_argument("--focus-mask", metavar="PATH", help=masks_help, action="append" if repeat_mask else "store")
+    p.add_argument("--fill", help="colour outside the focus region: white (default), black, mean (the image's "
+                                  "mean colour), #rrggbb or a colour name")
+
+
 def _init_distributed():
     """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, nccl on GPU."""
     import torch
@@ -135,6 +183,16 @@ def _calibrate(args, rank: int) -> int:
         out=out,  # written before the checkpoint is removed
         warn=lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True),
     )
+    if args.max_tokens is not None and rank == 0:
+        from .tools.calibration import clip_fraction
+
+        limit = None if args.max_tokens == float("inf") else args.max_tokens
+        thresholds.max_tokens = limit
+        if limit is not None:
+            over, total = clip_fraction(model, thresholds, images[: args.max_images] if args.max_images else images,
+                                        limit, processor=processor, batch_size=args.batch_size)
+            print(f"max_tokens={limit} would clip {over} of {total} calibration images ({100 * over / max(total, 1):.1f}%)"
+                  " (they keep more tokens with these thresholds alone); recorded as the file's default budget")
     if rank == 0:
         from .api import vlm_wiring
 
@@ -202,8 +260,25 @@ def _load_patched_vlm(args):
     if args.mode == "tome" and args.r is None:
         raise ValueError("mode 'tome' needs --r (merges per layer)")
     model, processor = load_vlm(args.model, args.device, args.dtype)
-    apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False))
+    apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False),
+          max_tokens=args.max_tokens, min_tokens=args.min_tokens)
     return model, processor
+
+
+def _generate_focus(args, count: int):
+    """Per image: --focus boxes (each image), or --focus-mask (one for all images, or one per --image)."""
+    if args.focus and args.focus_mask:
+        raise ValueError("give --focus boxes or --focus-mask, not both")
+    if args.focus:
+        return [list(args.focus)] * count
+    if not args.focus_mask:
+        return None
+    from .images import open_image
+
+    masks = [open_image(m) for m in args.focus_mask]
+    if len(masks) not in (1, count):
+        raise ValueError(f"--focus-mask is given {len(masks)} times for {count} images: give one, or one per --image")
+    return masks * count if len(masks) == 1 else masks
 
 
 def cmd_generate(args) -> int:
@@ -215,16 +290,24 @@ def cmd_generate(args) -> int:
         raise ValueError("give at least one --images or --video")
     paths = resolve_images(args.images, args.image_root) if args.images else []
     images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
+    focus = _generate_focus(args, len(images))
+    if focus is not None:  # check boxes and mask sizes before loading a model
+        from .focus import apply_focus_all
+
+        apply_focus_all(images, focus, args.fill or "white")
     videos = [_video_frames(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):  # a Qwen prompt lists its videos (lists of frames) after its images
+        if focus is not None:
+            raise ValueError("--focus / --focus-mask are for the LLaVA models")
         result = generate(model, processor, [args.prompt], [images + videos], max_new_tokens=args.max_new_tokens,
                           chat_template=not args.raw_prompt)
     else:
         result = generate(model, processor, [args.prompt], [images], videos=[videos],
-                          max_new_tokens=args.max_new_tokens, chat_template=not args.raw_prompt)
+                          max_new_tokens=args.max_new_tokens, chat_template=not args.raw_prompt,
+                          focus=None if focus is None else [focus], fill=args.fill)
     rep = result.report
     if args.json:
         print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
@@ -234,6 +317,8 @@ def cmd_generate(args) -> int:
     full = (rep.full_tokens[0] if isinstance(rep.full_tokens, list)
             else rep.stock_tokens[0] if rep.stock_tokens else [rep.full_tokens] * len(rep.visual_tokens[0]))
     tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], full))
+    if rep.visual_tokens_without_budget_or_focus is not None:
+        tokens += " (without budget/focus: " + ", ".join(map(str, rep.visual_tokens_without_budget_or_focus[0])) + ")"
     print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; one cold run "
           f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
           f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
@@ -268,11 +353,14 @@ def cmd_encode(args) -> int:
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
-    apply(model, thresholds)  # DToMe only: encode never runs the language model
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
+        if args.max_tokens is not None or args.min_tokens is not None:
+            raise ValueError("--max-tokens / --min-tokens are for CLIP/SigLIP towers, not the Qwen ViT")
+        apply(model, thresholds)
         return _encode_qwen(args, model, processor, paths)
+    apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # DToMe only: no LLM
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
     records, skipped, crops = [], [], []
@@ -371,6 +459,9 @@ def add_analyze(subparsers) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_budget_args(p)
+    add_focus_args(p, "focus mask (white = keep) for every image, or a folder of masks named like the images; "
+                      "merge maps then show the image with the region outlined, and the map without and with it")
     p.set_defaults(func=_lazy("dymu.tools.analyze", "cmd_analyze"))
 
 
@@ -473,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vtu", action="store_true", help="--mode tome without VTU (merged tokens fed directly)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print the answer and the report as JSON")
+    add_budget_args(p)
+    add_focus_args(p, "focus mask image (white = keep, same size as the image): once for every image or once "
+                      "per --image, in order", repeat_mask=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="write per-image token counts, sizes and group maps as JSON")
@@ -480,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_images(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", required=True, help="output JSON file")
+    add_budget_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser(
@@ -519,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="thresholds JSON file to write")
+    p.add_argument("--max-tokens", type=_parse_max_tokens, metavar="K",
+                   help="also report the fraction of calibration images a budget of K tokens would clip, and "
+                        "record K as the file's default budget")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("thresholds", help="thresholds files")

@@ -118,6 +118,51 @@ def top_edges_of_batch(matches: Matches, k: int) -> tuple[torch.Tensor, torch.Te
     return chosen.view_as(matches.score), threshold
 
 
+# ---------------------------------------------------------------------------------------------
+# Token budget (paper §4.3: cost control): a per-image bound on the tokens at the feature layer.
+
+
+def budget_merge_count(
+    chosen: torch.Tensor,
+    mergeable: torch.Tensor,
+    max_tokens: int | None,
+    min_tokens: int | None,
+    layers_after: int,
+) -> torch.Tensor:
+    """(B,) merges each image makes at this layer once its budget is applied to ``chosen`` (B,).
+
+    ``mergeable`` (B,): the image's live tokens, class token excluded (the budget counts those).
+    ``layers_after``: merging layers left before the feature layer. ``min_tokens`` stops merging
+    an image before it would drop under it. ``max_tokens`` forces extra merges as late as possible:
+    a layer merges only what the later layers, each merging at most half (the cap), could not,
+    i.e. it leaves at most ``max_tokens · 2**layers_after`` tokens. So an image already within budget
+    merges exactly as without it, and the extra merges land in the last layers. Never past the cap.
+    """
+    count = chosen
+    if min_tokens is not None:
+        count = torch.minimum(count, (mergeable - min_tokens).clamp(min=0))
+    if max_tokens is not None:
+        most_left = max_tokens * 2 ** min(layers_after, 62)  # ceil-halving j times reaches k from k·2^j
+        count = torch.maximum(count, mergeable - min(most_left, 2**62))
+    return count.clamp(min=0).minimum(mergeable // 2)
+
+
+def top_ranked_edges(matches: Matches, count: torch.Tensor) -> torch.Tensor:
+    """(B, Na) bool: each image's ``count[i]`` best edges (stable ranking, as `top_r_edges`).
+
+    Thresholded edges are a prefix of this ranking, so a budget that adds or removes merges keeps
+    the thresholded choice and takes the best remaining edges (or drops the worst chosen ones).
+    """
+    return (matches.rank < count[:, None]) & torch.isfinite(matches.score)
+
+
+def reachable_tokens(tokens: int, layers: int) -> int:
+    """Fewest tokens ``layers`` merging layers can leave of ``tokens`` (each merges at most half)."""
+    for _ in range(layers):
+        tokens -= tokens // 2
+    return tokens
+
+
 def survivor_layout(matches: Matches, merged: torch.Tensor, n: int, order: str) -> torch.Tensor | None:
     """(B, N) every image's slots in the order their survivors are laid out; None for ``interleaved``.
 

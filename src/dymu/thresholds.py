@@ -10,6 +10,7 @@ Layout (format_version 1):
       "r": [21.0, ...] | null,             # target merges per image and layer (calibration input)
       "thresholds": [0.91, ..., null],     # per layer; null = never merges, "-inf" = merges every edge
       "order": "ab",                       # merge order (dymu.token_order); missing = "interleaved"
+      "max_tokens": null, "min_tokens": null,  # default per-image token budget (dymu.apply overrides)
       "tokens_kept_mean": [...], "tokens_kept_std": [...],   # after each computed layer
       "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}],
       "target_tokens": 208.0, "reached_tokens": 207.6,   # visual tokens at the feature layer: asked / got
@@ -108,6 +109,10 @@ class Thresholds:
     target_tokens: float | None = None  # calibration target: mean visual tokens at the feature layer
     reached_tokens: float | None = None  # what calibration reached on its images
     capped_layers: list[int] = field(default_factory=list)  # layers whose r was cut by the per-layer cap
+    # Default per-image token budget at the feature layer (class token not counted); None = none.
+    # `dymu.apply(max_tokens=..., min_tokens=...)` and the CLI's --max-tokens/--min-tokens override it.
+    max_tokens: int | None = None
+    min_tokens: int | None = None
     dymu_version: str = __version__
     format_version: int = FORMAT_VERSION
 

@@ -526,3 +526,26 @@ def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = N
     bar.close()
     identity = qwen_identity(visual, merge_point, steps, model_ref)
     return summarize(records, fractions, identity, -1, schedule if r is None else "explicit", steps)
+
+
+@torch.no_grad()
+def clip_fraction(model: nn.Module, thresholds: Thresholds, images: Sequence, max_tokens: int, *,
+                  processor=None, batch_size: int = 32) -> tuple[int, int]:
+    """(images over budget, images read): how many of ``images`` keep more than ``max_tokens`` tokens
+    at the feature layer with ``thresholds`` alone (per image, as at inference), i.e. how many a
+    budget of ``max_tokens`` would clip. Unreadable images are not counted."""
+    tower, family = vision_tower_of(model)
+    processor = processor or family.default_processor(tower.config)
+    device = next(tower.parameters()).device
+    over = total = 0
+    with dtome_patched(tower, family, thresholds=thresholds.thresholds, order=thresholds.order):
+        for batch in _batches(list(images), batch_size):
+            opened, _ = open_images(batch)
+            if not opened:
+                continue
+            pixels = processor(images=[image for _, image in opened], return_tensors="pt")["pixel_values"]
+            counts = encode_with_tower(tower, family, pixels.to(device), thresholds.feature_layer,
+                                       drop_class_token=True).num_tokens
+            over += int((counts > max_tokens).sum())
+            total += len(counts)
+    return over, total

@@ -82,6 +82,7 @@ class TowerState:
     # Set by calibration to take over the choice of edges (batch-level top-k, Eq. 4).
     edge_chooser: Callable[[int, M.Matches], torch.Tensor] | None = None
     order: str = DEFAULT_ORDER  # where survivors go after a merge (token_order.py)
+    budget: "TokenBudget | None" = None  # per-image bound on the tokens at the feature layer
 
     def reset(self, bsz: int, n: int, device: torch.device) -> None:
         self.sizes, self.group_of_patch = M.initial_groups(bsz, n, device)
@@ -92,16 +93,87 @@ class TowerState:
     def merges_at(self, layer_index: int) -> bool:
         if self.edge_chooser is not None:
             return True
-        if self.r is not None:
-            return self.r[layer_index] > 0
-        return self.thresholds is not None and self.thresholds[layer_index] < math.inf
+        if self.r is not None and self.r[layer_index] > 0:
+            return True
+        if self.thresholds is not None and self.thresholds[layer_index] < math.inf:
+            return True
+        return self.budget is not None and self.budget.forces_merges(layer_index, self._mergeable())
 
     def choose_edges(self, layer_index: int, matches: M.Matches) -> torch.Tensor:
-        if self.edge_chooser is not None:
+        if self.edge_chooser is not None:  # calibration: the batch-level rule alone, no budget
             return self.edge_chooser(layer_index, matches)
         if self.r is not None:
-            return M.top_r_edges(matches, self.r[layer_index])
-        return M.edges_above(matches, self.thresholds[layer_index])
+            chosen = M.top_r_edges(matches, self.r[layer_index])
+        else:
+            chosen = M.edges_above(matches, self.thresholds[layer_index])
+        if self.budget is not None:
+            chosen = self.budget.adjust(layer_index, matches, chosen, self._mergeable())
+        return chosen
+
+    def _mergeable(self) -> torch.Tensor:
+        """(B,) live tokens per image that may merge (the class token never does)."""
+        return (self.sizes > 0).sum(dim=1) - int(self.family.has_class_token)
+
+
+@dataclass
+class TokenBudget:
+    """Cost control (paper §4.3): at most ``max_tokens`` / at least ``min_tokens`` per image at the
+    feature layer, class token not counted, on top of the thresholds (merge.budget_merge_count).
+
+    ``layers`` = the layers up to the feature layer (set per forward by `encode_with_tower`); only
+    they take budget merges.
+    """
+
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    layers: int = 0
+
+    def forces_merges(self, layer_index: int, mergeable: torch.Tensor) -> bool:
+        if self.max_tokens is None or layer_index >= self.layers:
+            return False
+        most_left = self.max_tokens * 2 ** min(self.layers - 1 - layer_index, 62)
+        return bool((mergeable > most_left).any())
+
+    def adjust(self, layer_index: int, matches: M.Matches, chosen: torch.Tensor,
+               mergeable: torch.Tensor) -> torch.Tensor:
+        if layer_index >= self.layers:
+            return chosen
+        count = chosen.sum(dim=1)
+        wanted = M.budget_merge_count(count, mergeable, self.max_tokens, self.min_tokens,
+                                      layers_after=self.layers - 1 - layer_index)
+        return chosen if torch.equal(wanted, count) else M.top_ranked_edges(matches, wanted)
+
+    def check(self, patches: int, layers: int, where: str = "") -> None:
+        """Raise a one-line ValueError when the budget is malformed or cannot be reached."""
+        for name, value in (("max_tokens", self.max_tokens), ("min_tokens", self.min_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}{where} must be a whole number >= 1, not {value!r}")
+        if self.max_tokens is not None and self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens}{where} is above max_tokens={self.max_tokens}")
+        if self.max_tokens is None:
+            return
+        fewest = M.reachable_tokens(patches, layers)
+        if self.max_tokens < fewest:
+            raise ValueError(
+                f"max_tokens={self.max_tokens}{where} cannot be reached: the {layers} layers up to the feature layer "
+                f"merge at most half of the tokens each, which leaves at least {fewest} of {patches}; raise "
+                f"max_tokens to {fewest} or more (or read a later feature layer)")
+
+
+def make_budget(max_tokens=None, min_tokens=None) -> TokenBudget | None:
+    """A `TokenBudget`, or None when neither bound is set. max_tokens=inf and min_tokens=0 mean "none"
+    (to switch off a thresholds file's default budget)."""
+    if max_tokens is not None and isinstance(max_tokens, float) and math.isinf(max_tokens) and max_tokens > 0:
+        max_tokens = None
+    if min_tokens == 0 and not isinstance(min_tokens, bool):
+        min_tokens = None
+    if isinstance(max_tokens, float) and max_tokens.is_integer():
+        max_tokens = int(max_tokens)
+    if isinstance(min_tokens, float) and min_tokens.is_integer():
+        min_tokens = int(min_tokens)
+    if max_tokens is None and min_tokens is None:
+        return None
+    return TokenBudget(max_tokens=max_tokens, min_tokens=min_tokens)
 
 
 def _head_mean_unit(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -187,7 +259,7 @@ def _threshold_floats(values: list) -> list[float]:
 
 
 def dtome_settings(tower: nn.Module, family: TowerFamily, thresholds=None, r=None,
-                   order: str | None = None) -> TowerState:
+                   order: str | None = None, budget: TokenBudget | None = None, feature_layer: int = -1) -> TowerState:
     """Validate what `apply_dtome` is given, changing nothing: the new (unattached) state, or a ValueError."""
     if (thresholds is None) == (r is None):
         raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
@@ -198,7 +270,10 @@ def dtome_settings(tower: nn.Module, family: TowerFamily, thresholds=None, r=Non
         if not issubclass(stock, family.layer_class):
             raise TypeError(f"layer {index} of the {family.name} tower is a {stock.__name__}, not a {family.layer_class.__name__}")
     state = TowerState(family=family, thresholds=_per_layer(thresholds, len(layers), "thresholds"),
-                       r=_per_layer(r, len(layers), "r"), order=order)
+                       r=_per_layer(r, len(layers), "r"), order=order, budget=budget)
+    if budget is not None:
+        budget.layers = layers_to_run(len(layers), feature_layer)
+        budget.check(_patches_per_image(tower), budget.layers)
     if state.thresholds is not None:
         state.thresholds = _threshold_floats(state.thresholds)
     if state.r is not None:
@@ -214,15 +289,20 @@ def apply_dtome(
     thresholds: float | Sequence[float] | None = None,
     r: int | Sequence[int] | None = None,
     order: str | None = None,
+    budget: TokenBudget | None = None,
+    feature_layer: int = -1,
 ) -> TowerState:
     """Patch one tower. ``thresholds`` (DToMe) or ``r`` (ToMe), per layer or one value.
 
     A threshold of +inf (or None) never merges at that layer, -inf merges every edge; every layer
     merges at most (t - protected) // 2 tokens of an image of t live tokens (the paper's cap).
     ``order``: where survivors go after a merge (token_order.py; default DEFAULT_ORDER).
+    ``budget``: a `TokenBudget` checked against ``feature_layer`` (the layer the caller reads;
+    `encode_with_tower` re-checks it for the layer each call reads).
     Everything is validated before anything changes: on an error the tower keeps its previous patch.
     """
-    state = dtome_settings(tower, family, thresholds=thresholds, r=r, order=order)
+    state = dtome_settings(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
+                           feature_layer=feature_layer)
     layers = tower.encoder.layers
     if hasattr(tower, "_dymu_state"):
         remove_dtome(tower)
@@ -263,16 +343,37 @@ class _ResetOnForward:
 
 
 @contextlib.contextmanager
-def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None, order: str | None = None):
+def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None, order: str | None = None,
+                  budget: TokenBudget | None = None, feature_layer: int = -1):
     """Patch ``tower`` for the duration of a block, then restore whatever patch (or none) it had."""
     previous = getattr(tower, "_dymu_state", None)
-    state = apply_dtome(tower, family, thresholds=thresholds, r=r, order=order)
+    state = apply_dtome(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
+                        feature_layer=feature_layer)
     try:
         yield state
     finally:
         remove_dtome(tower)
         if previous is not None:
-            apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order)
+            restored = apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order)
+            restored.budget = previous.budget
+
+
+@contextlib.contextmanager
+def budget_set(tower: nn.Module, budget: TokenBudget | None):
+    """Use ``budget`` (None: no budget) on a patched tower for the duration of a block."""
+    state: TowerState = tower._dymu_state
+    previous = state.budget
+    state.budget = budget
+    try:
+        yield state
+    finally:
+        state.budget = previous
+
+
+def _patches_per_image(tower: nn.Module) -> int:
+    """Patches per image of the tower's config (the class token not counted)."""
+    config = tower.config
+    return (config.image_size // config.patch_size) ** 2
 
 
 def remove_dtome(tower: nn.Module) -> None:
@@ -354,6 +455,9 @@ def encode_with_tower(
     bsz, n0, _ = hidden.shape
     if state is not None:
         state.reset(bsz, n0, hidden.device)
+        if state.budget is not None:  # the budget holds at the layer this call reads
+            state.budget.layers = run
+            state.budget.check(n0 - int(family.has_class_token), run, f" (feature layer {feature_layer})")
     for layer in layers[:run]:
         hidden = layer(hidden, None)
     if state is not None:

@@ -10,6 +10,7 @@ the stock prompt (virtual unmerge + VTU). `prompt_inputs` builds those inputs fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -46,6 +47,9 @@ class Report:
     # Per prompt, per image (then per video): placeholders in the stock prompt (AnyRes: after packing).
     stock_tokens: list[list[int]] = field(default_factory=list)
     video_tokens_per_temporal_patch: list[list[int]] | None = None  # Qwen VLs: per video (2 frames per patch)
+    # With a token budget or focus regions: the tokens the same images keep without either (an
+    # extra encoder pass, not timed), to show what the cost control saved. None otherwise.
+    visual_tokens_without_budget_or_focus: list[list[int]] | None = None
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -197,6 +201,29 @@ def prompt_texts(processor, prompts: list[str], images: list[list], chat_templat
     return texts
 
 
+def _call_budget(tower, max_tokens, min_tokens):
+    """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
+    from ..towers.encoder import make_budget
+
+    state = getattr(tower, "_dymu_state", None)
+    if max_tokens is None and min_tokens is None:
+        return None if state is None else state.budget
+    if state is None:
+        raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
+    current = state.budget
+    return make_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
+                       min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+
+
+def _flat_focus(focus, images) -> list | None:
+    """``focus`` nested like ``images`` (one entry per image of each prompt) -> one entry per image."""
+    if focus is None:
+        return None
+    if len(focus) != len(images) or any(f is not None and len(f) != len(ims) for f, ims in zip(focus, images)):
+        raise ValueError("focus must be nested like images: one list per prompt, one entry (or None) per image")
+    return [f for per_prompt, ims in zip(focus, images) for f in (per_prompt if per_prompt is not None else [None] * len(ims))]
+
+
 @dataclass
 class PreparedInputs:
     inputs: dict  # input_ids, attention_mask, mm_encoder_outputs: what model.generate takes
@@ -205,6 +232,7 @@ class PreparedInputs:
     full_tokens: int  # tokens per image (LLaVA-1.5) or per crop / frame (AnyRes) in the stock encoder
     encoder_s: float
     image_size: int | None  # downsample: the side the images were resized to
+    without: list[list[int]] | None = None  # per prompt, per image: tokens kept without budget / focus
 
 
 def _anyres_inputs(model, processor, prompts, images, videos, device, chat_template: bool = True):
@@ -257,7 +285,8 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
 
 
 @torch.no_grad()
-def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True) -> PreparedInputs:
+def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True, max_tokens=None,
+             min_tokens=None, focus=None, fill=None) -> PreparedInputs:
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     videos = videos if videos is not None else [[] for _ in prompts]
@@ -268,14 +297,29 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         raise ValueError(f"{type(model).__name__} keeps the stock prompt in every dymu mode: give model.generate the "
                          "processor's inputs as they are, or use dymu.generate")
-    images = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
+    from ..focus import DEFAULT_FILL, apply_focus_all
+    from ..towers.encoder import budget_set, encode_with_tower, family_of
     from .llava_next import SUPPORTED_VLMS as ANYRES
+
+    original = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
+    flat_original = [im for per_prompt in original for im in per_prompt]
+    # Focus regions fill the pixels outside them before the processor (dymu.focus): same layout.
+    filled = apply_focus_all(flat_original, _flat_focus(focus, original), DEFAULT_FILL if fill is None else fill)
+    images, k = [], 0
+    for ims in original:
+        images.append(filled[k : k + len(ims)])
+        k += len(ims)
+    tower = model.model.vision_tower
+    budget = _call_budget(tower, max_tokens, min_tokens)
+    merging = hasattr(tower, "_dymu_state")
+    with_budget = budget_set(tower, budget) if merging else contextlib.nullcontext()
 
     device = next(model.parameters()).device
     if isinstance(model, ANYRES):
         start = time.perf_counter()
-        input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens = _anyres_inputs(
-            model, processor, prompts, images, videos, device, chat_template)
+        with with_budget:
+            input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens = _anyres_inputs(
+                model, processor, prompts, images, videos, device, chat_template)
         if device.type == "cuda":
             torch.cuda.synchronize()
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
@@ -305,7 +349,8 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
             small.size, small.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
             pixel_values = small(images=flat, return_tensors="pt")["pixel_values"]
             kwargs["interpolate_pos_encoding"] = True
-        features = inner.get_image_features(pixel_values.to(device, model.dtype), **kwargs)
+        with with_budget:
+            features = inner.get_image_features(pixel_values.to(device, model.dtype), **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         mm_encoder_outputs = {"image": features}
@@ -322,26 +367,40 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
         per_prompt.append(counts[k : k + len(ims)])
         k += len(ims)
     stock_tokens = [[config.image_seq_length] * len(ims) for ims in images]
+    without = None
+    if flat and merging and (budget is not None or focus is not None):  # the same images, whole, no budget
+        plain = processor.image_processor(images=flat_original, return_tensors="pt")["pixel_values"]
+        layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        with budget_set(tower, None):
+            plain_counts = encode_with_tower(tower, family_of(tower), plain.to(device, model.dtype), layer,
+                                             strategy == "default").num_tokens.tolist()
+        without, k = [], 0
+        for ims in images:
+            without.append(plain_counts[k : k + len(ims)])
+            k += len(ims)
     return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                            "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens,
-                          config.image_seq_length, encoder_s, side)
+                          config.image_seq_length, encoder_s, side, without)
 
 
 def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
-                  chat_template: bool = True) -> dict:
+                  chat_template: bool = True, max_tokens: int | None = None, min_tokens: int | None = None,
+                  focus: list[list] | None = None, fill=None) -> dict:
     """Inputs for ``model.generate(**inputs)`` in any mode of `dymu.apply`: the images encoded once
     (``mm_encoder_outputs``) and the prompts with as many image placeholders as the LLM will see
     (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
     ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
     hold the image token once per image)."""
     with _model_lock(model):
-        return _prepare(model, processor, prompts, images, videos, chat_template).inputs
+        return _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
+                        fill).inputs
 
 
 @torch.no_grad()
 def generate(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
              max_new_tokens: int = 32, output_scores: bool = False, chat_template: bool = True,
-             **generate_kwargs) -> GenerationResult:
+             max_tokens: int | None = None, min_tokens: int | None = None, focus: list[list] | None = None,
+             fill=None, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
     The model is a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision, stock or patched by `dymu.apply` in any
@@ -353,6 +412,13 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     Images are PIL images or file paths, both shown to the model as a viewer shows them
     (`dymu.images.as_viewed`: EXIF orientation, 16-bit, alpha on white, size limits).
 
+    ``max_tokens`` / ``min_tokens``: a token budget per image (per crop on AnyRes) for this call,
+    replacing the one `dymu.apply` set. ``focus``: nested like ``images``, one entry per image (None:
+    whole image): a box (x0, y0, x1, y1) in the image's pixels, a list of boxes, a mask image or a
+    boolean array; outside it the pixels become ``fill`` (default white; "mean" or a colour) before the
+    processor (`dymu.focus`). With either, the report of a LLaVA-1.5 also gives the tokens kept without
+    them.
+
     Thread safety: calls on the same model from several threads run one at a time (a per-model
     lock), because a patched model keeps the state of its running forward; each call gets its own
     correct result. Calls on different models run in parallel.
@@ -360,15 +426,16 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     from .qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):  # an item of images[i] may be a list of frames: a video
-        if videos is not None or not chat_template:
+        if videos is not None or not chat_template or max_tokens or min_tokens or focus is not None:
             raise ValueError(f"{type(model).__name__}: give videos as lists of frames inside images[i], and prompts "
-                             "as questions (chat_template=False is for the LLaVA models)")
+                             "as questions (chat_template=False, token budgets and focus are for the LLaVA models)")
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         with _model_lock(model):
             return _generate_qwen(model, processor, prompts, images, max_new_tokens, output_scores, generate_kwargs)
     with _model_lock(model):
-        prepared = _prepare(model, processor, prompts, images, videos, chat_template)
+        prepared = _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
+                            fill)
         inputs = prepared.inputs
         timer = _ForwardTimer(model)
         try:
@@ -382,7 +449,7 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     report = Report(mode=llava_mode(model), visual_tokens=prepared.visual_tokens, full_tokens=prepared.full_tokens,
                     encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size,
-                    stock_tokens=prepared.stock_tokens)
+                    stock_tokens=prepared.stock_tokens, visual_tokens_without_budget_or_focus=prepared.without)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
 

@@ -149,7 +149,8 @@ def labels_to_group_map(input_ids: torch.Tensor, placeholders: list[tuple[int, l
 
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
+                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
+                budget=None) -> None:
     # All or nothing: every argument is checked before the model changes, so a refused call leaves
     # the previous patch (and mode) in place.
     if mode not in MODES:
@@ -171,9 +172,11 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         raise ValueError("mode 'tome' needs r (merges per layer)")
     if mode in ("dymu", "dtome") and thresholds is None:
         raise ValueError(f"mode {mode!r} needs thresholds")
+    feature_layer = model.config.vision_feature_layer
+    feature_layer = feature_layer if isinstance(feature_layer, int) else -1
     if mode in ("dymu", "dtome", "tome"):
         dtome_settings(tower, family, thresholds=None if mode == "tome" else thresholds,
-                       r=r if mode == "tome" else None, order=order)
+                       r=r if mode == "tome" else None, order=order, budget=budget, feature_layer=feature_layer)
     use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
     if use_vtu:
         check_vtu(inner.language_model, vtu_attention)
@@ -185,11 +188,11 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         model._dymu_mode = mode  # the stock model
         return
     if mode == "tome":
-        apply_dtome(tower, family, r=r, order=order)
+        apply_dtome(tower, family, r=r, order=order, budget=budget, feature_layer=feature_layer)
     elif mode == "downsample":
         pass  # stock encoder and LLM; the swapped class only refuses full-size pixels (see forward)
     else:
-        apply_dtome(tower, family, thresholds=thresholds, order=order)
+        apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention)
     inner._dymu = LlavaSettings(mode=mode, vtu=use_vtu)

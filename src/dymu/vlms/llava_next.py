@@ -341,7 +341,8 @@ _PATCHED = {LlavaNextModel: DyMULlavaNextModel, LlavaOnevisionModel: DyMULlavaOn
 
 
 def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-              tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None) -> None:
+              tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
+              budget=None) -> None:
     # All or nothing (as for LLaVA-1.5): every argument is checked before the model changes.
     name = type(model).__name__
     if mode in REFUSED_MODES:
@@ -360,9 +361,11 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
         raise ValueError("mode 'tome' needs r (merges per layer)")
     if mode == "dymu" and thresholds is None:
         raise ValueError(f"mode {mode!r} needs thresholds")
-    if mode != "full":
+    feature_layer = model.config.vision_feature_layer
+    feature_layer = feature_layer if isinstance(feature_layer, int) else -1
+    if mode != "full":  # a token budget applies per crop, at the feature layer
         dtome_settings(tower, family, thresholds=None if mode == "tome" else thresholds,
-                       r=r if mode == "tome" else None, order=order)
+                       r=r if mode == "tome" else None, order=order, budget=budget, feature_layer=feature_layer)
         check_vtu(inner.language_model, vtu_attention)
 
     remove_vlm(model)
@@ -370,9 +373,9 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
     if mode == "full":
         return
     if mode == "tome":
-        apply_dtome(tower, family, r=r, order=order)
+        apply_dtome(tower, family, r=r, order=order, budget=budget, feature_layer=feature_layer)
     else:
-        apply_dtome(tower, family, thresholds=thresholds, order=order)
+        apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     apply_vtu(inner.language_model, vtu_attention=vtu_attention)
     inner._dymu = AnyResSettings(mode=mode)
     inner._dymu_stock_class = type(inner)

@@ -23,6 +23,11 @@ images, so an image under ~100×100 px reads as more complex than it is. Written
   visualisation);
 - ``skipped.csv``: images that could not be read (they are skipped, never fatal).
 
+Cost control (README, "Cost control"): with a token budget (``max_tokens`` / ``min_tokens``) or a
+focus region (``focus``: boxes, a mask, or a folder of masks named like the images), tokens.csv
+gains ``tokens_without_budget_or_focus`` and every merge map shows the image (focus outlined), its
+merge map without, and its merge map with the budget/focus.
+
 Python API (for notebooks): `analyze` (everything above), `measure` (rows only, no pictures, no
 matplotlib), the pure helpers `jpeg_complexity`, `spearman`, `merge_map`, `model_view`, and
 `merge_map_figure` (the merge-map PNG as a PIL image).
@@ -39,6 +44,7 @@ import torch
 
 from .figures import (
     _fmt_rho,
+    before_after_figure,
     _matplotlib,
     _merge_map_name,
     merge_map_figure,
@@ -49,6 +55,7 @@ from .figures import (
 from .measure import (
     CSV_COLUMNS,
     JPEG_QUALITY,
+    WITHOUT_COLUMN,
     Analysis,
     _folder_labels,
     jpeg_bytes,
@@ -88,8 +95,14 @@ def analyze(
     merge_maps: int | None = None,
     image_root: str | Path | None = None,
     progress: bool = False,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+    focus=None,
+    fill=None,
 ) -> Analysis:
     """Measure every image of ``folders`` (see `measure`) and write the CSV and pictures to ``out_dir``.
+
+    ``max_tokens``, ``min_tokens``, ``focus``, ``fill``: cost control, see `measure`.
 
     ``merge_maps``: draw merge maps for at most this many images per folder (default: all; 0:
     none). Returns the `Analysis` (rows, skipped, Spearman ρ, files written).
@@ -106,17 +119,26 @@ def analyze(
     drawn: dict[str, int] = {}
     files: list[Path] = []
 
-    def draw(row, pixel_values, group_of_patch, grid):
+    def draw(row, pixel_values, group_of_patch, grid, before=None, region=None):
         if merge_maps is not None and drawn.get(row["folder"], 0) >= merge_maps:
             return
         drawn[row["folder"]] = drawn.get(row["folder"], 0) + 1
         name = _merge_map_name(row, sources[row["folder"]], used)
         title = f"{Path(row['path']).name}: {row['tokens']} of {row['full_tokens']} tokens"
-        files.append(save_merge_map(model_view(pixel_values, processor), group_of_patch, grid, maps_dir / name, title))
+        if before is None:
+            files.append(save_merge_map(model_view(pixel_values, processor), group_of_patch, grid, maps_dir / name,
+                                        title))
+        else:
+            picture = before_after_figure(model_view(before[0], processor), before[1], row[WITHOUT_COLUMN],
+                                          model_view(pixel_values, processor), group_of_patch, row["tokens"], grid,
+                                          title, region)
+            picture.save(maps_dir / name, compress_level=3)
+            files.append(maps_dir / name)
         row["merge_map"] = name
 
     analysis = measure(model, thresholds, folders, processor=processor, batch_size=batch_size,
-                       max_images=max_images, image_root=image_root, each=draw, progress=progress)
+                       max_images=max_images, image_root=image_root, each=draw, progress=progress,
+                       max_tokens=max_tokens, min_tokens=min_tokens, focus=focus, fill=fill)
 
     def view(row):
         from ...images import open_image
@@ -124,7 +146,10 @@ def analyze(
         pixels = processor(images=[open_image(row["path"])], return_tensors="pt")["pixel_values"][0]
         return model_view(pixels, processor)
 
-    written = [write_csv(analysis.rows, out / "tokens.csv"),
+    columns = list(CSV_COLUMNS)
+    if analysis.rows and WITHOUT_COLUMN in analysis.rows[0]:
+        columns.insert(columns.index("tokens") + 1, WITHOUT_COLUMN)
+    written = [write_csv(analysis.rows, out / "tokens.csv", columns),
                write_csv(analysis.skipped, out / "skipped.csv", ("folder", "path", "reason"))]
     if analysis.rows:
         written.append(plot_complexity_vs_tokens(analysis, out / "complexity_vs_tokens.png"))
@@ -171,6 +196,10 @@ def cmd_analyze(args) -> int:
         merge_maps=args.merge_maps,
         image_root=args.image_root,
         progress=not args.quiet,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        focus=_cli_focus(args),
+        fill=args.fill,
     )
     rows = analysis.rows
     if not rows:
@@ -179,6 +208,10 @@ def cmd_analyze(args) -> int:
     print(f"analyzed {len(rows)} images in {len(analysis.folders)} folder(s): visual tokens kept "
           f"min {tokens[0]} / median {tokens[(len(tokens) - 1) // 2]} / max {tokens[-1]} "
           f"(mean {sum(tokens) / len(tokens):.1f}) of {analysis.full_tokens}")
+    if rows and WITHOUT_COLUMN in rows[0]:
+        without = [r[WITHOUT_COLUMN] for r in rows]
+        print(f"without the budget/focus: mean {sum(without) / len(without):.1f} tokens; with: "
+              f"{sum(tokens) / len(tokens):.1f}")
     print(f"Spearman rank correlation of JPEG complexity (quality {JPEG_QUALITY}) and tokens: "
           f"rho = {_fmt_rho(analysis.spearman)} over {len(rows)} images")
     if len(analysis.folders) > 1:
@@ -190,3 +223,10 @@ def cmd_analyze(args) -> int:
           f"in {out / 'merge_maps'}")
     print_skipped(analysis.skipped, where=str(out / "skipped.csv"))
     return 0
+
+
+def _cli_focus(args):
+    """--focus boxes (their union) or --focus-mask (a mask for every image, or a folder of masks)."""
+    if args.focus and args.focus_mask:
+        raise ValueError("give --focus boxes or --focus-mask, not both")
+    return args.focus or args.focus_mask

@@ -116,6 +116,47 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _panels(title: str, panels: list[tuple[Image.Image, str]]) -> Image.Image:
+    """Same-size pictures side by side, each framed with a caption, ``title`` above (Pillow only)."""
+    from PIL import ImageDraw
+
+    w, h = panels[0][0].size
+    gap, top, caption = 12, 34, 20
+    width = len(panels) * (w + gap) + gap
+    height = top + caption + h + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def centred(x: float, y: float, text: str, font, fill) -> None:
+        left, upper, right, lower = draw.textbbox((0, 0), text, font=font)
+        draw.text((x - (right - left) / 2 - left, y - (lower - upper) / 2 - upper), text, fill=fill, font=font)
+
+    small = _font(13)
+    for k, (picture, text) in enumerate(panels):
+        x = gap + k * (w + gap)
+        canvas.paste(picture, (x, top + caption))
+        # a frame, so that white images still show their edges
+        draw.rectangle((x - 1, top + caption - 1, x + w, top + caption + h), outline=(150, 150, 150))
+        centred(x + w / 2, top + caption / 2, text, small, (60, 60, 60))
+    centred(width / 2, top / 2 + 2, title, _font(18), "black")
+    return canvas
+
+
+def _outline(picture: Image.Image, region, colour=(255, 0, 0)) -> Image.Image:
+    """``picture`` with the border of ``region`` ((H', W') bool, any size) drawn over it, 2 px wide."""
+    import numpy as np
+
+    inside = np.asarray(Image.fromarray(np.asarray(region, dtype=np.uint8) * 255).resize(picture.size, Image.NEAREST)) > 0
+    edge = np.zeros_like(inside)
+    edge[:, 1:] |= inside[:, 1:] != inside[:, :-1]
+    edge[1:, :] |= inside[1:, :] != inside[:-1, :]
+    edge[:, :-1] |= edge[:, 1:]  # thicken
+    edge[:-1, :] |= edge[1:, :]
+    out = np.array(picture.convert("RGB"))
+    out[edge] = colour
+    return Image.fromarray(out)
+
+
 def merge_map_figure(
     view: Image.Image,
     group_of_patch,
@@ -125,33 +166,41 @@ def merge_map_figure(
     panel: int = 384,
 ) -> Image.Image:
     """The model's view of an image next to its merge map, ``title`` above (Pillow only, fast)."""
-    from PIL import ImageDraw
-
     rows, cols = grid
     cell = max(1, math.ceil(panel / max(rows, cols)))
     picture = merge_map(view, group_of_patch, grid, cell=cell)
     left = view.convert("RGB").resize(picture.size, Image.BICUBIC)
-    gap, top, caption = 12, 34, 20
-    width = 2 * picture.width + 3 * gap
-    height = top + caption + picture.height + gap
-    canvas = Image.new("RGB", (width, height), "white")
-    canvas.paste(left, (gap, top + caption))
-    canvas.paste(picture, (2 * gap + picture.width, top + caption))
-    draw = ImageDraw.Draw(canvas)
-    for x in (gap, 2 * gap + picture.width):  # a frame, so that white images still show their edges
-        draw.rectangle((x - 1, top + caption - 1, x + picture.width, top + caption + picture.height),
-                       outline=(150, 150, 150))
+    return _panels(title, [(left, "as the model sees it"), (picture, f"merge map ({rows}x{cols} patches)")])
 
-    def centred(x: float, y: float, text: str, font, fill) -> None:
-        left, upper, right, lower = draw.textbbox((0, 0), text, font=font)
-        draw.text((x - (right - left) / 2 - left, y - (lower - upper) / 2 - upper), text, fill=fill, font=font)
 
-    centred(width / 2, top / 2 + 2, title, _font(18), "black")
-    small = _font(13)
-    centred(gap + picture.width / 2, top + caption / 2, "as the model sees it", small, (60, 60, 60))
-    centred(2 * gap + 1.5 * picture.width, top + caption / 2, f"merge map ({rows}x{cols} patches)", small,
-            (60, 60, 60))
-    return canvas
+def before_after_figure(
+    view: Image.Image,
+    groups_before,
+    tokens_before: int,
+    view_after: Image.Image,
+    groups_after,
+    tokens_after: int,
+    grid: tuple[int, int],
+    title: str,
+    region=None,
+    *,
+    panel: int = 320,
+) -> Image.Image:
+    """Cost control at a glance: the image, its merge map without and with the budget/focus.
+
+    ``region``: the focus region as the model sees it ((H, W) bool) or None; it is outlined in red
+    on the image and on the "after" merge map.
+    """
+    rows, cols = grid
+    cell = max(1, math.ceil(panel / max(rows, cols)))
+    before = merge_map(view, groups_before, grid, cell=cell)
+    after = merge_map(view_after, groups_after, grid, cell=cell)
+    left = view.convert("RGB").resize(before.size, Image.BICUBIC)
+    if region is not None:
+        left, after = _outline(left, region), _outline(after, region)
+    return _panels(title, [(left, "as the model sees it" + (", focus outlined" if region is not None else "")),
+                           (before, f"merge map: {tokens_before} tokens"),
+                           (after, f"with {'focus' if region is not None else 'budget'}: {tokens_after} tokens")])
 
 
 def save_merge_map(

@@ -27,6 +27,8 @@ CSV_COLUMNS = (
     "full_tokens",
     "merge_map",
 )
+# Added after "tokens" when a token budget or focus regions are used.
+WITHOUT_COLUMN = "tokens_without_budget_or_focus"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +176,32 @@ def _folder_labels(folders: Sequence) -> dict[str, str]:
     return labels
 
 
+def region_view(mask, processor, size: tuple[int, int]) -> np.ndarray:
+    """The focus region as the model sees it: (H', W') bool, the mask run through the processor's
+    resize and crop (as a white-on-black image), so it lines up with `model_view` exactly."""
+    picture = Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)).convert("RGB")
+    if picture.size != size:
+        raise ValueError(f"focus mask is {picture.width}x{picture.height} but the image is {size[0]}x{size[1]}")
+    pixels = processor(images=[picture], return_tensors="pt")["pixel_values"][0]
+    return np.asarray(model_view(pixels, processor).convert("L")) > 127
+
+
+def focus_for(focus, path: Path):
+    """The focus of one image: ``focus`` itself, or for a folder of masks the mask named like the image."""
+    if focus is None:
+        return None
+    if callable(focus):
+        return focus(path)
+    if isinstance(focus, (str, Path)) and Path(focus).is_dir():
+        from ...images import IMAGE_SUFFIXES
+
+        found = [p for p in sorted(Path(focus).iterdir()) if p.stem == path.stem and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise ValueError(f"focus mask folder {focus} has no mask named {path.stem}.* for {path}")
+        return found[0]
+    return focus
+
+
 def _resolve_thresholds(thresholds, tower, model):
     """Threshold values for the tower, the feature layer and the merge order they were calibrated for."""
     from ...api import _threshold_values, default_feature_layer
@@ -200,6 +228,10 @@ def measure(
     image_root: str | Path | None = None,
     each: Callable[[dict, torch.Tensor, torch.Tensor, tuple[int, int]], None] | None = None,
     progress: bool = False,
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+    focus=None,
+    fill=None,
 ) -> Analysis:
     """Tokens kept and JPEG complexity for every image of ``folders``; no pictures.
 
@@ -210,12 +242,21 @@ def measure(
     family's stock one). Unreadable images are skipped and listed in ``Analysis.skipped``.
     ``each(row, pixel_values, group_of_patch, grid)`` is called for every image measured. The
     model is left as it was (patched or not) afterwards.
+
+    Cost control: ``max_tokens`` / ``min_tokens`` (default: the thresholds file's) bound the tokens
+    per image; ``focus`` flattens every image outside a region (`dymu.focus`) to ``fill``: one
+    focus for all images (boxes, a mask image or its path), a folder of masks named like the images,
+    or a function path -> focus. Then every row also has ``tokens_without_budget_or_focus``, and
+    ``each`` also gets ``before=(pixel_values, group_of_patch)`` of the plain run and ``region``
+    (the focus mask as the model sees it, or None).
     """
     from tqdm.auto import tqdm
 
     from ...api import vision_tower_of
     from ...images import ImageError, find_images, open_image
-    from ...towers.encoder import dtome_patched, encode_with_tower
+    from ...api import _budget
+    from ...focus import DEFAULT_FILL, apply_focus, focus_mask
+    from ...towers.encoder import budget_set, dtome_patched, encode_with_tower
 
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -223,6 +264,13 @@ def measure(
     tower, family = vision_tower_of(model)
     values, feature_layer, order = _resolve_thresholds(thresholds, tower, model)
     processor = processor or family.default_processor(tower.config)
+    if isinstance(thresholds, (str, Path)):
+        from ...thresholds import Thresholds
+
+        thresholds = Thresholds.load(thresholds)
+    budget = _budget(thresholds, max_tokens, min_tokens)
+    constrained = budget is not None or focus is not None
+    fill = DEFAULT_FILL if fill is None else fill
     patch = tower.config.patch_size
     device = next(tower.parameters()).device
 
@@ -234,38 +282,60 @@ def measure(
     rows: list[dict] = []
     skipped: list[dict] = []
     full_tokens = 0
-    pending: list[tuple[dict, torch.Tensor]] = []
+    pending: list[tuple[dict, torch.Tensor, tuple | None]] = []
 
     def flush():
         nonlocal full_tokens
         if not pending:
             return
-        pixels = torch.cat([p for _, p in pending]).to(device)
-        encoded = encode_with_tower(tower, family, pixels, feature_layer, drop_class_token=True)
+        pixels = torch.cat([p for _, p, _ in pending]).to(device)
+        plain = None
+        if constrained:
+            plain = torch.cat([extra[0] for _, _, extra in pending]).to(device)
+            with budget_set(tower, None):
+                before = encode_with_tower(tower, family, plain, feature_layer, drop_class_token=True)
+        with budget_set(tower, budget):
+            encoded = encode_with_tower(tower, family, pixels, feature_layer, drop_class_token=True)
         grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
         full_tokens = encoded.group_of_patch.shape[1]
         if grid[0] * grid[1] != full_tokens:  # not a plain patch grid: fall back to a square
             side = math.isqrt(full_tokens)
             grid = (side, full_tokens // side)
         counts = encoded.num_tokens.tolist()
-        for k, (row, pixel_values) in enumerate(pending):
+        for k, (row, pixel_values, extra) in enumerate(pending):
             row["tokens"], row["full_tokens"] = int(counts[k]), int(full_tokens)
             rows.append(row)
-            if each is not None:
+            if constrained:
+                row[WITHOUT_COLUMN] = int(before.num_tokens[k])
+            if each is None:
+                continue
+            if constrained:
+                each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid,
+                     before=(extra[0][0], before.group_of_patch[k].cpu()), region=extra[1])
+            else:
                 each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid)
         pending.clear()
 
-    with dtome_patched(tower, family, thresholds=values, order=order):
+    with dtome_patched(tower, family, thresholds=values, order=order, budget=budget, feature_layer=feature_layer):
         for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
             try:
                 image = open_image(path)
             except ImageError as err:
                 skipped.append({"folder": label, "path": err.path, "reason": err.reason})
                 continue
+            extra = None
             try:
                 pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
-            except Exception as err:  # a processor can reject odd sizes; skip, do not die
-                skipped.append({"folder": label, "path": str(path), "reason": f"cannot be preprocessed ({err})"})
+                if constrained:
+                    where = focus_for(focus, Path(path))
+                    mask = None if where is None else focus_mask(image.size, where)
+                    region = None if mask is None else region_view(mask, processor, image.size)
+                    extra = (pixels, region)
+                    if mask is not None:
+                        pixels = processor(images=[apply_focus(image, mask, fill)], return_tensors="pt")["pixel_values"]
+            except Exception as err:  # a processor can reject odd sizes, a mask not fit: skip, do not die
+                reason = str(err) if "focus" in str(err) else f"cannot be preprocessed ({err})"
+                skipped.append({"folder": label, "path": str(path), "reason": reason})
                 continue
             if pixels.ndim != 4:
                 raise ValueError(
@@ -286,7 +356,7 @@ def measure(
             }
             if pending and pending[0][1].shape != pixels.shape:
                 flush()
-            pending.append((row, pixels))
+            pending.append((row, pixels, extra))
             if len(pending) >= batch_size:
                 flush()
         flush()
