@@ -206,6 +206,7 @@ def calibrate(
     progress: bool = True,
     model_ref: str | None = None,
     order: str = DEFAULT_ORDER,
+    packed: bool | None = None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -216,6 +217,8 @@ def calibrate(
     and a rerun resumes from it. Under torch.distributed, batches are split across ranks. ``order``:
     where tokens go after a merge ("interleaved", "ab" or "ab-score"), recorded in the result; use
     the thresholds in the same order (`dymu.apply` does) to keep the token counts they were made for.
+    ``packed``: run each batch as packed rows after the first merge (default: the encoder's
+    DEFAULT_PACKED) or padded (False); the thresholds are the same.
     """
     from tqdm.auto import tqdm
 
@@ -242,7 +245,7 @@ def calibrate(
     done = {rec.index for rec in records}
     mine = [i for i in range(len(batches)) if i % world == rank and i not in done]
 
-    with dtome_patched(tower, family, thresholds=math.inf, order=order):
+    with dtome_patched(tower, family, thresholds=math.inf, order=order, packed=packed):
         bar = tqdm(total=sum(len(batches[i]) for i in mine), unit="img", desc="calibrating",
                    disable=not progress or rank != 0)
         for count, index in enumerate(mine, 1):
