@@ -409,7 +409,8 @@ def encode_with_tower(
     hidden = family.embed(tower, pixel_values.to(next(tower.parameters()).dtype))
     bsz, n0, _ = hidden.shape
     if state is not None:
-        state.reset(bsz, n0, hidden.device, packed=state.packed)
+        # One image has no padding to remove: it keeps the padded layout (the same work, fewer steps).
+        state.reset(bsz, n0, hidden.device, packed=state.packed and bsz > 1)
     try:
         for layer in layers[:run]:
             hidden = layer(hidden, None)
