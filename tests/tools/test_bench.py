@@ -20,7 +20,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # Every section ran and is in the JSON, with the machine description and the settings.
     for key in ("date", "machine", "settings", "encoder", "prefill", "exact", "attention_flops", "calibration",
-                "merge_off", "targets", "notes", "elapsed_s", "section_s"):
+                "merge_off", "packed", "targets", "notes", "elapsed_s", "section_s"):
         assert key in result, key
     for key in ("cpu", "cpu_cores", "torch", "transformers", "device"):
         assert key in result["machine"], key
@@ -69,6 +69,18 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     assert fl[0]["paper_formula_mflops"] == pytest.approx(576 * 576 * 128 * 32 / 1e6)
     assert fl[1]["paper_formula_mflops"] == pytest.approx(2 * 94 * 94 * 128 * 32 / 1e6)
 
+    # Packed vs padded: the same tokens per image and layer, so the same FLOPs; fewer than the padded layout's rows.
+    packed = {(r["batch"], r["variant"]): r for r in result["packed"]["rows"]}
+    big = result["settings"]["packed_batches"][0]
+    assert set(packed) == {(1, "padded"), (1, "packed"), (big, "full"), (big, "padded"), (big, "packed")}
+    for batch in (1, big):
+        assert packed[(batch, "packed")]["tokens_at_feature_layer"] == packed[(batch, "padded")]["tokens_at_feature_layer"]
+        assert packed[(batch, "packed")]["flops"] == packed[(batch, "padded")]["flops"]
+    pk = packed[(big, "packed")]
+    assert len(set(pk["tokens_at_feature_layer"])) > 1  # calibrated thresholds: counts differ per image
+    assert pk["alive_rows_per_layer_mean"] < pk["padded_rows_per_layer_mean"] and pk["flop_ideal"] > 1.0
+    assert result["packed"]["calibration"]["thresholds_identical"]
+
     cal = result["calibration"]
     assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0
     off = result["merge_off"]
@@ -77,7 +89,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     assert all(isinstance(t["met"], bool) for t in result["targets"])
 
     # The markdown report on stdout.
-    for heading in ("### Encoder", "### Prefill", "### Exact Eq. 10", "### Attention FLOPs", "### Calibration",
+    for heading in ("### Encoder", "### Packed vs padded", "### Prefill", "### Exact Eq. 10", "### Attention FLOPs", "### Calibration",
                     "### Merge-off overhead", "### Targets"):
         assert heading in stdout, heading
     assert "| batch | layers run | variant |" in stdout

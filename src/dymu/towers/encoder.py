@@ -87,7 +87,7 @@ class TowerState:
     # Set by calibration to take over the choice of edges (batch-level top-k, Eq. 4).
     edge_chooser: Callable[[int, M.Matches], torch.Tensor] | None = None
     order: str = DEFAULT_ORDER  # where survivors go after a merge (token_order.py)
-    packed: bool = True  # encode_with_tower runs packed rows after the first merge (DEFAULT_PACKED)
+    packed: bool = DEFAULT_PACKED  # encode_with_tower runs packed rows after the first merge
     # Set while a forward runs packed: image i owns rows cu_seqlens[i]:cu_seqlens[i+1] of the hidden
     # states (T, D), and sizes is (T,). None: the padded layout of merge.py.
     cu_seqlens: torch.Tensor | None = None

@@ -681,6 +681,7 @@ def run_bench(
                      "llama": plan.llama, "text_before": plan.text_before, "text_after": plan.text_after,
                      "exact_preset": plan.exact_preset, "exact_layers": plan.exact_layers,
                      "calibration_images": plan.cal_images, "calibration_batch": plan.cal_batch,
+                     "packed_batches": list(plan.packed_batches), "packed_calibration_batch": plan.packed_cal_batch,
                      "sections": list(sections), "weights": "random (speed does not depend on the weights)"},
         "encoder": None, "prefill": None, "exact": None, "attention_flops": None,
         "calibration": None, "merge_off": None, "packed": None, "targets": None, "notes": [],

@@ -45,12 +45,14 @@ def evaluate_targets(result: dict) -> list[dict]:
     packed = result.get("packed")
     if packed:
         rows = {(r["batch"], r["variant"]): r for r in packed["rows"]}
-        row = rows.get((8, "packed"))
+        big = sorted({b for b, _ in rows if b > 1}, key=lambda b: (b != 8, b))  # batch 8 (--quick: its own)
+        row = rows.get((big[0], "packed")) if big else None
         if row:
-            pad = rows[(8, "padded")]
+            pad = rows[(big[0], "padded")]
             out.append(dict(key="packed_b8", target=TARGETS["packed_b8"], goal=0.9, measured=row["quotient"],
                             met=row["quotient"] >= 0.9,
-                            detail=f"quotient {row['quotient']:.2f} ({row['speedup']:.2f}x of {row['flop_ideal']:.2f}x; "
+                            detail=f"batch {row['batch']}: quotient {row['quotient']:.2f} ({row['speedup']:.2f}x of "
+                                   f"{row['flop_ideal']:.2f}x; "
                                    f"padded {pad['quotient']:.2f})"))
         row = rows.get((1, "packed"))
         if row:
