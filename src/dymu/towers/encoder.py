@@ -67,8 +67,9 @@ def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
 # ---------------------------------------------------------------------------------------------
 # Merge rules and the per-forward state.
 
-# encode_with_tower runs a batch as packed rows after its first merge: measured faster at batch 8
-# with thresholds and no slower at batch 1 on the bench CPU (README, "Packed batches").
+# encode_with_tower runs a batch as packed rows after its first merge: the same results, and faster
+# than padded in most measured rounds on the (shared, noisy) bench CPU; one image runs the padded code
+# (README, Benchmarks, "Packed batches").
 DEFAULT_PACKED = True
 
 
@@ -209,8 +210,8 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor,
 
     q/k/v/o run once on all rows; attention runs per image (one SDPA call each, no padding). The
     k_proj call fires the hook that keeps the keys for matching. Chosen by measurement on this CPU
-    over flex_attention (uncompiled: it materialises the T x T scores) and a padded call (README,
-    "Packed batches"); on CUDA a fused varlen kernel with a bias would do better (not done here).
+    over flex_attention (uncompiled: it materialises the T x T scores), nested jagged tensors (no
+    mask) and a padded call (README, Benchmarks, "Packed batches"); on CUDA a fused varlen kernel with a bias would do better (not done here).
     """
     heads, head_dim = attn.num_heads, attn.head_dim
     queries, keys, values = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
