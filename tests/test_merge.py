@@ -172,3 +172,39 @@ def test_attention_bias_is_log_size_and_masks_padding():
     assert bias.shape == (1, 1, 1, 3)
     assert bias[0, 0, 0, 0] == 0 and torch.isclose(bias[0, 0, 0, 1], torch.tensor(4.0).log())
     assert bias[0, 0, 0, 2].isneginf()
+
+
+@pytest.mark.parametrize("protect_first", [True, False])
+@pytest.mark.parametrize("order", ["interleaved", "ab", "ab-score"])
+def test_packed_match_and_merge_equal_the_padded_ones_over_layers(order, protect_first):
+    """Packed rows (Σ n_i) give the padded path's edges, tokens, sizes and group maps, layer after
+    layer, with the cap binding (every edge, odd counts) and an image that merges nothing."""
+    torch.manual_seed(1)
+    bsz, n, dim = 5, 25, 6
+    counts = [25, 18, 7, 1, 12]  # odd and even; a single-token image has no edge at all
+    sizes = (torch.arange(n) < torch.tensor(counts)[:, None]).long()
+    x = torch.randn(bsz, n, dim) * sizes[..., None]
+    group = torch.arange(n) % torch.tensor(counts)[:, None]  # every patch in a live token
+    rows, row_sizes, cu = M.pack(x, sizes)
+    packed_group = group.clone()
+    assert cu.tolist() == [0, 25, 43, 50, 51, 63] and rows.shape == (63, dim)
+    for layer, threshold in enumerate([0.3, -math.inf, 0.5, -math.inf]):
+        metric = unit(torch.randn(bsz, x.shape[1], 4))  # any metric: the same rows on both sides
+        padded = M.match(metric, sizes, protect_first=protect_first)
+        packed = M.match_packed(metric[sizes > 0], cu, protect_first=protect_first)
+        # Per-image matmuls round like the batched one up to the last bits (as an image alone does).
+        torch.testing.assert_close(packed.score, padded.score, atol=1e-6, rtol=0)
+        assert torch.equal(packed.cap, padded.cap)
+        live_edges = torch.isfinite(padded.score)
+        assert torch.equal(packed.partner[live_edges], padded.partner[live_edges])
+        chosen = M.edges_above(padded, threshold)
+        chosen[2] = False  # image 2 merges nothing at this layer: its layout stays
+        x, sizes, group = M.merge(x, sizes, group, padded, chosen, order=order)
+        rows, row_sizes, packed_group, cu = M.merge_packed(rows, row_sizes, packed_group, cu, packed, chosen,
+                                                           order=order)
+        assert cu.diff().tolist() == (sizes > 0).sum(1).tolist()
+        assert torch.equal(packed_group, group)
+        back, back_sizes = M.unpack(rows, row_sizes, cu)
+        assert torch.equal(back_sizes, sizes)
+        torch.testing.assert_close(back, x, atol=1e-6, rtol=1e-6)
+    assert (sizes > 0).sum(1).tolist() != counts  # it merged

@@ -185,6 +185,31 @@ def survivor_layout(matches: Matches, merged: torch.Tensor, n: int, order: str) 
     return torch.where(merged.any(dim=1, keepdim=True), layout, unchanged)
 
 
+def _merge_plan(
+    sizes: torch.Tensor, matches: Matches, merged: torch.Tensor, order: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bookkeeping of a merge, shared by the padded and the packed path (slot indices, (B, N)).
+
+    Returns ``dest`` (where each slot's content goes: merged A slots to their partner's slot, the
+    rest stay), the sizes after the merge at every slot (0 = merged away or padding), ``keep`` (the
+    survivors) and ``new_index`` (each survivor's slot in its image's compacted, re-laid-out prefix).
+    """
+    bsz, n = sizes.shape
+    slot = torch.arange(n, device=sizes.device)
+    dest = slot.expand(bsz, n).clone()  # (B, N)
+    a_slots = dest[:, 0::2]
+    dest[:, 0::2] = torch.where(merged, 2 * matches.partner + 1, a_slots)
+    new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
+    keep = new_sizes > 0  # (B, N): survivors (live and not merged away)
+    layout = survivor_layout(matches, merged, n, order)
+    if layout is None:
+        new_index = keep.cumsum(1) - 1  # (B, N) compacted slot of every survivor
+    else:  # count survivors along the layout instead of along the slots
+        place = keep.gather(1, layout).cumsum(1) - 1
+        new_index = torch.empty_like(place).scatter_(1, layout, place)
+    return dest, new_sizes, keep, new_index
+
+
 def merge(
     x: torch.Tensor,
     sizes: torch.Tensor,
@@ -202,23 +227,9 @@ def merge(
     Returns new ``x`` (B, N', D), ``sizes`` (B, N') and ``group_of_patch`` (B, P).
     """
     bsz, n, dim = x.shape
-    slot = torch.arange(n, device=x.device)
-    # Where each slot's content goes: merged A slots to their partner's slot, the rest stay.
-    dest = slot.expand(bsz, n).clone()  # (B, N)
-    a_slots = dest[:, 0::2]
-    dest[:, 0::2] = torch.where(merged, 2 * matches.partner + 1, a_slots)
-
+    dest, new_sizes, keep, new_index = _merge_plan(sizes, matches, merged, order)
     weight = sizes.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
     summed = torch.zeros_like(x).scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, dim), x * weight)
-    new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
-
-    keep = new_sizes > 0  # (B, N): survivors (live and not merged away)
-    layout = survivor_layout(matches, merged, n, order)
-    if layout is None:
-        new_index = keep.cumsum(1) - 1  # (B, N) compacted slot of every survivor
-    else:  # count survivors along the layout instead of along the slots
-        place = keep.gather(1, layout).cumsum(1) - 1
-        new_index = torch.empty_like(place).scatter_(1, layout, place)
     n_new = int(keep.sum(1).max())
     # Non-survivors write to a scratch slot n_new that is cut off afterwards.
     target = torch.where(keep, new_index, torch.full_like(new_index, n_new))
@@ -245,3 +256,97 @@ def initial_groups(bsz: int, n: int, device: torch.device) -> tuple[torch.Tensor
     sizes = torch.ones(bsz, n, dtype=torch.long, device=device)
     group_of_patch = torch.arange(n, device=device).expand(bsz, n).clone()
     return sizes, group_of_patch
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches: the live tokens of all images as rows (T, ...) with T = Σ n_i, image i owning
+# rows cu_seqlens[i]:cu_seqlens[i+1] in the same order as its padded prefix. The matmuls and
+# attention then cost Σ n_i rows, not B · max n_i. The per-edge bookkeeping (B, Na) and per-slot
+# integers (B, N) stay padded: they are cheap, and so the edge choice (thresholds, fixed r, the
+# calibration's batch ranking) is literally the padded path's.
+
+
+def pack(x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded (B, N, D) and sizes (B, N) -> rows (T, D), sizes (T,) and cu_seqlens (B + 1,)."""
+    live = sizes > 0
+    counts = live.sum(dim=1)
+    return x[live], sizes[live], offsets(counts)
+
+
+def offsets(counts: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (B + 1,) from per-image token counts (B,): image i owns rows cu[i]:cu[i+1]."""
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def unpack(x: torch.Tensor, sizes: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (T, D) and sizes (T,) -> padded (B, n_max, D) with zeros and sizes (B, n_max) with 0 on padding."""
+    live = _live_slots(cu_seqlens)
+    out = x.new_zeros(*live.shape, x.shape[-1])
+    out[live] = x
+    out_sizes = sizes.new_zeros(live.shape)
+    out_sizes[live] = sizes
+    return out, out_sizes
+
+
+def _live_slots(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(B, n_max) True on every image's live prefix."""
+    counts = cu_seqlens.diff()
+    n = int(counts.max()) if counts.numel() else 0
+    return torch.arange(n, device=counts.device) < counts[:, None]
+
+
+def match_packed(metric: torch.Tensor, cu_seqlens: torch.Tensor, protect_first: bool) -> Matches:
+    """`match` for packed rows: metric (T, C); the scores of each image alone (no B × N × N tensor).
+
+    The edges come back padded, (B, Na) with -inf past an image's A tokens, exactly the `Matches`
+    that `match` gives for the same images padded.
+    """
+    counts = cu_seqlens.diff()
+    bsz = counts.numel()
+    n = int(counts.max())
+    score = metric.new_full((bsz, (n + 1) // 2), float("-inf"))
+    partner = torch.zeros(score.shape, dtype=torch.long, device=metric.device)
+    bounds = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        tokens = metric[start:end]
+        a, b = tokens[0::2], tokens[1::2]
+        if b.shape[0] == 0:  # a single token: no partner
+            continue
+        score[i, : a.shape[0]], partner[i, : a.shape[0]] = (a @ b.T).max(dim=-1)
+    if protect_first:
+        score[:, 0] = float("-inf")
+    cap = (counts - int(protect_first)) // 2
+    return Matches(score=score, partner=partner, cap=cap, protect_first=protect_first)
+
+
+def merge_packed(
+    x: torch.Tensor,
+    sizes: torch.Tensor,
+    group_of_patch: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    matches: Matches,
+    merged: torch.Tensor,
+    order: str = "interleaved",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`merge` for packed rows: x (T, D), sizes (T,); group_of_patch (B, P) holds slots within each image.
+
+    The same merge, layout and group map as `merge` on the padded batch (the bookkeeping is shared);
+    only the features move as rows. Returns x (T', D), sizes (T',), group_of_patch, cu_seqlens.
+    """
+    live = _live_slots(cu_seqlens)  # (B, N)
+    padded_sizes = sizes.new_zeros(live.shape)
+    padded_sizes[live] = sizes
+    dest, new_sizes, keep, new_index = _merge_plan(padded_sizes, matches, merged, order)
+    new_cu = offsets(keep.sum(dim=1))
+    # Slot indices -> row indices: image i's slot j is row cu[i] + j (before) / new_cu[i] + j (after).
+    dest_row = (dest + cu_seqlens[:-1, None])[live]  # (T,)
+    summed = torch.zeros_like(x).index_add_(0, dest_row, x * sizes.to(x.dtype).unsqueeze(-1))
+    keep_row = keep[live]  # (T,) survivors among the old rows
+    target_row = (new_index + new_cu[:-1, None])[keep]  # their new rows (row-major = old row order)
+    kept_sizes = new_sizes[keep]
+    out = x.new_empty(int(new_cu[-1]), x.shape[-1])
+    out[target_row] = summed[keep_row] / kept_sizes.to(x.dtype).unsqueeze(-1)
+    out_sizes = sizes.new_empty(out.shape[0])
+    out_sizes[target_row] = kept_sizes
+    slot_of_patch = torch.gather(dest, 1, group_of_patch)  # where each patch's token went
+    return out, out_sizes, torch.gather(new_index, 1, slot_of_patch), new_cu

@@ -21,7 +21,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # Every section ran and is in the JSON, with the machine description and the settings.
     for key in ("date", "machine", "settings", "encoder", "prefill", "exact", "attention_flops", "calibration",
-                "merge_off", "onevision", "targets", "notes", "elapsed_s", "section_s"):
+                "merge_off", "onevision", "packed", "targets", "notes", "elapsed_s", "section_s"):
         assert key in result, key
     for key in ("cpu", "cpu_cores", "torch", "transformers", "device"):
         assert key in result["machine"], key
@@ -78,6 +78,17 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     for r in rows[1:]:
         assert r["rows_per_layer"] == r["n_un"] + text and r["flop_ideal"] > 1.0
     assert rows[1]["n_un"] < rows[2]["n_un"] < rows[3]["n_un"] < ov["image"]["positions"]
+    # Packed vs padded: the same tokens per image and layer, so the same FLOPs; fewer than the padded layout's rows.
+    packed = {(r["batch"], r["variant"]): r for r in result["packed"]["rows"]}
+    big = result["settings"]["packed_batches"][0]
+    assert set(packed) == {(1, "padded"), (1, "packed"), (big, "full"), (big, "padded"), (big, "packed")}
+    for batch in (1, big):
+        assert packed[(batch, "packed")]["tokens_at_feature_layer"] == packed[(batch, "padded")]["tokens_at_feature_layer"]
+        assert packed[(batch, "packed")]["flops"] == packed[(batch, "padded")]["flops"]
+    pk = packed[(big, "packed")]
+    assert len(set(pk["tokens_at_feature_layer"])) > 1  # calibrated thresholds: counts differ per image
+    assert pk["alive_rows_per_layer_mean"] < pk["padded_rows_per_layer_mean"] and pk["flop_ideal"] > 1.0
+    assert result["packed"]["calibration"]["thresholds_identical"]
 
     cal = result["calibration"]
     assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0
@@ -87,7 +98,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # The markdown report on stdout: a smoke test that names what ran and prints no figures.
     assert "smoke test, no figures" in stdout
-    for section in ("encoder (8 rows)", "prefill (4 rows)", "exact Eq. 10", "attention FLOPs", "calibration",
+    for section in ("packed vs padded", "encoder (8 rows)", "prefill (4 rows)", "exact Eq. 10", "attention FLOPs", "calibration",
                     "merge-off"):
         assert section in stdout, section
     assert not re.search(r"\d+\.\d+\s*[x×]|\bmet\b|\| *yes *\||speedup \||ms\b", stdout), stdout

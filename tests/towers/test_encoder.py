@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dymu
+from dymu import merge as M
 from conftest import MIXED_IMAGES, build_tiny_tower, load_image, processor_for
 
 ORDERS = ["interleaved", "ab", "ab-score"]
@@ -51,7 +52,8 @@ def test_merged_tokens_form_a_valid_partition(tower, family, pixels):
         assert int(kept[-1]) == n + (1 if family == "clip" else 0)  # the class token was dropped
 
 
-def test_merge_is_the_size_weighted_mean_of_pre_merge_tokens(tower, family, pixels):
+@pytest.mark.parametrize("packed", [False, True])
+def test_merge_is_the_size_weighted_mean_of_pre_merge_tokens(tower, family, pixels, packed):
     """Merge at one layer only and compare against a per-token reference built from the stock tower."""
     layers = len(tower.encoder.layers)
     merge_layer = 1
@@ -61,12 +63,16 @@ def test_merge_is_the_size_weighted_mean_of_pre_merge_tokens(tower, family, pixe
     thresholds = [math.inf] * layers
     thresholds[merge_layer] = 0.8
     dymu.apply(tower, thresholds)
+    tower._dymu_state.packed = packed  # packed rows (Σ n_i, D) after the merge, or the padded layout
     layer = tower.encoder.layers[merge_layer]
     # The tokens entering the MLP of the merge layer: capture them with a hook on layer_norm2.
     handle = layer.layer_norm2.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
     encoded = dymu.encode(tower, pixels, feature_layer=merge_layer + 1, drop_class_token=False)
     handle.remove()
     merged = captured["x"]
+    if packed:
+        assert merged.dim() == 2 and merged.shape[0] == int(encoded.num_tokens.sum())
+        merged, _ = M.unpack(merged, encoded.sizes[encoded.sizes > 0], M.offsets(encoded.num_tokens))
     # Stock residual stream after the attention of the merge layer, before its MLP.
     stock_layer = tower.encoder.layers[merge_layer]
     with torch.no_grad():

@@ -280,6 +280,7 @@ def calibrate(
     out: str | Path | None = None,
     warn=None,
     qwen: dict | None = None,
+    packed: bool | None = None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -301,6 +302,8 @@ def calibrate(
     The result records the target (visual tokens at the feature layer), what was reached, and the
     layers whose r hit the per-layer cap. ``warn(message)`` is called for too few images, a batch
     under 8, and a target missed by more than 10% (default: `warnings.warn` with CalibrationWarning).
+    ``packed``: run each batch as packed rows after the first merge (default: the encoder's
+    DEFAULT_PACKED) or padded (False); the thresholds are the same.
     """
     import sys
     import warnings
@@ -375,7 +378,7 @@ def calibrate(
             print(f"resuming from {checkpoint}: {done_batches} of {len(batches)} batches done", file=sys.stderr,
                   flush=True)
 
-        with dtome_patched(tower, family, thresholds=math.inf, order=order):
+        with dtome_patched(tower, family, thresholds=math.inf, order=order, packed=packed):
             bar = tqdm(total=sum(per_step), unit="img", desc="calibrating", disable=not show)
             try:
                 for count, index in enumerate(mine, 1):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import merge as M
@@ -66,6 +67,11 @@ def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
 # ---------------------------------------------------------------------------------------------
 # Merge rules and the per-forward state.
 
+# encode_with_tower runs a batch as packed rows after its first merge: the same results, and faster
+# than padded in most measured rounds on the (shared, noisy) bench CPU; one image runs the padded code
+# (README, Benchmarks, "Packed batches").
+DEFAULT_PACKED = True
+
 
 @dataclass
 class TowerState:
@@ -83,12 +89,23 @@ class TowerState:
     edge_chooser: Callable[[int, M.Matches], torch.Tensor] | None = None
     order: str = DEFAULT_ORDER  # where survivors go after a merge (token_order.py)
     budget: "TokenBudget | None" = None  # per-image bound on the tokens at the feature layer
+    packed: bool = DEFAULT_PACKED  # encode_with_tower runs packed rows after the first merge
+    # Set while a forward runs packed: image i owns rows cu_seqlens[i]:cu_seqlens[i+1] of the hidden
+    # states (T, D), and sizes is (T,). None: the padded layout of merge.py.
+    cu_seqlens: torch.Tensor | None = None
+    pack_at_merge: bool = False  # this forward switches to packed rows at its first merge layer
 
-    def reset(self, bsz: int, n: int, device: torch.device) -> None:
+    def reset(self, bsz: int, n: int, device: torch.device, packed: bool = False) -> None:
         self.sizes, self.group_of_patch = M.initial_groups(bsz, n, device)
         self.kept_per_layer = []
         self.merged_any = False
         self.keys = None
+        self.cu_seqlens = None
+        self.pack_at_merge = packed
+
+    def tokens_alive(self) -> torch.Tensor:
+        """(B,) live tokens of every image now."""
+        return self.cu_seqlens.diff() if self.cu_seqlens is not None else (self.sizes > 0).sum(dim=1)
 
     def merges_at(self, layer_index: int) -> bool:
         if self.edge_chooser is not None:
@@ -191,6 +208,8 @@ class DyMUEncoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         state = self._dymu_state
+        if state.cu_seqlens is not None:
+            return self._dymu_forward_packed(hidden_states, state)
         if state.sizes is None or state.sizes.shape != hidden_states.shape[:2]:
             # Called outside a tower forward (e.g. a single layer): start from unmerged tokens.
             state.reset(hidden_states.shape[0], hidden_states.shape[1], hidden_states.device)
@@ -205,7 +224,7 @@ class DyMUEncoderLayer(nn.Module):
 
         if state.merges_at(self._dymu_index):
             hidden_states = self._dymu_merge(hidden_states, state)
-        state.kept_per_layer.append((state.sizes > 0).sum(dim=1))
+        state.kept_per_layer.append(state.tokens_alive())
 
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
@@ -213,6 +232,10 @@ class DyMUEncoderLayer(nn.Module):
         return residual + hidden_states
 
     def _dymu_merge(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
+        if state.pack_at_merge:  # from here on the forward runs packed (encode_with_tower unpacks)
+            hidden_states, state.sizes, state.cu_seqlens = M.pack(hidden_states, state.sizes)
+            state.keys = state.keys.flatten(0, 1)  # no padding before the first merge: every row is live
+            return self._dymu_merge_packed(hidden_states, state)
         metric = _head_mean_unit(state.keys, self.self_attn.num_heads)
         state.keys = None
         matches = M.match(metric, state.sizes, protect_first=state.family.has_class_token)
@@ -224,6 +247,60 @@ class DyMUEncoderLayer(nn.Module):
         )
         state.merged_any = True
         return hidden_states
+
+    def _dymu_forward_packed(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
+        """The same block on packed rows (T, D): norms, projections and MLP are row-wise, so only
+        attention needs the images apart."""
+        residual = hidden_states
+        hidden_states = self.layer_norm1(hidden_states)
+        hidden_states = packed_attention(self.self_attn, hidden_states, state.cu_seqlens, state.sizes)
+        hidden_states = residual + hidden_states
+        if state.merges_at(self._dymu_index):
+            hidden_states = self._dymu_merge_packed(hidden_states, state)
+        state.kept_per_layer.append(state.tokens_alive())
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+    def _dymu_merge_packed(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
+        metric = _head_mean_unit(state.keys.unsqueeze(0), self.self_attn.num_heads)[0]
+        state.keys = None
+        matches = M.match_packed(metric, state.cu_seqlens, protect_first=state.family.has_class_token)
+        chosen = state.choose_edges(self._dymu_index, matches)
+        if not bool(chosen.any()):
+            return hidden_states
+        hidden_states, state.sizes, state.group_of_patch, state.cu_seqlens = M.merge_packed(
+            hidden_states, state.sizes, state.group_of_patch, state.cu_seqlens, matches, chosen, order=state.order
+        )
+        state.merged_any = True
+        return hidden_states
+
+
+def packed_attention(attn: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """A stock CLIP/SigLIP attention module on packed rows x (T, D), with log(size) on every key.
+
+    q/k/v/o run once on all rows; attention runs per image (one SDPA call each, no padding). The
+    k_proj call fires the hook that keeps the keys for matching. Chosen by measurement on this CPU
+    over flex_attention (uncompiled: it materialises the T x T scores), nested jagged tensors (no
+    mask) and a padded call (README, Benchmarks, "Packed batches"); on CUDA a fused varlen kernel with a bias would do better (not done here).
+    """
+    heads, head_dim = attn.num_heads, attn.head_dim
+    queries, keys, values = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    bias = sizes.to(x.dtype).log()
+    dropout = attn.dropout if attn.training else 0.0
+    out = torch.empty_like(queries)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        def heads_first(t, start=start, end=end):  # rows of one image -> (1, H, n, d)
+            return t[start:end].view(1, end - start, heads, head_dim).transpose(1, 2)
+
+        image = F.scaled_dot_product_attention(
+            heads_first(queries), heads_first(keys), heads_first(values),
+            attn_mask=bias[None, None, None, start:end], dropout_p=dropout, scale=attn.scale,
+        )
+        out[start:end] = image[0].transpose(0, 1).reshape(end - start, -1)
+    return attn.out_proj(out)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -291,6 +368,7 @@ def apply_dtome(
     order: str | None = None,
     budget: TokenBudget | None = None,
     feature_layer: int = -1,
+    packed: bool | None = None,
 ) -> TowerState:
     """Patch one tower. ``thresholds`` (DToMe) or ``r`` (ToMe), per layer or one value.
 
@@ -300,9 +378,12 @@ def apply_dtome(
     ``budget``: a `TokenBudget` checked against ``feature_layer`` (the layer the caller reads;
     `encode_with_tower` re-checks it for the layer each call reads).
     Everything is validated before anything changes: on an error the tower keeps its previous patch.
+    ``packed``: `encode_with_tower` holds a batch as packed rows after the first merge (default
+    DEFAULT_PACKED); False keeps the padded layout (the reference). Same tokens either way.
     """
     state = dtome_settings(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
                            feature_layer=feature_layer)
+    state.packed = DEFAULT_PACKED if packed is None else bool(packed)
     layers = tower.encoder.layers
     if hasattr(tower, "_dymu_state"):
         remove_dtome(tower)
@@ -344,17 +425,18 @@ class _ResetOnForward:
 
 @contextlib.contextmanager
 def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None, order: str | None = None,
-                  budget: TokenBudget | None = None, feature_layer: int = -1):
+                  budget: TokenBudget | None = None, feature_layer: int = -1, packed: bool | None = None):
     """Patch ``tower`` for the duration of a block, then restore whatever patch (or none) it had."""
     previous = getattr(tower, "_dymu_state", None)
     state = apply_dtome(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
-                        feature_layer=feature_layer)
+                        feature_layer=feature_layer, packed=packed)
     try:
         yield state
     finally:
         remove_dtome(tower)
         if previous is not None:
-            restored = apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order)
+            restored = apply_dtome(tower, family, thresholds=previous.thresholds, r=previous.r, order=previous.order,
+                                   packed=previous.packed)
             restored.budget = previous.budget
 
 
@@ -454,12 +536,20 @@ def encode_with_tower(
     hidden = family.embed(tower, pixel_values.to(next(tower.parameters()).dtype))
     bsz, n0, _ = hidden.shape
     if state is not None:
-        state.reset(bsz, n0, hidden.device)
+        # One image has no padding to remove: it keeps the padded layout (the same work, fewer steps).
+        # A token budget counts per image on the padded layout (merge.py): it runs padded too.
+        state.reset(bsz, n0, hidden.device, packed=state.packed and bsz > 1 and state.budget is None)
         if state.budget is not None:  # the budget holds at the layer this call reads
             state.budget.layers = run
             state.budget.check(n0 - int(family.has_class_token), run, f" (feature layer {feature_layer})")
-    for layer in layers[:run]:
-        hidden = layer(hidden, None)
+    try:
+        for layer in layers[:run]:
+            hidden = layer(hidden, None)
+        if state is not None and state.cu_seqlens is not None:
+            hidden, state.sizes = M.unpack(hidden, state.sizes, state.cu_seqlens)
+    finally:
+        if state is not None:  # a later stock tower forward (HF's own loop) must run padded
+            state.cu_seqlens, state.pack_at_merge = None, False
     if state is not None:
         sizes, group_of_patch = state.sizes, state.group_of_patch
         kept = torch.stack(state.kept_per_layer, dim=1) if state.kept_per_layer else sizes.new_zeros(bsz, 0)

@@ -78,6 +78,13 @@ class Plan:
     onevision_image: tuple[int, int] = (640, 480)
     onevision_text: tuple[int, int] = (14, 20)
     onevision_runs: int = 3
+    # Packed vs padded batches (calibrated mid thresholds, diverse images): encoder batches (all
+    # layers to the feature layer), batch-1 runs (a <= 2% comparison: more rounds), calibration.
+    packed_batches: tuple[int, ...] = (8,)
+    packed_b1_runs: int = 7
+    packed_cal_images: int = 32
+    packed_cal_batch: int = 32
+    packed_cal_layers: int | None = 8  # None: to the feature layer
 
 
 def full_plan(device: torch.device) -> Plan:
@@ -108,6 +115,11 @@ def full_plan(device: torch.device) -> Plan:
                              vocab_size=152064 if gpu else 256, max_position_embeddings=32768),
         onevision_tower=dict(image_size=384, patch_size=14, num_hidden_layers=26),  # SigLIP-SO400M's grid and depth
         onevision_runs=5 if gpu else 3,
+        packed_batches=(8, 32) if gpu else (8,),
+        packed_b1_runs=7,
+        packed_cal_images=64 if gpu else 32,
+        packed_cal_batch=32,
+        packed_cal_layers=None if gpu else 8,
     )
 
 
@@ -138,6 +150,11 @@ def quick_plan(device: torch.device) -> Plan:
         onevision_image=(300, 220),
         onevision_text=(6, 6),
         onevision_runs=1,
+        packed_batches=(4,),
+        packed_b1_runs=1,
+        packed_cal_images=4,
+        packed_cal_batch=4,
+        packed_cal_layers=2,
     )
 
 
@@ -217,6 +234,19 @@ def pixel_batch(tower, count: int) -> torch.Tensor:
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     param = next(tower.parameters())
     return pixels.to(device=param.device, dtype=param.dtype)
+
+
+def diverse_images(count: int) -> list[Path]:
+    """`count` different-looking images: the repo's test images when run from a checkout (blank,
+    photos, text, noise...), else the few shipped sample images, cycled."""
+    from ...images import IMAGE_SUFFIXES, sample_images
+
+    folder = Path(__file__).resolve().parents[4] / "tests" / "data" / "images"
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    # Spread the picks over the sorted list (names group by source, so neighbours look alike).
+    pool = found or sample_images()
+    picks = [pool[(i * len(pool)) // count] for i in range(count)] if count <= len(pool) else pool
+    return [picks[i % len(picks)] for i in range(count)]
 
 
 def preset_r(patches: int, run_layers: int) -> dict[str, int]:
@@ -301,6 +331,116 @@ def bench_encoder(plan: Plan, tower, device, thresholds: dict, sync, log) -> tup
             row["flop_ideal"] = full_flops / row["flops_per_image"]
             row["quotient"] = row["speedup"] / row["flop_ideal"]
     return rows, group_maps
+
+
+@torch.no_grad()
+def bench_packed(plan: Plan, tower, sync, log) -> dict:
+    """Packed vs padded batches with calibrated mid thresholds on diverse images (issue 17).
+
+    Rows: full / padded / packed encoder at each of `plan.packed_batches` (all layers to the feature
+    layer) with the FLOP-ideal from the tokens each image actually kept per layer (Σ n_i); batch-1
+    padded vs packed; calibration throughput padded vs packed at `plan.packed_cal_batch`.
+    """
+    from ..calibration import calibrate, schedule_r, PRESETS
+    from ...images import open_image
+    from ...towers.clip import CLIP
+    from ...towers.encoder import apply_dtome, encode_with_tower, layers_to_run, remove_dtome
+
+    remove_dtome(tower)
+    cfg = tower.config
+    run = layers_to_run(len(tower.encoder.layers), plan.feature_layer)
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    processor = CLIP.default_processor(cfg)
+    param = next(tower.parameters())
+
+    def pixels_of(paths):
+        pixels = processor(images=[open_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+        return pixels.to(device=param.device, dtype=param.dtype)
+
+    batch_images = diverse_images(max(plan.packed_batches))
+    t0 = time.perf_counter()
+    mid = calibrate(tower, batch_images, preset="mid", batch_size=len(batch_images), feature_layer=plan.feature_layer,
+                    processor=processor, progress=False)
+    log(f"packed: mid thresholds calibrated on {len(batch_images)} images in {time.perf_counter() - t0:.0f} s")
+
+    def flops_of(enc) -> float:  # Σ over images of each image's own FLOPs (its tokens per layer)
+        return sum(encoder_flops(k, patches + 1, cfg.hidden_size, cfg.intermediate_size, 3 * cfg.patch_size ** 2)
+                   for k in enc.kept_per_layer.tolist())
+
+    def sides_for(pixels, names, results):
+        def encode_side(name, packed):
+            def setup():
+                if packed is None:
+                    remove_dtome(tower)
+                else:
+                    apply_dtome(tower, CLIP, thresholds=mid.thresholds, order=mid.order, packed=packed)
+
+            def run_once():
+                results[name] = encode_with_tower(tower, CLIP, pixels, plan.feature_layer, True)
+            return Side(name, run_once, setup)
+        return [encode_side(n, {"full": None, "padded": False, "packed": True}[n]) for n in names]
+
+    rows = []
+    for batch in (1,) + tuple(plan.packed_batches):
+        pixels = pixels_of(batch_images[:batch])
+        results: dict = {}
+        names = ("padded", "packed") if batch == 1 else ("full", "padded", "packed")
+        runs = plan.packed_b1_runs if batch == 1 else plan.runs
+        log(f"packed: batch {batch}, {run} layers, {plan.warmup} warm-up + {runs} rounds of {', '.join(names)}")
+        times = interleaved(sides_for(pixels, names, results), runs, plan.warmup, sync)
+        remove_dtome(tower)
+        full_flops = batch * encoder_flops([patches + 1] * run, patches + 1, cfg.hidden_size, cfg.intermediate_size,
+                                           3 * cfg.patch_size ** 2)
+        base = "full" if "full" in names else "padded"
+        for name in names:
+            enc = results[name]
+            kept = enc.kept_per_layer
+            padded_rows = kept.max(0).values * batch  # what the padded layout computes per layer
+            rows.append(dict(
+                batch=batch, variant=name, layers_run=run,
+                rule="stock" if name == "full" else "calibrated mid thresholds",
+                tokens_at_feature_layer=[int(v) for v in enc.num_tokens.tolist()],
+                alive_rows_per_layer_mean=float(kept.sum(0).float().mean()),
+                padded_rows_per_layer_mean=float(padded_rows.float().mean()),
+                flops=full_flops if name == "full" else flops_of(enc),
+                times_s=times[name], median_s=median(times[name]),
+                speedup_vs=base, speedup=median(times[base]) / median(times[name]),
+                speedup_paired=paired_ratio(times[base], times[name]),
+            ))
+        for row in rows[-len(names):]:
+            row["flop_ideal"] = full_flops / row["flops"] if base == "full" else math.nan
+            row["quotient"] = row["speedup"] / row["flop_ideal"] if base == "full" else math.nan
+
+    # Calibration throughput: padded vs packed, the same images and batches.
+    cal_layer = plan.packed_cal_layers if plan.packed_cal_layers else plan.feature_layer
+    cal_run = layers_to_run(len(tower.encoder.layers), cal_layer)
+    # The mid preset's total merges spread over the layers run, so token counts diverge as at full depth.
+    r = schedule_r(patches - round(patches * PRESETS["mid"]), cal_run, len(tower.encoder.layers))
+    cal_images = diverse_images(plan.packed_cal_images)
+    got = {}
+
+    def cal_side(packed):
+        def run_once():
+            got[packed] = calibrate(tower, cal_images, r=r, batch_size=plan.packed_cal_batch, feature_layer=cal_layer,
+                                    processor=processor, progress=False, packed=packed)
+        return Side("packed" if packed else "padded", run_once)
+
+    log(f"packed: calibration of {len(cal_images)} images in batches of {plan.packed_cal_batch}, {cal_run} layers, "
+        f"{plan.warmup} warm-up + {plan.runs} rounds of padded, packed")
+    times = interleaved([cal_side(False), cal_side(True)], plan.runs, plan.warmup, sync)
+    same = got[False].thresholds == got[True].thresholds
+    calibration = dict(images=len(cal_images), batch_size=plan.packed_cal_batch, layers=cal_run,
+                       r_per_layer=r[0], padded_times_s=times["padded"], packed_times_s=times["packed"],
+                       padded_images_per_s=len(cal_images) / median(times["padded"]),
+                       packed_images_per_s=len(cal_images) / median(times["packed"]),
+                       ratio=median(times["padded"]) / median(times["packed"]),
+                       ratio_paired=paired_ratio(times["padded"], times["packed"]),
+                       thresholds_identical=same,
+                       max_threshold_difference=max(abs(a - b) for a, b in zip(got[False].thresholds, got[True].thresholds)
+                                                    if math.isfinite(a) or math.isfinite(b)) if not same else 0.0,
+                       tokens_kept_mean=got[True].tokens_kept_mean[-1])
+    return dict(rows=rows, calibration=calibration, images=[p.name for p in batch_images],
+                cal_images=[p.name for p in cal_images], mid_tokens_kept_mean=mid.tokens_kept_mean[-1])
 
 
 def merge_off_result(stock: list[float], patched: list[float], batch: int) -> dict:
@@ -622,16 +762,17 @@ def run_bench(
                      "calibration_images": plan.cal_images, "calibration_batch": plan.cal_batch,
                      "onevision_qwen2": plan.onevision_qwen2, "onevision_text": list(plan.onevision_text),
                      "onevision_runs": plan.onevision_runs,
+                     "packed_batches": list(plan.packed_batches), "packed_calibration_batch": plan.packed_cal_batch,
                      "sections": list(sections), "weights": "random (speed does not depend on the weights)"},
         "encoder": None, "prefill": None, "exact": None, "attention_flops": None,
-        "calibration": None, "merge_off": None, "onevision": None, "targets": None, "notes": [],
+        "calibration": None, "merge_off": None, "onevision": None, "packed": None, "targets": None, "notes": [],
     }
     notes = result["notes"]
     notes.append("All models have random weights: speed does not depend on the weights.")
     section_time = {}
 
     tower = None
-    need_tower = {"encoder", "prefill", "exact", "calibration", "merge_off"} & set(sections)
+    need_tower = {"encoder", "packed", "prefill", "exact", "calibration", "merge_off"} & set(sections)
     if need_tower:
         t0 = time.perf_counter()
         tower = build_clip(plan, dev, dt)
@@ -671,6 +812,10 @@ def run_bench(
                          f"are run (CPU time budget), with r scaled by {run_all}/{plan.large_batch_layers} so that the "
                          "preset's total merges happen in those layers (see the rule column; at most half the tokens can "
                          "merge per layer, so low ends with a few more tokens); its FLOP-ideal is for those layers.")
+    if "packed" in sections:
+        t0 = time.perf_counter()
+        result["packed"] = bench_packed(plan, tower, sync, log)
+        section_time["packed"] = time.perf_counter() - t0
     if {"prefill", "exact"} & set(sections):
         t0 = time.perf_counter()
         visual_maps = _group_maps_for_prefill(plan, tower, group_maps, log)

@@ -11,6 +11,9 @@ TARGETS = {
     "vtu_208": "VTU prefill >= 2.2x faster than full at N_un = 208",
     "merge_off": "merge-off overhead <= 3%",
     "calibration": "calibration >= 0.8 x plain-forward throughput",
+    "packed_b8": "packed encoder at batch 8 (calibrated mid) >= 0.9 x FLOP-ideal",
+    "packed_b1": "packed encoder at batch 1 no slower than padded (<= 2%)",
+    "packed_calibration": "calibration at batch 32: packed >= 1.5 x padded throughput",
 }
 
 
@@ -39,6 +42,29 @@ def evaluate_targets(result: dict) -> list[dict]:
         out.append(dict(key="calibration", target=TARGETS["calibration"], goal=0.8, measured=cal["ratio"],
                         met=cal["ratio"] >= 0.8,
                         detail=f"{cal['calibrate_images_per_s']:.3g} vs {cal['plain_images_per_s']:.3g} images/s"))
+    packed = result.get("packed")
+    if packed:
+        rows = {(r["batch"], r["variant"]): r for r in packed["rows"]}
+        big = sorted({b for b, _ in rows if b > 1}, key=lambda b: (b != 8, b))  # batch 8 (--quick: its own)
+        row = rows.get((big[0], "packed")) if big else None
+        if row:
+            pad = rows[(big[0], "padded")]
+            out.append(dict(key="packed_b8", target=TARGETS["packed_b8"], goal=0.9, measured=row["quotient"],
+                            met=row["quotient"] >= 0.9,
+                            detail=f"batch {row['batch']}: quotient {row['quotient']:.2f} ({row['speedup']:.2f}x of "
+                                   f"{row['flop_ideal']:.2f}x; "
+                                   f"padded {pad['quotient']:.2f})"))
+        row = rows.get((1, "packed"))
+        if row:
+            slower = 1 / row["speedup"] - 1
+            out.append(dict(key="packed_b1", target=TARGETS["packed_b1"], goal=0.02, measured=slower,
+                            met=slower <= 0.02,
+                            detail=f"{slower * 100:+.1f}% time (paired {(1 / row['speedup_paired'] - 1) * 100:+.1f}%)"))
+        cal = packed["calibration"]
+        out.append(dict(key="packed_calibration", target=TARGETS["packed_calibration"], goal=1.5, measured=cal["ratio"],
+                        met=cal["ratio"] >= 1.5,
+                        detail=f"{cal['packed_images_per_s']:.3g} vs {cal['padded_images_per_s']:.3g} images/s = "
+                               f"{cal['ratio']:.2f}x (batch {cal['batch_size']}, {cal['layers']} layers)"))
     return out
 
 
@@ -103,6 +129,25 @@ def markdown(result: dict) -> str:
                          f"{r['tokens_at_feature_layer']:.0f} | {_ms(r['median_s'])} | {r['speedup']:.2f}x | "
                          f"{r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
         lines.append("")
+    packed = result.get("packed")
+    if packed:
+        lines += [f"### Packed vs padded batches: calibrated mid thresholds, diverse images, {packed['rows'][0]['layers_run']} "
+                  "layers (FLOP-ideal from the tokens each image kept per layer, Σ n_i)", "",
+                  "| batch | variant | tokens kept (min–max) | rows per layer (alive / padded layout) | time (ms) | "
+                  "speedup | FLOP-ideal | quotient |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in packed["rows"]:
+            toks = r["tokens_at_feature_layer"]
+            ideal = "-" if math.isnan(r["flop_ideal"]) else f"{r['flop_ideal']:.2f}x"
+            quotient = "-" if math.isnan(r["quotient"]) else f"{r['quotient']:.2f}"
+            lines.append(f"| {r['batch']} | {r['variant']} | {min(toks)}–{max(toks)} | "
+                         f"{r['alive_rows_per_layer_mean']:.0f} / {r['padded_rows_per_layer_mean']:.0f} | "
+                         f"{_ms(r['median_s'])} | {r['speedup']:.2f}x vs {r['speedup_vs']} | {ideal} | {quotient} |")
+        cal = packed["calibration"]
+        lines += ["", f"Calibration, {cal['images']} images in batches of {cal['batch_size']}, first {cal['layers']} "
+                  f"layers, r = {cal['r_per_layer']:.0f} per layer: padded {cal['padded_images_per_s']:.3g} images/s, "
+                  f"packed {cal['packed_images_per_s']:.3g} images/s = {cal['ratio']:.2f}x (paired {cal['ratio_paired']:.2f}x); "
+                  f"thresholds {'identical' if cal['thresholds_identical'] else 'differ by at most %.2g' % cal['max_threshold_difference']}.",
+                  ""]
     pre = result.get("prefill")
     if pre:
         p = s["llama"]
