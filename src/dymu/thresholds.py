@@ -179,6 +179,10 @@ class Thresholds:
             bad("tokens_kept_std", f"has {len(self.tokens_kept_std)} entries but tokens_kept_mean has "
                                    f"{len(self.tokens_kept_mean)}")
         whole(self.images_seen, "images_seen", 0)
+        for name in ("max_tokens", "min_tokens"):  # the default token budget (None: none)
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                bad(name, f"must be a whole number >= 1 or null, not {value!r}")
         if not isinstance(self.skipped, list) or not all(
                 isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("reason"), str)
                 for s in self.skipped):

@@ -157,7 +157,7 @@ def test_budget_from_the_thresholds_file_and_overrides(tower, family, pixels, tm
     data = file.to_json()
     data["max_tokens"] = 0
     (tmp_path / "bad.json").write_text(__import__("json").dumps(data))
-    with pytest.raises(ValueError, match="bad.json: max_tokens 0 is not a whole number"):
+    with pytest.raises(ValueError, match="bad.json: field 'max_tokens' must be a whole number >= 1 or null, not 0"):
         Thresholds.load(tmp_path / "bad.json")
 
 

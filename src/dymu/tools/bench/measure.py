@@ -415,7 +415,8 @@ def bench_packed(plan: Plan, tower, sync, log) -> dict:
     cal_layer = plan.packed_cal_layers if plan.packed_cal_layers else plan.feature_layer
     cal_run = layers_to_run(len(tower.encoder.layers), cal_layer)
     # The mid preset's total merges spread over the layers run, so token counts diverge as at full depth.
-    r = schedule_r(patches - round(patches * PRESETS["mid"]), cal_run, len(tower.encoder.layers))
+    # One r per layer that runs (calibrate's rule): the layers past cal_layer never run.
+    r = schedule_r(patches - round(patches * PRESETS["mid"]), cal_run, len(tower.encoder.layers))[:cal_run]
     cal_images = diverse_images(plan.packed_cal_images)
     got = {}
 

@@ -72,8 +72,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
 
 
-SECTION_TITLES = {"encoder": "encoder", "prefill": "prefill", "exact": "exact Eq. 10",
-                  "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off"}
+SECTION_TITLES = {"encoder": "encoder", "packed": "packed vs padded", "prefill": "prefill", "exact": "exact Eq. 10",
+                  "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off",
+                  "onevision": "OneVision prefill"}
 
 
 def smoke_markdown(result: dict) -> str:
