@@ -376,3 +376,19 @@ def test_report_turns_the_runs_into_a_table(eval_dir, full_run, dymu_run_2proc, 
         assert float(cells[1]) == pytest.approx(results["results"]["dymu_tiny_mc"]["acc,none"], abs=1e-3)
         assert float(cells[3]) == pytest.approx(results["throughput"]["avg_visual_tokens"], rel=1e-3)
         assert cells[4] == "256"
+
+
+def test_token_budget_model_args_reach_the_encoder(demo_llava_dir, eval_dir, plugin_docs):
+    """max_tokens / min_tokens model_args set the per-image budget of dymu.apply (issue 18)."""
+    plain = _plugin(demo_llava_dir, plugin_docs, thresholds=str(eval_dir / "mid.json"))
+    capped = _plugin(demo_llava_dir, plugin_docs, thresholds=str(eval_dir / "mid.json"), max_tokens="20")
+    budget = capped.model.model.vision_tower._dymu_state.budget
+    assert budget is not None and budget.max_tokens == 20
+    assert plain.model.model.vision_tower._dymu_state.budget is None
+    pixels = plain.processor.image_processor(images=[d["image"] for d in plugin_docs], return_tensors="pt")["pixel_values"]
+    import dymu
+    import torch
+
+    free = dymu.encode(plain.model, pixels).num_tokens
+    bounded = dymu.encode(capped.model, pixels).num_tokens
+    assert free.max() > 20 and torch.equal(bounded, free.clamp(max=20))

@@ -161,18 +161,20 @@ class DyMU(lmms):
     model_args: ``pretrained`` (hub id or folder), ``thresholds`` (a `dymu calibrate` JSON file, or
     one number for every layer: ``inf`` = no merge), ``mode`` (full, dymu, dtome, tome, downsample;
     default dymu), ``r`` (merges per layer, mode tome), ``batch_size``, ``device``, ``dtype``
-    (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none).
+    (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none), ``max_tokens`` /
+    ``min_tokens`` (a per-image token budget at the feature layer, as in `dymu.apply`).
     """
 
     is_simple = True
 
     def __init__(self, pretrained: str, thresholds=None, mode: str = "dymu", r: int | None = None,
                  batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, **unknown) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, max_tokens=None,
+                 min_tokens=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
-                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens).")
+                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, min_tokens).")
         if str(batch_size).isdigit() and int(batch_size) > 0:
             self.batch_size_per_process = int(batch_size)
         else:
@@ -189,7 +191,9 @@ class DyMU(lmms):
         self._world_size = self.accelerator.num_processes
         thresholds = load_thresholds(thresholds)  # once per process
         self.model, self.processor = load_vlm(str(pretrained), device, dtype)
-        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode)
+        budget = {name: int(value) for name, value in (("max_tokens", max_tokens), ("min_tokens", min_tokens))
+                  if value is not None}  # a per-image token budget (dymu.apply); unset: the file's default
+        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode, **budget)
         self.mode = mode
         self.max_new_tokens = int(max_new_tokens)
         self._device = next(self.model.parameters()).device
@@ -369,7 +373,8 @@ class DyMU(lmms):
 
 
 def load_thresholds(value):
-    """``thresholds`` model arg: None, one number for every layer (``inf`` = no merge) or a file."""
+    """``thresholds`` model arg: None, one number for every layer (``inf`` = no merge), a file, a
+    folder holding thresholds.json or a Hub repo ``org/name[:file]`` (`Thresholds.from_ref`)."""
     from ..thresholds import Thresholds
 
     if value is None or value == "":
@@ -379,7 +384,7 @@ def load_thresholds(value):
     try:
         return float(value)
     except ValueError:
-        return Thresholds.load(value)
+        return Thresholds.from_ref(value)
 
 
 def _flatten(visuals) -> list:
