@@ -344,8 +344,8 @@ def cmd_encode(args) -> int:
     import torch
 
     from .api import apply, encode, encoder_pixels, vision_tower_of
-    from .files import atomic_write_text, check_output_file
-    from .images import open_images, pixel_values_of, print_skipped, resolve_images
+    from .files import check_output_file
+    from .images import open_images, pixel_values_of, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
@@ -389,6 +389,14 @@ def cmd_encode(args) -> int:
                       "full_tokens": n * encoded.group_of_patch.shape[1]}
             record.update(per_crop[0] if n == 1 else {"crops": per_crop})
             records.append(record)
+    return _write_encoded(args, records, skipped)
+
+
+def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
+    """`dymu encode`'s output: the --json file (written atomically), one line per image, the skipped files."""
+    from .files import atomic_write_text
+    from .images import print_skipped
+
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
     for r in records:
@@ -402,7 +410,7 @@ def cmd_encode(args) -> int:
 def _encode_qwen(args, model, processor, paths) -> int:
     """dymu encode for a Qwen VL: per image, LLM tokens kept of the stock units and the group of every unit."""
     from .api import encode
-    from .images import open_images, print_skipped
+    from .images import open_images
 
     records, skipped = [], []
     device = next(model.parameters()).device
@@ -419,14 +427,7 @@ def _encode_qwen(args, model, processor, paths) -> int:
         for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
             records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
                             "group_of_unit": (g - g.min()).tolist()})
-    Path(args.json).write_text(json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
-                                           "skipped": skipped}) + "\n")
-    for r in records:
-        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
-    print_skipped(skipped, file=sys.stderr)
-    if not records:
-        raise ValueError("no readable images")
-    return 0
+    return _write_encoded(args, records, skipped)
 
 
 def _lazy(module: str, name: str):
