@@ -193,6 +193,7 @@ def _calibrate(args, rank: int) -> int:
                                         limit, processor=processor, batch_size=args.batch_size)
             print(f"max_tokens={limit} would clip {over} of {total} calibration images ({100 * over / max(total, 1):.1f}%)"
                   " (they keep more tokens with these thresholds alone); recorded as the file's default budget")
+        thresholds.save(out)  # calibrate() wrote it before the budget was known: again, with it (atomic)
     if rank == 0:
         from .api import vlm_wiring
 
