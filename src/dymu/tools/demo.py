@@ -215,7 +215,8 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     for n in crops:
         counts.append(sum(kept[first:first + n]))
         first += n
-    out(f"\nvisual tokens kept per image, all its {unit}s (simplest to most cluttered):")
+    every = ", all its crops" if anyres else ""
+    out(f"\nvisual tokens kept per image{every} (simplest to most cluttered):")
     for path, n, c in zip(paths, counts, crops):
         full = c * patches
         extra = f" ({c} crops)" if anyres else ""
