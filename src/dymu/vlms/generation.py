@@ -437,21 +437,26 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
         prepared = _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                             fill)
         inputs = prepared.inputs
-        timer = _ForwardTimer(model)
-        try:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                 do_sample=generate_kwargs.pop("do_sample", False), return_dict_in_generate=True,
-                                 output_scores=output_scores, **generate_kwargs)
-        finally:
-            timer.close()
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        out, timer, new, answers = _timed_generate(model, processor, inputs, max_new_tokens, output_scores,
+                                                   generate_kwargs)
     report = Report(mode=llava_mode(model), visual_tokens=prepared.visual_tokens, full_tokens=prepared.full_tokens,
                     encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size,
                     stock_tokens=prepared.stock_tokens, visual_tokens_without_budget_or_focus=prepared.without)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
+
+
+def _timed_generate(model, processor, inputs, max_new_tokens, output_scores, generate_kwargs):
+    """`model.generate` (greedy unless asked) with every forward timed: (output, timer, new tokens, answers)."""
+    timer = _ForwardTimer(model)
+    try:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
+                             return_dict_in_generate=True, output_scores=output_scores, **generate_kwargs)
+    finally:
+        timer.close()
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return out, timer, new, processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs) -> GenerationResult:
@@ -482,15 +487,8 @@ def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scor
     settings = getattr(inner, "_dymu", None)
     counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
                   if settings is not None else full[m]) for m in encoded}
-    timer = _ForwardTimer(model)
-    try:
-        out = model.generate(**inputs, mm_encoder_outputs=encoded or None, max_new_tokens=max_new_tokens,
-                             do_sample=generate_kwargs.pop("do_sample", False), return_dict_in_generate=True,
-                             output_scores=output_scores, **generate_kwargs)
-    finally:
-        timer.close()
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    answers = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    out, timer, new, answers = _timed_generate(model, processor, {**inputs, "mm_encoder_outputs": encoded or None},
+                                               max_new_tokens, output_scores, generate_kwargs)
     # per prompt, per image/video in the prompt's order: tokens kept (images are encoded before videos)
     taken = {"image": 0, "video": 0}
     per_prompt, per_prompt_full = [], []

@@ -37,9 +37,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
 )
 
-from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
-from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
-from .llava import labels_to_group_map, project_merged
+from ..decoders.llama import apply_vtu, check_vtu, vtu_groups
+from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of
+from .llava import labels_to_group_map, project_merged, remove_llava
 
 SUPPORTED_VLMS = (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
 MODES = ("full", "dymu", "tome")
@@ -382,15 +382,8 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
     inner.__class__ = _PATCHED[type(inner)]
 
 
-def remove_vlm(model: nn.Module) -> None:
-    inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
-    remove_vtu(inner.language_model)
-    remove_dtome(inner.vision_tower)
-    if hasattr(model, "_dymu_mode"):
-        del model._dymu_mode
+# The same undo as LLaVA-1.5: stock inner class, no VTU layers, no DToMe, no mode attributes.
+remove_vlm = remove_llava
 
 
 # ---------------------------------------------------------------------------------------------
