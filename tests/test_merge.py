@@ -130,6 +130,13 @@ def test_threshold_infinities():
     assert M.edges_above(matches, -math.inf).sum() == 4  # every edge but the class token's
 
 
+def test_rows_of_one_token_have_no_edges():
+    """A batch whose rows hold one token each (a Qwen segment merged down to one unit, alone in its
+    call) has no B slots: no edge, even at -inf, and no error."""
+    matches = M.match(unit(torch.randn(2, 1, 4)), torch.ones(2, 1, dtype=torch.long), protect_first=False)
+    assert matches.score.shape == (2, 1) and not M.edges_above(matches, -math.inf).any()
+
+
 def test_top_r_merges_exactly_r_per_image():
     torch.manual_seed(3)
     sizes = torch.ones(3, 20, dtype=torch.long)

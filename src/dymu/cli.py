@@ -285,7 +285,7 @@ def _generate_focus(args, count: int):
 def cmd_generate(args) -> int:
     loading(args.model)  # before the imports: they are part of the silence
     from .vlms.generation import generate
-    from .images import open_image, resolve_images
+    from .images import load_video, open_image, resolve_images
 
     if not args.images and not args.video:
         raise ValueError("give at least one --images or --video")
@@ -296,48 +296,27 @@ def cmd_generate(args) -> int:
         from .focus import apply_focus_all
 
         apply_focus_all(images, focus, args.fill or "white")
-    videos = [_video_frames(v, args.frames) for v in args.video or []]
+    videos = [load_video(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
-    if isinstance(model, SUPPORTED_QWEN_VLMS):  # a Qwen prompt lists its videos (lists of frames) after its images
-        if focus is not None:
-            raise ValueError("--focus / --focus-mask are for the LLaVA models")
-        result = generate(model, processor, [args.prompt], [images + videos], max_new_tokens=args.max_new_tokens,
-                          chat_template=not args.raw_prompt)
-    else:
-        result = generate(model, processor, [args.prompt], [images], videos=[videos],
-                          max_new_tokens=args.max_new_tokens, chat_template=not args.raw_prompt,
-                          focus=None if focus is None else [focus], fill=args.fill)
+    if isinstance(model, SUPPORTED_QWEN_VLMS) and focus is not None:
+        raise ValueError("--focus / --focus-mask are for the LLaVA models")
+    result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
+                      chat_template=not args.raw_prompt, focus=None if focus is None else [focus], fill=args.fill)
     rep = result.report
     if args.json:
         print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
                           **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
-    full = (rep.full_tokens[0] if isinstance(rep.full_tokens, list)
-            else rep.stock_tokens[0] if rep.stock_tokens else [rep.full_tokens] * len(rep.visual_tokens[0]))
-    tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], full))
+    tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], rep.stock_tokens[0]))
     if rep.visual_tokens_without_budget_or_focus is not None:
         tokens += " (without budget/focus: " + ", ".join(map(str, rep.visual_tokens_without_budget_or_focus[0])) + ")"
     print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; one cold run "
           f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
           f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
     return 0
-
-
-def _video_frames(source: str, frames: int):
-    """A video: a folder of frame images (sorted by name) or a video file (PyAV)."""
-    from .images import find_images, open_image
-    from .vlms.llava_next import load_video
-
-    if Path(source).is_dir():
-        paths = sorted(find_images(source), key=lambda p: p.name)
-        if not paths:
-            raise ValueError(f"{source}: no frame images in this folder")
-        step = len(paths) / min(frames, len(paths))
-        return [open_image(paths[int(i * step)]) for i in range(min(frames, len(paths)))]
-    return load_video(source, frames)
 
 
 def cmd_encode(args) -> int:

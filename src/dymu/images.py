@@ -316,3 +316,97 @@ def print_skipped(skipped: list[dict], where: str | None = None, file=None) -> N
     print(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}{listed}:", file=file)
     for s in skipped:
         print(f"  {s['path']}: {s['reason']}", file=file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos: a video file (PyAV) or a folder of frame images, as a few evenly spaced PIL frames.
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpeg", ".mpg", ".flv", ".wmv", ".ts"}
+DEFAULT_FRAMES = 8
+
+
+def is_video_path(item) -> bool:
+    """A path (str / PathLike) that names a video: a video file suffix, or a folder (of frames)."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    path = Path(item)
+    return path.suffix.lower() in VIDEO_SUFFIXES or path.is_dir()
+
+
+def even_indices(total: int, count: int) -> list[int]:
+    """``min(count, total)`` indices spread evenly over ``range(total)``, first frame included."""
+    count = min(count, total)
+    step = total / count if count else 0
+    return [int(i * step) for i in range(count)]
+
+
+def load_video(source, num_frames: int = DEFAULT_FRAMES) -> list[Image.Image]:
+    """``num_frames`` evenly spaced frames (RGB PIL images, all of one size) of a video: a video file
+    (decoded with PyAV: ``pip install 'dymu[video]'``) or a folder of frame images (sorted by name).
+
+    A file is decoded once, keeping only the chosen frames (a long video never sits in memory whole);
+    the frame size is checked against the image limits (`max_pixels`) before decoding. Errors are one
+    line naming the file: missing, not decodable, no video stream, no frames.
+    """
+    if num_frames < 1:
+        raise ValueError(f"{source}: the number of frames must be at least 1, not {num_frames}")
+    path = Path(source)
+    if path.is_dir():
+        paths = sorted(find_images(path), key=lambda p: p.name)
+        if not paths:
+            raise ValueError(f"{path}: no frame images in this folder")
+        frames = [open_image(paths[i]) for i in even_indices(len(paths), num_frames)]
+    else:
+        frames = _decode_video(path, num_frames)
+    if len({f.size for f in frames}) > 1:
+        raise ValueError(f"{path}: the frames differ in size ({', '.join(sorted({f'{w}x{h}' for w, h in (f.size for f in frames)}))})")
+    return frames
+
+
+def _decode_video(path: Path, num_frames: int) -> list[Image.Image]:
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket or device?)")
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); or pass the frames "
+                         "as a list of PIL images (or a folder of frame images)") from None
+
+    def decode(total: int | None) -> tuple[list[Image.Image], int]:
+        """The chosen frames of ``total`` (None: count only), and the number of frames decoded."""
+        wanted = set(even_indices(total, num_frames)) if total else set()
+        last = max(wanted) if wanted else -1
+        chosen, seen = [], 0
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            check_size((stream.codec_context.width, stream.codec_context.height), path)
+            for index, frame in enumerate(container.decode(stream)):
+                seen = index + 1
+                if index in wanted:
+                    chosen.append(frame.to_image().convert("RGB"))
+                if total and index >= last:
+                    break
+        return chosen, seen
+
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            declared = int(streams[0].frames) if streams else 0
+        frames, seen = decode(declared or None)  # trust the container's frame count when it has one
+        if len(frames) < min(num_frames, declared or 1):  # it overstated the count: count, then choose
+            frames, seen = decode(seen)
+        elif not declared:
+            frames, _ = decode(seen)
+    except av.error.FFmpegError as err:  # (some are ValueErrors too)
+        raise ValueError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from None
+    except ValueError:  # ours (no video stream) or the frame size check: already one line naming the file
+        raise
+    except Exception as err:  # noqa: BLE001 - any other decoder error is one clear line too
+        raise ValueError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from None
+    if not frames:
+        raise ValueError(f"{path}: has no video frames")
+    return frames

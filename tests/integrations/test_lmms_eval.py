@@ -85,14 +85,20 @@ def test_generation_kwargs_follow_the_task():
         {"max_new_tokens": 8, "do_sample": False, "num_beams": 3}, ["image_aspect_ratio"])
 
 
-def test_visual_token_summary_is_per_image():
-    per_doc = {("a", 0): ([10], 256), ("a", 1): ([20, 30], 256), ("b", 0): ([256], 256), ("b", 1): ([], 256)}
+def test_visual_token_summary_is_per_image_and_per_video():
+    per_doc = {("a", 0): [("image", 10, 256)], ("a", 1): [("image", 20, 256), ("image", 30, 256)],
+               ("b", 0): [("image", 256, 256)], ("b", 1): []}
     summary = visual_token_summary(per_doc)
     assert summary["visual_tokens"] == pytest.approx((10 + 20 + 30 + 256) / 4)
     assert summary["visual_tokens/a"] == pytest.approx(20.0) and summary["visual_tokens/b"] == 256.0
     assert summary["full_visual_tokens"] == 256.0 and summary["images"] == 4.0
     assert summary["images/a"] == 3.0 and summary["images/b"] == 1.0
-    assert visual_token_summary({("a", 0): ([], 256)}) == {}
+    assert not any(key.startswith(("video", "full_video")) for key in summary)
+    assert visual_token_summary({("a", 0): []}) == {}
+    mixed = visual_token_summary({("v", 0): [("image", 100, 729), ("video", 900, 1568)], ("v", 1): [("video", 700, 1568)]})
+    assert mixed["visual_tokens"] == 100 and mixed["images"] == 1 and mixed["full_visual_tokens"] == 729
+    assert mixed["video_tokens"] == 800 and mixed["videos"] == 2 and mixed["full_video_tokens"] == 1568
+    assert mixed["video_tokens/v"] == 800 and mixed["videos/v"] == 2
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -229,7 +235,8 @@ def test_full_and_dymu_through_lmms_eval(full_run, dymu_run_2proc):
         for task in run["samples"].values():
             for s in task.values():
                 assert all(t == _tokens(s)[0] for t in _tokens(s))  # every choice of a doc: the same image
-                assert s["token_counts"][0]["full_visual_tokens"] == 256
+                assert s["token_counts"][0]["full_visual_tokens"] == [256]
+                assert s["token_counts"][0]["visual_kinds"] == ["image"]
         throughput = results["throughput"]
         assert throughput["avg_visual_tokens"] == pytest.approx(sum(per_image) / len(per_image))
         assert throughput["avg_full_visual_tokens"] == 256 and throughput["avg_images"] == 12
@@ -358,9 +365,15 @@ def test_bad_model_args_fail_with_one_clear_line(demo_llava_dir, plugin_docs, tm
         DyMU(pretrained=str(demo_llava_dir), thresholds=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="needs thresholds"):
         DyMU(pretrained=str(demo_llava_dir), mode="dymu")
+    lm = _plugin(demo_llava_dir, plugin_docs, mode="full")
     video = _instance("generate_until", ("q", {}, lambda doc: ["clip.mp4"], 0, "t", "test"), 0)
-    with pytest.raises(ValueError, match="takes images only"):
-        _plugin(demo_llava_dir, plugin_docs, mode="full").generate_until([video])
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration takes no video"):
+        lm.generate_until([video])
+    audio = _instance("generate_until", ("q", {}, lambda doc: [{"array": [0.0], "sampling_rate": 16000}], 0, "t", "test"), 0)
+    with pytest.raises(ValueError, match="task t doc 0 gives a visual of type dict .* not audio or other data"):
+        lm.generate_until([audio])
+    with pytest.raises(ValueError, match="max_frames_num must be a positive whole number, not '0'"):
+        DyMU(pretrained=str(demo_llava_dir), mode="full", max_frames_num="0")
 
 
 def test_report_turns_the_runs_into_a_table(eval_dir, full_run, dymu_run_2proc, capsys):
@@ -392,3 +405,109 @@ def test_token_budget_model_args_reach_the_encoder(demo_llava_dir, eval_dir, plu
     free = dymu.encode(plain.model, pixels).num_tokens
     bounded = dymu.encode(capped.model, pixels).num_tokens
     assert free.max() > 20 and torch.equal(bounded, free.clamp(max=20))
+
+
+# --- video tasks: LLaVA-OneVision and a Qwen VL through the same plugin --------------------------
+
+VIDEO_TASKS = "dymu_tiny_video,dymu_tiny_video_mc"
+FRAMES = 4  # max_frames_num: frames taken evenly from each 6-frame video
+
+
+def write_video(path: Path, frames) -> None:
+    """An mp4 (MPEG-4 part 2) of PIL frames, written with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame.convert("RGB")), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def pan(name: str, count: int = 6, size=(96, 64)):
+    """``count`` frames panning across one test image, left to right."""
+    image = load_image(name).resize((size[0] * 2, size[1]))
+    return [image.crop((x, 0, x + size[0], size[1])) for x in range(0, size[0], size[0] // count)][:count]
+
+
+@pytest.fixture(scope="session")
+def video_eval(tmp_path_factory):
+    """The video tasks' folder (three mp4 files, dymu_tiny_video.parquet) and, for a tiny OneVision
+    and a tiny Qwen2.5-VL saved with save_pretrained, `mid` thresholds calibrated on test images."""
+    import datasets
+    import dymu
+    from dymu.tools.demo import build_demo_anyres_model
+    from dymu.tools.demo_qwen import build_qwen_demo_model
+    from dymu.vlms.generation import load_vlm
+
+    folder = tmp_path_factory.mktemp("lmms_eval_video")
+    (folder / "videos").mkdir()
+    clips = {"cat": "skimage_chelsea_cat.png", "blank": "synthetic_blank_white.png", "street": "darknet_dog_bicycle_truck.jpg"}
+    for clip, image in clips.items():
+        write_video(folder / "videos" / f"{clip}.mp4", pan(image))
+    rows = {"video": [f"videos/{clip}.mp4" for clip in clips], "question": ["What animal is this?", "What colour?",
+                                                                            "What is in the street?"],
+            "answer": ["cat", "white", "dog"], "choices": [["cat", "dog"], ["white", "black"], ["dog", "bird"]],
+            "answer_index": [0, 0, 0]}
+    datasets.Dataset.from_dict(rows).to_parquet(folder / "dymu_tiny_video.parquet")
+    calibration = [load_image(n) for n in ("skimage_chelsea_cat.png", "darknet_dog_bicycle_truck.jpg",
+                                           "skimage_coffee.png", "synthetic_gradient.png")]
+    models = {}
+    for family, build in (("onevision", lambda: build_demo_anyres_model("onevision")),
+                          ("qwen2_5_vl", lambda: build_qwen_demo_model("qwen2_5_vl"))):
+        model_dir = folder / family
+        model, processor = build()
+        model.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+        model, processor = load_vlm(str(model_dir), "cpu", "float32")
+        thresholds = dymu.calibrate(model, calibration, preset="mid", batch_size=4, progress=False,
+                                    processor=processor if family.startswith("qwen") else processor.image_processor,
+                                    model_ref=str(model_dir))
+        thresholds.save(folder / f"{family}-mid.json")
+        models[family] = model_dir
+    return folder, models
+
+
+@pytest.mark.parametrize("family", ["onevision", "qwen2_5_vl"])
+def test_video_tasks_full_and_dymu(video_eval, family):
+    """Video requests run in modes full and dymu: the task metrics are computed, every sample logs
+    its tokens per video, the run reports the mean per video (lower with dymu), and the plugin's
+    answers and counts are those of dymu.generate on the same frames."""
+    import dymu
+    from dymu.images import load_video
+    from dymu.thresholds import Thresholds
+    from dymu.vlms.generation import generate, load_vlm
+
+    folder, models = video_eval
+    args = f"pretrained={models[family]},batch_size=2,max_frames_num={FRAMES}"
+    full = _simple_evaluate(folder, f"{args},mode=full", VIDEO_TASKS)
+    merged = _simple_evaluate(folder, f"{args},mode=dymu,thresholds={folder / f'{family}-mid.json'}", VIDEO_TASKS)
+    off = _simple_evaluate(folder, f"{args},mode=dymu,thresholds=inf", "dymu_tiny_video_mc")
+    for run in (full, merged):
+        assert set(run["results"]["results"]) == set(VIDEO_TASKS.split(","))
+        throughput = run["results"]["throughput"]
+        assert throughput["avg_videos"] == 6 and "avg_images" not in throughput  # 3 docs x 2 tasks
+        for task in run["samples"].values():
+            for s in task.values():
+                assert s["token_counts"][0]["visual_kinds"] == ["video"]
+                assert s["token_counts"][0]["full_visual_tokens"] == [throughput["avg_full_video_tokens"]]
+        assert "visual tokens per video on average" in run["results"]["stdout"]
+    assert full["results"]["throughput"]["avg_video_tokens"] == full["results"]["throughput"]["avg_full_video_tokens"]
+    assert merged["results"]["throughput"]["avg_video_tokens"] < full["results"]["throughput"]["avg_video_tokens"]
+    # +inf thresholds: multiple-choice scores of the stock model
+    for doc_id, sample in off["samples"]["dymu_tiny_video_mc"].items():
+        stock = full["samples"]["dymu_tiny_video_mc"][doc_id]
+        for (nll, _), (nll_full, _) in zip(sample["filtered_resps"], stock["filtered_resps"]):
+            assert float(nll) == pytest.approx(float(nll_full), abs=1e-4)
+    # the plugin answers as dymu.generate does on the same frames
+    model, processor = load_vlm(str(models[family]), "cpu", "float32")
+    dymu.apply(model, Thresholds.load(folder / f"{family}-mid.json"), mode="dymu")
+    for doc_id, sample in merged["samples"]["dymu_tiny_video"].items():
+        frames = load_video(folder / "videos" / f"{['cat', 'blank', 'street'][doc_id]}.mp4", FRAMES)
+        ref = generate(model, processor, [sample["doc"]["question"]], [[]], videos=[[frames]], max_new_tokens=4)
+        assert _answer(sample) == cut_at_stop_strings(ref.answers[0], ["\n"])
+        assert sample["token_counts"][0]["visual_tokens"] == ref.report.visual_tokens[0]

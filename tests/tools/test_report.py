@@ -65,3 +65,19 @@ def test_cli_metric_choice_and_errors(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no lmms-eval \\*_results.json"):
         collect([tmp_path / "empty"])
+
+
+def test_video_tokens_get_their_own_columns(tmp_path):
+    write_results(tmp_path / "full", "20260101_000000", "pretrained=m,mode=full",
+                  {"videomme": task("score", 0.5), "mme": task("score", 0.7)},
+                  {"avg_visual_tokens/mme": 729.0, "avg_images/mme": 4.0, "avg_full_visual_tokens": 729.0,
+                   "avg_video_tokens/videomme": 1568.0, "avg_videos/videomme": 2.0, "avg_full_video_tokens": 1568.0})
+    write_results(tmp_path / "dymu", "20260101_000001", "pretrained=m,mode=dymu,thresholds=ov-mid.json",
+                  {"videomme": task("score", 0.48)},
+                  {"avg_video_tokens/videomme": 700.0, "avg_videos/videomme": 2.0, "avg_full_video_tokens": 1568.0})
+    rows, shown = collect([tmp_path])
+    table = markdown_table(rows, shown).splitlines()
+    assert table[0] == ("| run | mme (score) | videomme (score) | visual tokens / image | stock | "
+                        "visual tokens / video | stock / video |")
+    assert table[2] == "| full | 0.7 | 0.5 | 729 | 729 | 1568 | 1568 |"
+    assert table[3] == "| dymu (ov-mid) | - | 0.48 | - | - | 700 | 1568 |"

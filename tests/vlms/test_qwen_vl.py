@@ -164,6 +164,29 @@ def test_image_alone_and_in_batch_gives_same_groups_and_features(stock_and_input
         start_row, start_unit = start_row + rows[i], start_unit + units[i]
 
 
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_an_image_merged_down_to_one_unit_alone_and_in_a_batch(stock_and_inputs, merge_point):
+    """-inf merges every edge up to the cap: a segment of t units keeps ceil(t/2) at every step. After
+    8 rounds ("post") an image alone in its call is down to one unit, and the rounds after that have
+    nothing to match (a batch of one-unit rows once failed there); in a batch the same."""
+    stock, _, inputs, _, _ = stock_and_inputs
+    visual = stock.model.visual
+    thresholds = [-INF] * (len(visual.blocks) if merge_point == "vit" else 8)
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    first = int(grid[0].prod())
+    alone = encode_qwen(visual, pixels[:first], grid[:1], thresholds, merge_point)
+    together = encode_qwen(visual, pixels, grid, thresholds, merge_point)
+    units, halving = int(grid[0].prod()) // 4, []
+    for _ in thresholds:
+        units = (units + 1) // 2
+        halving.append(units)
+    assert alone.kept_per_step[0].tolist() == halving
+    if merge_point == "post":
+        assert halving[-1] == 1 and set(together.kept_per_segment.tolist()) == {1}
+    assert torch.equal(together.kept_per_step[0], alone.kept_per_step[0])
+    assert (together.features[: len(alone.features)] - alone.features).abs().max().item() <= ATOL
+
+
 def test_generate_with_merges_runs_with_beams(qwen_dirs, family, stock_and_inputs):
     _, _, inputs, _, _ = stock_and_inputs
     model, _ = load_qwen(family, qwen_dirs[family])

@@ -9,11 +9,17 @@ served with no code of its own here. `loglikelihood` too: `dymu.generate` runs w
 processor that forces the continuation's tokens one by one and reads their log-probabilities on
 the way (the same prefill as a forward pass; each forced token is one cached decode step).
 
-Visual tokens: each logged sample's `token_counts` entry carries `visual_tokens` (per image, what
-the LLM saw) and `full_visual_tokens` (the stock count per image); at the end of the requests the
-mean per image, over all ranks and per task, is logged through lmms-eval's metric log and lands in
-the results JSON as `throughput.avg_visual_tokens` (and `avg_full_visual_tokens`, `avg_images`,
-`avg_visual_tokens/TASK`, `avg_images/TASK`; lmms-eval prefixes `avg_`), which `dymu report` reads.
+Visuals: a task's `doc_to_visual` may give PIL images, image files and videos (a video file or a
+folder of frames; ``max_frames_num`` evenly spaced frames each, read with PyAV): videos need a model
+that takes them (LLaVA-OneVision, the Qwen VLs), and follow the images in the prompt.
+
+Visual tokens: each logged sample's `token_counts` entry carries, per visual item in prompt order,
+`visual_tokens` (what the LLM saw), `full_visual_tokens` (the stock count) and `visual_kinds`
+("image" / "video"); at the end of the requests the means per image and per video, over all ranks
+and per task, are logged through lmms-eval's metric log and land in the results JSON as
+`throughput.avg_visual_tokens` (per image; and `avg_full_visual_tokens`, `avg_images`,
+`avg_visual_tokens/TASK`, `avg_images/TASK`), `avg_video_tokens` (per video; and
+`avg_full_video_tokens`, `avg_videos`, `.../TASK`); lmms-eval prefixes `avg_`. `dymu report` reads them.
 
 Data-parallel: under `accelerate launch`, lmms-eval gives each process its shard of the documents
 (rank / world size); this model only puts itself on its process's device, keeps its own counts,
@@ -35,6 +41,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 MODEL_ID = "dymu"
 DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_FRAMES = 32  # frames per video, lmms-eval's usual max_frames_num for LLaVA-OneVision and Qwen VLs
 # generation kwargs of lmms-eval tasks that this model honours; others are ignored with a warning
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k")
 
@@ -70,22 +77,29 @@ def cut_at_stop_strings(text: str, until: list[str]) -> str:
     return text[:cut]
 
 
+# (kind of item, key of its mean tokens, key of its mean stock tokens, key of its count)
+_SUMMARY_KEYS = (("image", "visual_tokens", "full_visual_tokens", "images"),
+                 ("video", "video_tokens", "full_video_tokens", "videos"))
+
+
 def visual_token_summary(per_doc: dict) -> dict[str, float]:
-    """Mean visual tokens per image, overall and per task, from {(task, doc_id): (tokens per image,
-    stock tokens per image)}. Documents without images do not count."""
-    per_task: dict[str, list] = {}
-    for (task, _), (tokens, full) in sorted(per_doc.items(), key=lambda kv: str(kv[0])):
-        per_task.setdefault(task, []).extend((n, full) for n in tokens)
-    everything = [pair for pairs in per_task.values() for pair in pairs]
-    if not everything:
-        return {}
-    summary = {"visual_tokens": sum(n for n, _ in everything) / len(everything),
-               "full_visual_tokens": sum(f for _, f in everything) / len(everything),
-               "images": float(len(everything))}
-    for task, pairs in per_task.items():
-        if pairs:
-            summary[f"visual_tokens/{task}"] = sum(n for n, _ in pairs) / len(pairs)
-            summary[f"images/{task}"] = float(len(pairs))
+    """Mean visual tokens per image and per video, overall and per task, from {(task, doc_id):
+    [(kind, tokens, stock tokens) per visual item]}. Documents without visuals do not count."""
+    summary: dict[str, float] = {}
+    for kind, tokens_key, full_key, count_key in _SUMMARY_KEYS:
+        per_task: dict[str, list] = {}
+        for (task, _), items in sorted(per_doc.items(), key=lambda kv: str(kv[0])):
+            per_task.setdefault(task, []).extend((n, full) for k, n, full in items if k == kind)
+        everything = [pair for pairs in per_task.values() for pair in pairs]
+        if not everything:
+            continue
+        summary[tokens_key] = sum(n for n, _ in everything) / len(everything)
+        summary[full_key] = sum(f for _, f in everything) / len(everything)
+        summary[count_key] = float(len(everything))
+        for task, pairs in per_task.items():
+            if pairs:
+                summary[f"{tokens_key}/{task}"] = sum(n for n, _ in pairs) / len(pairs)
+                summary[f"{count_key}/{task}"] = float(len(pairs))
     return summary
 
 
@@ -109,16 +123,19 @@ def generation_kwargs(gen: dict, max_new_tokens: int) -> tuple[dict, list[str]]:
 
 @dataclass
 class VisualTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus the visual tokens the LLM saw, per image."""
+    """lmms-eval's per-sample token counts plus, per visual item of the prompt (images, then videos),
+    the tokens the LLM saw, the stock model's count and the item's kind."""
 
     visual_tokens: list[int] | None = None
-    full_visual_tokens: int | None = None
+    full_visual_tokens: list[int] | None = None
+    visual_kinds: list[str] | None = None
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         if self.visual_tokens is not None:
             d["visual_tokens"] = list(self.visual_tokens)
-            d["full_visual_tokens"] = self.full_visual_tokens
+            d["full_visual_tokens"] = list(self.full_visual_tokens)
+            d["visual_kinds"] = list(self.visual_kinds)
         return d
 
 
@@ -162,7 +179,8 @@ class DyMU(lmms):
     one number for every layer: ``inf`` = no merge), ``mode`` (full, dymu, dtome, tome, downsample;
     default dymu), ``r`` (merges per layer, mode tome), ``batch_size``, ``device``, ``dtype``
     (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none), ``max_tokens`` /
-    ``min_tokens`` (a per-image token budget at the feature layer, as in `dymu.apply`).
+    ``min_tokens`` (a per-image token budget at the feature layer, as in `dymu.apply`),
+    ``max_frames_num`` (frames taken evenly from each video, default 32).
     """
 
     is_simple = True
@@ -170,15 +188,14 @@ class DyMU(lmms):
     def __init__(self, pretrained: str, thresholds=None, mode: str = "dymu", r: int | None = None,
                  batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, max_tokens=None,
-                 min_tokens=None, **unknown) -> None:
+                 min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
-                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, min_tokens).")
-        if str(batch_size).isdigit() and int(batch_size) > 0:
-            self.batch_size_per_process = int(batch_size)
-        else:
-            raise ValueError(f"dymu lmms-eval model: batch_size must be a positive whole number, not {batch_size!r}.")
+                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, "
+                             "min_tokens, max_frames_num).")
+        self.batch_size_per_process = _positive_int("batch_size", batch_size)
+        self.max_frames_num = _positive_int("max_frames_num", max_frames_num)
         from accelerate import Accelerator
 
         from ..api import apply
@@ -223,30 +240,46 @@ class DyMU(lmms):
 
     # --- requests ------------------------------------------------------------------------------
 
-    def _images(self, request: Instance) -> list:
-        """The request's visuals as RGB images (paths to image files are opened)."""
+    def _visuals(self, request: Instance) -> tuple[list, list]:
+        """The request's (images, videos): PIL images and image files as RGB images; video files and
+        folders of frames as they are (dymu.generate reads ``max_frames_num`` frames of each)."""
         from PIL import Image
 
-        from ..images import IMAGE_SUFFIXES, open_image, to_rgb
+        from ..images import IMAGE_SUFFIXES, is_video_path, open_image, to_rgb
 
         doc_to_visual, doc_id, task, split = request.args[2:6]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
-        images = []
+        images, videos = [], []
         for item in _flatten(visuals):
             if isinstance(item, Image.Image):
                 images.append(to_rgb(item))
             elif isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_SUFFIXES:
                 images.append(open_image(item))
+            elif is_video_path(item):
+                videos.append(str(item))
             else:
                 raise ValueError(f"dymu lmms-eval model: task {task} doc {doc_id} gives a visual of type "
-                                 f"{type(item).__name__} ({str(item)[:80]!r}); dymu.generate takes images only "
-                                 "(video and audio are not supported yet).")
-        return images
+                                 f"{type(item).__name__} ({str(item)[:80]!r}); dymu takes images (PIL or image "
+                                 "files) and videos (video files or folders of frames), not audio or other data.")
+        return images, videos
 
-    def _record(self, request: Instance, tokens: list[int], full: int) -> None:
-        if request.metadata.get("__padding_only__"):  # lmms-eval's filler to even out ranks
-            return
-        self._visual_tokens.setdefault((request.task_name, request.doc_id), (list(tokens), full))
+    def _answer(self, requests: list[Instance], batch: list[int], prompts: list[str], **kwargs):
+        """`dymu.generate` on one batch of requests; records and returns each request's token counts."""
+        from ..vlms.generation import generate
+
+        visuals = [self._visuals(requests[i]) for i in batch]
+        out = generate(self.model, self.processor, prompts, [images for images, _ in visuals],
+                       videos=[videos for _, videos in visuals], num_frames=self.max_frames_num, **kwargs)
+        rep = out.report
+        counts = []
+        for k, (i, (images, videos)) in enumerate(zip(batch, visuals)):
+            kinds = ["image"] * len(images) + ["video"] * len(videos)
+            counts.append(VisualTokenCounts(visual_tokens=rep.visual_tokens[k], full_visual_tokens=rep.stock_tokens[k],
+                                            visual_kinds=kinds))
+            if not requests[i].metadata.get("__padding_only__"):  # lmms-eval's filler to even out ranks
+                self._visual_tokens.setdefault((requests[i].task_name, requests[i].doc_id),
+                                               list(zip(kinds, rep.visual_tokens[k], rep.stock_tokens[k])))
+        return out, counts
 
     def _generation_kwargs(self, gen: dict) -> dict:
         kwargs, ignored = generation_kwargs(gen, self.max_new_tokens)
@@ -257,8 +290,6 @@ class DyMU(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
-        from ..vlms.generation import generate
 
         contexts = [req.args[0] for req in requests]
         lengths = [len(ids) for ids in self.tokenizer(contexts)["input_ids"]] if contexts else []
@@ -272,17 +303,13 @@ class DyMU(lmms):
             kwargs = self._generation_kwargs(gen)
             if until:  # stop as soon as a stop string appears; the text is cut below as well
                 kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
-            out = generate(self.model, self.processor, [contexts[i] for i in batch],
-                           [self._images(requests[i]) for i in batch], **kwargs)
+            out, counts = self._answer(requests, batch, [contexts[i] for i in batch], **kwargs)
             rep = out.report
             new = out.sequences[:, out.sequences.shape[1] - rep.new_tokens:]
             generated = (new != pad_id).sum(1).tolist() if pad_id is not None else [rep.new_tokens] * len(batch)
             for k, i in enumerate(batch):
-                self._record(requests[i], rep.visual_tokens[k], rep.full_tokens)
-                results[i] = GenerationResult(
-                    text=cut_at_stop_strings(out.answers[k], until),
-                    token_counts=VisualTokenCounts(output_tokens=int(generated[k]), visual_tokens=rep.visual_tokens[k],
-                                                   full_visual_tokens=rep.full_tokens))
+                counts[k].output_tokens = int(generated[k])
+                results[i] = GenerationResult(text=cut_at_stop_strings(out.answers[k], until), token_counts=counts[k])
             elapsed = rep.encoder_s + rep.prefill_s + rep.decode_s
             log_metrics(total_elapsed_time=elapsed, total_gen_tokens=int(sum(generated)),
                         avg_speed=sum(generated) / elapsed if elapsed > 0 else 0.0)
@@ -296,8 +323,6 @@ class DyMU(lmms):
         `GenerationResult`, which lmms-eval 0.7.3 passes through as is (a bare tuple it turns into
         its string), together with the visual token counts.
         """
-        from ..vlms.generation import generate
-
         contexts, continuations = [], []
         for req in requests:
             context, target, _, doc_id, task, split = req.args[:6]
@@ -309,28 +334,26 @@ class DyMU(lmms):
         fill = (eos[0] if isinstance(eos, list) else eos) if eos is not None else self.tokenizer.pad_token_id
         results: list = [None] * len(requests)
         for batch in length_sorted_batches(lengths, [None] * len(requests), self.batch_size):
-            images = [self._images(requests[i]) for i in batch]
-            targets = [self._continuation_ids(contexts[i], continuations[i], len(ims), requests[i])
-                       for i, ims in zip(batch, images)]
+            visuals = [self._visuals(requests[i]) for i in batch]
+            targets = [self._continuation_ids(contexts[i], continuations[i], len(images), len(videos), requests[i])
+                       for i, (images, videos) in zip(batch, visuals)]
             scorer = ContinuationScorer(targets, fill)
-            out = generate(self.model, self.processor, [contexts[i] for i in batch], images,
-                           max_new_tokens=max(len(t) for t in targets), do_sample=False,
-                           logits_processor=LogitsProcessorList([scorer]))
-            rep = out.report
+            _, counts = self._answer(requests, batch, [contexts[i] for i in batch],
+                                     max_new_tokens=max(len(t) for t in targets), do_sample=False,
+                                     logits_processor=LogitsProcessorList([scorer]))
             for k, i in enumerate(batch):
-                self._record(requests[i], rep.visual_tokens[k], rep.full_tokens)
-                results[i] = GenerationResult(
-                    text=(-float(scorer.logprob[k]), bool(scorer.greedy[k])),
-                    token_counts=VisualTokenCounts(visual_tokens=rep.visual_tokens[k], full_visual_tokens=rep.full_tokens))
+                results[i] = GenerationResult(text=(-float(scorer.logprob[k]), bool(scorer.greedy[k])),
+                                              token_counts=counts[k])
         return results
 
-    def _continuation_ids(self, context: str, continuation: str, num_images: int, request: Instance) -> list[int]:
+    def _continuation_ids(self, context: str, continuation: str, num_images: int, num_videos: int,
+                          request: Instance) -> list[int]:
         """The continuation's tokens as lm-eval splits them: tokenize the prompt (as dymu.generate
         builds it) with the continuation, and take what follows the prompt's own tokens (a word
         boundary can tokenize differently on its own)."""
         from ..vlms.generation import chat_text
 
-        prompt = chat_text(self.processor, context, num_images)
+        prompt = chat_text(self.processor, context, num_images, num_videos)
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         ids = self.tokenizer(prompt + continuation)["input_ids"][len(prompt_ids):]
         if not ids:
@@ -365,10 +388,12 @@ class DyMU(lmms):
         summary = self.visual_token_summary()
         if summary and self.rank == 0:
             log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
-            tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items()
-                              if k.startswith("visual_tokens/"))
-            print(f"dymu [{self.mode}]: {summary['visual_tokens']:.1f} visual tokens per image on average "
-                  f"(stock {summary['full_visual_tokens']:.0f}; {tasks})", flush=True)
+            for kind, tokens_key, full_key, _ in _SUMMARY_KEYS:
+                if tokens_key in summary:
+                    tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items()
+                                      if k.startswith(f"{tokens_key}/"))
+                    print(f"dymu [{self.mode}]: {summary[tokens_key]:.1f} visual tokens per {kind} on average "
+                          f"(stock {summary[full_key]:.0f}; {tasks})", flush=True)
         super().clean()
 
 
@@ -385,6 +410,12 @@ def load_thresholds(value):
         return float(value)
     except ValueError:
         return Thresholds.from_ref(value)
+
+
+def _positive_int(name: str, value) -> int:
+    if str(value).isdigit() and int(value) > 0:
+        return int(value)
+    raise ValueError(f"dymu lmms-eval model: {name} must be a positive whole number, not {value!r}.")
 
 
 def _flatten(visuals) -> list:

@@ -6,7 +6,8 @@ thresholds file's name or r (`dymu (llava15-mid)`, `tome (r=16)`). Runs of the s
 over different tasks fill the same row (a later run of the same task replaces an earlier one). The
 score of a task is its first metric unless `--metric TASK=METRIC` says otherwise; the token column
 is the mean visual tokens per image the LLM saw over all the row's images (from the
-`avg_visual_tokens/TASK` and `avg_images/TASK` entries that the dymu lmms-eval model logs).
+`avg_visual_tokens/TASK` and `avg_images/TASK` entries that the dymu lmms-eval model logs), and
+when any run has videos, the same per video (`avg_video_tokens/TASK`, `avg_videos/TASK`).
 No lmms-eval import: plain JSON.
 """
 
@@ -28,12 +29,19 @@ class Row:
     label: str
     mode: str
     scores: dict[str, float] = field(default_factory=dict)  # task -> score
-    tokens: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (mean per image, images)
-    full_tokens: float | None = None
+    # kind ("image" / "video") -> task -> (mean tokens per item, items)
+    tokens: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    full_tokens: dict[str, float] = field(default_factory=dict)  # kind -> mean stock tokens per item
 
-    def mean_tokens(self) -> float | None:
-        images = sum(n for _, n in self.tokens.values())
-        return sum(t * n for t, n in self.tokens.values()) / images if images else None
+    def mean_tokens(self, kind: str = "image") -> float | None:
+        per_task = self.tokens.get(kind, {}).values()
+        items = sum(n for _, n in per_task)
+        return sum(t * n for t, n in per_task) / items if items else None
+
+
+# kind -> (the throughput keys the dymu lmms-eval model logs: mean tokens, count, mean stock tokens)
+KINDS = {"image": ("avg_visual_tokens", "avg_images", "avg_full_visual_tokens"),
+         "video": ("avg_video_tokens", "avg_videos", "avg_full_video_tokens")}
 
 
 def parse_model_args(text: str) -> dict[str, str]:
@@ -100,11 +108,13 @@ def collect(paths: list[str | Path], metrics: dict[str, str] | None = None) -> t
             name, value = task_score(task, task_metrics, metrics.get(task), path)
             shown[task] = name
             row.scores[task] = value
-            tokens, images = throughput.get(f"avg_visual_tokens/{task}"), throughput.get(f"avg_images/{task}")
-            if tokens is not None and images:
-                row.tokens[task] = (float(tokens), float(images))
-        if "avg_full_visual_tokens" in throughput:
-            row.full_tokens = float(throughput["avg_full_visual_tokens"])
+            for kind, (tokens_key, count_key, _) in KINDS.items():
+                tokens, count = throughput.get(f"{tokens_key}/{task}"), throughput.get(f"{count_key}/{task}")
+                if tokens is not None and count:
+                    row.tokens.setdefault(kind, {})[task] = (float(tokens), float(count))
+        for kind, (_, _, full_key) in KINDS.items():
+            if full_key in throughput:
+                row.full_tokens[kind] = float(throughput[full_key])
     order = {m: i for i, m in enumerate(MODE_ORDER)}
     return sorted(rows.values(), key=lambda r: (order.get(r.mode, len(order)), r.label)), shown
 
@@ -115,11 +125,15 @@ def markdown_table(rows: list[Row], shown: dict[str, str]) -> str:
     def number(v):
         return "-" if v is None else f"{v:.4g}"
 
-    head = ["run", *(f"{t} ({shown[t]})" for t in tasks), "visual tokens / image", "stock"]
+    kinds = ["image"] + (["video"] if any(row.tokens.get("video") for row in rows) else [])
+    head = ["run", *(f"{t} ({shown[t]})" for t in tasks)]
+    for kind in kinds:
+        head += [f"visual tokens / {kind}", "stock" if kind == "image" else f"stock / {kind}"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for row in rows:
-        cells = [row.label, *(number(row.scores.get(t)) for t in tasks), number(row.mean_tokens()),
-                 number(row.full_tokens)]
+        cells = [row.label, *(number(row.scores.get(t)) for t in tasks)]
+        for kind in kinds:
+            cells += [number(row.mean_tokens(kind)), number(row.full_tokens.get(kind))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -144,7 +144,7 @@ def _chooser(thresholds: Sequence[float], edge_chooser: EdgeChooser | None, step
 
 
 def _merges_at(thresholds, edge_chooser, step: int) -> bool:
-    return edge_chooser is not None or math.isfinite(thresholds[step])
+    return edge_chooser is not None or thresholds[step] != math.inf  # -inf merges every edge (up to the cap)
 
 
 def _finish(tokens, group, lengths, units, kept_steps, deepstack, reverse=None) -> QwenEncoded:
@@ -320,13 +320,16 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
 
 
 def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[float]:
-    """One threshold per block ("vit") or per round ("post", any count >= 1); one number = all blocks."""
+    """One threshold per block ("vit") or per round ("post", any count >= 1); one number = all blocks.
+    +inf (or None) never merges, -inf merges every edge of a segment, NaN is refused."""
     if merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
+    from .encoder import _threshold_floats  # None = +inf, NaN refused: the same rule as CLIP / SigLIP
+
     depth = len(visual.blocks)
     if isinstance(thresholds, (int, float)):
-        return [float(thresholds)] * (depth if merge_point == "vit" else 1)
-    values = [float(t) for t in (thresholds.tolist() if isinstance(thresholds, Tensor) else thresholds)]
+        return _threshold_floats([thresholds] * (depth if merge_point == "vit" else 1))
+    values = _threshold_floats(thresholds.tolist() if isinstance(thresholds, Tensor) else list(thresholds))
     if merge_point == "vit" and len(values) != depth:
         raise ValueError(f"merge_point='vit' needs one threshold per vision block ({depth}), got {len(values)}")
     if not values:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from ..images import DEFAULT_FRAMES
 from .llava import llava_mode
 
 VLM_TYPES = {  # model_type -> transformers class name
@@ -181,6 +182,21 @@ def _viewed(item, prompt: int, index: int) -> Image.Image:
     return open_image(item)
 
 
+def _video_frames(item, prompt: int, index: int, num_frames: int) -> list[Image.Image]:
+    """One video of a prompt as PIL frames: a list of frames (each shown as a viewer shows it), or a video
+    file / folder of frames (`dymu.images.load_video`)."""
+    from ..images import load_video
+
+    if isinstance(item, (list, tuple)):
+        frames = [_viewed(f, prompt, index) for f in item]
+    else:
+        frames = load_video(item, num_frames)
+    if not frames or len({f.size for f in frames}) > 1:
+        raise ValueError(f"video {index} of prompt {prompt}: needs at least one frame and all frames of one size, "
+                         f"got sizes {sorted({f.size for f in frames})}")
+    return frames
+
+
 def prompt_texts(processor, prompts: list[str], images: list[list], chat_template: bool = True,
                  videos: list[list] | None = None) -> list[str]:
     """The prompt strings: the chat template with one image placeholder per image (``chat_template``),
@@ -241,17 +257,11 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
     Returns (input_ids, attention_mask, mm_encoder_outputs, visual rows per item, stock placeholders
     per item), items in reading order: every prompt's images, then (OneVision) the videos.
     """
-    from .llava_next import load_video, unique_rows_per_item
+    from .llava_next import unique_rows_per_item
 
     onevision = hasattr(processor, "video_token")
     if any(videos) and not onevision:
-        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
-    videos = [[load_video(v) if isinstance(v, (str, bytes)) or hasattr(v, "__fspath__") else list(v) for v in vs]
-              for vs in videos]
-    for k, frames in enumerate(v for vs in videos for v in vs):
-        if not frames or len({f.size for f in frames}) > 1:
-            raise ValueError(f"video {k}: needs at least one frame and all frames of one size, got sizes "
-                             f"{sorted({f.size for f in frames})}")
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision or a Qwen VL")
     texts = prompt_texts(processor, prompts, images, chat_template, videos)
     kwargs = {}
     if any(images):  # OneVision reads images per prompt (its multi-image rule); NeXT a flat list
@@ -285,18 +295,31 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
 
 
 @torch.no_grad()
-def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True, max_tokens=None,
-             min_tokens=None, focus=None, fill=None) -> PreparedInputs:
+def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[list[list[Image.Image]]]:
+    """``videos`` checked against the prompts and the model, every video as its PIL frames."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from .qwen_vl import SUPPORTED_QWEN_VLMS
+
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
     videos = videos if videos is not None else [[] for _ in prompts]
     if len(videos) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} video lists")
+    if any(videos) and not isinstance(model, (LlavaOnevisionForConditionalGeneration, *SUPPORTED_QWEN_VLMS)):  # before decoding anything
+        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision or a Qwen VL")
+    return [[_video_frames(v, i, k, num_frames) for k, v in enumerate(vs)] for i, vs in enumerate(videos)]
+
+
+@torch.no_grad()
+def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True, max_tokens=None,
+             min_tokens=None, focus=None, fill=None, num_frames: int = DEFAULT_FRAMES) -> PreparedInputs:
     from .qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         raise ValueError(f"{type(model).__name__} keeps the stock prompt in every dymu mode: give model.generate the "
                          "processor's inputs as they are, or use dymu.generate")
+    videos = _videos_as_frames(model, prompts, images, videos, num_frames)
     from ..focus import DEFAULT_FILL, apply_focus_all
     from ..towers.encoder import budget_set, encode_with_tower, family_of
     from .llava_next import SUPPORTED_VLMS as ANYRES
@@ -326,8 +349,6 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
         return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                                "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens, side * side,
                               time.perf_counter() - start, None)
-    if any(videos):
-        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision")
     mode = llava_mode(model)
     inner = model.model
     config = model.config
@@ -385,7 +406,7 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
 
 def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
                   chat_template: bool = True, max_tokens: int | None = None, min_tokens: int | None = None,
-                  focus: list[list] | None = None, fill=None) -> dict:
+                  focus: list[list] | None = None, fill=None, num_frames: int = DEFAULT_FRAMES) -> dict:
     """Inputs for ``model.generate(**inputs)`` in any mode of `dymu.apply`: the images encoded once
     (``mm_encoder_outputs``) and the prompts with as many image placeholders as the LLM will see
     (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
@@ -393,20 +414,22 @@ def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, v
     hold the image token once per image)."""
     with _model_lock(model):
         return _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
-                        fill).inputs
+                        fill, num_frames).inputs
 
 
 @torch.no_grad()
 def generate(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
              max_new_tokens: int = 32, output_scores: bool = False, chat_template: bool = True,
              max_tokens: int | None = None, min_tokens: int | None = None, focus: list[list] | None = None,
-             fill=None, **generate_kwargs) -> GenerationResult:
+             fill=None, num_frames: int = DEFAULT_FRAMES, **generate_kwargs) -> GenerationResult:
     """Answer ``prompts[i]`` about ``images[i]`` (a list per prompt, possibly empty), greedily by default.
 
-    The model is a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision, stock or patched by `dymu.apply` in any
-    of its modes. ``videos[i]`` (OneVision): a list of videos for prompt i, each a list of PIL frames
-    or a video file path (read with PyAV, `pip install dymu[video]`). Or a Qwen2-VL / Qwen2.5-VL /
-    Qwen3-VL model: then an item of ``images[i]`` may also be a list of frames (a video).
+    The model is a LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL, stock or
+    patched by `dymu.apply` in any of its modes. ``videos[i]`` (OneVision and the Qwen VLs): the videos
+    of prompt i, each a list of PIL frames, a video file (``num_frames`` evenly spaced frames, read with
+    PyAV: ``pip install 'dymu[video]'``) or a folder of frame images; they follow the prompt's images.
+    (Qwen VLs also take a video as a list of frames inside ``images[i]``, in the prompt's order.)
+    The report lists tokens per image, then per video, for every prompt.
     Prompts are questions, wrapped in the chat template with one image placeholder per image;
     ``chat_template=False`` takes them as written (the image token once per image).
     Images are PIL images or file paths, both shown to the model as a viewer shows them
@@ -425,17 +448,19 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     """
     from .qwen_vl import SUPPORTED_QWEN_VLMS
 
-    if isinstance(model, SUPPORTED_QWEN_VLMS):  # an item of images[i] may be a list of frames: a video
-        if videos is not None or not chat_template or max_tokens or min_tokens or focus is not None:
-            raise ValueError(f"{type(model).__name__}: give videos as lists of frames inside images[i], and prompts "
-                             "as questions (chat_template=False, token budgets and focus are for the LLaVA models)")
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        if not chat_template or max_tokens or min_tokens or focus is not None or fill is not None:
+            raise ValueError(f"{type(model).__name__}: prompts are questions (chat_template=False, token budgets, "
+                             "focus and fill are for the LLaVA models)")
+        videos = _videos_as_frames(model, prompts, images, videos, num_frames)
+        # One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos.
+        media = [[_video_frames(m, i, k, num_frames) if isinstance(m, (list, tuple)) else _viewed(m, i, k)
+                  for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(images, videos))]
         with _model_lock(model):
-            return _generate_qwen(model, processor, prompts, images, max_new_tokens, output_scores, generate_kwargs)
+            return _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs)
     with _model_lock(model):
         prepared = _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
-                            fill)
+                            fill, num_frames)
         inputs = prepared.inputs
         out, timer, new, answers = _timed_generate(model, processor, inputs, max_new_tokens, output_scores,
                                                    generate_kwargs)
@@ -511,6 +536,7 @@ def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scor
             per_patch.append(segments[s : s + t])
             s += t
     report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
+                    stock_tokens=per_prompt_full,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,

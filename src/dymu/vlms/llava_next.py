@@ -490,28 +490,6 @@ def _frames_processor_class():
     return _FRAMES_CLASS
 
 
-def load_video(path: str, num_frames: int = 8):
-    """``num_frames`` evenly spaced frames of a video file as PIL images (needs PyAV: pip install dymu[video])."""
-    from pathlib import Path
-
-    if not Path(path).exists():
-        raise ValueError(f"{path}: no such file")
-    try:
-        import av
-    except ImportError:
-        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); "
-                         "or pass the frames as a list of PIL images (or a folder of frame images)") from None
-    try:
-        with av.open(str(path)) as container:
-            frames = [frame.to_image() for frame in container.decode(video=0)]
-    except Exception as err:  # noqa: BLE001 - any decoder error is one clear line
-        raise ValueError(f"{path}: cannot be decoded as a video ({err})") from None
-    if not frames:
-        raise ValueError(f"{path}: has no video frames")
-    step = len(frames) / min(num_frames, len(frames))
-    return [frames[int(i * step)] for i in range(min(num_frames, len(frames)))]
-
-
 def unique_rows_per_item(features) -> list[int]:
     """Distinct VTU rows per image / video (groups), as the LLM runs them."""
     if isinstance(features, torch.Tensor):

@@ -12,3 +12,11 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 def process_results(doc, results):
     answer = results[0].strip().lower()
     return {"exact_match": float(answer == doc["answer"]), "answer_chars": float(len(answer))}
+
+
+def doc_to_video(doc):
+    """As lmms-eval's video tasks do: the path of the document's video file (here relative to the
+    folder lmms-eval runs in, where the test writes the videos)."""
+    import os
+
+    return [os.path.join(os.getcwd(), doc["video"])]
