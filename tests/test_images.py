@@ -171,3 +171,59 @@ print(base, peak)
     one_image = 4200 * 4200 * 4
     print(f"extra peak {(peak - base) / 2**20:.0f} MiB, one image {one_image / 2**20:.0f} MiB")
     assert peak - base < 2.5 * one_image, f"peak {peak / 2**20:.0f} MiB vs {base / 2**20:.0f} MiB on small images"
+
+
+# --- videos ------------------------------------------------------------------------------------
+
+
+def write_mp4(path, count: int, size=(64, 48)):
+    """An mp4 of ``count`` flat frames whose grey level is 8 x the frame index (PyAV)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(count):
+            frame = np.full((size[1], size[0], 3), 8 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_load_video_takes_evenly_spaced_frames_of_a_file_and_of_a_folder(tmp_path):
+    from dymu.images import even_indices, load_video
+
+    write_mp4(tmp_path / "clip.mp4", 30)
+    frames = load_video(tmp_path / "clip.mp4", 8)
+    assert even_indices(30, 8) == [0, 3, 7, 11, 15, 18, 22, 26]
+    assert len(frames) == 8 and {f.size for f in frames} == {(64, 48)} and {f.mode for f in frames} == {"RGB"}
+    grey = [np.asarray(f)[..., 0].mean() for f in frames]  # the codec is lossy: within a few levels
+    assert all(abs(g - 8 * i) < 4 for g, i in zip(grey, even_indices(30, 8)))
+    write_mp4(tmp_path / "short.mp4", 3)
+    assert len(load_video(tmp_path / "short.mp4", 8)) == 3  # fewer frames than asked: all of them
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (20, 10), (i, i, i)).save(folder / f"{i:03d}.png")
+    assert [f.getpixel((0, 0))[0] for f in load_video(folder, 3)] == [0, 1, 3]
+
+
+def test_bad_videos_fail_with_one_line_naming_the_file(tmp_path):
+    from dymu.images import load_video
+
+    (tmp_path / "text.mp4").write_text("not a video")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (20, 10)).save(mixed / "a.png")
+    Image.new("RGB", (10, 20)).save(mixed / "b.png")
+    for source, message in ((tmp_path / "missing.mp4", "no such file"),
+                            (tmp_path / "text.mp4", "cannot be decoded as a video"),
+                            (empty, "no frame images in this folder"),
+                            (mixed, r"the frames differ in size \(10x20, 20x10\)")):
+        with pytest.raises(ValueError, match=message) as err:
+            load_video(source, 4)
+        assert str(err.value).startswith(str(source)) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="at least 1"):
+        load_video(tmp_path / "text.mp4", 0)
