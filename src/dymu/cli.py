@@ -150,18 +150,26 @@ def _calibrate(args, rank: int) -> int:
     args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
-    if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: fractions, no checkpoint/torchrun
-        if args.target_tokens is not None:
-            raise ValueError("--target-tokens does not apply to Qwen VLs (images keep their native size): "
-                             "use --preset or --r (fractions of each image's units)")
+    warn = lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: presets and --r are fractions of them
+        for given, option, why in ((args.target_tokens, "--target-tokens", "images keep their native size: use "
+                                    "--preset or --r (fractions of each image's units)"),
+                                   (args.order, "--order", "a Qwen VL merges whole 2x2 units in its own layout"),
+                                   (args.max_tokens, "--max-tokens", "token budgets are for the LLaVA models"),
+                                   (args.rounds if args.merge_point == "vit" else None, "--rounds",
+                                    "rounds are for --merge-point post")):
+            if given is not None:
+                raise ValueError(f"{option} does not apply to Qwen VLs: {why}")
         thresholds = calibrate(model, images, preset=args.preset, r=args.r, schedule=args.schedule or "constant",
                                batch_size=args.batch_size, max_images=args.max_images, processor=processor,
-                               progress=not args.quiet, model_ref=args.model, out=out,
+                               checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
+                               progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
                                qwen={"merge_point": args.merge_point, "rounds": args.rounds or 3})
-        kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-        print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
-              f"(LLM tokens) kept on average per image; wrote {out}")
-        print_skipped(thresholds.skipped)
+        if rank == 0:
+            kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
+            print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
+                  f"(LLM tokens) kept on average per image; wrote {out}")
+            print_skipped(thresholds.skipped)
         return 0
     if args.merge_point != "vit" or args.rounds is not None:
         raise ValueError("--merge-point and --rounds are for Qwen VLs only")
@@ -179,9 +187,9 @@ def _calibrate(args, rank: int) -> int:
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
         model_ref=args.model,
-        order=args.order,
+        order=args.order or DEFAULT_ORDER,
         out=out,  # written before the checkpoint is removed
-        warn=lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True),
+        warn=warn,
     )
     if args.max_tokens is not None and rank == 0:
         from .tools.calibration import clip_fraction
@@ -578,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["constant", "linear", "reverse-linear"],
                    help="how the merges are spread over the layers: constant (default), linear (more early) or "
                         "reverse-linear (more late)")
-    p.add_argument("--order", default=DEFAULT_ORDER, choices=ORDERS,
+    p.add_argument("--order", choices=ORDERS,
                    help="where tokens go after a merge, recorded in the file and used by apply: interleaved "
                         "(keep their order), ab (A survivors then B, the paper's calibration and CLIP layout), "
                         "ab-score (A survivors by score then B, the paper's SigLIP inference); "

@@ -283,3 +283,34 @@ def test_bad_arguments_are_refused(tower, kwargs, words):
     kwargs = {"r": 5, **kwargs}
     with pytest.raises(ValueError, match=words):
         dymu.calibrate(tower, all_images()[:2], progress=False, **kwargs)
+
+
+# ---- Qwen VLs: the same loop (checkpoint, resume, torchrun) on 2x2-unit edges -------------------
+
+
+def test_qwen_calibration_resumes_from_its_checkpoint(qwen_dirs, tmp_path):
+    import sys
+
+    from conftest import REPO
+    from dymu.tools.calibration import CalibrationWarning
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from qwen_helpers import load_qwen
+
+    model, processor = load_qwen("qwen2_vl", qwen_dirs["qwen2_vl"])
+    images = all_images()[:8]
+    ckpt, out = tmp_path / "q.partial", tmp_path / "q.json"
+    settings = dict(preset="mid", batch_size=2, progress=False, qwen={"merge_point": "vit"})
+    with pytest.warns(CalibrationWarning):
+        plain = dymu.calibrate(model, images, processor=processor, **settings)
+        with pytest.raises(KeyboardInterrupt):
+            dymu.calibrate(model, images, processor=_dies_after(processor.image_processor, 2), checkpoint=ckpt,
+                           checkpoint_every=1, out=out, **settings)
+        assert ckpt.exists() and not out.exists()
+        resumed = dymu.calibrate(model, images, processor=_dies_after(processor.image_processor, 2), checkpoint=ckpt,
+                                 out=out, **settings)  # 2 of 4 batches were saved: only 2 are left to run
+    assert resumed.thresholds == plain.thresholds and resumed.images_seen == 8
+    assert resumed.tokens_kept_mean == plain.tokens_kept_mean
+    assert out.exists() and not ckpt.exists()
+    with pytest.raises(ValueError, match="does not take packed"):
+        dymu.calibrate(model, images, processor=processor, packed=False, **settings)

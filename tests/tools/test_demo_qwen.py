@@ -55,3 +55,34 @@ def test_qwen_bench_rows_quick(capsys):
     assert main(["bench", "--quick", "--only", "qwen_vit,qwen_prefill"]) == 0
     out = capsys.readouterr().out
     assert "Qwen2.5-VL vision tower" in out and "| DToMe mid (vit) |" in out and "| VTU mid |" in out
+
+
+def test_qwen_calibration_under_torchrun_equals_one_process(qwen_dirs, tmp_path):
+    from test_cli import run_cli
+
+    from dymu.thresholds import Thresholds
+
+    common = ["calibrate", "--model", str(qwen_dirs["qwen2_vl"]), "--images", str(IMAGES), "--max-images", "12",
+              "--preset", "mid", "--batch-size", "3", "--quiet", "--device", "cpu"]
+    one = run_cli(["-m", "dymu.cli", *common, "--out", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr
+    two = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "dymu.cli", *common, "--out", str(tmp_path / "two.json")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = Thresholds.load(tmp_path / "one.json"), Thresholds.load(tmp_path / "two.json")
+    assert a.thresholds == b.thresholds and a.images_seen == b.images_seen == 12
+    assert a.tokens_kept_mean == b.tokens_kept_mean
+    assert two.stdout.count("calibrated on") == 1  # only rank 0 writes and reports
+
+
+def test_qwen_calibrate_refuses_options_it_would_ignore(qwen_dirs, tmp_path, capsys):
+    model = str(qwen_dirs["qwen2_vl"])
+    base = ["calibrate", "--model", model, "--images", str(IMAGES), "--max-images", "2", "--quiet",
+            "--out", str(tmp_path / "t.json")]
+    for extra, message in ((["--order", "ab"], "--order does not apply to Qwen VLs"),
+                           (["--max-tokens", "50"], "--max-tokens does not apply to Qwen VLs"),
+                           (["--rounds", "2"], "--rounds does not apply to Qwen VLs: rounds are for --merge-point post"),
+                           (["--target-tokens", "40"], "--target-tokens does not apply to Qwen VLs")):
+        assert main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()

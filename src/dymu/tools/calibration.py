@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -173,6 +173,20 @@ class CalibrationWarning(UserWarning):
     """Calibration ran, but its result may not be what was asked for (target missed, too few images)."""
 
 
+def warn_caller(message: str) -> None:
+    """A CalibrationWarning attributed to the first caller outside dymu and torch's no_grad wrapper
+    (the line of the user's that called `dymu.calibrate`), however deep inside it was raised."""
+    import sys
+    import warnings
+
+    package = str(Path(__file__).resolve().parents[1])
+    level, frame = 2, sys._getframe(1)  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename.endswith("_contextlib.py")):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, CalibrationWarning, stacklevel=level)
+
+
 MIN_IMAGES, MIN_BATCH = 16, 8
 
 
@@ -305,11 +319,6 @@ def calibrate(
     ``packed``: run each batch as packed rows after the first merge (default: the encoder's
     DEFAULT_PACKED) or padded (False); the thresholds are the same.
     """
-    import sys
-    import warnings
-
-    from tqdm.auto import tqdm
-
     check_order(order)
     for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -318,24 +327,22 @@ def calibrate(
         raise ValueError(f"max_images must be a whole number >= 1 (or None for all), not {max_images!r}")
     if out is not None:
         check_output_file(out, "thresholds file")
-    warn = warn or (lambda message: warnings.warn(message, CalibrationWarning, stacklevel=4))
+    warn = warn or warn_caller
 
     from ..vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         unsupported = [name for name, v in (("target_tokens", target_tokens), ("feature_layer", feature_layer),
-                                            ("checkpoint", checkpoint)) if v is not None]
-        if unsupported or _distributed()[1] > 1:
-            raise ValueError(f"calibration of a Qwen VL does not support {', '.join(unsupported) or 'torchrun'} "
-                             "(use preset or r, fractions of each image's units)")
+                                            ("packed", packed)) if v is not None]
+        if unsupported:
+            raise ValueError(f"calibration of a Qwen VL does not take {', '.join(unsupported)} (use preset or r, "
+                             "fractions of each image's units; its tower packs images natively)")
         if order != DEFAULT_ORDER:
             raise ValueError("a Qwen VL merges whole 2x2 units in its own layout: order does not apply")
-        result = calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
-                                max_images=max_images, processor=processor, progress=progress, model_ref=model_ref,
-                                **(qwen or {}))
-        if out is not None:
-            result.save(out)
-        return result
+        return calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
+                              max_images=max_images, processor=processor, progress=progress, model_ref=model_ref,
+                              checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
+                              **(qwen or {}))
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -349,6 +356,44 @@ def calibrate(
     identity = encoder_identity(tower, family, model_ref or getattr(getattr(model, "config", None), "_name_or_path", ""))
     device = next(tower.parameters()).device
 
+    def record(index: int, batch: list) -> BatchRecord:
+        # Images are decoded one at a time and shrunk when huge (dymu.images), so a batch holds at
+        # most one full-size image at any moment.
+        opened, skipped = open_images(batch)
+        # AnyRes VLMs: every crop of every image, as the tower sees them at inference.
+        _, pixels, skipped = pixel_values_of(processor, opened, skipped, lambda out: encoder_pixels(model, out)[0])
+        if pixels is None:
+            return BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
+        return _record_batch(tower, family, pixels.to(device), per_layer_r, run, feature_layer, index, skipped)
+
+    explicit = r is not None and not isinstance(r, (int, float)) and len(list(r)) > 1
+    with dtome_patched(tower, family, thresholds=math.inf, order=order, packed=packed):
+        result = run_batches(
+            images, batch_size, record,
+            lambda records: summarize(records, per_layer_r, identity, feature_layer,
+                                      "explicit" if explicit else schedule, run, order=order),
+            key=_settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
+    if _distributed()[0] == 0:
+        _, missed = target_report(result)
+        if missed:
+            warn(missed)
+    return result
+
+
+def run_batches(images: Sequence, batch_size: int, record: Callable[[int, list], BatchRecord],
+                finish: Callable[[list[BatchRecord]], Thresholds], *, key: str, checkpoint, checkpoint_every: int,
+                progress: bool, out, warn) -> Thresholds:
+    """The calibration loop every tower shares: ``record(index, batch)`` for every batch of ``images``
+    this rank owns (under torch.distributed, batch i goes to rank i % world), resuming from and saving
+    to ``checkpoint`` (every ``checkpoint_every`` batches and on Ctrl-C; ``key`` names the settings a
+    checkpoint belongs to), then ``finish(all records in batch order)``. The result is written to
+    ``out`` (rank 0) before the checkpoint is removed, so no moment loses the work; one calibration
+    at a time per checkpoint / output (a lock)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     rank, world = _distributed()
     if rank == 0:
         for message in setup_warnings(len(images), batch_size):
@@ -356,7 +401,7 @@ def calibrate(
     batches = _batches(images, batch_size)
     ckpt = Checkpoint(
         None if checkpoint is None else (Path(checkpoint) if world == 1 else Path(f"{checkpoint}.rank{rank}-of-{world}")),
-        _settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
+        key,
     )
     guarded = ckpt.path if ckpt.path is not None else (Path(out) if out is not None else None)
     lock = (exclusive_lock(guarded.with_name(guarded.name + ".lock"), f"calibration output {guarded}")
@@ -377,47 +422,28 @@ def calibrate(
         if show and done_batches:
             print(f"resuming from {checkpoint}: {done_batches} of {len(batches)} batches done", file=sys.stderr,
                   flush=True)
-
-        with dtome_patched(tower, family, thresholds=math.inf, order=order, packed=packed):
-            bar = tqdm(total=sum(per_step), unit="img", desc="calibrating", disable=not show)
-            try:
-                for count, index in enumerate(mine, 1):
-                    # Images are decoded one at a time and shrunk when huge (dymu.images), so a batch
-                    # holds at most one full-size image at any moment.
-                    opened, skipped = open_images(batches[index])
-                    # AnyRes VLMs: every crop of every image, as the tower sees them at inference.
-                    _, pixels, skipped = pixel_values_of(processor, opened, skipped,
-                                                         lambda out: encoder_pixels(model, out)[0])
-                    if pixels is not None:
-                        rec = _record_batch(tower, family, pixels.to(device), per_layer_r, run, feature_layer,
-                                            index, skipped)
-                    else:
-                        rec = BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
-                    records.append(rec)
-                    bar.update(per_step[count - 1])
-                    if count % checkpoint_every == 0:
-                        ckpt.save(records)
-            except KeyboardInterrupt:
-                ckpt.save(records)  # every finished batch survives Ctrl-C
-                bar.close()
-                raise
-            ckpt.save(records)
+        bar = tqdm(total=sum(per_step), unit="img", desc="calibrating", disable=not show)
+        try:
+            for count, index in enumerate(mine, 1):
+                records.append(record(index, batches[index]))
+                bar.update(per_step[count - 1])
+                if count % checkpoint_every == 0:
+                    ckpt.save(records)
+        except KeyboardInterrupt:
+            ckpt.save(records)  # every finished batch survives Ctrl-C
+            bar.close()
+            raise
+        ckpt.save(records)
 
         records = sorted(_gather_records(records), key=lambda rec: rec.index)
         bar.update(bar.total - bar.n)  # every rank is done here (the gather waits for all)
         bar.close()
-        explicit = r is not None and not isinstance(r, (int, float)) and len(list(r)) > 1
-        result = summarize(records, per_layer_r, identity, feature_layer, "explicit" if explicit else schedule, run,
-                           order=order)
+        result = finish(records)
         if out is not None and rank == 0:
             result.save(out)  # the result is on disk before its checkpoint goes
         if world > 1:
             torch.distributed.barrier()
         ckpt.remove()
-    if rank == 0:
-        _, missed = target_report(result)
-        if missed:
-            warn(missed)
     return result
 
 
@@ -479,13 +505,13 @@ def qwen_r(steps: int, *, preset: str | None = None, r=None, schedule: str = "co
 def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = None, r=None,
                    schedule: str = "constant", batch_size: int = 8, max_images: int | None = None,
                    processor=None, merge_point: str = "vit", rounds: int = QWEN_POST_ROUNDS,
-                   progress: bool = True, model_ref: str | None = None) -> Thresholds:
+                   progress: bool = True, model_ref: str | None = None, checkpoint: str | Path | None = None,
+                   checkpoint_every: int = 5, out: str | Path | None = None, warn=None) -> Thresholds:
     """Eq. 4 for a Qwen VL: at every block ("vit") or round ("post") the unit edges of all segments
     (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
     τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
-    model's processor or its image processor (images keep their native resolution)."""
-    from tqdm.auto import tqdm
-
+    model's processor or its image processor (images keep their native resolution). Checkpoints,
+    torch.distributed and ``out`` as in `calibrate` (the same loop, `run_batches`)."""
     from ..towers.qwen_vit import MERGE_POINTS, encode_qwen, qwen_identity
 
     if merge_point not in MERGE_POINTS:
@@ -500,15 +526,14 @@ def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = N
     if not images:
         raise ValueError("no images to calibrate on")
     device = next(visual.parameters()).device
-    records = []
-    batches = _batches(images, batch_size)
-    bar = tqdm(total=len(images), unit="img", desc="calibrating", disable=not progress)
-    for index, batch in enumerate(batches):
+    identity = qwen_identity(visual, merge_point, steps, model_ref)
+    warn = warn or warn_caller
+
+    def record(index: int, batch: list) -> BatchRecord:
         opened, skipped = open_images(batch)
         loaded = [image for _, image in opened]
         if not loaded:
-            records.append(BatchRecord(index, [math.nan] * steps, 0, [0] * steps, [0] * steps, skipped))
-            continue
+            return BatchRecord(index, [math.nan] * steps, 0, [0] * steps, [0] * steps, skipped)
         inputs = image_processor(images=loaded, return_tensors="pt")
         grid = inputs["image_grid_thw"]
         units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
@@ -522,13 +547,15 @@ def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = N
         encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [math.inf] * steps,
                               merge_point, edge_chooser=batch_top_edges)
         kept = encoded.kept_per_step
-        records.append(BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
-                                   images=len(loaded), kept_sum=kept.sum(0).tolist(),
-                                   kept_sqsum=(kept * kept).sum(0).tolist(), skipped=skipped))
-        bar.update(len(batch))
-    bar.close()
-    identity = qwen_identity(visual, merge_point, steps, model_ref)
-    return summarize(records, fractions, identity, -1, schedule if r is None else "explicit", steps)
+        return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
+                           images=len(loaded), kept_sum=kept.sum(0).tolist(), kept_sqsum=(kept * kept).sum(0).tolist(),
+                           skipped=skipped)
+
+    return run_batches(images, batch_size, record,
+                       lambda records: summarize(records, fractions, identity, -1, schedule if r is None else "explicit",
+                                                 steps),
+                       key=_settings_key(identity, fractions, -1, batch_size, images, merge_point),
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
 
 
 @torch.no_grad()
