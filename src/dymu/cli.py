@@ -424,10 +424,10 @@ def _encode_qwen(args, model, processor, paths) -> int:
         inputs = processor(images=list(images), return_tensors="pt")
         grid = inputs["image_grid_thw"]
         encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
-        groups = encoded.group_of_unit.split((grid.prod(-1) // 4).tolist())
+        groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
         for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
             records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
-                            "group_of_unit": (g - g.min()).tolist()})
+                            "group_of_unit": g.tolist()})
     return _write_encoded(args, records, skipped)
 
 
