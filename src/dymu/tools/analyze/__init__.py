@@ -66,6 +66,7 @@ from .measure import (
     merge_map,
     model_view,
     processed_pixels,
+    refuse_cost_control,
     spearman,
     unpatchify,
 )
@@ -112,6 +113,7 @@ def analyze(
     none). Returns the `Analysis` (rows, skipped, Spearman ρ, files written).
     """
     _matplotlib()  # fail before the slow part when matplotlib is missing
+    refuse_cost_control(model, max_tokens, min_tokens, focus)  # before any folder is made
     out = Path(out_dir)
     maps_dir = out / "merge_maps"
     maps_dir.mkdir(parents=True, exist_ok=True)

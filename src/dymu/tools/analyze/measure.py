@@ -439,6 +439,13 @@ def _is_qwen_vl(model) -> bool:
     return isinstance(model, SUPPORTED_QWEN_VLMS)
 
 
+def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
+    """Token budgets and focus regions are not wired for the Qwen ViT: one-line error."""
+    if _is_qwen_vl(model) and (max_tokens is not None or min_tokens is not None or focus is not None):
+        raise ValueError("token budgets and focus (--max-tokens / --min-tokens / --focus / --focus-mask) are for "
+                         "CLIP/SigLIP towers, not the Qwen ViT")
+
+
 def _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
     """Qwen VLs: images at native resolution packed into one call of the tower (`encode_qwen`, the
     thresholds file's merge point); tokens = LLM tokens (units), full_tokens = the image's stock units."""
@@ -446,9 +453,7 @@ def _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, e
     from ...towers.qwen_vit import encode_qwen
     from ...vlms.qwen_vl import qwen_thresholds
 
-    if max_tokens is not None or min_tokens is not None or focus is not None:
-        raise ValueError("token budgets and focus (--max-tokens / --min-tokens / --focus / --focus-mask) are for "
-                         "CLIP/SigLIP towers, not the Qwen ViT")
+    refuse_cost_control(model, max_tokens, min_tokens, focus)
     if processor is None:
         raise ValueError(f"analyzing a {type(model).__name__} needs its image processor (processor=...)")
     processor = getattr(processor, "image_processor", processor)
