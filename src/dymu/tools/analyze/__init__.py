@@ -23,6 +23,13 @@ images, so an image under ~100×100 px reads as more complex than it is. Written
   visualisation);
 - ``skipped.csv``: images that could not be read (they are skipped, never fatal).
 
+Qwen VLs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; the thresholds file's merge point, "vit" or "post"): every
+image keeps its native resolution, so ``full_tokens`` is that image's own stock unit count (t·h·w/4
+of its ``image_grid_thw``) and ``tokens`` the LLM tokens kept. As counts follow image size, the kept
+fraction tokens / full_tokens is ranked too (`Analysis.spearman_kept_fraction`, a second scatter
+panel, min/median/max by it); merge maps are on the unit grid (h/2, w/2; a cell = one 2x2 unit =
+one LLM token) over the processor's pixels un-patchified (`unpatchify`). No cost control.
+
 Cost control (README, "Cost control"): with a token budget (``max_tokens`` / ``min_tokens``) or a
 focus region (``focus``: boxes, a mask, or a folder of masks named like the images), tokens.csv
 gains ``tokens_without_budget_or_focus`` and every merge map shows the image (focus outlined), its
