@@ -450,7 +450,8 @@ def add_analyze(subparsers) -> None:
         "OUT/complexity_vs_tokens.png (JPEG quality-75 bytes per pixel vs tokens, Spearman rho), "
         "OUT/min_median_max.png and OUT/merge_maps/NAME.png. Needs matplotlib: pip install 'dymu[viz]'.",
     )
-    p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")
+    p.add_argument("--model", required=True, help="VLM (LLaVA or Qwen VL) or CLIP/SigLIP vision model: hub id or "
+                                                  "local folder")
     p.add_argument("--thresholds", required=True, help=THRESHOLDS_HELP)
     add_images(p, "; each one (folder, glob, list or file) is a group with its own colour")
     p.add_argument("--out", required=True, help="output folder")

@@ -141,12 +141,12 @@ def analyze(
         name = _merge_map_name(row, sources[row["folder"]], used)
         title = f"{Path(row['path']).name}: {row['tokens']} of {row['full_tokens']} tokens"
         if before is None:
-            files.append(save_merge_map(model_view(pixel_values, pixels_processor), group_of_patch, grid, maps_dir / name,
-                                        title, cells))
+            files.append(save_merge_map(model_view(pixel_values, pixels_processor), group_of_patch, grid,
+                                        maps_dir / name, title, cells))
         else:
             picture = before_after_figure(model_view(before[0], pixels_processor), before[1], row[WITHOUT_COLUMN],
-                                          model_view(pixel_values, pixels_processor), group_of_patch, row["tokens"], grid,
-                                          title, region)
+                                          model_view(pixel_values, pixels_processor), group_of_patch, row["tokens"],
+                                          grid, title, region)
             picture.save(maps_dir / name, compress_level=3)
             files.append(maps_dir / name)
         row["merge_map"] = name
@@ -222,12 +222,13 @@ def cmd_analyze(args) -> int:
         raise ValueError(f"no readable images in {', '.join(args.images)} ({len(analysis.skipped)} skipped)")
     tokens = [r["tokens"] for r in rows]
     varies = analysis.full_tokens is None  # Qwen VLs: every image at its native resolution
-    of = (f"of each image's stock tokens ({_spread([r['full_tokens'] for r in rows], '{}', mean=False)}, "
+    of = (f"of each image's stock tokens ({_spread([r['full_tokens'] for r in rows], mean_fmt=None)}, "
           "native resolution)" if varies else f"of {analysis.full_tokens}")
     print(f"analyzed {len(rows)} images in {len(analysis.folders)} folder(s): visual tokens kept "
-          f"{_spread(tokens, '{}')} {of}")
+          f"{_spread(tokens)} {of}")
     if varies:
-        print(f"kept fraction (tokens / that image's stock tokens): {_spread([fraction_kept(r) for r in rows], '{:.0%}')}")
+        kept = _spread([fraction_kept(r) for r in rows], "{:.0%}", "{:.0%}")
+        print(f"kept fraction (tokens / that image's stock tokens): {kept}")
     if rows and WITHOUT_COLUMN in rows[0]:
         without = [r[WITHOUT_COLUMN] for r in rows]
         print(f"without the budget/focus: mean {sum(without) / len(without):.1f} tokens; with: "
@@ -249,15 +250,12 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _spread(values, fmt: str, mean: bool = True) -> str:
-    """'min A / median B / max C (mean D)' of ``values``, each written with ``fmt``."""
+def _spread(values, fmt: str = "{}", mean_fmt: str | None = "{:.1f}") -> str:
+    """'min A / median B / max C (mean D)' of ``values`` (no mean when ``mean_fmt`` is None)."""
     ordered = sorted(values)
     text = " / ".join(f"{which} {fmt.format(v)}" for which, v in
                       (("min", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("max", ordered[-1])))
-    if not mean:
-        return text
-    average = sum(ordered) / len(ordered)
-    return text + f" (mean {fmt.format(average) if '%' in fmt else f'{average:.1f}'})"
+    return text if mean_fmt is None else text + f" (mean {mean_fmt.format(sum(ordered) / len(ordered))})"
 
 
 def _cli_focus(args):

@@ -299,9 +299,9 @@ def measure(
         folders = [folders]
     labels = _folder_labels(folders)
     if _is_qwen_vl(model):
-        run = _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, each)
+        run = _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     else:
-        run = _tower_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each)
+        run = _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each)
     todo = []
     for label, folder in labels.items():
         found = find_images(folder, image_root)
@@ -365,8 +365,8 @@ class _Run:
     one_size: bool  # a batch must hold images of one size
 
 
-def _tower_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each) -> _Run:
-    """CLIP/SigLIP towers and the VLMs holding one: DToMe patched in for the run, square batches."""
+def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each) -> _Run:
+    """CLIP/SigLIP towers and the VLMs holding one: DToMe patched in for the run, batches of one image size."""
     from ...api import _budget, vision_tower_of
     from ...focus import DEFAULT_FILL, apply_focus, focus_mask
     from ...towers.encoder import budget_set, dtome_patched, encode_with_tower
@@ -446,7 +446,7 @@ def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
                          "CLIP/SigLIP towers, not the Qwen ViT")
 
 
-def _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
+def _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
     """Qwen VLs: images at native resolution packed into one call of the tower (`encode_qwen`, the
     thresholds file's merge point); tokens = LLM tokens (units), full_tokens = the image's stock units."""
     from ...thresholds import Thresholds
@@ -464,7 +464,7 @@ def _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, e
     merge = visual.spatial_merge_size
     device = next(visual.parameters()).device
 
-    def prepare(image, path):
+    def prepare(image, path):  # extra: the image's (1, 3) image_grid_thw
         out = processor(images=[image], return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
@@ -476,7 +476,7 @@ def _qwen_encoder(model, thresholds, processor, max_tokens, min_tokens, focus, e
         for (row, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
             row["tokens"], row["full_tokens"] = int(kept), int(units)
             if each is not None:
-                t, h, w = thw[0].tolist()
+                _, h, w = thw[0].tolist()
                 each(row, unpatchify(rows, thw[0], processor.patch_size, merge), group.cpu(), (h // merge, w // merge))
 
     return _Run(prepare, lambda pixels: None, flush, contextlib.nullcontext(), one_size=False)
