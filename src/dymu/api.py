@@ -140,7 +140,6 @@ def apply(
         if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:
             raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
                              "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
-        merge_point = merge_point or getattr(thresholds, "encoder", {}).get("merge_point") or "vit"
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
         return model
     if merge_point is not None:

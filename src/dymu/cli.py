@@ -411,10 +411,10 @@ def _encode_qwen(args, model, processor, paths) -> int:
         inputs = processor(images=list(images), return_tensors="pt")
         grid = inputs["image_grid_thw"]
         encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
-        groups = encoded.group_of_unit.split((grid.prod(-1) // 4).tolist())
+        groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
         for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
             records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
-                            "group_of_unit": (g - g.min()).tolist()})
+                            "group_of_unit": g.tolist()})
     return _write_encoded(args, records, skipped)
 
 
@@ -437,7 +437,8 @@ def add_analyze(subparsers) -> None:
         "OUT/complexity_vs_tokens.png (JPEG quality-75 bytes per pixel vs tokens, Spearman rho), "
         "OUT/min_median_max.png and OUT/merge_maps/NAME.png. Needs matplotlib: pip install 'dymu[viz]'.",
     )
-    p.add_argument("--model", required=True, help="VLM or CLIP/SigLIP vision model: hub id or local folder")
+    p.add_argument("--model", required=True, help="VLM (LLaVA or Qwen VL) or CLIP/SigLIP vision model: hub id or "
+                                                  "local folder")
     p.add_argument("--thresholds", required=True, help=THRESHOLDS_HELP)
     add_images(p, "; each one (folder, glob, list or file) is a group with its own colour")
     p.add_argument("--out", required=True, help="output folder")

@@ -76,6 +76,11 @@ class QwenEncoded:
             s += t
         return out
 
+    def groups_per_item(self, grid_thw: Tensor, merge_size: int = 2) -> list[Tensor]:
+        """The group of every unit of each image / video of the call, numbered from 0 within it."""
+        groups = self.group_of_unit.split((grid_thw.prod(-1) // merge_size**2).tolist())
+        return [g - g.min() for g in groups]
+
 
 def is_qwen_tower(module: nn.Module) -> bool:
     return isinstance(module, QWEN_TOWERS)

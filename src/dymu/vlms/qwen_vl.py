@@ -228,16 +228,25 @@ def _swapped_class(stock: type) -> type:
     return _SWAPPED[stock]
 
 
-def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str = "vit",
+def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = None) -> tuple[list[float], str]:
+    """(threshold values, merge point) for ``visual``: ``merge_point`` if given, else the one the
+    `Thresholds` file was calibrated at, else "vit"; checked against the tower (one-line errors)."""
+    merge_point = merge_point or (getattr(thresholds, "encoder", None) or {}).get("merge_point") or "vit"
+    check_thresholds_file(thresholds, visual, merge_point)
+    return check_thresholds(visual, getattr(thresholds, "thresholds", thresholds), merge_point), merge_point
+
+
+def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
                   vtu_attention: str = "fast") -> None:
     """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place. ``thresholds``: one per vision block
-    (merge_point="vit"), or one per merge round after the PatchMerger (merge_point="post")."""
+    (merge_point="vit"), or one per merge round after the PatchMerger (merge_point="post");
+    ``merge_point`` default: the thresholds file's, else "vit"."""
     if mode == "dtome":
         raise ValueError("mode 'dtome' (merged tokens fed to the LLM without VTU) is not supported for Qwen VLs: it "
                          "needs a get_rope_index giving every kept token one 3-D position; use mode='dymu'")
     if mode not in QWEN_MODES:
         raise ValueError(f"unknown mode {mode!r} for a Qwen VL; choose one of {', '.join(QWEN_MODES)}")
-    if merge_point not in MERGE_POINTS:
+    if merge_point is not None and merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     remove_qwen_vl(model)
     model._dymu_mode = mode
@@ -246,8 +255,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     inner = model.model
     if thresholds is None:
         raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
-    check_thresholds_file(thresholds, inner.visual, merge_point)
-    values = check_thresholds(inner.visual, getattr(thresholds, "thresholds", thresholds), merge_point)
+    values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
     apply_vtu(inner.language_model, vtu_attention=vtu_attention)
     inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values)
     inner._dymu_stock_class = type(inner)

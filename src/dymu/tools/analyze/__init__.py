@@ -23,6 +23,13 @@ images, so an image under ~100×100 px reads as more complex than it is. Written
   visualisation);
 - ``skipped.csv``: images that could not be read (they are skipped, never fatal).
 
+Qwen VLs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; the thresholds file's merge point, "vit" or "post"): every
+image keeps its native resolution, so ``full_tokens`` is that image's own stock unit count (t·h·w/4
+of its ``image_grid_thw``) and ``tokens`` the LLM tokens kept. As counts follow image size, the kept
+fraction tokens / full_tokens is ranked too (`Analysis.spearman_kept_fraction`, a second scatter
+panel, min/median/max by it); merge maps are on the unit grid (h/2, w/2; a cell = one 2x2 unit =
+one LLM token) over the processor's pixels un-patchified (`unpatchify`). No cost control.
+
 Cost control (README, "Cost control"): with a token budget (``max_tokens`` / ``min_tokens``) or a
 focus region (``focus``: boxes, a mask, or a folder of masks named like the images), tokens.csv
 gains ``tokens_without_budget_or_focus`` and every merge map shows the image (focus outlined), its
@@ -58,16 +65,21 @@ from .measure import (
     WITHOUT_COLUMN,
     Analysis,
     _folder_labels,
+    _is_qwen_vl,
+    fraction_kept,
     jpeg_bytes,
     jpeg_complexity,
     measure,
     merge_map,
     model_view,
+    processed_pixels,
+    refuse_cost_control,
     spearman,
+    unpatchify,
 )
 
 __all__ = ["analyze", "measure", "Analysis", "jpeg_bytes", "jpeg_complexity", "spearman", "merge_map",
-           "model_view", "merge_map_figure", "write_csv"]
+           "model_view", "unpatchify", "merge_map_figure", "write_csv"]
 
 
 def write_csv(rows: Iterable[dict], path: str | Path, columns: Sequence[str] = CSV_COLUMNS) -> Path:
@@ -108,6 +120,7 @@ def analyze(
     none). Returns the `Analysis` (rows, skipped, Spearman ρ, files written).
     """
     _matplotlib()  # fail before the slow part when matplotlib is missing
+    refuse_cost_control(model, max_tokens, min_tokens, focus)  # before any folder is made
     out = Path(out_dir)
     maps_dir = out / "merge_maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +128,8 @@ def analyze(
         folders = [folders]
     sources = _folder_labels(folders)
     processor = processor or _default_processor(model)
+    pixels_processor = getattr(processor, "image_processor", processor)  # a full VLM processor's image part
+    cells = "units of 2x2 patches" if _is_qwen_vl(model) else "patches"  # a Qwen VL's LLM token is a 2x2 unit
     used: set[str] = set()
     drawn: dict[str, int] = {}
     files: list[Path] = []
@@ -126,12 +141,12 @@ def analyze(
         name = _merge_map_name(row, sources[row["folder"]], used)
         title = f"{Path(row['path']).name}: {row['tokens']} of {row['full_tokens']} tokens"
         if before is None:
-            files.append(save_merge_map(model_view(pixel_values, processor), group_of_patch, grid, maps_dir / name,
-                                        title))
+            files.append(save_merge_map(model_view(pixel_values, pixels_processor), group_of_patch, grid,
+                                        maps_dir / name, title, cells))
         else:
-            picture = before_after_figure(model_view(before[0], processor), before[1], row[WITHOUT_COLUMN],
-                                          model_view(pixel_values, processor), group_of_patch, row["tokens"], grid,
-                                          title, region)
+            picture = before_after_figure(model_view(before[0], pixels_processor), before[1], row[WITHOUT_COLUMN],
+                                          model_view(pixel_values, pixels_processor), group_of_patch, row["tokens"],
+                                          grid, title, region)
             picture.save(maps_dir / name, compress_level=3)
             files.append(maps_dir / name)
         row["merge_map"] = name
@@ -143,8 +158,7 @@ def analyze(
     def view(row):
         from ...images import open_image
 
-        pixels = processor(images=[open_image(row["path"])], return_tensors="pt")["pixel_values"][0]
-        return model_view(pixels, processor)
+        return model_view(processed_pixels(pixels_processor, open_image(row["path"])), pixels_processor)
 
     columns = list(CSV_COLUMNS)
     if analysis.rows and WITHOUT_COLUMN in analysis.rows[0]:
@@ -161,6 +175,8 @@ def analyze(
 def _default_processor(model):
     from ...api import vision_tower_of
 
+    if _is_qwen_vl(model):
+        return None  # no stock default: `measure` asks for the model's own
     tower, family = vision_tower_of(model)
     return family.default_processor(tower.config)
 
@@ -204,25 +220,42 @@ def cmd_analyze(args) -> int:
     rows = analysis.rows
     if not rows:
         raise ValueError(f"no readable images in {', '.join(args.images)} ({len(analysis.skipped)} skipped)")
-    tokens = sorted(r["tokens"] for r in rows)
+    tokens = [r["tokens"] for r in rows]
+    varies = analysis.full_tokens is None  # Qwen VLs: every image at its native resolution
+    of = (f"of each image's stock tokens ({_spread([r['full_tokens'] for r in rows], mean_fmt=None)}, "
+          "native resolution)" if varies else f"of {analysis.full_tokens}")
     print(f"analyzed {len(rows)} images in {len(analysis.folders)} folder(s): visual tokens kept "
-          f"min {tokens[0]} / median {tokens[(len(tokens) - 1) // 2]} / max {tokens[-1]} "
-          f"(mean {sum(tokens) / len(tokens):.1f}) of {analysis.full_tokens}")
+          f"{_spread(tokens)} {of}")
+    if varies:
+        kept = _spread([fraction_kept(r) for r in rows], "{:.0%}", "{:.0%}")
+        print(f"kept fraction (tokens / that image's stock tokens): {kept}")
     if rows and WITHOUT_COLUMN in rows[0]:
         without = [r[WITHOUT_COLUMN] for r in rows]
         print(f"without the budget/focus: mean {sum(without) / len(without):.1f} tokens; with: "
               f"{sum(tokens) / len(tokens):.1f}")
+    fraction = (f"; of JPEG complexity and kept fraction: rho = {_fmt_rho(analysis.spearman_kept_fraction)}"
+                if varies else "")
     print(f"Spearman rank correlation of JPEG complexity (quality {JPEG_QUALITY}) and tokens: "
-          f"rho = {_fmt_rho(analysis.spearman)} over {len(rows)} images")
+          f"rho = {_fmt_rho(analysis.spearman)} over {len(rows)} images{fraction}")
     if len(analysis.folders) > 1:
+        by_fraction = analysis.spearman_by_folder(kept_fraction=True)
         for label, rho in analysis.spearman_by_folder().items():
             n = sum(r["folder"] == label for r in rows)
-            print(f"  {label}: rho = {_fmt_rho(rho)} over {n} images")
+            print(f"  {label}: rho = {_fmt_rho(rho)} over {n} images"
+                  + (f"; kept fraction: rho = {_fmt_rho(by_fraction[label])}" if varies else ""))
     maps = sum(1 for r in rows if r["merge_map"])
     print(f"wrote {out / 'tokens.csv'}, complexity_vs_tokens.png, min_median_max.png and {maps} merge maps "
           f"in {out / 'merge_maps'}")
     print_skipped(analysis.skipped, where=str(out / "skipped.csv"))
     return 0
+
+
+def _spread(values, fmt: str = "{}", mean_fmt: str | None = "{:.1f}") -> str:
+    """'min A / median B / max C (mean D)' of ``values`` (no mean when ``mean_fmt`` is None)."""
+    ordered = sorted(values)
+    text = " / ".join(f"{which} {fmt.format(v)}" for which, v in
+                      (("min", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("max", ordered[-1])))
+    return text if mean_fmt is None else text + f" (mean {mean_fmt.format(sum(ordered) / len(ordered))})"
 
 
 def _cli_focus(args):

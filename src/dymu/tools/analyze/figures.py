@@ -8,7 +8,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .measure import JPEG_QUALITY, Analysis, merge_map
+from .measure import JPEG_QUALITY, Analysis, fraction_kept, merge_map
 
 # ---------------------------------------------------------------------------------------------
 # Pictures (matplotlib, imported lazily).
@@ -37,18 +37,32 @@ def _fmt_rho(rho: float) -> str:
 
 
 def plot_complexity_vs_tokens(analysis: Analysis, path: str | Path) -> Path:
-    """Scatter of JPEG complexity against tokens kept, one colour per folder, Spearman ρ shown."""
+    """Scatter of JPEG complexity against tokens kept, one colour per folder, Spearman ρ shown.
+
+    When images have different stock token counts (Qwen VLs: native resolution), a second panel
+    shows the kept fraction (tokens / that image's stock tokens), with its own ρ."""
     Figure = _matplotlib()
-    fig = Figure(figsize=(7.5, 5.2), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
-    by_folder = analysis.spearman_by_folder()
+    varies = analysis.full_tokens is None
+    fig = Figure(figsize=(13, 5.2) if varies else (7.5, 5.2), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 2 if varies else 1, squeeze=False)[0]
+    _scatter(axes[0], analysis, False, "visual tokens kept (of each image's own stock count)" if varies
+             else f"visual tokens kept (of {analysis.full_tokens})")
+    if varies:
+        _scatter(axes[1], analysis, True, "kept fraction: tokens / that image's stock tokens")
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _scatter(ax, analysis: Analysis, kept_fraction: bool, ylabel: str) -> None:
+    by_folder = analysis.spearman_by_folder(kept_fraction)
     for colour, label in zip(_colours(len(analysis.folders)), analysis.folders):
         rows = [r for r in analysis.rows if r["folder"] == label]
         if not rows:
             continue
         ax.scatter(
             [r["complexity_jpeg_q75"] for r in rows],
-            [r["tokens"] for r in rows],
+            [fraction_kept(r) if kept_fraction else r["tokens"] for r in rows],
             s=28, alpha=0.8, color=colour, edgecolors="none",
             label=f"{label} (n={len(rows)}, ρ={_fmt_rho(by_folder[label])})",
         )
@@ -61,18 +75,18 @@ def plot_complexity_vs_tokens(analysis: Analysis, path: str | Path) -> Path:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"JPEG complexity: bytes per pixel at quality {JPEG_QUALITY}")
-    ax.set_ylabel(f"visual tokens kept (of {analysis.full_tokens})")
-    ax.set_title(f"Spearman ρ = {_fmt_rho(analysis.spearman)} over {len(analysis.rows)} images")
+    ax.set_ylabel(ylabel)
+    rho = analysis.spearman_kept_fraction if kept_fraction else analysis.spearman
+    ax.set_title(f"Spearman ρ = {_fmt_rho(rho)} over {len(analysis.rows)} images")
     ax.grid(alpha=0.3)
     if analysis.rows:
         ax.legend(loc="best", fontsize=8)
-    path = Path(path)
-    fig.savefig(path)
-    return path
 
 
 def _min_median_max(rows: list[dict]) -> list[tuple[str, dict]]:
-    ordered = sorted(rows, key=lambda r: (r["tokens"], r["path"]))
+    # By kept fraction: the same order as by tokens when every image has the same stock count, and
+    # the meaningful one when not (Qwen VLs: a small image has few tokens whatever it shows).
+    ordered = sorted(rows, key=lambda r: (fraction_kept(r), r["path"]))
     return [("fewest", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("most", ordered[-1])]
 
 
@@ -82,6 +96,7 @@ def plot_min_median_max(analysis: Analysis, path: str | Path, view: Callable[[di
     ``view(row)`` returns the picture to show for a row (analyze passes the model's view).
     """
     Figure = _matplotlib()
+    varies = analysis.full_tokens is None
     labels = [label for label in analysis.folders if any(r["folder"] == label for r in analysis.rows)]
     fig = Figure(figsize=(9, 3.3 * max(1, len(labels)) + 0.4), dpi=100, layout="constrained")
     axes = fig.subplots(max(1, len(labels)), 3, squeeze=False)
@@ -94,14 +109,18 @@ def plot_min_median_max(analysis: Analysis, path: str | Path, view: Callable[[di
             ax.set_yticks([])
             name = Path(row["path"]).name
             name = name if len(name) <= 34 else name[:31] + "..."
-            ax.set_title(f"{which}: {row['tokens']} tokens\n{name}", fontsize=9)
+            tokens = (f"{row['tokens']}/{row['full_tokens']} tokens ({fraction_kept(row):.0%})" if varies
+                      else f"{row['tokens']} tokens")
+            ax.set_title(f"{which}: {tokens}\n{name}", fontsize=9)
             if j == 0:
                 mean = sum(r["tokens"] for r in rows) / len(rows)
-                ax.set_ylabel(f"{label}\n{len(rows)} images, mean {mean:.0f} tokens", fontsize=9)
+                kept = f", {sum(map(fraction_kept, rows)) / len(rows):.0%} kept" if varies else ""
+                ax.set_ylabel(f"{label}\n{len(rows)} images, mean {mean:.0f} tokens{kept}", fontsize=9)
     if not labels:
         axes[0][0].text(0.5, 0.5, "no images", ha="center", va="center")
-    fig.suptitle(f"Fewest / median / most tokens per folder (of {analysis.full_tokens}), as the model sees the images",
-                 fontsize=10)
+    what = ("Lowest / median / highest kept fraction (tokens / the image's stock tokens)" if varies
+            else f"Fewest / median / most tokens (of {analysis.full_tokens})")
+    fig.suptitle(f"{what} per folder, as the model sees the images", fontsize=10)
     path = Path(path)
     fig.savefig(path)
     return path
@@ -164,13 +183,15 @@ def merge_map_figure(
     title: str,
     *,
     panel: int = 384,
+    cells: str = "patches",
 ) -> Image.Image:
-    """The model's view of an image next to its merge map, ``title`` above (Pillow only, fast)."""
+    """The model's view of an image next to its merge map, ``title`` above (Pillow only, fast).
+    ``cells``: what one grid cell is, for the caption (a Qwen VL's are 2x2-patch units)."""
     rows, cols = grid
     cell = max(1, math.ceil(panel / max(rows, cols)))
     picture = merge_map(view, group_of_patch, grid, cell=cell)
     left = view.convert("RGB").resize(picture.size, Image.BICUBIC)
-    return _panels(title, [(left, "as the model sees it"), (picture, f"merge map ({rows}x{cols} patches)")])
+    return _panels(title, [(left, "as the model sees it"), (picture, f"merge map ({rows}x{cols} {cells})")])
 
 
 def before_after_figure(
@@ -209,10 +230,11 @@ def save_merge_map(
     grid: tuple[int, int],
     path: str | Path,
     title: str,
+    cells: str = "patches",
 ) -> Path:
     """Write `merge_map_figure` to ``path`` (PNG)."""
     path = Path(path)
-    merge_map_figure(view, group_of_patch, grid, title).save(path, compress_level=3)
+    merge_map_figure(view, group_of_patch, grid, title, cells=cells).save(path, compress_level=3)
     return path
 
 

@@ -4,6 +4,7 @@ No matplotlib here: `measure` returns rows only; `figures.py` draws them."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass, field
@@ -135,6 +136,27 @@ def model_view(pixel_values: torch.Tensor, processor=None) -> Image.Image:
     return Image.fromarray(array)
 
 
+def unpatchify(rows: torch.Tensor, grid_thw, patch_size: int, merge_size: int = 2) -> torch.Tensor:
+    """A Qwen VL image processor's flat patches of one image -> its (3, H, W) pixel values (first frame).
+
+    The processor lays out (t, h/m, w/m, m, m) rows of (C, T, p, p) values (m = merge_size, T =
+    temporal copies); undoing that layout gives back exactly the pixels the model sees, after the
+    processor's own smart_resize, whatever its backend or resampling (H = h·p, W = w·p).
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    m, p = merge_size, patch_size
+    x = rows.reshape(t, h // m, w // m, m, m, 3, -1, p, p)[0, :, :, :, :, :, 0]  # (h/m, w/m, m, m, 3, p, p)
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+
+
+def processed_pixels(processor, image: Image.Image) -> torch.Tensor:
+    """(3, H, W) pixel values of one image as ``processor`` prepares it for the model (Qwen: unpatchified)."""
+    out = processor(images=[image], return_tensors="pt")
+    if "image_grid_thw" in out:
+        return unpatchify(out["pixel_values"], out["image_grid_thw"][0], processor.patch_size, processor.merge_size)
+    return out["pixel_values"][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Measuring: run the encoder over folders of images.
 
@@ -145,21 +167,36 @@ class Analysis:
 
     rows: list[dict]
     skipped: list[dict]  # {"folder", "path", "reason"}
-    full_tokens: int
+    # Stock tokens per image; None when they differ between images (Qwen VLs keep every image's native
+    # resolution: see each row's full_tokens).
+    full_tokens: int | None
     folders: dict[str, str] = field(default_factory=dict)  # label -> source folder / JSON
     files: list[Path] = field(default_factory=list)  # written by `analyze`
 
     @property
     def spearman(self) -> float:
         """Spearman rank correlation of complexity and tokens over all images."""
-        return spearman([r["complexity_jpeg_q75"] for r in self.rows], [r["tokens"] for r in self.rows])
+        return self._spearman(self.rows, False)
 
-    def spearman_by_folder(self) -> dict[str, float]:
-        out = {}
-        for label in self.folders:
-            rows = [r for r in self.rows if r["folder"] == label]
-            out[label] = spearman([r["complexity_jpeg_q75"] for r in rows], [r["tokens"] for r in rows])
-        return out
+    @property
+    def spearman_kept_fraction(self) -> float:
+        """Spearman ρ of complexity and the kept fraction tokens / full_tokens over all images: the
+        measure to read when images have different stock token counts (the same as `spearman` when not)."""
+        return self._spearman(self.rows, True)
+
+    def spearman_by_folder(self, kept_fraction: bool = False) -> dict[str, float]:
+        return {label: self._spearman([r for r in self.rows if r["folder"] == label], kept_fraction)
+                for label in self.folders}
+
+    @staticmethod
+    def _spearman(rows: list[dict], kept_fraction: bool) -> float:
+        return spearman([r["complexity_jpeg_q75"] for r in rows],
+                        [fraction_kept(r) if kept_fraction else r["tokens"] for r in rows])
+
+
+def fraction_kept(row: dict) -> float:
+    """Tokens kept over the stock tokens of that image."""
+    return row["tokens"] / row["full_tokens"]
 
 
 def _folder_labels(folders: Sequence) -> dict[str, str]:
@@ -235,32 +272,105 @@ def measure(
 ) -> Analysis:
     """Tokens kept and JPEG complexity for every image of ``folders``; no pictures.
 
-    ``model``: a CLIP/SigLIP vision model or a VLM containing one. ``thresholds``: a `Thresholds`
-    object or file (its feature layer is used), or per-layer values. ``folders``: one or more
+    ``model``: a CLIP/SigLIP vision model or a VLM containing one, or a Qwen VL (its processor
+    needed; tokens are LLM tokens, i.e. merged 2x2 units, and ``full_tokens`` the image's stock unit
+    count at its native resolution). ``thresholds``: a `Thresholds` object or file (its feature
+    layer, or for a Qwen VL its merge point, is used), or per-layer values. ``folders``: one or more
     folders (searched recursively) or JSON lists of images (see `dymu.images.find_images`);
     ``max_images`` caps each. ``processor``: the model's image processor (default: the tower
     family's stock one). Unreadable images are skipped and listed in ``Analysis.skipped``.
-    ``each(row, pixel_values, group_of_patch, grid)`` is called for every image measured. The
-    model is left as it was (patched or not) afterwards.
+    ``each(row, pixel_values, group_of_patch, grid)`` is called for every image measured
+    (pixel_values (3, H, W) as the model sees them; a Qwen VL's grid is its units, (h/2, w/2) of
+    ``image_grid_thw``). The model is left as it was (patched or not) afterwards. Images of a batch
+    are encoded together (a Qwen VL packs images of any sizes); results do not depend on ``batch_size``.
 
     Cost control: ``max_tokens`` / ``min_tokens`` (default: the thresholds file's) bound the tokens
     per image; ``focus`` flattens every image outside a region (`dymu.focus`) to ``fill``: one
     focus for all images (boxes, a mask image or its path), a folder of masks named like the images,
     or a function path -> focus. Then every row also has ``tokens_without_budget_or_focus``, and
     ``each`` also gets ``before=(pixel_values, group_of_patch)`` of the plain run and ``region``
-    (the focus mask as the model sees it, or None).
+    (the focus mask as the model sees it, or None). Not for Qwen VLs (refused).
     """
     from tqdm.auto import tqdm
 
-    from ...api import vision_tower_of
     from ...images import ImageError, find_images, open_image
-    from ...api import _budget
-    from ...focus import DEFAULT_FILL, apply_focus, focus_mask
-    from ...towers.encoder import budget_set, dtome_patched, encode_with_tower
 
     if isinstance(folders, (str, Path)):
         folders = [folders]
     labels = _folder_labels(folders)
+    if _is_qwen_vl(model):
+        run = _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
+    else:
+        run = _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each)
+    todo = []
+    for label, folder in labels.items():
+        found = find_images(folder, image_root)
+        todo += [(label, path) for path in (found[:max_images] if max_images else found)]
+
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    pending: list[tuple[dict, torch.Tensor, tuple | None]] = []  # (row, processed image, extra)
+
+    def flush():
+        if pending:
+            run.flush(pending)
+            rows.extend(row for row, _, _ in pending)
+            pending.clear()
+
+    with run.patched:
+        for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
+            try:
+                image = open_image(path)
+            except ImageError as err:
+                skipped.append({"folder": label, "path": err.path, "reason": err.reason})
+                continue
+            try:
+                pixels, extra = run.prepare(image, path)
+            except Exception as err:  # a processor can reject odd sizes, a mask not fit: skip, do not die
+                reason = str(err) if "focus" in str(err) else f"cannot be preprocessed ({err})"
+                skipped.append({"folder": label, "path": str(path), "reason": reason})
+                continue
+            run.check(pixels)
+            nbytes = jpeg_bytes(image)
+            row = {
+                "folder": label,
+                "path": str(path),
+                "width": image.width,
+                "height": image.height,
+                "jpeg_bytes_q75": nbytes,
+                "complexity_jpeg_q75": nbytes / (image.width * image.height),
+                "tokens": None,
+                "full_tokens": None,
+                "merge_map": "",
+            }
+            if pending and run.one_size and pending[0][1].shape != pixels.shape:
+                flush()
+            pending.append((row, pixels, extra))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    full = {r["full_tokens"] for r in rows}
+    return Analysis(rows=rows, skipped=skipped, full_tokens=full.pop() if len(full) == 1 else (None if full else 0),
+                    folders=labels)
+
+
+@dataclass
+class _Run:
+    """How `measure` runs one kind of model over a batch of images."""
+
+    prepare: Callable  # (PIL image, path) -> (processed image, extra): may raise (the image is skipped)
+    check: Callable  # (processed image) -> None: raises (fatal) when the processor is not one analyze can use
+    flush: Callable  # (pending [(row, processed image, extra)]) -> None: fills tokens / full_tokens, calls `each`
+    patched: contextlib.AbstractContextManager  # the model patched while measuring
+    one_size: bool  # a batch must hold images of one size
+
+
+def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each) -> _Run:
+    """CLIP/SigLIP towers and the VLMs holding one: DToMe patched in for the run, batches of one image size."""
+    from ...api import _budget, vision_tower_of
+    from ...focus import DEFAULT_FILL, apply_focus, focus_mask
+    from ...towers.encoder import budget_set, dtome_patched, encode_with_tower
+
     tower, family = vision_tower_of(model)
     values, feature_layer, order = _resolve_thresholds(thresholds, tower, model)
     processor = processor or family.default_processor(tower.config)
@@ -274,22 +384,27 @@ def measure(
     patch = tower.config.patch_size
     device = next(tower.parameters()).device
 
-    todo = []
-    for label, folder in labels.items():
-        found = find_images(folder, image_root)
-        todo += [(label, path) for path in (found[:max_images] if max_images else found)]
+    def prepare(image, path):
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+        extra = None
+        if constrained:
+            where = focus_for(focus, Path(path))
+            mask = None if where is None else focus_mask(image.size, where)
+            region = None if mask is None else region_view(mask, processor, image.size)
+            extra = (pixels, region)
+            if mask is not None:
+                pixels = processor(images=[apply_focus(image, mask, fill)], return_tensors="pt")["pixel_values"]
+        return pixels, extra
 
-    rows: list[dict] = []
-    skipped: list[dict] = []
-    full_tokens = 0
-    pending: list[tuple[dict, torch.Tensor, tuple | None]] = []
+    def check(pixels):
+        if pixels.ndim != 4:
+            raise ValueError(
+                f"the image processor makes pixel values of shape {tuple(pixels.shape)}; analyze needs one "
+                "view per image (batch, 3, H, W). Pass the vision tower's plain processor."
+            )
 
-    def flush():
-        nonlocal full_tokens
-        if not pending:
-            return
+    def flush(pending):
         pixels = torch.cat([p for _, p, _ in pending]).to(device)
-        plain = None
         if constrained:
             plain = torch.cat([extra[0] for _, _, extra in pending]).to(device)
             with budget_set(tower, None):
@@ -304,7 +419,6 @@ def measure(
         counts = encoded.num_tokens.tolist()
         for k, (row, pixel_values, extra) in enumerate(pending):
             row["tokens"], row["full_tokens"] = int(counts[k]), int(full_tokens)
-            rows.append(row)
             if constrained:
                 row[WITHOUT_COLUMN] = int(before.num_tokens[k])
             if each is None:
@@ -314,50 +428,55 @@ def measure(
                      before=(extra[0][0], before.group_of_patch[k].cpu()), region=extra[1])
             else:
                 each(row, pixel_values[0], encoded.group_of_patch[k].cpu(), grid)
-        pending.clear()
 
-    with dtome_patched(tower, family, thresholds=values, order=order, budget=budget, feature_layer=feature_layer):
-        for label, path in tqdm(todo, unit="img", desc="analyzing", disable=not progress):
-            try:
-                image = open_image(path)
-            except ImageError as err:
-                skipped.append({"folder": label, "path": err.path, "reason": err.reason})
-                continue
-            extra = None
-            try:
-                pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
-                if constrained:
-                    where = focus_for(focus, Path(path))
-                    mask = None if where is None else focus_mask(image.size, where)
-                    region = None if mask is None else region_view(mask, processor, image.size)
-                    extra = (pixels, region)
-                    if mask is not None:
-                        pixels = processor(images=[apply_focus(image, mask, fill)], return_tensors="pt")["pixel_values"]
-            except Exception as err:  # a processor can reject odd sizes, a mask not fit: skip, do not die
-                reason = str(err) if "focus" in str(err) else f"cannot be preprocessed ({err})"
-                skipped.append({"folder": label, "path": str(path), "reason": reason})
-                continue
-            if pixels.ndim != 4:
-                raise ValueError(
-                    f"the image processor makes pixel values of shape {tuple(pixels.shape)}; analyze needs one "
-                    "view per image (batch, 3, H, W). Pass the vision tower's plain processor."
-                )
-            nbytes = jpeg_bytes(image)
-            row = {
-                "folder": label,
-                "path": str(path),
-                "width": image.width,
-                "height": image.height,
-                "jpeg_bytes_q75": nbytes,
-                "complexity_jpeg_q75": nbytes / (image.width * image.height),
-                "tokens": None,
-                "full_tokens": None,
-                "merge_map": "",
-            }
-            if pending and pending[0][1].shape != pixels.shape:
-                flush()
-            pending.append((row, pixels, extra))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-    return Analysis(rows=rows, skipped=skipped, full_tokens=full_tokens, folders=labels)
+    patched = dtome_patched(tower, family, thresholds=values, order=order, budget=budget, feature_layer=feature_layer)
+    return _Run(prepare, check, flush, patched, one_size=True)
+
+
+def _is_qwen_vl(model) -> bool:
+    from ...vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    return isinstance(model, SUPPORTED_QWEN_VLMS)
+
+
+def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
+    """Token budgets and focus regions are not wired for the Qwen ViT: one-line error."""
+    if _is_qwen_vl(model) and (max_tokens is not None or min_tokens is not None or focus is not None):
+        raise ValueError("token budgets and focus (--max-tokens / --min-tokens / --focus / --focus-mask) are for "
+                         "CLIP/SigLIP towers, not the Qwen ViT")
+
+
+def _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
+    """Qwen VLs: images at native resolution packed into one call of the tower (`encode_qwen`, the
+    thresholds file's merge point); tokens = LLM tokens (units), full_tokens = the image's stock units."""
+    from ...thresholds import Thresholds
+    from ...towers.qwen_vit import encode_qwen
+    from ...vlms.qwen_vl import qwen_thresholds
+
+    refuse_cost_control(model, max_tokens, min_tokens, focus)
+    if processor is None:
+        raise ValueError(f"analyzing a {type(model).__name__} needs its image processor (processor=...)")
+    processor = getattr(processor, "image_processor", processor)
+    visual = model.model.visual
+    if isinstance(thresholds, (str, Path)):
+        thresholds = Thresholds.load(thresholds)
+    values, merge_point = qwen_thresholds(visual, thresholds)
+    merge = visual.spatial_merge_size
+    device = next(visual.parameters()).device
+
+    def prepare(image, path):  # extra: the image's (1, 3) image_grid_thw
+        out = processor(images=[image], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def flush(pending):
+        grid = torch.cat([g for _, _, g in pending])
+        pixels = torch.cat([p for _, p, _ in pending])
+        encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
+        groups = encoded.groups_per_item(grid, merge)
+        for (row, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
+            row["tokens"], row["full_tokens"] = int(kept), int(units)
+            if each is not None:
+                _, h, w = thw[0].tolist()
+                each(row, unpatchify(rows, thw[0], processor.patch_size, merge), group.cpu(), (h // merge, w // merge))
+
+    return _Run(prepare, lambda pixels: None, flush, contextlib.nullcontext(), one_size=False)
