@@ -105,6 +105,7 @@ def apply(
     merge_point: str | None = None,
     max_tokens: int | None = None,
     min_tokens: int | None = None,
+    cross_frame: bool = False,
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
@@ -120,7 +121,9 @@ def apply(
       ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
       (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
       rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
-      ``"vit"``. See `dymu.vlms.qwen_vl`.
+      ``"vit"``. ``cross_frame=True``: a video's merge steps alternate between merging across its
+      frames (a unit can join its twin in the next temporal patch) and within them (default: within
+      each temporal patch only). See `dymu.vlms.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
@@ -140,10 +143,12 @@ def apply(
         if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:
             raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
                              "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
-        apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention)
+        apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention,
+                      cross_frame=cross_frame)
         return model
-    if merge_point is not None:
-        raise ValueError(f"merge_point is for the Qwen VLs, not {type(model).__name__}")
+    if merge_point is not None or cross_frame:
+        raise ValueError(f"{'merge_point' if merge_point is not None else 'cross_frame'} is for the Qwen VLs, "
+                         f"not {type(model).__name__}")
     wiring = vlm_wiring(model)
     if wiring is not None:
         # downsample sizes its images by the average tokens DToMe keeps with these thresholds.

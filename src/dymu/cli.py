@@ -270,7 +270,7 @@ def _load_patched_vlm(args):
         raise ValueError("mode 'tome' needs --r (merges per layer)")
     model, processor = load_vlm(args.model, args.device, args.dtype)
     apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False),
-          max_tokens=args.max_tokens, min_tokens=args.min_tokens)
+          max_tokens=args.max_tokens, min_tokens=args.min_tokens, cross_frame=getattr(args, "cross_frame", False))
     return model, processor
 
 
@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="append", help="OneVision or a Qwen VL: a folder of frame images, or a video "
                                                     "file (needs PyAV: pip install 'dymu[video]'); repeatable")
     p.add_argument("--frames", type=positive_int, default=8, help="frames taken evenly from each --video (default 8)")
+    p.add_argument("--cross-frame", action="store_true",
+                   help="Qwen VLs, videos: let units also merge with their twins in the neighbouring temporal patch "
+                        "(blocks alternate across and within frames); default: within each temporal patch")
     p.add_argument("--prompt", required=True,
                    help="the question only: dymu wraps it in the model's chat template and puts one image "
                         "placeholder per image before it (e.g. 'What is in this image?'). A prompt that already "

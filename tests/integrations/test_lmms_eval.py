@@ -374,6 +374,10 @@ def test_bad_model_args_fail_with_one_clear_line(demo_llava_dir, plugin_docs, tm
         lm.generate_until([audio])
     with pytest.raises(ValueError, match="max_frames_num must be a positive whole number, not '0'"):
         DyMU(pretrained=str(demo_llava_dir), mode="full", max_frames_num="0")
+    with pytest.raises(ValueError, match="cross_frame must be true or false, not 'maybe'"):
+        DyMU(pretrained=str(demo_llava_dir), mode="full", cross_frame="maybe")
+    with pytest.raises(ValueError, match="cross_frame is for the Qwen VLs, not LlavaForConditionalGeneration"):
+        DyMU(pretrained=str(demo_llava_dir), mode="full", cross_frame="true")
 
 
 def test_report_turns_the_runs_into_a_table(eval_dir, full_run, dymu_run_2proc, capsys):
@@ -476,7 +480,8 @@ def video_eval(tmp_path_factory):
 def test_video_tasks_full_and_dymu(video_eval, family):
     """Video requests run in modes full and dymu: the task metrics are computed, every sample logs
     its tokens per video, the run reports the mean per video (lower with dymu), and the plugin's
-    answers and counts are those of dymu.generate on the same frames."""
+    answers and counts are those of dymu.generate on the same frames. (The Qwen VL's dymu run merges
+    across frames: the cross_frame model arg.)"""
     import dymu
     from dymu.images import load_video
     from dymu.thresholds import Thresholds
@@ -485,7 +490,9 @@ def test_video_tasks_full_and_dymu(video_eval, family):
     folder, models = video_eval
     args = f"pretrained={models[family]},batch_size=2,max_frames_num={FRAMES}"
     full = _simple_evaluate(folder, f"{args},mode=full", VIDEO_TASKS)
-    merged = _simple_evaluate(folder, f"{args},mode=dymu,thresholds={folder / f'{family}-mid.json'}", VIDEO_TASKS)
+    cross_frame = family.startswith("qwen")
+    merged = _simple_evaluate(folder, f"{args},mode=dymu,thresholds={folder / f'{family}-mid.json'}"
+                                      + (",cross_frame=true" if cross_frame else ""), VIDEO_TASKS)
     off = _simple_evaluate(folder, f"{args},mode=dymu,thresholds=inf", "dymu_tiny_video_mc")
     for run in (full, merged):
         assert set(run["results"]["results"]) == set(VIDEO_TASKS.split(","))
@@ -505,7 +512,8 @@ def test_video_tasks_full_and_dymu(video_eval, family):
             assert float(nll) == pytest.approx(float(nll_full), abs=1e-4)
     # the plugin answers as dymu.generate does on the same frames
     model, processor = load_vlm(str(models[family]), "cpu", "float32")
-    dymu.apply(model, Thresholds.load(folder / f"{family}-mid.json"), mode="dymu")
+    dymu.apply(model, Thresholds.load(folder / f"{family}-mid.json"), mode="dymu",
+               **({"cross_frame": True} if cross_frame else {}))
     for doc_id, sample in merged["samples"]["dymu_tiny_video"].items():
         frames = load_video(folder / "videos" / f"{['cat', 'blank', 'street'][doc_id]}.mp4", FRAMES)
         ref = generate(model, processor, [sample["doc"]["question"]], [[]], videos=[[frames]], max_new_tokens=4)

@@ -15,7 +15,7 @@ import torch
 
 import dymu
 from dymu.towers.qwen_vit import encode_qwen
-from dymu.vlms.qwen_vl import qwen_inputs
+from dymu.vlms.qwen_vl import qwen_inputs, video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
@@ -118,12 +118,12 @@ def _average_within_groups(group_map):
     return hook
 
 
-@pytest.mark.parametrize("merge_point", ["vit", "post"])
-def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_inputs, merge_point):
+@pytest.mark.parametrize("merge_point,cross_frame", [("vit", False), ("post", False), ("vit", True), ("post", True)])
+def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_inputs, merge_point, cross_frame):
     stock, _, inputs, _, _ = stock_and_inputs
     model, _ = load_qwen(family, qwen_dirs[family])
     depth = len(model.model.visual.blocks)
-    dymu.apply(model, [0.6] * (depth if merge_point == "vit" else 2), merge_point=merge_point)
+    dymu.apply(model, [0.6] * (depth if merge_point == "vit" else 2), merge_point=merge_point, cross_frame=cross_frame)
     with torch.no_grad():
         logits = model(**inputs).logits
         encoded = dict(model.model._dymu.last_encoded)
@@ -131,6 +131,9 @@ def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_input
                                                                inputs[f"{m}_grid_thw"]) for m in ("image", "video")}
     for enc in encoded.values():  # real merging happened, and within every segment
         assert enc.kept_per_segment.sum() < enc.units_per_segment.sum()
+    if cross_frame:  # some group of the 2-patch video holds units of both of its temporal patches
+        first = encoded["video"].group_of_unit[: int(inputs["video_grid_thw"][0].prod()) // 4].view(2, -1)
+        assert set(first[0].tolist()) & set(first[1].tolist())
     group_map = _reference_group_map(model, inputs, encoded)
     handles = [layer.self_attn.register_forward_hook(_average_within_groups(group_map))
                for layer in stock.model.language_model.layers]
@@ -185,6 +188,56 @@ def test_an_image_merged_down_to_one_unit_alone_and_in_a_batch(stock_and_inputs,
         assert halving[-1] == 1 and set(together.kept_per_segment.tolist()) == {1}
     assert torch.equal(together.kept_per_step[0], alone.kept_per_step[0])
     assert (together.features[: len(alone.features)] - alone.features).abs().max().item() <= ATOL
+
+
+def static_video(patches: int = 4):
+    """A video of one photo repeated: 2·patches identical frames."""
+    photo = load_image("skimage_chelsea_cat.png").resize((224, 168))
+    return [photo] * (2 * patches)
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_cross_frame_merges_every_unit_with_its_twin_in_a_static_video(stock_and_inputs, merge_point):
+    """Frame parity: at block/round 0 the units of patches 0 and 2 meet their twins in 1 and 3 (score 1,
+    all merge: 4u -> 2u); block 1 matches within frames (threshold 2: nothing); at block 2 the patches
+    left (1, 3) are ranked 0, 1 and merge again (2u -> u). Every group is one position in all 4
+    patches. Per temporal patch only, the same thresholds merge (almost) nothing."""
+    stock, processor, _, _, _ = stock_and_inputs
+    visual = stock.model.visual
+    video = video_pixels(processor.image_processor, static_video())
+    pixels, grid = video["pixel_values_videos"], video["video_grid_thw"]
+    u = int(grid[0, 1] * grid[0, 2]) // 4
+    steps = len(visual.blocks) if merge_point == "vit" else 3
+    thresholds = [0.999, 2.0, 0.999] + [INF] * (steps - 3)
+    across = encode_qwen(visual, pixels, grid, thresholds, merge_point, cross_frame=True)
+    assert across.kept_per_step.sum(0)[:3].tolist() == [2 * u, 2 * u, u]
+    assert across.kept_per_segment.tolist() == [0, 0, 0, u]  # merged units sit in the destination's patch
+    assert torch.equal(across.group_of_unit.view(4, u), across.group_of_unit[:u].expand(4, u))
+    within = encode_qwen(visual, pixels, grid, thresholds, merge_point)
+    assert within.kept_per_segment.sum() > 3 * u
+    # the merged tokens are the twins' (equal) features: the stock tower's rows for patch 0
+    stock_rows = encode_qwen(visual, pixels, grid, [INF] * steps, merge_point).features[:u]
+    assert (across.features[:u] - stock_rows).abs().max().item() <= (ATOL if merge_point == "post" else 1e-4)
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_cross_frame_video_alone_and_in_a_batch(stock_and_inputs, merge_point):
+    stock, processor, _, _, _ = stock_and_inputs
+    visual = stock.model.visual
+    videos = [video_pixels(processor.image_processor, f) for f in (frames(6), static_video(2), frames(4))]
+    pixels = torch.cat([v["pixel_values_videos"] for v in videos])
+    grid = torch.cat([v["video_grid_thw"] for v in videos])
+    thresholds = [0.6] * (len(visual.blocks) if merge_point == "vit" else 3)
+    together = encode_qwen(visual, pixels, grid, thresholds, merge_point, cross_frame=True)
+    groups = together.groups_per_item(grid)
+    start = 0
+    for k, video in enumerate(videos):
+        alone = encode_qwen(visual, video["pixel_values_videos"], video["video_grid_thw"], thresholds, merge_point,
+                            cross_frame=True)
+        n = len(alone.group_of_unit)
+        assert torch.equal(groups[k], alone.group_of_unit)
+        assert (together.features[start : start + n] - alone.features).abs().max().item() <= ATOL
+        start += n
 
 
 def test_generate_with_merges_runs_with_beams(qwen_dirs, family, stock_and_inputs):

@@ -180,7 +180,8 @@ class DyMU(lmms):
     default dymu), ``r`` (merges per layer, mode tome), ``batch_size``, ``device``, ``dtype``
     (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none), ``max_tokens`` /
     ``min_tokens`` (a per-image token budget at the feature layer, as in `dymu.apply`),
-    ``max_frames_num`` (frames taken evenly from each video, default 32).
+    ``max_frames_num`` (frames taken evenly from each video, default 32), ``cross_frame`` (Qwen VLs:
+    video units may also merge across frames, as in `dymu.apply`).
     """
 
     is_simple = True
@@ -188,12 +189,12 @@ class DyMU(lmms):
     def __init__(self, pretrained: str, thresholds=None, mode: str = "dymu", r: int | None = None,
                  batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, max_tokens=None,
-                 min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, **unknown) -> None:
+                 min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, cross_frame=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
                              "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, "
-                             "min_tokens, max_frames_num).")
+                             "min_tokens, max_frames_num, cross_frame).")
         self.batch_size_per_process = _positive_int("batch_size", batch_size)
         self.max_frames_num = _positive_int("max_frames_num", max_frames_num)
         from accelerate import Accelerator
@@ -208,9 +209,13 @@ class DyMU(lmms):
         self._world_size = self.accelerator.num_processes
         thresholds = load_thresholds(thresholds)  # once per process
         self.model, self.processor = load_vlm(str(pretrained), device, dtype)
-        budget = {name: int(value) for name, value in (("max_tokens", max_tokens), ("min_tokens", min_tokens))
-                  if value is not None}  # a per-image token budget (dymu.apply); unset: the file's default
-        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode, **budget)
+        # dymu.apply options given as model_args: a per-image token budget (unset: the thresholds file's
+        # default) and cross_frame (only when given: the LLaVA models take none)
+        options = {name: int(value) for name, value in (("max_tokens", max_tokens), ("min_tokens", min_tokens))
+                   if value is not None}
+        if cross_frame is not None:
+            options["cross_frame"] = _boolean("cross_frame", cross_frame)
+        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode, **options)
         self.mode = mode
         self.max_new_tokens = int(max_new_tokens)
         self._device = next(self.model.parameters()).device
@@ -410,6 +415,15 @@ def load_thresholds(value):
         return float(value)
     except ValueError:
         return Thresholds.from_ref(value)
+
+
+def _boolean(name: str, value) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"dymu lmms-eval model: {name} must be true or false, not {value!r}.")
 
 
 def _positive_int(name: str, value) -> int:

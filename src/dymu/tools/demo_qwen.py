@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..vlms.qwen_vl import processor_class
+from ..vlms.qwen_vl import processor_class, video_pixels
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
@@ -173,6 +173,14 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
         out(f"a 4-frame video (2 temporal patches): tokens per temporal patch {video.kept_per_segment.tolist()} "
             f"of {video.units_per_segment.tolist()}")
         results["results"][merge_point] = result
+        apply(model, thresholds, mode="dymu", cross_frame=True)  # the same video, frames merging with each other
+        pixels = video_pixels(processor.image_processor, frames)
+        with torch.no_grad():
+            model.model.get_video_features(pixels["pixel_values_videos"], pixels["video_grid_thw"])
+        across = model.model._dymu.last_encoded["video"]
+        out(f"  with cross_frame=True (units may also join their twins in the other temporal patch): "
+            f"{across.kept_per_segment.tolist()} ({int(across.kept_per_segment.sum())} tokens instead of "
+            f"{int(video.kept_per_segment.sum())})")
     apply(model, None, mode="full")
     results["results"]["full"] = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]],
                                           max_new_tokens=max_new_tokens)

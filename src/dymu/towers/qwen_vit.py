@@ -26,6 +26,11 @@ Two merge points:
   the LLM-sized tokens after the PatchMerger in a few thresholded bipartite rounds, with the last
   block's keys as the metric. Saves LLM compute only.
 
+Videos, ``cross_frame=True``: a video is one merge segment, and blocks (rounds) 0, 2, 4, ... match
+across its frames with a frame-parity split (`across_frames`: A = units of its even-ranked temporal
+patches, B = odd-ranked), blocks 1, 3, 5, ... within each temporal patch (`within_segments`). A
+merged unit keeps its destination's patch, so attention segments stay per temporal patch.
+
 Both return a `QwenEncoded`: the features virtually unmerged back to the stock unit count (so the
 processor's placeholders, `get_rope_index` and `generate` stay stock) and the group of every unit.
 """
@@ -102,44 +107,98 @@ def unit_metric(keys: Tensor, num_heads: int) -> Tensor:
 
 
 @dataclass
+class Layout:
+    """Where every unit sits in merge.py's padded batch: its batch row (a *merge segment*) and its slot
+    there (even slots are A, odd slots B). Units are listed in packed order, sorted by segment."""
+
+    row: Tensor  # (U,) batch row of every unit
+    slot: Tensor  # (U,) slot of every unit in its row
+    rows: int  # batch rows
+    width: int  # slots per row
+
+
+def within_segments(segment_of_unit: Tensor, segments: int) -> Layout:
+    """The stock split: one batch row per segment (an image or one temporal patch), its units at
+    consecutive slots, so A and B alternate in reading order."""
+    lengths = torch.bincount(segment_of_unit, minlength=segments)
+    start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
+    slot = torch.arange(len(segment_of_unit), device=segment_of_unit.device) - start[segment_of_unit]
+    return Layout(segment_of_unit, slot, segments, int(lengths.max()) if len(segment_of_unit) else 0)
+
+
+def across_frames(segment_of_unit: Tensor, item_of_segment: Tensor, items: int) -> Layout:
+    """The frame-parity split: one batch row per image / video; A = the units of its even-ranked
+    temporal patches, B = those of its odd-ranked ones, ranked among the patches that still hold
+    units (so a merged-away patch does not leave two patches of one parity side by side). A unit can
+    then pair with its twin in the neighbouring patch, which plain slot alternation never offers
+    (a twin is h·w/4 slots away: the same parity whenever that is even). An item with one patch
+    left (an image) keeps the stock alternation."""
+    device = segment_of_unit.device
+    n = len(segment_of_unit)
+    item = item_of_segment[segment_of_unit]
+    patches, patch = torch.unique_consecutive(segment_of_unit, return_inverse=True)  # patches present
+    item_of_patch = item_of_segment[patches]
+    first = F.pad(torch.bincount(item_of_patch, minlength=items).cumsum(0), (1, 0))[:-1]
+    rank = torch.arange(len(patches), device=device) - first[item_of_patch]  # rank within the item
+    several = torch.bincount(item_of_patch, minlength=items) > 1  # items with more than one patch left
+    index_in_item = torch.arange(n, device=device) - F.pad(torch.bincount(item, minlength=items).cumsum(0),
+                                                           (1, 0))[:-1][item]
+    parity = rank[patch] % 2
+    key = item * 2 + parity  # (item, parity) classes, in packed order within each
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=2 * items)
+    position = torch.empty_like(key)
+    position[order] = torch.arange(n, device=device) - F.pad(counts.cumsum(0), (1, 0))[:-1][key[order]]
+    slot = torch.where(several[item], 2 * position + parity, index_in_item)
+    return Layout(item, slot, items, int(slot.max()) + 1 if n else 0)
+
+
+@dataclass
 class Step:
-    payload: Tensor  # (U', F) merged rows, segment after segment
+    payload: Tensor  # (U', F) merged rows, in the packed order of their destinations
     sizes: Tensor  # (U',) units each merged row stands for
-    lengths: Tensor  # (S,) rows per segment
     new_index: Tensor  # (U,) where every old row went
     survivors: Tensor  # (U',) old row index of every new row (its destination): for per-unit ids / rotary
 
 
-def merge_segments(payload: Tensor, metric: Tensor, sizes: Tensor, lengths: Tensor,
+def merge_segments(payload: Tensor, metric: Tensor, sizes: Tensor, layout: Layout,
                    choose: Callable[[M.Matches], Tensor]) -> Step:
-    """Bipartite matching within every segment (A = even, B = odd slots of the segment), merge the
-    chosen edges (size-weighted means of ``payload``), and compact, survivors in their old order."""
-    n_max = int(lengths.max()) if lengths.numel() else 0
-    slots = torch.arange(n_max, device=payload.device)
-    valid = slots < lengths[:, None]  # (S, n_max)
+    """Bipartite matching within every batch row of ``layout`` (A = even, B = odd slots), merge the
+    chosen edges (size-weighted means of ``payload``), and compact: every merged row takes its
+    destination's place, so survivors keep their packed order (sorted by segment and window)."""
+    device = payload.device
 
-    def pad(x: Tensor) -> Tensor:  # (U, ...) -> (S, n_max, ...), zeros on padding
-        out = x.new_zeros((*valid.shape, *x.shape[1:]))
-        out[valid] = x
+    def pad(x: Tensor) -> Tensor:  # (U, ...) -> (rows, width, ...), zeros on padding
+        out = x.new_zeros((layout.rows, layout.width, *x.shape[1:]))
+        out[layout.row, layout.slot] = x
         return out
 
     sizes_p = pad(sizes)
     matches = M.match(pad(metric), sizes_p, protect_first=False)
     chosen = choose(matches)
-    identity = torch.arange(payload.shape[0], device=payload.device)
+    identity = torch.arange(payload.shape[0], device=device)
     if not bool(chosen.any()):
-        return Step(payload, sizes, lengths, identity, identity)
-    group = slots.expand(len(lengths), n_max).clone()
-    merged, new_sizes, new_slot = M.merge(pad(payload), sizes_p, group, matches, chosen)
-    live = new_sizes > 0  # (S, n_max')
-    new_lengths = live.sum(1)
-    new_offsets = F.pad(new_lengths.cumsum(0), (1, 0))[:-1]
-    old_offsets = F.pad(lengths.cumsum(0), (1, 0))[:-1]
-    gone = torch.zeros_like(valid)
-    gone[:, 0::2] = chosen  # merged-away A slots; every other live slot survives, in slot order
-    return Step(payload=merged[live], sizes=new_sizes[live], lengths=new_lengths,
-                new_index=(new_slot + new_offsets[:, None])[valid],
-                survivors=(slots + old_offsets[:, None])[valid & ~gone])
+        return Step(payload, sizes, identity, identity)
+    slots = torch.arange(layout.width, device=device).expand(layout.rows, layout.width).clone()
+    merged, new_sizes, new_slot = M.merge(pad(payload), sizes_p, slots, matches, chosen)
+    live = new_sizes > 0  # (rows, width'): the merged rows are merged[live], in (row, slot) order
+    new_offsets = F.pad(live.sum(1).cumsum(0), (1, 0))[:-1]
+    at = new_slot[layout.row, layout.slot] + new_offsets[layout.row]  # (U,) every old row's place in merged[live]
+    gone = torch.zeros_like(sizes_p, dtype=torch.bool)
+    gone[:, 0::2] = chosen  # merged-away A slots
+    survivors = torch.nonzero(~gone[layout.row, layout.slot]).flatten()  # destinations, in packed order
+    place = at[survivors]  # where each of them is in merged[live]
+    rank = torch.empty_like(place)
+    rank[place] = torch.arange(len(place), device=device)
+    return Step(payload=merged[live][place], sizes=new_sizes[live][place], new_index=rank[at], survivors=survivors)
+
+
+def _layout(step: int, cross_frame: bool, segment_of_unit: Tensor, item_of_segment: Tensor) -> Layout:
+    """The matching layout of block (or round) ``step``: within segments; with ``cross_frame``, blocks
+    0, 2, 4, ... match across the frames of each video and blocks 1, 3, 5, ... within frames."""
+    if cross_frame and step % 2 == 0:
+        return across_frames(segment_of_unit, item_of_segment, int(item_of_segment.max()) + 1)
+    return within_segments(segment_of_unit, len(item_of_segment))
 
 
 def _chooser(thresholds: Sequence[float], edge_chooser: EdgeChooser | None, step: int):
@@ -176,9 +235,10 @@ def _window_index(visual, grid_thw: Tensor):
 
 @torch.no_grad()
 def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
-                edge_chooser: EdgeChooser | None = None) -> QwenEncoded:
+                edge_chooser: EdgeChooser | None = None, cross_frame: bool = False) -> QwenEncoded:
     """Stock tower, then one thresholded bipartite round per entry of ``thresholds`` on its output
-    tokens (per segment), with the last block's pre-rotary keys as the metric."""
+    tokens (per segment; with ``cross_frame``, rounds alternate across and within frames), with the
+    last block's pre-rotary keys as the metric."""
     captured = []
     handle = visual.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, out: captured.append(out))
     try:
@@ -196,19 +256,23 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     widths = [features.shape[-1]] + [d.shape[-1] for d in deepstack]
     payload = torch.cat([features, *deepstack], dim=-1)
     units = segment_units(grid_thw, visual.spatial_merge_size).to(features.device)
-    lengths, sizes = units, torch.ones(len(features), dtype=torch.long, device=features.device)
+    segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(features.device))
+    sizes = torch.ones(len(features), dtype=torch.long, device=features.device)
     group = torch.arange(len(features), device=features.device)
     kept = []
     for step in range(len(thresholds)):
         if _merges_at(thresholds, edge_chooser, step):
-            merged = merge_segments(torch.cat([payload, metric], -1), metric, sizes, lengths,
+            merged = merge_segments(torch.cat([payload, metric], -1), metric, sizes,
+                                    _layout(step, cross_frame, segment_of_unit, item_of_segment),
                                     _chooser(thresholds, edge_chooser, step))
             payload, metric = merged.payload[:, : payload.shape[1]], merged.payload[:, payload.shape[1]:]
             metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            sizes, lengths, group = merged.sizes, merged.lengths, merged.new_index[group]
-        kept.append(lengths)
+            sizes, group = merged.sizes, merged.new_index[group]
+            segment_of_unit = segment_of_unit[merged.survivors]
+        kept.append(torch.bincount(segment_of_unit, minlength=len(units)))
     parts = payload.split(widths, dim=-1)
-    return _finish(parts[0], group, lengths, units, kept, list(parts[1:]))
+    return _finish(parts[0], group, torch.bincount(segment_of_unit, minlength=len(units)), units, kept,
+                   list(parts[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +330,10 @@ def _run_ids(lengths: Tensor) -> Tensor:
 
 @torch.no_grad()
 def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
-               edge_chooser: EdgeChooser | None = None) -> QwenEncoded:
+               edge_chooser: EdgeChooser | None = None, cross_frame: bool = False) -> QwenEncoded:
     """The tower forward with unit-level DToMe after the attention of every block with a finite
-    threshold (one per block), proportional attention, packed layout recomputed from survivors."""
+    threshold (one per block), proportional attention, packed layout recomputed from survivors.
+    ``cross_frame``: a video's merging blocks alternate across frames (frame parity) and within frames."""
     if len(thresholds) != len(visual.blocks):
         raise ValueError(f"{len(thresholds)} thresholds for a vision tower of {len(visual.blocks)} blocks")
     rope = _rope_vision(visual)
@@ -277,7 +342,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
     device = hidden.device
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
     units = segment_units(grid_thw, visual.spatial_merge_size).to(device)
-    segment_of_unit = _run_ids(units)
+    segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(device))
     window_index, cu_windows = _window_index(visual, grid_thw)
     reverse = None
     if window_index is not None:  # Qwen2.5-VL: units in window order, as the stock forward does
@@ -292,7 +357,6 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
     n_units = hidden.shape[0] // UNIT
     sizes = torch.ones(n_units, dtype=torch.long, device=device)
     group = torch.arange(n_units, device=device)
-    lengths = units
     full_blocks = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
     deepstack_at = list(getattr(visual, "deepstack_visual_indexes", []) or [])
     deepstack: list[Tensor] = []
@@ -307,21 +371,22 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
         if _merges_at(thresholds, edge_chooser, index):
             widths = [UNIT * dim] + [d.shape[-1] for d in deepstack]
             payload = torch.cat([hidden.view(-1, UNIT * dim), *deepstack], dim=-1)
-            step = merge_segments(payload, unit_metric(keys, block.attn.num_heads), sizes, lengths,
+            step = merge_segments(payload, unit_metric(keys, block.attn.num_heads), sizes,
+                                  _layout(index, cross_frame, segment_of_unit, item_of_segment),
                                   _chooser(thresholds, edge_chooser, index))
             parts = step.payload.split(widths, dim=-1)
             hidden, deepstack = parts[0].reshape(-1, dim), list(parts[1:])
-            sizes, lengths, group = step.sizes, step.lengths, step.new_index[group]
+            sizes, group = step.sizes, step.new_index[group]
             rows = (step.survivors[:, None] * UNIT + torch.arange(UNIT, device=device)).flatten()
             cos, sin = cos[rows], sin[rows]  # the destination unit's rotary (see module docstring)
             segment_of_unit = segment_of_unit[step.survivors]
             if window_index is not None:
                 window_of_unit = window_of_unit[step.survivors]
-        kept.append(lengths)
+        kept.append(torch.bincount(segment_of_unit, minlength=len(units)))
         hidden = hidden + block.mlp(block.norm2(hidden))
         if index in deepstack_at:
             deepstack.append(visual.deepstack_merger_list[deepstack_at.index(index)](hidden))
-    return _finish(visual.merger(hidden), group, lengths, units, kept, deepstack, reverse)
+    return _finish(visual.merger(hidden), group, kept[-1], units, kept, deepstack, reverse)
 
 
 def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[float]:
@@ -343,9 +408,10 @@ def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[fl
 
 
 def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
-                merge_point: str = "vit", edge_chooser: EdgeChooser | None = None) -> QwenEncoded:
+                merge_point: str = "vit", edge_chooser: EdgeChooser | None = None,
+                cross_frame: bool = False) -> QwenEncoded:
     encode = encode_vit if merge_point == "vit" else encode_post
-    return encode(visual, pixel_values, grid_thw.to(pixel_values.device), thresholds, edge_chooser)
+    return encode(visual, pixel_values, grid_thw.to(pixel_values.device), thresholds, edge_chooser, cross_frame)
 
 
 def qwen_identity(visual: nn.Module, merge_point: str, steps: int, model_ref: str | None = None) -> dict:

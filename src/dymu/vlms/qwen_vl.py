@@ -44,6 +44,7 @@ class QwenSettings:
     mode: str
     merge_point: str
     thresholds: list[float]
+    cross_frame: bool = False  # videos: merge steps alternate across frames and within frames
     last_encoded: dict[str, QwenEncoded] = field(default_factory=dict)  # "image" / "video" of the last call
 
 
@@ -65,7 +66,8 @@ class DyMUQwenVLModel:
         if grid_thw is None:
             raise ValueError(f"DyMU needs {modality}_grid_thw with the {modality} pixels")
         settings = self._dymu
-        encoded = encode_qwen(self.visual, pixels, grid_thw, settings.thresholds, settings.merge_point)
+        encoded = encode_qwen(self.visual, pixels, grid_thw, settings.thresholds, settings.merge_point,
+                              cross_frame=settings.cross_frame and modality == "video")
         settings.last_encoded[modality] = encoded
         split = (grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
         features = encoded.features.split(split)
@@ -237,7 +239,7 @@ def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = Non
 
 
 def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
-                  vtu_attention: str = "fast") -> None:
+                  vtu_attention: str = "fast", cross_frame: bool = False) -> None:
     """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place. ``thresholds``: one per vision block
     (merge_point="vit"), or one per merge round after the PatchMerger (merge_point="post");
     ``merge_point`` default: the thresholds file's, else "vit"."""
@@ -248,6 +250,8 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         raise ValueError(f"unknown mode {mode!r} for a Qwen VL; choose one of {', '.join(QWEN_MODES)}")
     if merge_point is not None and merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
+    if mode == "full" and cross_frame:
+        raise ValueError("cross_frame merges video frames: it needs mode 'dymu', not 'full'")
     remove_qwen_vl(model)
     model._dymu_mode = mode
     if mode == "full":
@@ -257,7 +261,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
     values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
     apply_vtu(inner.language_model, vtu_attention=vtu_attention)
-    inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values)
+    inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame))
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _swapped_class(type(inner))
 
@@ -269,7 +273,8 @@ def encode_qwen_vl(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch
     settings = getattr(model.model, "_dymu", None)
     if settings is None:
         return encode_qwen(visual, pixel_values, grid_thw, [float("inf")], "post")
-    return encode_qwen(visual, pixel_values, grid_thw, settings.thresholds, settings.merge_point)
+    return encode_qwen(visual, pixel_values, grid_thw, settings.thresholds, settings.merge_point,
+                       cross_frame=settings.cross_frame)
 
 
 def remove_qwen_vl(model: nn.Module) -> None:
