@@ -157,3 +157,21 @@ def test_token_fraction_rises_with_image_complexity(qwen_dirs):
     fraction = [k / n for k, n in encoded.per_item(inputs["image_grid_thw"])]
     rho = spearman([jpeg_complexity(im) for im in images], fraction)
     assert rho > 0.5, rho
+
+
+def test_frame_parity_layout():
+    """A video of 3 temporal patches (2, 2, 2 units) and an image (3 units) in one call: the video's A
+    slots hold patches 0 and 2 (ranks 0, 2), its B slots patch 1; the image keeps plain alternation.
+    With patch 1 merged away, patches 0 and 2 are ranks 0 and 1: A and B."""
+    from dymu.towers.qwen_vit import across_frames, within_segments
+
+    segment_of_unit = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    item_of_segment = torch.tensor([0, 0, 0, 1])
+    layout = across_frames(segment_of_unit, item_of_segment, 2)
+    assert layout.row.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert layout.slot.tolist() == [0, 2, 1, 3, 4, 6, 0, 1, 2]  # A: 0, 2, 4, 6 (patches 0, 2); B: 1, 3 (patch 1)
+    assert (layout.rows, layout.width) == (2, 7)
+    later = across_frames(torch.tensor([0, 0, 2, 2]), item_of_segment, 2)
+    assert later.slot.tolist() == [0, 2, 1, 3]
+    stock = within_segments(segment_of_unit, 4)
+    assert stock.row.tolist() == segment_of_unit.tolist() and stock.slot.tolist() == [0, 1, 0, 1, 0, 1, 0, 1, 2]
