@@ -209,27 +209,29 @@ class DyMUEncoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         state = self._dymu_state
         if state.cu_seqlens is not None:
-            return self._dymu_forward_packed(hidden_states, state)
-        if state.sizes is None or state.sizes.shape != hidden_states.shape[:2]:
-            # Called outside a tower forward (e.g. a single layer): start from unmerged tokens.
-            state.reset(hidden_states.shape[0], hidden_states.shape[1], hidden_states.device)
-        if state.merged_any:
-            bias = M.attention_bias(state.sizes, hidden_states.dtype)
-            attention_mask = bias if attention_mask is None else attention_mask + bias
+            # Packed rows (T, D): norms, projections and the MLP are row-wise, so only attention
+            # needs the images apart.
+            def attend(x):
+                return packed_attention(self.self_attn, x, state.cu_seqlens, state.sizes)
 
-        residual = hidden_states
-        hidden_states = self.layer_norm1(hidden_states)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
-        hidden_states = residual + hidden_states
+            merge = self._dymu_merge_packed
+        else:
+            if state.sizes is None or state.sizes.shape != hidden_states.shape[:2]:
+                # Called outside a tower forward (e.g. a single layer): start from unmerged tokens.
+                state.reset(hidden_states.shape[0], hidden_states.shape[1], hidden_states.device)
+            if state.merged_any:
+                bias = M.attention_bias(state.sizes, hidden_states.dtype)
+                attention_mask = bias if attention_mask is None else attention_mask + bias
 
+            def attend(x):
+                return self.self_attn(hidden_states=x, attention_mask=attention_mask, **kwargs)[0]
+
+            merge = self._dymu_merge
+        hidden_states = hidden_states + attend(self.layer_norm1(hidden_states))
         if state.merges_at(self._dymu_index):
-            hidden_states = self._dymu_merge(hidden_states, state)
+            hidden_states = merge(hidden_states, state)
         state.kept_per_layer.append(state.tokens_alive())
-
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
     def _dymu_merge(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
         if state.pack_at_merge:  # from here on the forward runs packed (encode_with_tower unpacks)
@@ -247,21 +249,6 @@ class DyMUEncoderLayer(nn.Module):
         )
         state.merged_any = True
         return hidden_states
-
-    def _dymu_forward_packed(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
-        """The same block on packed rows (T, D): norms, projections and MLP are row-wise, so only
-        attention needs the images apart."""
-        residual = hidden_states
-        hidden_states = self.layer_norm1(hidden_states)
-        hidden_states = packed_attention(self.self_attn, hidden_states, state.cu_seqlens, state.sizes)
-        hidden_states = residual + hidden_states
-        if state.merges_at(self._dymu_index):
-            hidden_states = self._dymu_merge_packed(hidden_states, state)
-        state.kept_per_layer.append(state.tokens_alive())
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
 
     def _dymu_merge_packed(self, hidden_states: torch.Tensor, state: TowerState) -> torch.Tensor:
         metric = _head_mean_unit(state.keys.unsqueeze(0), self.self_attn.num_heads)[0]
