@@ -358,8 +358,9 @@ def load_video(source, num_frames: int = DEFAULT_FRAMES) -> list[Image.Image]:
         frames = [open_image(paths[i]) for i in even_indices(len(paths), num_frames)]
     else:
         frames = _decode_video(path, num_frames)
-    if len({f.size for f in frames}) > 1:
-        raise ValueError(f"{path}: the frames differ in size ({', '.join(sorted({f'{w}x{h}' for w, h in (f.size for f in frames)}))})")
+    sizes = sorted({f"{f.width}x{f.height}" for f in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: the frames differ in size ({', '.join(sizes)})")
     return frames
 
 

@@ -55,7 +55,8 @@ def match(metric: torch.Tensor, sizes: torch.Tensor, protect_first: bool) -> Mat
     # Padding is neither a source nor a destination.
     scores = scores.masked_fill(~live[:, 1::2, None].transpose(1, 2), float("-inf"))
     if scores.shape[-1] == 0:  # one slot per row (a segment merged down to one unit): nothing to match
-        score, partner = scores.new_full(scores.shape[:2], float("-inf")), scores.new_zeros(scores.shape[:2], dtype=torch.long)
+        score = scores.new_full(scores.shape[:2], float("-inf"))
+        partner = scores.new_zeros(scores.shape[:2], dtype=torch.long)
     else:
         score, partner = scores.max(dim=-1)  # (B, Na)
     score = score.masked_fill(~live[:, 0::2], float("-inf"))

@@ -260,8 +260,6 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
     from .llava_next import unique_rows_per_item
 
     onevision = hasattr(processor, "video_token")
-    if any(videos) and not onevision:
-        raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision or a Qwen VL")
     texts = prompt_texts(processor, prompts, images, chat_template, videos)
     kwargs = {}
     if any(images):  # OneVision reads images per prompt (its multi-image rule); NeXT a flat list
@@ -294,7 +292,6 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
             per_prompt_stock)
 
 
-@torch.no_grad()
 def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[list[list[Image.Image]]]:
     """``videos`` checked against the prompts and the model, every video as its PIL frames."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -306,7 +303,8 @@ def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[l
     videos = videos if videos is not None else [[] for _ in prompts]
     if len(videos) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(videos)} video lists")
-    if any(videos) and not isinstance(model, (LlavaOnevisionForConditionalGeneration, *SUPPORTED_QWEN_VLMS)):  # before decoding anything
+    if any(videos) and not isinstance(model, (LlavaOnevisionForConditionalGeneration, *SUPPORTED_QWEN_VLMS)):
+        # refused before any frame is decoded
         raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision or a Qwen VL")
     return [[_video_frames(v, i, k, num_frames) for k, v in enumerate(vs)] for i, vs in enumerate(videos)]
 
