@@ -16,6 +16,7 @@ def test_qwen_demo_counts_rise_with_clutter(tmp_path, capsys):
     kept = [int(line.split()[1]) / int(line.split()[3]) for line in lines]
     assert kept[0] < kept[5] and kept[6] < kept[11]  # blank page < cluttered street, both merge points
     assert (tmp_path / "q3" / "config.json").exists()
+    assert len(list((tmp_path / "q3" / "images").glob("*.*g"))) == 6 and (tmp_path / "q3" / "images" / "SOURCES.md").exists()
 
 
 def test_qwen_cli_round_trip(qwen_dirs, tmp_path, capsys):

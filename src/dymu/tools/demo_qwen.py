@@ -118,16 +118,6 @@ def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
     return model, build_qwen_processor(family, tokenizer)
 
 
-def save_qwen_demo_model(model, processor, folder):
-    """Save the demo model and processor (reload with `dymu.vlms.generation.load_vlm(folder)`)."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max_new_tokens: int = 8,
                   out=print) -> dict:
     """`dymu demo --family F`: calibrate, tokens per image, a video's tokens per temporal patch, and
@@ -139,15 +129,19 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
     from ..images import open_image
     from ..vlms.generation import generate
     from .calibration import calibrate
-    from .demo import DEMO_PROMPT, demo_image_paths
+    from ..images import sample_images
+    from .demo import DEMO_PROMPT, demo_image_paths, save_demo_model
 
     model, processor = build_qwen_demo_model(family)
     out(f"dymu demo: a small {family} model ({len(model.model.visual.blocks)} ViT blocks on 2x2 units, "
         f"{len(model.model.language_model.layers)} decoder layers with M-RoPE) with RANDOM weights, built offline.")
     out("Token counts and timings are real; the answers are noise.")
     if save_model:
-        save_qwen_demo_model(model, processor, save_model)
-        out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}")
+        from pathlib import Path
+
+        save_demo_model(model, processor, save_model)  # the walkthrough's images too, as for LLaVA
+        out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}, "
+            f"and {len(sample_images())} sample images to {Path(save_model) / 'images'}")
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
     results: dict = {"counts": {}, "results": {}}
