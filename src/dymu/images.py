@@ -375,33 +375,30 @@ def _decode_video(path: Path, num_frames: int) -> list[Image.Image]:
         raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); or pass the frames "
                          "as a list of PIL images (or a folder of frame images)") from None
 
-    def decode(total: int | None) -> tuple[list[Image.Image], int]:
-        """The chosen frames of ``total`` (None: count only), and the number of frames decoded."""
-        wanted = set(even_indices(total, num_frames)) if total else set()
-        last = max(wanted) if wanted else -1
-        chosen, seen = [], 0
+    def decode(total: int | None) -> tuple[list[Image.Image], int, int]:
+        """(the chosen frames of ``total`` frames, frames decoded, ``total``). ``total`` None: the
+        container's declared count; 0 (unknown): decode all to count them, choosing none."""
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path}: has no video stream")
             stream = container.streams.video[0]
             check_size((stream.codec_context.width, stream.codec_context.height), path)
+            total = int(stream.frames) if total is None else total
+            wanted = set(even_indices(total, num_frames)) if total else set()
+            last = max(wanted) if wanted else -1
+            chosen, seen = [], 0
             for index, frame in enumerate(container.decode(stream)):
                 seen = index + 1
                 if index in wanted:
                     chosen.append(frame.to_image().convert("RGB"))
                 if total and index >= last:
                     break
-        return chosen, seen
+        return chosen, seen, total
 
     try:
-        with av.open(str(path)) as container:
-            streams = container.streams.video
-            declared = int(streams[0].frames) if streams else 0
-        frames, seen = decode(declared or None)  # trust the container's frame count when it has one
-        if len(frames) < min(num_frames, declared or 1):  # it overstated the count: count, then choose
-            frames, seen = decode(seen)
-        elif not declared:
-            frames, _ = decode(seen)
+        frames, seen, declared = decode(None)  # trust the container's frame count when it has one
+        if not declared or len(frames) < min(num_frames, declared):  # none, or overstated: count, then choose
+            frames, _, _ = decode(seen)
     except av.error.FFmpegError as err:  # (some are ValueErrors too)
         raise ValueError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from None
     except ValueError:  # ours (no video stream) or the frame size check: already one line naming the file

@@ -138,9 +138,10 @@ def across_frames(segment_of_unit: Tensor, item_of_segment: Tensor, items: int) 
     item = item_of_segment[segment_of_unit]
     patches, patch = torch.unique_consecutive(segment_of_unit, return_inverse=True)  # patches present
     item_of_patch = item_of_segment[patches]
-    first = F.pad(torch.bincount(item_of_patch, minlength=items).cumsum(0), (1, 0))[:-1]
+    patches_per_item = torch.bincount(item_of_patch, minlength=items)
+    first = F.pad(patches_per_item.cumsum(0), (1, 0))[:-1]
     rank = torch.arange(len(patches), device=device) - first[item_of_patch]  # rank within the item
-    several = torch.bincount(item_of_patch, minlength=items) > 1  # items with more than one patch left
+    several = patches_per_item > 1  # items with more than one patch left
     index_in_item = torch.arange(n, device=device) - F.pad(torch.bincount(item, minlength=items).cumsum(0),
                                                            (1, 0))[:-1][item]
     parity = rank[patch] % 2
@@ -259,7 +260,7 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(features.device))
     sizes = torch.ones(len(features), dtype=torch.long, device=features.device)
     group = torch.arange(len(features), device=features.device)
-    kept = []
+    lengths, kept = units, []  # tokens per temporal patch (a merged unit counts in its destination's)
     for step in range(len(thresholds)):
         if _merges_at(thresholds, edge_chooser, step):
             merged = merge_segments(torch.cat([payload, metric], -1), metric, sizes,
@@ -269,10 +270,10 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
             metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             sizes, group = merged.sizes, merged.new_index[group]
             segment_of_unit = segment_of_unit[merged.survivors]
-        kept.append(torch.bincount(segment_of_unit, minlength=len(units)))
+            lengths = torch.bincount(segment_of_unit, minlength=len(units))
+        kept.append(lengths)
     parts = payload.split(widths, dim=-1)
-    return _finish(parts[0], group, torch.bincount(segment_of_unit, minlength=len(units)), units, kept,
-                   list(parts[1:]))
+    return _finish(parts[0], group, lengths, units, kept, list(parts[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
     full_blocks = set(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
     deepstack_at = list(getattr(visual, "deepstack_visual_indexes", []) or [])
     deepstack: list[Tensor] = []
-    kept = []
+    lengths, kept = units, []  # tokens per temporal patch (a merged unit counts in its destination's)
     for index, block in enumerate(visual.blocks):
         # Attention segments: the segment (image / temporal patch), or its windows (Qwen2.5-VL).
         ids = segment_of_unit if index in full_blocks else window_of_unit
@@ -380,13 +381,14 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
             rows = (step.survivors[:, None] * UNIT + torch.arange(UNIT, device=device)).flatten()
             cos, sin = cos[rows], sin[rows]  # the destination unit's rotary (see module docstring)
             segment_of_unit = segment_of_unit[step.survivors]
+            lengths = torch.bincount(segment_of_unit, minlength=len(units))
             if window_index is not None:
                 window_of_unit = window_of_unit[step.survivors]
-        kept.append(torch.bincount(segment_of_unit, minlength=len(units)))
+        kept.append(lengths)
         hidden = hidden + block.mlp(block.norm2(hidden))
         if index in deepstack_at:
             deepstack.append(visual.deepstack_merger_list[deepstack_at.index(index)](hidden))
-    return _finish(visual.merger(hidden), group, kept[-1], units, kept, deepstack, reverse)
+    return _finish(visual.merger(hidden), group, lengths, units, kept, deepstack, reverse)
 
 
 def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[float]:

@@ -187,10 +187,9 @@ def _video_frames(item, prompt: int, index: int, num_frames: int) -> list[Image.
     file / folder of frames (`dymu.images.load_video`)."""
     from ..images import load_video
 
-    if isinstance(item, (list, tuple)):
-        frames = [_viewed(f, prompt, index) for f in item]
-    else:
-        frames = load_video(item, num_frames)
+    if not isinstance(item, (list, tuple)):
+        return load_video(item, num_frames)  # checks frames and sizes itself, naming the file
+    frames = [_viewed(f, prompt, index) for f in item]
     if not frames or len({f.size for f in frames}) > 1:
         raise ValueError(f"video {index} of prompt {prompt}: needs at least one frame and all frames of one size, "
                          f"got sizes {sorted({f.size for f in frames})}")
