@@ -50,19 +50,26 @@ def demo_image_paths() -> list[Path]:
 def build_tokenizer(video: bool = False):
     """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens
     (and OneVision's ``<video>`` when ``video``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["<video>"] if video else [])
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok = train_byte_bpe(_CORPUS, specials, vocab_size=512, unk_token="<unk>")
     extra = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", extra_special_tokens=extra, padding_side="left")
+
+
+def train_byte_bpe(corpus: list[str], specials: list[str], vocab_size: int, unk_token: str):
+    """A byte-level BPE `tokenizers.Tokenizer` trained offline on ``corpus`` (every demo model's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return tok
 
 
 def build_demo_model(seed: int = 0):
