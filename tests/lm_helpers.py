@@ -57,3 +57,22 @@ def save_tiny(family: str, directory, seed: int = 0) -> None:
 def load_tiny(directory, attn: str = "eager"):
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attn, dtype=torch.float32)
     return model.eval()
+
+
+def average_within_groups(group_map):
+    """Forward hook for a stock attention module: replace its output by the mean over each group.
+
+    This is paper Eq. 11 applied to the stock full-length attention (o_proj is linear, so averaging
+    after o_proj equals averaging before it), written as a plain loop independent of dymu.vtu: the
+    slow reference every VTU test compares against (Llama-family decoders and the Qwen VLs).
+    """
+
+    def hook(module, args, output):
+        out = output[0].clone()
+        for b in range(group_map.shape[0]):
+            for gid in group_map[b].unique():
+                members = group_map[b] == gid
+                out[b, members] = output[0][b, members].mean(0)
+        return (out, *output[1:])
+
+    return hook

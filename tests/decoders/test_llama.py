@@ -24,7 +24,7 @@ from dymu.decoders.llama import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny-model builders
-from lm_helpers import FAMILIES, VOCAB, load_tiny, save_tiny, tiny_config  # noqa: E402
+from lm_helpers import FAMILIES, VOCAB, average_within_groups, load_tiny, save_tiny, tiny_config  # noqa: E402
 
 ATOL = 1e-5
 N_LAYERS = tiny_config("llama").num_hidden_layers
@@ -73,24 +73,6 @@ def test_identity_map_equals_stock_logits_and_greedy_tokens(saved, family, attn)
     assert torch.equal(tokens, stock.generate(ids, max_new_tokens=6, do_sample=False))
 
 
-def _average_within_groups(group_map):
-    """Forward hook for a stock attention module: replace its output by the mean over each group.
-
-    This is paper Eq. 11 applied to the stock full-length attention (o_proj is linear, so averaging
-    after o_proj equals averaging before it), written as a plain loop independent of dymu.vtu.
-    """
-
-    def hook(module, args, output):
-        out = output[0].clone()
-        for b in range(group_map.shape[0]):
-            for gid in group_map[b].unique():
-                members = group_map[b] == gid
-                out[b, members] = output[0][b, members].mean(0)
-        return (out, *output[1:])
-
-    return hook
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_duplicated_rows_first_layer_equals_stock_full_length(saved, family, attn):
@@ -111,7 +93,7 @@ def test_duplicated_rows_first_layer_equals_stock_full_length(saved, family, att
         with vtu_groups(model, group_map):
             out = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1][0]
         plain = stock(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1][0]
-        handle = stock.model.layers[0].self_attn.register_forward_hook(_average_within_groups(group_map))
+        handle = stock.model.layers[0].self_attn.register_forward_hook(average_within_groups(group_map))
         try:
             merged = stock(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1][0]
         finally:

@@ -17,6 +17,7 @@ from dymu.decoders.llama import GroupRowsError, apply_vtu, remove_vtu, rows_proc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
+from lm_helpers import average_within_groups  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, image_prompts, load_qwen  # noqa: E402
 
 ATOL = 1e-5
@@ -62,18 +63,6 @@ def _forward(model, inputs, encoder_outputs):
     return model(**{k: inputs[k] for k in keys}, mm_encoder_outputs={"image": encoder_outputs}).logits
 
 
-def _average_within_groups(group_map):
-    def hook(module, args, output):
-        out = output[0].clone()
-        for b in range(group_map.shape[0]):
-            for gid in group_map[b].unique():
-                members = group_map[b] == gid
-                out[b, members] = output[0][b, members].mean(0)
-        return (out, *output[1:])
-
-    return hook
-
-
 def test_qwen_vl_decoders_are_registered():
     assert {"Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer"} <= set(supported_decoders())
 
@@ -114,7 +103,7 @@ def test_merged_prefill_equals_stock_attention_averaged_per_group(qwen_dirs, fam
         with vtu_groups(lm, group_map):
             logits = _forward(model, inputs, encoder_outputs)
             rows = rows_processed(lm)
-        handles = [layer.self_attn.register_forward_hook(_average_within_groups(group_map))
+        handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
                    for layer in stock.model.language_model.layers]
         try:
             reference = _forward(stock, inputs, encoder_outputs)

@@ -19,6 +19,7 @@ from dymu.vlms.qwen_vl import qwen_inputs, video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
+from lm_helpers import average_within_groups  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, chat, load_qwen  # noqa: E402
 
 ATOL = 1e-5
@@ -106,18 +107,6 @@ def _reference_group_map(model, inputs, encoded):
     return group_map
 
 
-def _average_within_groups(group_map):
-    def hook(module, args, output):
-        out = output[0].clone()
-        for b in range(group_map.shape[0]):
-            for gid in group_map[b].unique():
-                members = group_map[b] == gid
-                out[b, members] = output[0][b, members].mean(0)
-        return (out, *output[1:])
-
-    return hook
-
-
 @pytest.mark.parametrize("merge_point,cross_frame", [("vit", False), ("post", False), ("vit", True), ("post", True)])
 def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_inputs, merge_point, cross_frame):
     stock, _, inputs, _, _ = stock_and_inputs
@@ -135,7 +124,7 @@ def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_input
         first = encoded["video"].group_of_unit[: int(inputs["video_grid_thw"][0].prod()) // 4].view(2, -1)
         assert set(first[0].tolist()) & set(first[1].tolist())
     group_map = _reference_group_map(model, inputs, encoded)
-    handles = [layer.self_attn.register_forward_hook(_average_within_groups(group_map))
+    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
                for layer in stock.model.language_model.layers]
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
             "second_per_grid_ts")
