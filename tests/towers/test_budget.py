@@ -8,6 +8,7 @@ import torch
 import dymu
 from dymu import merge as M
 from conftest import IMAGES, MIXED_IMAGES, load_image, processor_for
+from dtome_reference import dtome_one_image
 
 ALL_IMAGES = sorted(p.name for p in IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".png"))
 THRESHOLDS = [0.95, 0.9, 0.85, 0.8]  # real, content-dependent merging on the tiny towers
@@ -16,65 +17,6 @@ THRESHOLDS = [0.95, 0.9, 0.85, 0.8]  # real, content-dependent merging on the ti
 @pytest.fixture(scope="module")
 def all_pixels(family):
     return processor_for(family)(images=[load_image(n) for n in ALL_IMAGES], return_tensors="pt")["pixel_values"]
-
-
-def budget_rule_one_image(tower, pixels, thresholds, run, max_tokens, min_tokens, order, class_token):
-    """The budget rule written out per token for one image (the issue's text, not the library's code).
-
-    Per layer up to the feature layer, with m mergeable tokens (class token excluded) and j layers
-    left after this one: rank the A tokens' best edges by score (ties: lower position); the
-    thresholded merges are the edges above the threshold, at most m // 2; min_tokens lowers that to
-    m - min_tokens; max_tokens raises it to m - max_tokens * 2**j (what the j later layers, each
-    halving at best, could not remove), taking the best remaining edges; never past m // 2. Then
-    merge as DToMe does (size-weighted mean) and lay out survivors in ``order``.
-    Returns the group of every original token and the token count after every layer.
-    """
-    with torch.no_grad():
-        x = tower(pixels, output_hidden_states=True).hidden_states[0][0]
-        members = [[k] for k in range(len(x))]
-        counts = []
-        for index, (layer, tau) in enumerate(zip(tower.encoder.layers[:run], thresholds)):
-            t = len(members)
-            sizes = torch.tensor([float(len(g)) for g in members])
-            h = layer.layer_norm1(x[None])
-            keys = layer.self_attn.k_proj(h)[0]
-            x = x + layer.self_attn(h, attention_mask=sizes.log()[None, None, None, :])[0][0]
-            metric = keys.view(t, layer.self_attn.num_heads, -1).mean(1)
-            metric = metric / metric.norm(dim=-1, keepdim=True)
-            a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
-            sims = (metric[0::2] @ metric[1::2].T).tolist()
-            best = {}
-            for i, a in enumerate(a_pos):
-                if b_pos and not (class_token and a == 0):
-                    j = max(range(len(b_pos)), key=lambda k: (sims[i][k], -k))
-                    best[a] = (sims[i][j], b_pos[j])
-            ranked = sorted(best, key=lambda a: (-best[a][0], a))
-            m = t - int(class_token)
-            n = len([a for a in ranked if best[a][0] > tau][: m // 2])
-            if min_tokens is not None:
-                n = min(n, max(0, m - min_tokens))
-            if max_tokens is not None:
-                n = max(n, m - max_tokens * 2 ** (run - 1 - index))
-            merged = ranked[: min(n, m // 2)]
-            if merged:
-                into = {b: [b] for b in b_pos}
-                for a in merged:
-                    into[best[a][1]].append(a)
-                rows = {p: x[p] for p in a_pos if p not in merged}
-                groups = {p: members[p] for p in rows}
-                for b, sources in into.items():
-                    w = sizes[sources]
-                    rows[b] = (w[:, None] * x[sources]).sum(0) / w.sum()
-                    groups[b] = [k for s in sources for k in members[s]]
-                layout = sorted(rows) if order == "interleaved" else [a for a in a_pos if a not in merged] + b_pos
-                x = torch.stack([rows[p] for p in layout])
-                members = [groups[p] for p in layout]
-            x = x + layer.mlp(layer.layer_norm2(x[None]))[0]
-            counts.append(len(members))
-    group = torch.empty(sum(len(g) for g in members), dtype=torch.long)
-    for token, patches in enumerate(members):
-        group[patches] = token
-    return group, counts, x
 
 
 @pytest.mark.parametrize("order", ["interleaved", "ab"])
@@ -92,8 +34,8 @@ def test_budget_equals_the_rule_written_per_token(tower, family, pixels, order, 
     encoded = dymu.encode(tower, pixels, drop_class_token=False)
     per_layer = [thresholds] * 4 if isinstance(thresholds, float) else thresholds
     for i, name in enumerate(MIXED_IMAGES):
-        group, counts, x = budget_rule_one_image(tower, pixels[i : i + 1], per_layer, run, max_tokens, min_tokens,
-                                                 order, class_token)
+        x, group, counts = dtome_one_image(tower, pixels[i : i + 1], per_layer, order, class_token, run=run,
+                                           max_tokens=max_tokens, min_tokens=min_tokens)
         one = encoded.image(i)
         assert one["kept_per_layer"].tolist() == counts, name
         assert torch.equal(one["group_of_patch"], group), name

@@ -8,6 +8,7 @@ import torch
 import dymu
 from dymu import merge as M
 from conftest import MIXED_IMAGES, build_tiny_tower, load_image, processor_for
+from dtome_reference import dtome_one_image
 
 ORDERS = ["interleaved", "ab", "ab-score"]
 
@@ -147,66 +148,6 @@ def test_clear_errors(tower):
 # Fidelity to the paper's code: its batch-1 inference rule, written out per token.
 
 
-def paper_rule_one_image(tower, pixels, thresholds, order, class_token):
-    """The paper's batch-1 DToMe rule (its thresholded `bipartite_soft_matching` + `merge_wavg`) on one
-    image, token by token. Returns the tokens after the last layer, the original tokens each one
-    stands for, and the token count after every layer.
-
-    Per layer, with t live tokens: A = even positions, B = odd positions; every A token's best B by
-    cosine of the head-averaged keys; the class token never merges; the edges scoring above the
-    threshold merge, at most (t - protected) // 2 of them, best first (ties: lower position), each A
-    token into its B as the size-weighted mean. If nothing merges nothing moves, else the survivors
-    are laid out in ``order``. Every later attention adds log(size) to the logits of each key.
-    """
-    with torch.no_grad():
-        x = tower(pixels, output_hidden_states=True).hidden_states[0][0]  # (N, D) the embeddings
-        members = [[k] for k in range(len(x))]
-        counts = []
-        for layer, tau in zip(tower.encoder.layers, thresholds):
-            t = len(members)
-            sizes = torch.tensor([float(len(m)) for m in members])
-            h = layer.layer_norm1(x[None])
-            keys = layer.self_attn.k_proj(h)[0]  # (t, H*d)
-            attn, _ = layer.self_attn(h, attention_mask=sizes.log()[None, None, None, :])
-            x = x + attn[0]
-            metric = keys.view(t, layer.self_attn.num_heads, -1).mean(1)
-            metric = metric / metric.norm(dim=-1, keepdim=True)
-            a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
-            sims = (metric[0::2] @ metric[1::2].T).tolist()  # (A, B) cosine similarities
-            best = {}  # A position -> (score, B position)
-            for i, a in enumerate(a_pos):
-                if b_pos and not (class_token and a == 0):
-                    j = max(range(len(b_pos)), key=lambda k: (sims[i][k], -k))
-                    best[a] = (sims[i][j], b_pos[j])
-            ranked = sorted(best, key=lambda a: (-best[a][0], a))
-            merged = [a for a in ranked if best[a][0] > tau][: (t - int(class_token)) // 2]
-            if merged:
-                into = {b: [b] for b in b_pos}
-                for a in merged:
-                    into[best[a][1]].append(a)
-                rows = {p: x[p] for p in a_pos if p not in merged}
-                groups = {p: members[p] for p in rows}
-                for b, sources in into.items():
-                    w = sizes[sources]
-                    rows[b] = (w[:, None] * x[sources]).sum(0) / w.sum()
-                    groups[b] = [k for s in sources for k in members[s]]
-                a_kept = [a for a in a_pos if a not in merged]
-                if order == "interleaved":
-                    layout = sorted(rows)
-                elif order == "ab":
-                    layout = a_kept + b_pos
-                else:  # ab-score: the class token first, the other A survivors best score first
-                    first = [0] if class_token else []
-                    rest = [a for a in ranked if a not in merged and a not in first]
-                    rest += [a for a in a_kept if a not in first and a not in best]  # no B partner
-                    layout = first + rest + b_pos
-                x = torch.stack([rows[p] for p in layout])
-                members = [groups[p] for p in layout]
-            x = x + layer.mlp(layer.layer_norm2(x[None]))[0]
-            counts.append(len(members))
-    return x, members, counts
-
-
 @pytest.fixture(scope="module")
 def odd_tower(tmp_path_factory, family):
     """A tiny tower with 15x15 = 225 patches: an odd count, where the cap binds without a class token."""
@@ -222,13 +163,10 @@ def test_equals_the_papers_batch1_rule_per_image(odd_tower, family, order):
     encoded = dymu.encode(odd_tower, pixels, feature_layer=-1, drop_class_token=False)  # one batch
     class_token = family == "clip"
     for i, name in enumerate(names):
-        ref_x, ref_members, ref_counts = paper_rule_one_image(odd_tower, pixels[i : i + 1], thresholds, order,
-                                                              class_token)
+        ref_x, ref_group, ref_counts = dtome_one_image(odd_tower, pixels[i : i + 1], thresholds, order, class_token)
         one = encoded.image(i)
         assert one["kept_per_layer"].tolist() == ref_counts, name
-        ref_group = torch.empty(225 + class_token, dtype=torch.long)
-        for token, patches in enumerate(ref_members):
-            ref_group[patches] = token
+        assert len(ref_group) == 225 + class_token
         assert torch.equal(one["group_of_patch"], ref_group), name
         assert (one["tokens"] - ref_x).abs().max() <= 1e-5, name
     counts = encoded.kept_per_layer
