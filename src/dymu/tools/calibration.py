@@ -328,6 +328,9 @@ def calibrate(
     if out is not None:
         check_output_file(out, "thresholds file")
     warn = warn or warn_caller
+    images = list(images)[:max_images] if max_images is not None else list(images)
+    if not images:
+        raise ValueError("no images to calibrate on")
 
     from ..vlms.qwen_vl import SUPPORTED_QWEN_VLMS
 
@@ -340,7 +343,7 @@ def calibrate(
         if order != DEFAULT_ORDER:
             raise ValueError("a Qwen VL merges whole 2x2 units in its own layout: order does not apply")
         return calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
-                              max_images=max_images, processor=processor, progress=progress, model_ref=model_ref,
+                              processor=processor, progress=progress, model_ref=model_ref,
                               checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
                               **(qwen or {}))
     tower, family = vision_tower_of(model)
@@ -348,9 +351,6 @@ def calibrate(
     feature_layer = default_layer if feature_layer is None else feature_layer
     per_layer_r = resolve_r(tower, feature_layer, preset=preset, target_tokens=target_tokens, r=r, schedule=schedule)
     run = layers_to_run(len(tower.encoder.layers), feature_layer)
-    images = list(images)[:max_images] if max_images is not None else list(images)
-    if not images:
-        raise ValueError("no images to calibrate on")
     processor = processor or family.default_processor(tower.config)
     # a VLM's vision sub-config has no name: record the model's (config._name_or_path)
     identity = encoder_identity(tower, family, model_ref or getattr(getattr(model, "config", None), "_name_or_path", ""))
@@ -502,16 +502,15 @@ def qwen_r(steps: int, *, preset: str | None = None, r=None, schedule: str = "co
 
 
 @torch.no_grad()
-def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = None, r=None,
-                   schedule: str = "constant", batch_size: int = 8, max_images: int | None = None,
-                   processor=None, merge_point: str = "vit", rounds: int = QWEN_POST_ROUNDS,
+def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = None, r=None,
+                   schedule: str = "constant", batch_size: int = 8, processor=None, merge_point: str = "vit", rounds: int = QWEN_POST_ROUNDS,
                    progress: bool = True, model_ref: str | None = None, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 5, out: str | Path | None = None, warn=None) -> Thresholds:
     """Eq. 4 for a Qwen VL: at every block ("vit") or round ("post") the unit edges of all segments
     (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
     τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
-    model's processor or its image processor (images keep their native resolution). Checkpoints,
-    torch.distributed and ``out`` as in `calibrate` (the same loop, `run_batches`)."""
+    model's processor or its image processor (images keep their native resolution). ``images``,
+    checkpoints, torch.distributed and ``out`` as `calibrate` gives them (the same loop, `run_batches`)."""
     from ..towers.qwen_vit import MERGE_POINTS, encode_qwen, qwen_identity
 
     if merge_point not in MERGE_POINTS:
@@ -522,9 +521,6 @@ def calibrate_qwen(model: nn.Module, images: Iterable, *, preset: str | None = N
     visual = model.model.visual
     steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
     fractions = qwen_r(steps, preset=preset, r=r, schedule=schedule)
-    images = list(images)[:max_images] if max_images else list(images)
-    if not images:
-        raise ValueError("no images to calibrate on")
     device = next(visual.parameters()).device
     identity = qwen_identity(visual, merge_point, steps, model_ref)
     warn = warn or warn_caller
