@@ -268,11 +268,11 @@ class DyMU(lmms):
                                  "files) and videos (video files or folders of frames), not audio or other data.")
         return images, videos
 
-    def _answer(self, requests: list[Instance], batch: list[int], prompts: list[str], **kwargs):
-        """`dymu.generate` on one batch of requests; records and returns each request's token counts."""
+    def _answer(self, requests: list[Instance], batch: list[int], prompts: list[str], visuals: list[tuple], **kwargs):
+        """`dymu.generate` on one batch of requests and their (images, videos); records and returns each
+        request's token counts."""
         from ..vlms.generation import generate
 
-        visuals = [self._visuals(requests[i]) for i in batch]
         out = generate(self.model, self.processor, prompts, [images for images, _ in visuals],
                        videos=[videos for _, videos in visuals], num_frames=self.max_frames_num, **kwargs)
         rep = out.report
@@ -308,7 +308,8 @@ class DyMU(lmms):
             kwargs = self._generation_kwargs(gen)
             if until:  # stop as soon as a stop string appears; the text is cut below as well
                 kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
-            out, counts = self._answer(requests, batch, [contexts[i] for i in batch], **kwargs)
+            out, counts = self._answer(requests, batch, [contexts[i] for i in batch],
+                                       [self._visuals(requests[i]) for i in batch], **kwargs)
             rep = out.report
             new = out.sequences[:, out.sequences.shape[1] - rep.new_tokens:]
             generated = (new != pad_id).sum(1).tolist() if pad_id is not None else [rep.new_tokens] * len(batch)
@@ -343,7 +344,7 @@ class DyMU(lmms):
             targets = [self._continuation_ids(contexts[i], continuations[i], len(images), len(videos), requests[i])
                        for i, (images, videos) in zip(batch, visuals)]
             scorer = ContinuationScorer(targets, fill)
-            _, counts = self._answer(requests, batch, [contexts[i] for i in batch],
+            _, counts = self._answer(requests, batch, [contexts[i] for i in batch], visuals,
                                      max_new_tokens=max(len(t) for t in targets), do_sample=False,
                                      logits_processor=LogitsProcessorList([scorer]))
             for k, i in enumerate(batch):
