@@ -71,8 +71,8 @@ class DyMUQwenVLModel:
         settings.last_encoded[modality] = encoded
         split = (grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
         features = encoded.features.split(split)
-        for rows, groups in zip(features, encoded.group_of_unit.split(split)):
-            rows.dymu_group_of_unit = groups - groups.min()  # local to the image / video
+        for rows, groups in zip(features, encoded.groups_per_item(grid_thw, self.visual.spatial_merge_size)):
+            rows.dymu_group_of_unit = groups  # local to the image / video
         if encoded.deepstack:
             return BaseModelOutputWithDeepstackFeatures(
                 last_hidden_state=encoded.tokens, pooler_output=features,
