@@ -1,21 +1,35 @@
-# The README's two commands: `make demo` and `make test`. Both build .venv themselves.
-# torch is installed first, pinned, so pip takes the local CPU build instead of the CUDA wheels.
+# The README's two commands: `make demo` and `make test`. Both build .venv themselves, from the
+# committed lock (requirements/lock.txt: exact versions of everything installed), so a clone next
+# month installs what CI tested. Versions: README "Versions"; `make lock` refreshes the locks.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_VERSION ?= 2.13.0
-# lmms-eval without its declared dependencies (torchvision/timm wheels do not import against the CPU
-# torch); the few it needs on dymu's path come with the test extra (dymu[eval-cpu]).
-LMMS_EVAL_VERSION ?= 0.7.3
+LOCK := requirements/lock.txt
+OLDEST_LOCK := requirements/lock-oldest.txt
+# The extras the test environments install. lmms-eval goes in without its declared dependencies:
+# those pull torchvision/timm, whose wheels do not import against the CPU torch; what its evaluator
+# needs on dymu's path comes with the eval-cpu extra. Keep LMMS_EVAL the range of pyproject's eval extra.
+EXTRAS := test
+LMMS_EVAL := lmms-eval>=0.7.3,<0.8
+# The tests that touch transformers internals (patched layers, VLM wirings, generate, lmms-eval):
+# what `make test-oldest` runs again on the oldest supported versions.
+INTERNALS_TESTS := tests/towers tests/decoders tests/vlms tests/integrations tests/test_env.py
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean lock test-latest test-oldest
 
-$(BIN)/dymu: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
+# $(1): venv folder, $(2): pip constraint arguments (empty: the newest versions the ranges allow).
+# torch goes first, pinned by the range, so pip takes the local CPU build instead of the CUDA wheels.
+define make_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q $(2) "torch>=2.13,<2.14"
+	$(1)/bin/pip install -q $(2) -e ".[$(EXTRAS)]"
+	$(1)/bin/pip install -q $(2) --no-deps "$(LMMS_EVAL)"
+endef
+
+$(BIN)/dymu: pyproject.toml $(LOCK)
+	$(call make_venv,$(VENV),-c $(LOCK))
 	@touch $@
 
 install: $(BIN)/dymu
@@ -26,5 +40,29 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# The oldest supported versions (every lower bound in pyproject.toml), on the tests that touch
+# transformers internals.
+.venv-oldest/bin/dymu: pyproject.toml $(OLDEST_LOCK)
+	$(call make_venv,.venv-oldest,-c $(OLDEST_LOCK))
+	@touch $@
+
+test-oldest: .venv-oldest/bin/dymu
+	.venv-oldest/bin/python -m pytest $(INTERNALS_TESTS)
+
+# The newest versions the declared ranges allow, ignoring the lock: catches the next release early.
+test-latest:
+	$(call make_venv,.venv-latest,)
+	.venv-latest/bin/python -m pytest
+
+# Refresh both locks: resolve the newest versions inside the ranges, and every lower bound, and
+# write what got installed. Run `make test` and `make test-oldest` on the result before committing.
+lock:
+	$(call make_venv,.venv-lock,)
+	.venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(LOCK)
+	$(PYTHON) requirements/lower_bounds.py pyproject.toml $(EXTRAS) viz eval eval-cpu video > .lower-bounds.txt
+	$(call make_venv,.venv-lock,-c .lower-bounds.txt)
+	.venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(OLDEST_LOCK)
+	rm -rf .venv-lock .lower-bounds.txt
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .venv-oldest .venv-latest .venv-lock build src/*.egg-info

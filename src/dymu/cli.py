@@ -623,7 +623,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze(sub)
     add_bench(sub)
     add_report(sub)
+    add_env(sub)
     return parser
+
+
+def add_env(subparsers) -> None:
+    p = subparsers.add_parser(
+        "env", help="versions, device and attention implementations; --check: a self-test of every family",
+        description="Print dymu's, torch's, transformers', lmms-eval's and PyAV's versions (and whether each is "
+                    "inside the range dymu supports), the device, dtype and attention implementations. --check "
+                    "also runs a self-test on tiny random models of every supported family on this device and "
+                    "dtype (merge off = stock for 8 generated tokens, batch invariance), one PASS/FAIL line each; "
+                    "exit status 1 on any failure.")
+    p.add_argument("--check", action="store_true", help="run the self-test (under a minute on a CPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--attn-implementation", choices=["eager", "sdpa", "flash_attention_2", "flash_attention_3"],
+                   help="the attention implementation the self-test's models use (default: transformers' choice)")
+    p.set_defaults(func=cmd_env)
+
+
+def cmd_env(args) -> int:
+    from .tools import env
+
+    for line in env.version_lines():
+        print(line)
+    for line in env.device_lines(args.device, args.dtype):
+        print(line)
+    if not args.check:
+        return 0
+    results = env.run_checks(args.device, args.dtype, args.attn_implementation)
+    failed = [r.family for r in results if not r.ok]
+    print(f"self-test: {len(results) - len(failed)} passed, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,13 +64,18 @@ def test_identity_map_equals_stock_logits_and_greedy_tokens(saved, family, attn)
     stock, model = load_tiny(saved[family], attn), load_tiny(saved[family], attn)
     apply_vtu(model)
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    # The canary for library drift: the decode steps read the KV cache the VTU prefill wrote, so a
+    # cache the layer did not receive shows in the logits of every step after the first.
+    run = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad(), vtu_groups(model, vtu.identity_group_map(2, 20)):
         logits = model(ids).logits
         rows = rows_processed(model)
-        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, **run)
     assert rows["mlp"] == rows["q_proj"] == rows["positions"] == N_LAYERS * 2 * 20  # the VTU path ran
     assert max_diff(logits, stock(ids).logits) <= ATOL
-    assert torch.equal(tokens, stock.generate(ids, max_new_tokens=6, do_sample=False))
+    want = stock.generate(ids, **run)
+    assert torch.equal(out.sequences, want.sequences)
+    assert len(out.logits) == 6 and all(max_diff(a, b) <= ATOL for a, b in zip(out.logits, want.logits))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

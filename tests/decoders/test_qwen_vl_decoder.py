@@ -75,16 +75,18 @@ def test_identity_groups_equal_stock_logits_and_tokens(qwen_dirs, family, attn):
     apply_vtu(model.model.language_model)
     inputs = _inputs(processor)
     group_map = vtu.identity_group_map(*inputs["input_ids"].shape)
+    run = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         with vtu_groups(model.model.language_model, group_map):
             logits = model(**inputs).logits
             rows = rows_processed(model.model.language_model)
-            tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            out = model.generate(**inputs, **run)
         want = stock(**inputs).logits
-        want_tokens = stock.generate(**inputs, max_new_tokens=5, do_sample=False)
+        want_out = stock.generate(**inputs, **run)
     assert rows["mlp"] == rows["positions"] > 0  # the VTU path ran
     assert (logits - want).abs().max().item() <= ATOL
-    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(out.sequences, want_out.sequences)  # and every decode step read the prefill's cache:
+    assert len(out.logits) == 6 and all((a - b).abs().max().item() <= ATOL for a, b in zip(out.logits, want_out.logits))
 
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)

@@ -24,6 +24,7 @@ a map is set is a chunked prefill, which would split groups across chunks: it ra
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections import Counter
@@ -35,7 +36,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, eager_at
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from .. import vtu
+from .. import compat, vtu
 
 try:  # transformers' output capturing (output_attentions=...) records attention modules by hook
     from transformers.utils.output_capturing import _active_collector
@@ -133,24 +134,28 @@ class _VTUDecoderLayer:
     _dymu_stock: type  # per class: the stock class to restore
     _dymu_rope = None  # per class: the family's own stock apply_rotary_pos_emb
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[Tensor, Tensor] | None = None,
-        **kwargs,
-    ) -> Tensor:
+    def forward(self, *args, **kwargs) -> Tensor:
+        # The stock call is forwarded untouched (positional or keyword, the cache under whatever name
+        # this transformers uses); only a VTU prefill reads its arguments, bound to the stock signature.
+        hidden_states = args[0] if args else kwargs["hidden_states"]
         state = self._dymu_vtu
         state.rows[self._dymu_vtu_key] = Counter()  # the counting hooks fill it during this forward
         state.rows[self._dymu_vtu_key]["positions"] = hidden_states.shape[0] * hidden_states.shape[1]
         groups = state.groups_for(hidden_states)
         if groups is None:
-            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=use_cache,
-                                   position_embeddings=position_embeddings, **kwargs)
+            return super().forward(*args, **kwargs)
+        call = self._dymu_signature.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        arguments = dict(call.arguments)
+        extra = dict(arguments.pop(self._dymu_var_keyword))  # forwarded to the attention function, as stock does
+        cache = arguments[self._dymu_cache_arg]
+        for name in list(extra):
+            if compat.is_cache(extra[name]):
+                if name not in compat.CACHE_PARAMETERS or cache is not None:
+                    raise compat.refuse(f"{self._dymu_stock.__name__}.forward() was handed a KV cache as {name!r}")
+                cache = extra.pop(name)  # the other transformers name of the same argument (deprecated alias)
+        attention_mask, position_ids = arguments["attention_mask"], arguments["position_ids"]
+        use_cache, position_embeddings = arguments["use_cache"], arguments["position_embeddings"]
 
         collector = _active_collector.get() if _active_collector is not None else None
         if collector is not None and "attentions" in collector:
@@ -177,13 +182,19 @@ class _VTUDecoderLayer:
         exact = state.attention == "exact"
         if exact and attn.config._attn_implementation != "eager":
             raise ValueError("vtu_attention='exact' is eager only: load the model with attn_implementation='eager'")
-        if exact and past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx):
+        if exact and cache is not None and cache.get_seq_length(attn.layer_idx):
             raise ValueError("vtu_attention='exact' needs an empty KV cache: its keys are the unique rows of this forward")
         cos, sin = position_embeddings
         query, key = self._dymu_rope(full(q_rows), full(k_rows), cos, sin)
         value = full(v_rows)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attn.layer_idx)
+        if cache is not None:
+            # Cheap guard against a cache that silently does not take the prompt (the failure mode of
+            # reading a renamed keyword): it must grow by exactly this forward's length.
+            before = cache.get_seq_length(attn.layer_idx)
+            key, value = cache.update(key, value, attn.layer_idx)
+            if cache.get_seq_length(attn.layer_idx) != before + length:
+                raise RuntimeError(f"decoder layer {attn.layer_idx}: the KV cache did not grow by the prompt length "
+                                   f"{length} during a VTU prefill; generation would be wrong after the first token")
 
         dropout = attn.attention_dropout if self.training else 0.0
         if exact:  # the paper's Eq. 10 from the unrotated unique rows; the rotated keys only feed the cache
@@ -194,7 +205,7 @@ class _VTUDecoderLayer:
                                                               eager_attention_forward)
             out, _ = interface(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling,
                                position_ids=position_ids, use_cache=use_cache,
-                               **_ATTENTION_KWARGS[self._dymu_stock](attn), **kwargs)
+                               **_ATTENTION_KWARGS[self._dymu_stock](attn), **extra)
         # out: (B, N, Hq, d). Re-merge (Eq. 11) before o_proj: the mean commutes with the linear map.
         out = vtu.merge_mean(out.reshape(batch, length, -1), groups)  # (U, Hq*d)
         hidden = residual + attn.o_proj(out)
@@ -209,10 +220,34 @@ def _vtu_class(stock: type) -> type:
     # MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
     # isinstance(layer, stock) still holds, so HF output capturing (hidden_states) keeps working.
     if stock not in _VTU_CLASSES:
+        check_stock_layer(stock)
+        signature = inspect.signature(inspect.unwrap(stock.forward))
+        var_keyword = next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
         rope = staticmethod(sys.modules[stock.__module__].apply_rotary_pos_emb)
-        _VTU_CLASSES[stock] = type(f"VTU{stock.__name__}", (_VTUDecoderLayer, stock),
-                                   {"_dymu_stock": stock, "_dymu_rope": rope})
+        _VTU_CLASSES[stock] = type(f"VTU{stock.__name__}", (_VTUDecoderLayer, stock), {
+            "_dymu_stock": stock, "_dymu_rope": rope, "_dymu_signature": signature,
+            "_dymu_var_keyword": var_keyword, "_dymu_cache_arg": compat.cache_parameter(stock)})
     return _VTU_CLASSES[stock]
+
+
+# What the VTU forward reads from the stock layer: its call's arguments, its submodules, the attention
+# module's projections and settings, and the family's own apply_rotary_pos_emb.
+_LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_ids", "use_cache", "position_embeddings")
+_LAYER_ATTRIBUTES = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+_ATTENTION_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config",
+                         "attention_dropout")
+
+
+def check_stock_layer(stock: type, layer: nn.Module | None = None) -> None:
+    """Refuse (one line) a stock decoder layer whose forward or modules are not what the VTU layer expects."""
+    compat.require_forward(stock, _LAYER_ARGUMENTS)
+    compat.cache_parameter(stock)
+    if not hasattr(sys.modules[stock.__module__], "apply_rotary_pos_emb"):
+        raise compat.refuse(f"{stock.__module__} has no apply_rotary_pos_emb")
+    if layer is not None:
+        compat.require_attributes(layer, _LAYER_ATTRIBUTES, stock.__name__)
+        attention = (*_ATTENTION_ATTRIBUTES, *(("q_norm", "k_norm") if stock in _HEAD_NORMS else ()))
+        compat.require_attributes(layer.self_attn, attention, f"{stock.__name__}.self_attn")
 
 
 def _patched_layers(model: nn.Module) -> list[nn.Module]:
@@ -251,6 +286,8 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast") -> tuple[list[nn.Mo
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     stock = [m for m in model.modules() if type(m) in _ATTENTION_KWARGS]
+    for layer in stock:
+        check_stock_layer(type(layer), layer)
     patched = _patched_layers(model)
     if not stock and not patched:
         raise ValueError(

@@ -152,6 +152,9 @@ def _video_placeholder(processor, grid_thw: torch.Tensor, fps: float) -> str:
                    for k in range(t))
 
 
+_NO_VIDEO_TOKEN = "<|dymu:videos-expanded|>"
+
+
 def qwen_inputs(processor, texts: list[str], media: list[list], fps: float = 2.0):
     """A left-padded batch from chat texts with one image/video token per item of ``media[i]`` (a PIL
     image, or a list of PIL frames for a video), images and videos in the order of the text."""
@@ -171,11 +174,15 @@ def qwen_inputs(processor, texts: list[str], media: list[list], fps: float = 2.0
         expanded.append(out)
     if k != len(videos):
         raise ValueError(f"the texts hold {k} video tokens but {len(videos)} videos were given")
-    # The video placeholders are already expanded here; a shallow copy without a video token keeps the
-    # stock processor from looking for videos it has no processor for (token type ids come from the ids).
+    # The video placeholders are already expanded here; a shallow copy whose video token no text contains
+    # keeps the stock processor from looking for videos it has no processor for, and without a video token
+    # id from counting the expanded pads against it. A string, not None: some processors build patterns
+    # from it even without videos (Qwen3-VL, transformers 5.25). The pads' token types are set below.
     text_and_images = copy.copy(processor)
-    text_and_images.video_token = None
+    text_and_images.video_token, text_and_images.video_token_id = _NO_VIDEO_TOKEN, None
     inputs = dict(text_and_images(images=images or None, text=expanded, return_tensors="pt", padding=True))
+    if "mm_token_type_ids" in inputs:  # 0 text, 1 image, 2 video: what get_rope_index reads
+        inputs["mm_token_type_ids"][inputs["input_ids"] == processor.video_token_id] = 2
     if videos:
         for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             inputs[key] = torch.cat([v[key] for v in videos])
