@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import towers as _towers  # noqa: F401  (registers the CLIP and SigLIP families)
+from .locks import model_lock
 from .towers.encoder import (
     FAMILIES,
     EncodedImages,
@@ -243,6 +244,11 @@ def encode(
     A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
     ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
     """
+    with model_lock(model):  # the patched tower keeps the running forward's state on the model
+        return _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor)
+
+
+def _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor):
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):

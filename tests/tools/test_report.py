@@ -81,3 +81,63 @@ def test_video_tokens_get_their_own_columns(tmp_path):
                         "visual tokens / video | stock / video |")
     assert table[2] == "| full | 0.7 | 0.5 | 729 | 729 | 1568 | 1568 |"
     assert table[3] == "| dymu (ov-mid) | - | 0.48 | - | - | 700 | 1568 |"
+
+
+def test_rows_are_keyed_on_every_setting_that_changes_a_result(tmp_path):
+    """A budget sweep, two models in mode full, and thresholds files of one name but different content
+    stay separate rows, labelled by what tells them apart; batch_size and device do not split a row."""
+    th_a, th_b = tmp_path / "a" / "mid.json", tmp_path / "b" / "mid.json"
+    for path, value in ((th_a, 0.9), (th_b, 0.8)):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"thresholds": [value]}))
+    runs = [
+        ("pretrained=llava-7b,mode=full,batch_size=8", 0.60),
+        ("pretrained=llava-13b,mode=full,batch_size=8", 0.66),
+        ("pretrained=llava-7b,mode=full,batch_size=1,device=cuda:1", 0.60),  # same configuration as the first
+        (f"pretrained=llava-7b,mode=dymu,thresholds={th_a}", 0.58),
+        (f"pretrained=llava-7b,mode=dymu,thresholds={th_a},max_tokens=64", 0.52),
+        (f"pretrained=llava-7b,mode=dymu,thresholds={th_b}", 0.57),
+    ]
+    for i, (args, score) in enumerate(runs):
+        write_results(tmp_path / "runs", f"2026010{i}_000000", args, {"gqa": task("exact_match", score)})
+    rows, _ = collect([tmp_path / "runs"])
+    labels = {r.label: r.scores["gqa"] for r in rows}
+    assert len(rows) == 5
+    assert labels["full (pretrained=llava-7b)"] == 0.60 and labels["full (pretrained=llava-13b)"] == 0.66
+    budget = [label for label in labels if "max_tokens=64" in label]
+    assert len(budget) == 1 and labels[budget[0]] == 0.52
+    assert sum("dymu (mid" in label for label in labels) == 3  # the two files named mid.json stay apart
+
+
+def test_a_model_passed_as_an_object_is_not_labelled_dymu(tmp_path):
+    write_results(tmp_path, "20260101_000000", "", {"gqa": task("exact_match", 0.5)},
+                  {"avg_visual_tokens/gqa": 576.0, "avg_images/gqa": 2.0})
+    write_results(tmp_path, "20260101_000001", {"pretrained": "m", "mode": "full"}, {"gqa": task("exact_match", 0.6)})
+    rows, _ = collect([tmp_path])
+    assert [r.label for r in rows] == ["full", "unknown (model passed as an object: no model_args)"]
+
+
+def test_two_runs_of_one_configuration_that_disagree_warn(tmp_path, capsys):
+    for i, score in enumerate((0.5, 0.7)):
+        write_results(tmp_path, f"2026010{i}_000000", "pretrained=m,mode=full", {"gqa": task("exact_match", score)})
+    assert main(["report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    [warning] = captured.err.strip().splitlines()
+    assert "ran the same configuration (full) on gqa with different scores (0.5 vs 0.7)" in warning
+    assert "| full | 0.7 |" in captured.out
+
+
+@pytest.mark.parametrize("data, problem", [
+    ({"results": []}, "no 'results' object"),
+    ({"results": {"gqa": 3}}, "results.gqa must be an object of metrics"),
+    ({"results": {"gqa": {"exact_match,none": 1.0}}, "throughput": {"avg_visual_tokens/gqa": "many",
+                                                                  "avg_images/gqa": 2}},
+     "throughput.avg_visual_tokens/gqa must be a number"),
+    ({"results": {}, "config": "x"}, "'config' and 'throughput' must be objects"),
+])
+def test_malformed_fields_name_the_file(tmp_path, data, problem):
+    path = tmp_path / "20260101_000000_results.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match=problem) as err:
+        collect([tmp_path])
+    assert str(path) in str(err.value)

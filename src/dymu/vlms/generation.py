@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from ..images import DEFAULT_FRAMES
+from ..locks import model_lock
 from .llava import llava_mode
 
 VLM_TYPES = {  # model_type -> transformers class name
@@ -157,21 +156,6 @@ class _ForwardTimer:
     def close(self):
         for h in self.handles:
             h.remove()
-
-
-# One lock per model: the patched layers keep the state of the running forward (merge sizes, group
-# maps, the last encoded batch) on the model, so two calls at once would read each other's state.
-# Kept outside the model (weakly), so the model stays deep-copyable and picklable.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-
-
-def _model_lock(model) -> threading.Lock:
-    with _LOCKS_LOCK:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.Lock()
-        return lock
 
 
 def _viewed(item, prompt: int, index: int) -> Image.Image:
@@ -409,7 +393,7 @@ def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, v
     (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
     ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
     hold the image token once per image)."""
-    with _model_lock(model):
+    with model_lock(model):
         return _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                         fill, num_frames).inputs
 
@@ -453,9 +437,9 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
         # One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos.
         media = [[_video_frames(m, i, k, num_frames) if isinstance(m, (list, tuple)) else _viewed(m, i, k)
                   for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(images, videos))]
-        with _model_lock(model):
+        with model_lock(model):
             return _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs)
-    with _model_lock(model):
+    with model_lock(model):
         prepared = _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                             fill, num_frames)
         inputs = prepared.inputs
