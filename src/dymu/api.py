@@ -260,10 +260,12 @@ def _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focu
     feature_layer = default_layer if feature_layer is None else feature_layer
     drop_class_token = default_drop if drop_class_token is None else drop_class_token
     if not isinstance(pixel_values, torch.Tensor):
-        from .focus import DEFAULT_FILL, apply_focus_all
+        from .focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
 
-        images = apply_focus_all(list(pixel_values), focus, DEFAULT_FILL if fill is None else fill)
+        fill = DEFAULT_FILL if fill is None else fill
+        images = apply_focus_all(list(pixel_values), focus, fill)
         processor = processor or family.default_processor(tower.config)
+        check_focus_survives(processor, list(pixel_values), images, focus, fill)
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     elif focus is not None:
         raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=) "

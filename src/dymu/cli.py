@@ -60,6 +60,15 @@ def _whole(minimum: int):
 positive_int, nonnegative_int = _whole(1), _whole(0)
 
 
+def _frames(text: str) -> int:
+    from .images import MAX_FRAMES
+
+    value = positive_int(text)
+    if value > MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_FRAMES} frames per video, not {value}")
+    return value
+
+
 def _parse_max_tokens(text: str):
     if text.strip().lower() in ("none", "inf", "off"):
         return float("inf")  # switches off a thresholds file's default budget
@@ -143,7 +152,8 @@ def _calibrate(args, rank: int) -> int:
 
     from .files import check_output_file
 
-    out = check_output_file(args.out, "--out")  # before any work: a bad --out must not lose the run
+    # before any work: a bad --out must not lose the run, nor overwrite an image list or the model
+    out = check_output_file(args.out, "--out", inputs=[*args.images, args.model])
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     images = resolve_images(args.images, args.image_root)
     model, processor = load_vision_model(args.model, device, dtype)
@@ -220,7 +230,7 @@ def cmd_thresholds_import(args) -> int:
 
     from .files import check_output_file
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", inputs=[args.file, args.model])
     values = read_paper_thresholds(args.file)
     loading(args.model)
     model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
@@ -337,7 +347,8 @@ def cmd_encode(args) -> int:
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
-    check_output_file(args.json, "--json")  # before any work: the results are written at the end
+    # before any work: the results are written at the end, and never over an input
+    check_output_file(args.json, "--json", inputs=[*args.images, args.thresholds, args.model])
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
@@ -540,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
     p.add_argument("--video", action="append", help="OneVision or a Qwen VL: a folder of frame images, or a video "
                                                     "file (needs PyAV: pip install 'dymu[video]'); repeatable")
-    p.add_argument("--frames", type=positive_int, default=8, help="frames taken evenly from each --video (default 8)")
+    p.add_argument("--frames", type=_frames, default=8,
+                   help="frames taken evenly from each --video (default 8, at most 256; decoded at most 1024 px a side)")
     p.add_argument("--cross-frame", action="store_true",
                    help="Qwen VLs, videos: let units also merge with their twins in the neighbouring temporal patch "
                         "(blocks alternate across and within frames); default: within each temporal patch")

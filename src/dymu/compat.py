@@ -115,3 +115,23 @@ def is_cache(value) -> bool:
     from transformers.cache_utils import Cache
 
     return isinstance(value, Cache)
+
+
+def unwrap_compiled(module):
+    """The module inside a `torch.compile` wrapper (``model.vision_tower = torch.compile(tower)``), else
+    the module itself. dymu runs a tower's layers itself (DToMe changes the token count per image and
+    layer), so the compiled wrapper is bypassed for the patched path: said once, not silently."""
+    inner = getattr(module, "_orig_mod", None)
+    if inner is None or not isinstance(module, __import__("torch").nn.Module):
+        return module
+    if not _warned_compiled:
+        _warned_compiled.append(True)
+        import warnings
+
+        warnings.warn(f"dymu runs the torch.compile-wrapped {type(inner).__name__} uncompiled when it merges "
+                      "(token counts vary per image and layer); the stock path keeps the compiled wrapper",
+                      stacklevel=3)
+    return inner
+
+
+_warned_compiled: list[bool] = []

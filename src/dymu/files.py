@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
+def check_output_file(path: str | Path, what: str = "output file", inputs=()) -> Path:
     """Refuse, before any work is done, an output path that could not be written at the end:
-    a folder, a missing or read-only parent folder. ``what`` names it in the error (e.g. "--out")."""
+    a folder, a missing or read-only parent folder, or one of the command's ``inputs`` (see
+    `check_not_an_input`). ``what`` names it in the error (e.g. "--out")."""
+    check_not_an_input(path, inputs, what)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
@@ -24,6 +26,32 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     return path
 
 
+def check_not_an_input(out: str | Path, inputs, what: str) -> None:
+    """Refuse an output that would overwrite or be read back as one of the command's inputs: the same
+    file as an input file, or a folder inside an input folder (its outputs would be read as inputs on
+    the next run). ``inputs``: the paths the command reads (files or folders; missing ones ignored)."""
+    out = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given)
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if source == out:
+            raise ValueError(f"{what} {given} is also an input of this command; writing it would overwrite it: "
+                             "choose another path")
+        if source.is_dir() and out.is_relative_to(source):
+            raise ValueError(f"{what} {out} is inside the input folder {given}: the next run would read its own "
+                             "outputs as inputs; choose a folder outside it")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` all or nothing. The temporary file is created with O_EXCL under a
     random name in the same folder (tempfile), so a planted symlink is never followed, and then
@@ -31,6 +59,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give it the mode of any file the user creates
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -59,7 +88,12 @@ def exclusive_lock(path: str | Path, what: str):
         return
     path = Path(path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlink planted at the lock's name must not make us create or lock its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            if path.is_symlink():
+                raise ValueError(f"lock file {path} is a symbolic link; remove it (dymu never follows one)") from None
+            raise ValueError(f"cannot open lock file {path}: {err.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

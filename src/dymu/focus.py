@@ -107,12 +107,40 @@ def apply_focus(image: Image.Image, focus: Focus, fill=DEFAULT_FILL) -> Image.Im
     """
     if focus is None:
         return image
+    return _fill_outside(image, focus_mask(image.size, focus), fill)
+
+
+def _fill_outside(image: Image.Image, inside: np.ndarray, fill) -> Image.Image:
     rgb = np.array(image.convert("RGB"))  # (H, W, 3) uint8, a copy
-    inside = focus_mask(image.size, focus)
     fill = parse_fill(fill)
     colour = np.rint(rgb.reshape(-1, 3).mean(axis=0)) if fill == "mean" else np.asarray(fill)
     rgb[~inside] = colour.astype(np.uint8)
     return Image.fromarray(rgb)
+
+
+def check_focus_survives(image_processor, images: Sequence[Image.Image], filled: Sequence[Image.Image], focus,
+                         fill=DEFAULT_FILL) -> None:
+    """Refuse (one line) a focus region that the processor cuts away: LLaVA-1.5's processor keeps a
+    centre crop, so a box in a wide image's margin would leave the model a flat image of the fill
+    colour. Checked by processing each filled image (``filled``, from `apply_focus_all`) and an image of
+    the fill alone: equal pixels mean nothing of the region reached the model."""
+    if focus is None:
+        return
+    for k, (image, focused, region) in enumerate(zip(images, filled, focus)):
+        if region is None:
+            continue
+        blank = _fill_outside(image, np.zeros((image.height, image.width), dtype=bool), fill)
+        pixels = [image_processor(images=[im], return_tensors="np")["pixel_values"] for im in (focused, blank)]
+        if np.array_equal(*pixels):
+            raise ValueError(f"focus region of image {k} ({_describe(region)}) lies outside the part of the "
+                             f"{image.width}x{image.height} image that the processor keeps (e.g. LLaVA-1.5's centre "
+                             "crop): the model would see only the fill colour")
+
+
+def _describe(region) -> str:
+    if _is_box(region):
+        return "box " + ",".join(f"{v:g}" for v in region)
+    return "mask" if not isinstance(region, (list, tuple)) else f"{len(region)} boxes"
 
 
 def apply_focus_all(images: Sequence[Image.Image], focus, fill=DEFAULT_FILL) -> list[Image.Image]:

@@ -201,6 +201,8 @@ class Thresholds:
         found = encoder_identity(tower, family)
         want = self.encoder
         where = f"thresholds for {want.get('model') or 'an unnamed encoder'}"
+        if found["family"] != want["family"]:  # first: another family's file may lack the fields below
+            raise ThresholdsError(f"{where} are for a {want.get('family')} encoder, not {found['family']}.")
         if found["num_layers"] != want["num_layers"]:
             raise ThresholdsError(
                 f"{where} have {want['num_layers']} layers but this vision tower has {found['num_layers']}."
@@ -210,8 +212,6 @@ class Thresholds:
                 f"{where} expect {want['patches_per_image']} patches per image "
                 f"but this vision tower makes {found['patches_per_image']}."
             )
-        if found["family"] != want["family"]:
-            raise ThresholdsError(f"{where} are for a {want['family']} encoder, not {found['family']}.")
         if found["config_hash"] != want["config_hash"]:
             raise ThresholdsError(
                 f"{where} were calibrated on a differently shaped {want['family']} encoder "

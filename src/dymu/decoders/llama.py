@@ -37,6 +37,7 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from .. import compat, vtu
+from ..patching import PatchedClasses
 
 try:  # transformers' output capturing (output_attentions=...) records attention modules by hook
     from transformers.utils.output_capturing import _active_collector
@@ -213,21 +214,22 @@ class _VTUDecoderLayer:
         return vtu.expand(hidden, groups)  # (B, N, D): rows of a group stay exactly equal
 
 
-_VTU_CLASSES: dict[type, type] = {}
+def _vtu_class_attributes(stock: type) -> dict:
+    check_stock_layer(stock)
+    signature = inspect.signature(inspect.unwrap(stock.forward))
+    var_keyword = next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
+    rope = staticmethod(sys.modules[stock.__module__].apply_rotary_pos_emb)
+    return {"_dymu_stock": stock, "_dymu_rope": rope, "_dymu_signature": signature,
+            "_dymu_var_keyword": var_keyword, "_dymu_cache_arg": compat.cache_parameter(stock)}
 
 
-def _vtu_class(stock: type) -> type:
-    # MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
-    # isinstance(layer, stock) still holds, so HF output capturing (hidden_states) keeps working.
-    if stock not in _VTU_CLASSES:
-        check_stock_layer(stock)
-        signature = inspect.signature(inspect.unwrap(stock.forward))
-        var_keyword = next(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD)
-        rope = staticmethod(sys.modules[stock.__module__].apply_rotary_pos_emb)
-        _VTU_CLASSES[stock] = type(f"VTU{stock.__name__}", (_VTUDecoderLayer, stock), {
-            "_dymu_stock": stock, "_dymu_rope": rope, "_dymu_signature": signature,
-            "_dymu_var_keyword": var_keyword, "_dymu_cache_arg": compat.cache_parameter(stock)})
-    return _VTU_CLASSES[stock]
+# MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
+# isinstance(layer, stock) still holds, so HF output capturing (hidden_states) keeps working.
+_vtu_class = PatchedClasses(__name__, "VTU", _VTUDecoderLayer, lambda: list(_ATTENTION_KWARGS), _vtu_class_attributes)
+
+
+def __getattr__(name: str):  # pickle finds the VTU layer classes here (dymu/patching.py)
+    return _vtu_class.resolve(name)
 
 
 # What the VTU forward reads from the stock layer: its call's arguments, its submodules, the attention

@@ -196,7 +196,10 @@ class DyMU(lmms):
                              "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, "
                              "min_tokens, max_frames_num, cross_frame).")
         self.batch_size_per_process = _positive_int("batch_size", batch_size)
-        self.max_frames_num = _positive_int("max_frames_num", max_frames_num)
+        from ..images import check_num_frames
+
+        self.max_frames_num = check_num_frames(_positive_int("max_frames_num", max_frames_num),
+                                               "dymu lmms-eval model: max_frames_num")
         from accelerate import Accelerator
 
         from ..api import apply
@@ -268,6 +271,17 @@ class DyMU(lmms):
                                  "files) and videos (video files or folders of frames), not audio or other data.")
         return images, videos
 
+    def _frame_counts(self, request: Instance) -> tuple[int, ...]:
+        """The frame count of each of the request's videos (none for image tasks): a batch keeps to one
+        count, since LLaVA-OneVision stacks a call's videos into one tensor (dymu.generate refuses a mix)."""
+        from ..images import is_video_path, video_frame_count
+
+        doc_to_visual, doc_id, task, split = request.args[2:6]
+        if doc_to_visual is None:
+            return ()
+        visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
+        return tuple(video_frame_count(v, self.max_frames_num) for v in visuals if is_video_path(v))
+
     def _answer(self, requests: list[Instance], batch: list[int], prompts: list[str], visuals: list[tuple], **kwargs):
         """`dymu.generate` on one batch of requests and their (images, videos); records and returns each
         request's token counts."""
@@ -298,7 +312,7 @@ class DyMU(lmms):
 
         contexts = [req.args[0] for req in requests]
         lengths = [len(ids) for ids in self.tokenizer(contexts)["input_ids"]] if contexts else []
-        keys = [json.dumps(req.args[1], sort_keys=True, default=str) for req in requests]
+        keys = [(json.dumps(req.args[1], sort_keys=True, default=str), self._frame_counts(req)) for req in requests]
         results: list = [None] * len(requests)
         pad_id = self.tokenizer.pad_token_id
         for batch in length_sorted_batches(lengths, keys, self.batch_size):
@@ -339,7 +353,7 @@ class DyMU(lmms):
         eos = self.model.generation_config.eos_token_id
         fill = (eos[0] if isinstance(eos, list) else eos) if eos is not None else self.tokenizer.pad_token_id
         results: list = [None] * len(requests)
-        for batch in length_sorted_batches(lengths, [None] * len(requests), self.batch_size):
+        for batch in length_sorted_batches(lengths, [self._frame_counts(r) for r in requests], self.batch_size):
             visuals = [self._visuals(requests[i]) for i in batch]
             targets = [self._continuation_ids(contexts[i], continuations[i], len(images), len(videos), requests[i])
                        for i, (images, videos) in zip(batch, visuals)]

@@ -220,6 +220,10 @@ def markdown_table(rows: list[Row], shown: dict[str, str]) -> str:
 
 
 def cmd_report(args) -> int:
+    from ..files import atomic_write_text, check_output_file
+
+    if args.out:
+        check_output_file(args.out, "--out", inputs=args.results)
     metrics = {}
     for item in args.metric or []:
         if "=" not in item:
@@ -233,6 +237,6 @@ def cmd_report(args) -> int:
         print(str(warning.message), file=sys.stderr)
     table = markdown_table(rows, shown)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        atomic_write_text(args.out, table + "\n")
     print(table)
     return 0

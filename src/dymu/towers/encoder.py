@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import merge as M
+from ..compat import unwrap_compiled
+from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def register_family(family: TowerFamily) -> TowerFamily:
 
 def family_of(tower: nn.Module) -> TowerFamily | None:
     for family in FAMILIES:
-        if isinstance(tower, family.tower_class):
+        if isinstance(unwrap_compiled(tower), family.tower_class):
             return family
     return None
 
@@ -290,13 +292,11 @@ def packed_attention(attn: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor,
     return attn.out_proj(out)
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
+_patched_class = PatchedClasses(__name__, "DyMU", DyMUEncoderLayer, lambda: [f.layer_class for f in FAMILIES])
 
 
-def _patched_class(stock: type) -> type:
-    if stock not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[stock] = type(f"DyMU{stock.__name__}", (DyMUEncoderLayer, stock), {})
-    return _PATCHED_CLASSES[stock]
+def __getattr__(name: str):  # pickle finds the patched layer classes here (dymu/patching.py)
+    return _patched_class.resolve(name)
 
 
 def _per_layer(value, num_layers: int, what: str) -> list | None:

@@ -51,6 +51,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from .. import merge as M
+from ..compat import unwrap_compiled
 from .. import vtu
 
 QWEN_TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)
@@ -413,6 +414,7 @@ def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
                 merge_point: str = "vit", edge_chooser: EdgeChooser | None = None,
                 cross_frame: bool = False) -> QwenEncoded:
     encode = encode_vit if merge_point == "vit" else encode_post
+    visual = unwrap_compiled(visual)  # runs the tower's own blocks (torch.compile's wrapper: see compat)
     return encode(visual, pixel_values, grid_thw.to(pixel_values.device), thresholds, edge_chooser, cross_frame)
 
 

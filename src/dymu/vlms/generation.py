@@ -289,7 +289,13 @@ def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[l
     if any(videos) and not isinstance(model, (LlavaOnevisionForConditionalGeneration, *SUPPORTED_QWEN_VLMS)):
         # refused before any frame is decoded
         raise ValueError(f"{type(model).__name__} takes no video; videos need LLaVA-OneVision or a Qwen VL")
-    return [[_video_frames(v, i, k, num_frames) for k, v in enumerate(vs)] for i, vs in enumerate(videos)]
+    frames = [[_video_frames(v, i, k, num_frames) for k, v in enumerate(vs)] for i, vs in enumerate(videos)]
+    counts = {len(f): (i, k) for i, vs in enumerate(frames) for k, f in enumerate(vs)}
+    if len(counts) > 1 and isinstance(model, LlavaOnevisionForConditionalGeneration):
+        seen = ", ".join(f"{n} (prompt {i}, video {k})" for n, (i, k) in sorted(counts.items()))
+        raise ValueError(f"LLaVA-OneVision stacks every video of one call into one tensor, so they need one frame "
+                         f"count, not {seen}: call generate once per frame count")
+    return frames
 
 
 @torch.no_grad()
@@ -301,14 +307,16 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
         raise ValueError(f"{type(model).__name__} keeps the stock prompt in every dymu mode: give model.generate the "
                          "processor's inputs as they are, or use dymu.generate")
     videos = _videos_as_frames(model, prompts, images, videos, num_frames)
-    from ..focus import DEFAULT_FILL, apply_focus_all
+    from ..focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
     from ..towers.encoder import budget_set, encode_with_tower, family_of
     from .llava_next import SUPPORTED_VLMS as ANYRES
 
     original = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
     flat_original = [im for per_prompt in original for im in per_prompt]
     # Focus regions fill the pixels outside them before the processor (dymu.focus): same layout.
-    filled = apply_focus_all(flat_original, _flat_focus(focus, original), DEFAULT_FILL if fill is None else fill)
+    flat_focus, fill = _flat_focus(focus, original), DEFAULT_FILL if fill is None else fill
+    filled = apply_focus_all(flat_original, flat_focus, fill)
+    check_focus_survives(processor.image_processor, flat_original, filled, flat_focus, fill)
     images, k = [], 0
     for ims in original:
         images.append(filled[k : k + len(ims)])

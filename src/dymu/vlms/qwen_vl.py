@@ -31,6 +31,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from .. import vtu
+from ..patching import PatchedClasses
 from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
 
@@ -228,13 +229,19 @@ def load_qwen_processor(model_ref: str, model_type: str):
     return processor_class(model_type).from_pretrained(model_ref)
 
 
-_SWAPPED: dict[type, type] = {}
+def _inner_model_classes() -> list[type]:
+    """The stock inner *VLModel class of each supported Qwen VL (what `apply_qwen_vl` swaps)."""
+    import sys
+
+    return [getattr(sys.modules[vlm.__module__], vlm.__name__.replace("ForConditionalGeneration", "Model"))
+            for vlm in SUPPORTED_QWEN_VLMS]
 
 
-def _swapped_class(stock: type) -> type:
-    if stock not in _SWAPPED:
-        _SWAPPED[stock] = type(f"DyMU{stock.__name__}", (DyMUQwenVLModel, stock), {})
-    return _SWAPPED[stock]
+_swapped_class = PatchedClasses(__name__, "DyMU", DyMUQwenVLModel, _inner_model_classes)
+
+
+def __getattr__(name: str):  # pickle finds the swapped model classes here (dymu/patching.py)
+    return _swapped_class.resolve(name)
 
 
 def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = None) -> tuple[list[float], str]:

@@ -191,7 +191,10 @@ def cmd_analyze(args) -> int:
     from ...loading import load_vision_model, resolve_device_dtype
     from ...thresholds import Thresholds
 
+    from ...files import check_not_an_input
+
     _matplotlib()
+    check_not_an_input(args.out, [*args.images, args.thresholds], "--out")  # never reads its own charts
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)

@@ -878,6 +878,10 @@ def run_bench(
 def cmd_bench(args) -> int:
     from .qwen import QWEN_SECTIONS, bench_qwen, qwen_markdown
 
+    from ...files import atomic_write_text, check_output_file
+
+    if args.json:  # before the minutes of measuring: a bad path must not lose them, nor make folders
+        check_output_file(args.json, "--json", inputs=[path for _, path in args.thresholds or []])
     sections = tuple(args.only.split(",")) if args.only else SECTIONS
     qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
     sections = tuple(s for s in sections if s not in QWEN_SECTIONS)
@@ -891,8 +895,6 @@ def cmd_bench(args) -> int:
         result["qwen"] = bench_qwen(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
         print(qwen_markdown(result["qwen"]))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        print(f"\nwrote {out}")
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
