@@ -127,6 +127,116 @@ def _lmms_eval_frames(ctx):
     return api_error(lambda: DyMU(pretrained=str(ctx["llava"]), mode="full", max_frames_num="100000"))
 
 
+def _demo_llava():
+    from dymu.tools.demo import build_demo_model
+
+    return build_demo_model()
+
+
+def _lmms_eval_arg(ctx, **args):
+    from dymu.integrations.lmms_eval import DyMU
+
+    return api_error(lambda: DyMU(pretrained=str(ctx["llava"]), **args))
+
+
+def _edited_checkpoint(ctx, capsys):
+    out = ctx["root"] / "resume.json"
+    argv = ["calibrate", "--model", str(ctx["tower"]), "--images", str(IMAGES), "--max-images", "4", "--r", "5",
+            "--batch-size", "2", "--quiet", "--out", str(out)]
+    checkpoint = Path(f"{out}.partial")
+    from dymu.tools import calibration
+
+    real_save = calibration.Checkpoint.save
+    calls = []
+
+    def save_then_stop(self, records):  # the first batch's checkpoint is written, then a "kill"
+        real_save(self, records)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    pytest.MonkeyPatch.setattr(pytest.MonkeyPatch(), calibration.Checkpoint, "save", save_then_stop)
+    try:
+        assert main(argv) == 130
+    finally:
+        calibration.Checkpoint.save = real_save
+    data = json.loads(checkpoint.read_text())
+    data["records"][0]["tau"][0] = 0.5  # a hand edit: the resumed thresholds would silently change
+    checkpoint.write_text(json.dumps(data))
+    return cli_error(capsys, argv)
+
+
+def _weights_only_refusal(ctx, capsys):
+    path = ctx["root"] / "paper.pt"
+    torch.save({"blocks.0.threshold": torch.tensor(0.9), "code": _Unpicklable()}, path)
+    return cli_error(capsys, ["thresholds", "import", str(path), "--model", str(ctx["tower"]),
+                              "--out", str(ctx["root"] / "imported.json")])
+
+
+class _Unpicklable:
+    """An object a weights-only load refuses: torch's message about it is long."""
+
+
+def _feature_layer_0(ctx, capsys):
+    data = json.loads(ctx["thresholds"].read_text())
+    data["feature_layer"] = 0
+    path = ctx["root"] / "layer0.json"
+    path.write_text(json.dumps(data))
+    return cli_error(capsys, ["encode", "--model", str(ctx["tower"]), "--thresholds", str(path), "--images",
+                              str(IMAGES / "synthetic_gradient.png"), "--json", str(ctx["root"] / "l0.json")])
+
+
+def _missing_tokenizer(ctx, capsys):
+    import shutil
+
+    folder = ctx["root"] / "no_tokenizer"
+    shutil.copytree(ctx["llava"], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    return cli_error(capsys, ["generate", "--model", str(folder), "--mode", "full", "--images",
+                              str(IMAGES / "synthetic_gradient.png"), "--prompt", "Hi?"])
+
+
+LOW_CASES = [
+    Case("apply-negative-thresholds", "API", "`dymu.apply(model, [-1.0] * layers)` (files refuse negatives too)",
+         "thresholds are >= 0", lambda ctx, capsys: api_error(lambda: dymu.apply(_demo_llava()[0], [-1.0] * 6))),
+    Case("apply-bool-threshold", "API", "`dymu.apply(model, True)` or a complex number", "must be a real number",
+         lambda ctx, capsys: api_error(lambda: dymu.apply(_demo_llava()[0], True))),
+    Case("tome-fractional-r", "API", "`dymu.apply(model, mode='tome', r=1.5)`", "r must be whole numbers",
+         lambda ctx, capsys: api_error(lambda: dymu.apply(_demo_llava()[0], mode="tome", r=1.5))),
+    Case("min-tokens-above-patches", "budget", "`--min-tokens 1000` on 256-patch images", "is not below the 256 patches",
+         lambda ctx, capsys: api_error(lambda: dymu.apply(_demo_llava()[0], 0.9, min_tokens=1000))),
+    Case("focus-fractions", "focus", "focus box `0.5,0.5,0.9,0.9` (fractions, not pixels)", "boxes are in pixels",
+         lambda ctx, capsys: api_error(lambda: dymu.generate(*_demo_llava(), ["A?"], [[load_image(
+             "skimage_chelsea_cat.png")]], focus=[[(0.5, 0.5, 0.9, 0.9)]], max_new_tokens=1))),
+    Case("generate-empty-prompts", "API", "`dymu.generate(model, processor, [], [])`", "prompts must be a non-empty list",
+         lambda ctx, capsys: api_error(lambda: dymu.generate(*_demo_llava(), [], []))),
+    Case("generate-unnested-images", "API", "`dymu.generate(model, processor, ['A?'], [image])` (not `[[image]]`)",
+         "images[0] must be the list of prompt 0's images",
+         lambda ctx, capsys: api_error(lambda: dymu.generate(*_demo_llava(), ["A?"], [load_image(
+             "skimage_chelsea_cat.png")]))),
+    Case("device-meta", "CLI", "`--device meta` (or tpu)", "is not one dymu runs on",
+         lambda ctx, capsys: cli_error(capsys, ["encode", "--model", str(ctx["tower"]), "--thresholds",
+                                                str(ctx["thresholds"]), "--images", str(ctx["list"]), "--device",
+                                                "meta", "--json", str(ctx["root"] / "m.json")])),
+    Case("lmms-eval-negative-thresholds", "lmms-eval", "model_args `thresholds=-1`", "thresholds must be a number >= 0",
+         lambda ctx, capsys: _lmms_eval_arg(ctx, thresholds="-1")),
+    Case("lmms-eval-fractional-budget", "lmms-eval", "model_args `max_tokens=1.5`",
+         "max_tokens must be a whole number >= 1, not '1.5'", lambda ctx, capsys: _lmms_eval_arg(ctx, max_tokens="1.5")),
+    Case("lmms-eval-r-abc", "lmms-eval", "model_args `mode=tome,r=abc`", "r must be a whole number >= 0, not 'abc'",
+         lambda ctx, capsys: _lmms_eval_arg(ctx, mode="tome", r="abc")),
+    Case("checkpoint-edited", "calibration", "a calibration checkpoint edited by hand, then resumed",
+         "does not match its digest", _edited_checkpoint),
+    Case("weights-only-refusal", "thresholds import", "a paper checkpoint that does not load weights-only",
+         "is not a torch checkpoint that loads weights-only", _weights_only_refusal),
+    Case("feature-layer-0", "thresholds file", "`\"feature_layer\": 0` in a thresholds file",
+         "the embeddings before the first layer", _feature_layer_0),
+    Case("missing-tokenizer", "loading", "a model folder without its tokenizer files",
+         "its processor or tokenizer cannot be loaded (Couldn't instantiate the backend tokenizer from one of: (1)",
+         _missing_tokenizer),
+]
+
+
 CASES = [
     Case("calibrate-out-is-image-list", "output files", "`calibrate --images list.json --out list.json`",
          "is also an input of this command",
@@ -163,6 +273,9 @@ CASES = [
     Case("qwen-thresholds-on-siglip", "Qwen", "a Qwen VL thresholds file on a CLIP/SigLIP tower",
          "are for a qwen2_5_vl_vision encoder, not CLIP", _qwen_thresholds_on_a_clip_tower),
 ]
+
+
+CASES += LOW_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -249,3 +362,76 @@ def test_lmms_eval_batches_keep_one_frame_count():
     keys = [("gen", (8,)), ("gen", (5,)), ("gen", (8,)), ("gen", (5,))]
     batches = length_sorted_batches([10, 10, 10, 10], keys, 4)
     assert sorted(map(sorted, batches)) == [[0, 2], [1, 3]]
+
+
+def test_apply_takes_a_thresholds_path_as_a_file(ctx):
+    """`dymu.apply(model, "th.json")` (or a Path) loads the file; it used to read the string as a list."""
+    from dymu.thresholds import Thresholds
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(ctx["tower"]).eval()
+    for given in (str(ctx["thresholds"]), ctx["thresholds"]):
+        dymu.apply(tower, given)
+        patched, _ = dymu.api.vision_tower_of(tower)
+        assert patched._dymu_state.thresholds == Thresholds.load(ctx["thresholds"]).thresholds
+
+
+def test_analyze_reruns_leave_no_stale_maps_and_one_run_at_a_time(ctx, tmp_path):
+    from dymu.files import LockedError, exclusive_lock
+
+    out = tmp_path / "analysis"
+    run = ["analyze", "--model", str(ctx["tower"]), "--thresholds", str(ctx["thresholds"]), "--quiet", "--out", str(out)]
+    assert main([*run, "--images", str(IMAGES / "synthetic_gradient.png"), str(IMAGES / "skimage_chelsea_cat.png")]) == 0
+    assert len(list((out / "merge_maps").glob("*.png"))) == 2
+    assert main([*run, "--images", str(IMAGES / "synthetic_gradient.png")]) == 0
+    assert [p.name for p in (out / "merge_maps").glob("*.png")] == ["synthetic_gradient.png"]  # the cat's is gone
+    with exclusive_lock(out / ".dymu-analyze.lock", "held by another run"):
+        with pytest.raises(LockedError, match="is in use by another process"):
+            dymu.tools.analyze.analyze(__import__("transformers").CLIPVisionModel.from_pretrained(ctx["tower"]),
+                                       ctx["thresholds"], [IMAGES / "synthetic_gradient.png"], out)
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    import os
+    import time
+
+    from dymu.files import STALE_SECONDS, atomic_write_text
+
+    out = tmp_path / "result.json"
+    old, fresh = tmp_path / ".result.json.abc123.tmp", tmp_path / ".result.json.def456.tmp"
+    for leftover in (old, fresh):
+        leftover.write_text("partial")
+    past = time.time() - STALE_SECONDS - 5
+    os.utime(old, (past, past))
+    atomic_write_text(out, "{}")
+    assert not old.exists() and fresh.exists()  # a write possibly still running is left alone
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_calibrate_counts_only_the_images_it_could_read(ctx, tmp_path, capsys):
+    images = tmp_path / "few"
+    images.mkdir()
+    for name in ("synthetic_gradient.png", "skimage_chelsea_cat.png", "synthetic_noise.png"):
+        (images / name).write_bytes((IMAGES / name).read_bytes())
+    (images / "broken.png").write_bytes(b"not an image")
+    assert main(["calibrate", "--model", str(ctx["tower"]), "--images", str(images), "--r", "5", "--quiet",
+                 "--out", str(tmp_path / "t.json")]) == 0
+    assert "calibrating on only 3 readable of the 4 listed images" in capsys.readouterr().err
+
+
+def test_a_frame_folders_other_files_are_named(tmp_path):
+    from dymu.images import load_video
+
+    for k in range(3):
+        Image.new("RGB", (32, 32), (40 * k, 0, 0)).save(tmp_path / f"frame{k}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    with pytest.warns(UserWarning, match="skipped 1 file\\(s\\) that are not images: notes.txt"):
+        assert len(load_video(tmp_path, 3)) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -139,6 +140,10 @@ def apply(
     """
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
+    if isinstance(thresholds, (str, os.PathLike)):  # a file, a folder holding thresholds.json, or a Hub repo
+        from .thresholds import Thresholds
+
+        thresholds = Thresholds.from_ref(thresholds)
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         # Qwen VLs hold their own thresholds (per ViT block or per merge round): no r, no order.
         if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:

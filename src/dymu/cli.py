@@ -706,7 +706,12 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(err: BaseException) -> str:
     """The first line of an error's message, or its type when it has none (e.g. MemoryError())."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines[0].endswith(":") and len(lines) > 1:  # "...from one of:" + a list: keep the list on the line
+        return " ".join(lines)[:400]
+    return lines[0]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -69,7 +70,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(path)
     return path
+
+
+STALE_SECONDS = 60
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by a writer that was killed (kill -9 skips the cleanup above):
+    removed by the next successful write once a minute old (a write takes well under that)."""
+    import time
+
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - leftover.lstat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
 
 
 class LockedError(RuntimeError):

@@ -91,6 +91,10 @@ def focus_mask(size: tuple[int, int], focus: Focus) -> np.ndarray:
     for x0, y0, x1, y1 in boxes:
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"focus box {(x0, y0, x1, y1)} is empty: it needs x0 < x1 and y0 < y1")
+        if all(0 <= v <= 1 for v in (x0, y0, x1, y1)) and min(width, height) > 1:
+            raise ValueError(f"focus box {(x0, y0, x1, y1)} is under one pixel: boxes are in pixels of the "
+                             f"{width}x{height} image, not fractions (e.g. {x0 * width:g},{y0 * height:g},"
+                             f"{x1 * width:g},{y1 * height:g})")
         c0, c1 = max(0, int(round(x0))), min(width, int(round(x1)))
         r0, r1 = max(0, int(round(y0))), min(height, int(round(y1)))
         if c0 >= c1 or r0 >= r1:

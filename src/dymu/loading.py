@@ -29,6 +29,12 @@ def cpu_supports_bfloat16() -> bool:
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):  # meta runs nothing; tpu/xla/mps are untested here
+        raise LoadError(f"device {device!r} is not one dymu runs on; use cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LoadError(f"device {device!r} was asked for but no CUDA GPU is available.")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")

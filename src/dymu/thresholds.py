@@ -164,6 +164,9 @@ class Thresholds:
             patches = whole(enc.get("patches_per_image"), "encoder.patches_per_image", 1)
         if not _is_int(self.feature_layer) or not -layers - 1 <= self.feature_layer <= layers:
             bad("feature_layer", f"must be a layer index between {-layers - 1} and {layers}, not {self.feature_layer!r}")
+        if self.feature_layer in (0, -layers - 1):  # hidden_states[0]: the embeddings, before any layer merges
+            bad("feature_layer", f"is {self.feature_layer}, the embeddings before the first layer: no layer would "
+                                 "run or merge (LLaVA-1.5 reads -2, OneVision -1)")
         if not isinstance(self.schedule, str):
             bad("schedule", f"must be a string, not {self.schedule!r}")
         numbers(self.thresholds, "thresholds", layers, 0.0, allow_infinite=True)
@@ -343,8 +346,10 @@ def read_paper_thresholds(path: str | Path) -> list[float]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types, with several lines, for foreign or corrupt files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if len(first) > 160:  # torch's first line can be long: cut at a word, and say so
+            first = first[:160].rsplit(" ", 1)[0] + " …"
         raise ThresholdsError(f"checkpoint {path} is not a torch checkpoint that loads weights-only "
-                              f"(torch says: {first[:160]}).") from None
+                              f"(torch says: {first}).") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -210,17 +210,20 @@ class DyMU(lmms):
             device = str(self.accelerator.device)
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
+        # Every model_arg is checked before the model loads: a typo fails in a second, naming the argument.
         thresholds = load_thresholds(thresholds)  # once per process
-        self.model, self.processor = load_vlm(str(pretrained), device, dtype)
         # dymu.apply options given as model_args: a per-image token budget (unset: the thresholds file's
         # default) and cross_frame (only when given: the LLaVA models take none)
-        options = {name: int(value) for name, value in (("max_tokens", max_tokens), ("min_tokens", min_tokens))
+        options = {name: _whole(name, value, minimum)
+                   for name, value, minimum in (("max_tokens", max_tokens, 1), ("min_tokens", min_tokens, 0))
                    if value is not None}
         if cross_frame is not None:
             options["cross_frame"] = _boolean("cross_frame", cross_frame)
-        apply(self.model, thresholds, r=None if r is None else int(r), mode=mode, **options)
+        r = None if r is None else _whole("r", r, 0)
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        self.model, self.processor = load_vlm(str(pretrained), device, dtype)
+        apply(self.model, thresholds, r=r, mode=mode, **options)
         self.mode = mode
-        self.max_new_tokens = int(max_new_tokens)
         self._device = next(self.model.parameters()).device
         self._visual_tokens: dict = {}  # (task, doc_id) -> (tokens per image, stock tokens per image)
         self._warned: set[str] = set()
@@ -424,12 +427,14 @@ def load_thresholds(value):
 
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
     try:
-        return float(value)
-    except ValueError:
+        number = float(value)
+    except (TypeError, ValueError):
         return Thresholds.from_ref(value)
+    if math.isnan(number) or (math.isfinite(number) and number < 0):
+        raise ValueError(f"dymu lmms-eval model: thresholds must be a number >= 0 (a cosine similarity), inf (never "
+                         f"merge), -inf (merge every edge), a file, a folder or a Hub repo, not {value!r}.")
+    return number
 
 
 def _boolean(name: str, value) -> bool:
@@ -439,6 +444,13 @@ def _boolean(name: str, value) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise ValueError(f"dymu lmms-eval model: {name} must be true or false, not {value!r}.")
+
+
+def _whole(name: str, value, minimum: int) -> int:
+    text = str(value).strip()
+    if text.isdigit() and int(text) >= minimum:
+        return int(text)
+    raise ValueError(f"dymu lmms-eval model: {name} must be a whole number >= {minimum}, not {value!r}.")
 
 
 def _positive_int(name: str, value) -> int:

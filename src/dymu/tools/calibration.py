@@ -138,20 +138,55 @@ class Checkpoint:
                     f"calibration checkpoint {self.path} was written by a calibration with other settings "
                     f"(model, images, r, batch size or feature layer); {start_over}."
                 )
-            return [BatchRecord(**rec) for rec in data["records"]]
+            if data.get("digest") != _digest(data["settings"], data["records"]):
+                raise ValueError(f"calibration checkpoint {self.path} does not match its digest (changed by hand "
+                                 f"after dymu wrote it, or written by another dymu version); {start_over}.")
+            records = [BatchRecord(**rec) for rec in data["records"]]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
             raise ValueError(f"calibration checkpoint {self.path} is corrupt or not a dymu checkpoint "
                              f"({type(err).__name__}); {start_over}.") from None
+        for k, rec in enumerate(records):
+            problem = _record_problem(rec)
+            if problem:
+                raise ValueError(f"calibration checkpoint {self.path}: record {k} {problem}; {start_over}.")
+        return records
 
     def save(self, records: list[BatchRecord]) -> None:
         if self.path is None:
             return
         # json writes floats with repr(), which round-trips float64 exactly; nan as NaN.
-        atomic_write_text(self.path, json.dumps({"settings": self.settings, "records": [r.__dict__ for r in records]}))
+        rows = [r.__dict__ for r in records]
+        atomic_write_text(self.path, json.dumps({"settings": self.settings, "records": rows,
+                                                 "digest": _digest(self.settings, rows)}))
 
     def remove(self) -> None:
         if self.path is not None and self.path.exists():
             self.path.unlink()
+
+
+def _digest(settings, records) -> str:
+    """sha256 of a checkpoint's content: a hand-edited record would silently change the thresholds."""
+    blob = json.dumps([settings, records], sort_keys=True, allow_nan=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _record_problem(rec: BatchRecord) -> str | None:
+    """What is wrong with one record's fields (a checkpoint from another dymu, say), or None."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not whole(rec.index) or not whole(rec.images):
+        return "has an index or image count that is not a whole number >= 0"
+    for name in ("tau", "kept_sum", "kept_sqsum"):
+        values = getattr(rec, name)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            return f"field {name!r} must be a list of numbers, not {values!r:.60}"
+    if len(rec.kept_sum) != len(rec.kept_sqsum) or len(rec.kept_sum) > len(rec.tau):
+        return f"has {len(rec.tau)} thresholds but {len(rec.kept_sum)} / {len(rec.kept_sqsum)} token sums"
+    if not isinstance(rec.skipped, list):
+        return "field 'skipped' must be a list"
+    return None
 
 
 def _distributed() -> tuple[int, int]:
@@ -190,12 +225,19 @@ def warn_caller(message: str) -> None:
 MIN_IMAGES, MIN_BATCH = 16, 8
 
 
+def few_images_warning(readable: int, listed: int) -> str | None:
+    """After the run, when it could read fewer than MIN_IMAGES images (skipped files not counted)."""
+    if readable >= MIN_IMAGES:
+        return None
+    skipped = f" readable of the {listed} listed" if readable != listed else ""
+    return (f"calibrating on only {readable}{skipped} images: thresholds from fewer than {MIN_IMAGES} are noisy "
+            "(use a few hundred images like the ones the model will see)")
+
+
 def setup_warnings(num_images: int, batch_size: int) -> list[str]:
-    """What to warn about before calibrating: too few images, or a batch too small to rank edges across."""
+    """What to warn about before calibrating: a batch too small to rank edges across (the image count
+    is checked after the run, when the unreadable files are known: `few_images_warning`)."""
     out = []
-    if num_images < MIN_IMAGES:
-        out.append(f"calibrating on only {num_images} images: thresholds from fewer than {MIN_IMAGES} are noisy "
-                   "(use a few hundred images like the ones the model will see)")
     batch = min(batch_size, num_images)
     if batch < MIN_BATCH:
         out.append(f"batches of {batch} images: thresholds depend on the batch (edges are ranked across the whole "
@@ -438,6 +480,9 @@ def run_batches(images: Sequence, batch_size: int, record: Callable[[int, list],
         records = sorted(_gather_records(records), key=lambda rec: rec.index)
         bar.update(bar.total - bar.n)  # every rank is done here (the gather waits for all)
         bar.close()
+        few = few_images_warning(sum(rec.images for rec in records), len(images))
+        if few and rank == 0:
+            warn(few)
         result = finish(records)
         if out is not None and rank == 0:
             result.save(out)  # the result is on disk before its checkpoint goes

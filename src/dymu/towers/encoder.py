@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -169,6 +170,9 @@ class TokenBudget:
                 raise ValueError(f"{name}{where} must be a whole number >= 1, not {value!r}")
         if self.max_tokens is not None and self.min_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens}{where} is above max_tokens={self.max_tokens}")
+        if self.min_tokens is not None and self.min_tokens >= patches:
+            raise ValueError(f"min_tokens={self.min_tokens}{where} is not below the {patches} patches per image: no "
+                             "image would ever merge; give a smaller min_tokens (or none)")
         if self.max_tokens is None:
             return
         fewest = M.reachable_tokens(patches, layers)
@@ -302,7 +306,7 @@ def __getattr__(name: str):  # pickle finds the patched layer classes here (dymu
 def _per_layer(value, num_layers: int, what: str) -> list | None:
     if value is None:
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Number):  # one value for every layer (checked by _threshold_floats)
         return [value] * num_layers
     if isinstance(value, torch.Tensor):
         value = value.tolist()
@@ -313,12 +317,22 @@ def _per_layer(value, num_layers: int, what: str) -> list | None:
 
 
 def _threshold_floats(values: list) -> list[float]:
-    """Per-layer thresholds as floats: None (as in JSON) = +inf = never merge; NaN is refused."""
-    out = [math.inf if t is None else float(t) for t in values]
-    for layer, t in enumerate(out):
-        if math.isnan(t):
-            raise ValueError(f"threshold of layer {layer} is NaN; use +inf (or None) for 'never merge' "
-                             "and -inf for 'merge every edge'")
+    """Per-layer thresholds as floats, by the thresholds file's rule: None (as in JSON) = +inf = never
+    merge, -inf = merge every edge, otherwise a real number >= 0 (a cosine similarity; calibration
+    clamps at 0). NaN, negatives, booleans, complex numbers and strings are refused, never cast."""
+    out = []
+    for layer, t in enumerate(values):
+        if t is None:
+            out.append(math.inf)
+            continue
+        if isinstance(t, (bool, str, bytes)) or not isinstance(t, numbers.Real):
+            raise ValueError(f"threshold of layer {layer} must be a real number, None (never merge) or -inf, "
+                             f"not {t!r}")
+        t = float(t)
+        if math.isnan(t) or (math.isfinite(t) and t < 0):
+            raise ValueError(f"threshold of layer {layer} is {t}; thresholds are >= 0 (cosine similarities), +inf "
+                             "(or None) for 'never merge' and -inf for 'merge every edge'")
+        out.append(t)
     return out
 
 
@@ -341,7 +355,8 @@ def dtome_settings(tower: nn.Module, family: TowerFamily, thresholds=None, r=Non
     if state.thresholds is not None:
         state.thresholds = _threshold_floats(state.thresholds)
     if state.r is not None:
-        if any(not math.isfinite(float(v)) or float(v) < 0 for v in state.r):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or v != int(v)
+               for v in state.r):
             raise ValueError(f"r must be whole numbers >= 0 (merges per layer), not {state.r}")
         state.r = [int(v) for v in state.r]
     return state

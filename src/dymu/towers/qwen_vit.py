@@ -38,6 +38,7 @@ processor's placeholders, `get_rope_index` and `generate` stay stock) and the gr
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -400,7 +401,7 @@ def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[fl
     from .encoder import _threshold_floats  # None = +inf, NaN refused: the same rule as CLIP / SigLIP
 
     depth = len(visual.blocks)
-    if isinstance(thresholds, (int, float)):
+    if isinstance(thresholds, numbers.Number):
         return _threshold_floats([thresholds] * (depth if merge_point == "vit" else 1))
     values = _threshold_floats(thresholds.tolist() if isinstance(thresholds, Tensor) else list(thresholds))
     if merge_point == "vit" and len(values) != depth:

@@ -83,18 +83,25 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
         from .qwen_vl import load_qwen_processor
 
         model = AutoModelForImageTextToText.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
-        processor = load_qwen_processor(model_ref, config.model_type)
-        processor.tokenizer.padding_side = "left"
-        return model, processor
-    cls = getattr(transformers, VLM_TYPES[config.model_type])
-    model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
-    if config.model_type == "llava_onevision":
-        from .llava_next import load_onevision_processor
-
-        processor = load_onevision_processor(model_ref)
+        load_processor = lambda: load_qwen_processor(model_ref, config.model_type)  # noqa: E731
     else:
-        processor = AutoProcessor.from_pretrained(model_ref)
-    processor.tokenizer.padding_side = "left"
+        cls = getattr(transformers, VLM_TYPES[config.model_type])
+        model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
+        if config.model_type == "llava_onevision":
+            from .llava_next import load_onevision_processor
+
+            load_processor = lambda: load_onevision_processor(model_ref)  # noqa: E731
+        else:
+            load_processor = lambda: AutoProcessor.from_pretrained(model_ref)  # noqa: E731
+    try:
+        processor = load_processor()
+        tokenizer = processor.tokenizer
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:200]
+        raise LoadError(f"{model_ref}: its processor or tokenizer cannot be loaded ({reason}); the folder needs the "
+                        "files processor.save_pretrained writes (tokenizer.json / tokenizer_config.json, "
+                        "processor_config.json)") from None
+    tokenizer.padding_side = "left"
     return model, processor
 
 
@@ -275,6 +282,24 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
             per_prompt_stock)
 
 
+def check_prompts(prompts, images, videos=None) -> None:
+    """One-line errors for the shapes `generate` / `prompt_inputs` take: a non-empty list of prompt
+    strings, and per prompt a list of its images (and of its videos)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, not {prompts!r:.80}")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be strings (one per prompt)")
+    for name, items in (("images", images), ("videos", videos)):
+        if items is None and name == "videos":
+            continue
+        if not isinstance(items, (list, tuple)) or len(items) != len(prompts):
+            raise ValueError(f"{name} must be a list with one list per prompt ({len(prompts)}), not {items!r:.80}")
+        for i, per_prompt in enumerate(items):
+            if not isinstance(per_prompt, (list, tuple)):
+                raise ValueError(f"{name}[{i}] must be the list of prompt {i}'s {name} (e.g. [[image]] for one "
+                                 f"prompt with one image), not a {type(per_prompt).__name__}")
+
+
 def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[list[list[Image.Image]]]:
     """``videos`` checked against the prompts and the model, every video as its PIL frames."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -401,6 +426,7 @@ def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, v
     (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
     ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
     hold the image token once per image)."""
+    check_prompts(prompts, images, videos)
     with model_lock(model):
         return _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                         fill, num_frames).inputs
@@ -437,6 +463,7 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     """
     from .qwen_vl import SUPPORTED_QWEN_VLMS
 
+    check_prompts(prompts, images, videos)
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         if not chat_template or max_tokens or min_tokens or focus is not None or fill is not None:
             raise ValueError(f"{type(model).__name__}: prompts are questions (chat_template=False, token budgets, "

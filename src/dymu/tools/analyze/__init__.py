@@ -122,8 +122,23 @@ def analyze(
     _matplotlib()  # fail before the slow part when matplotlib is missing
     refuse_cost_control(model, max_tokens, min_tokens, focus)  # before any folder is made
     out = Path(out_dir)
-    maps_dir = out / "merge_maps"
-    maps_dir.mkdir(parents=True, exist_ok=True)
+    from ...files import check_not_an_input, exclusive_lock
+
+    check_not_an_input(out, [*([folders] if isinstance(folders, (str, Path)) else folders)], "output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    # One run at a time per folder (a second one is refused at once), and no merge map of an earlier
+    # run left beside this run's: merge_maps/ is analyze's own folder.
+    with exclusive_lock(out / ".dymu-analyze.lock", f"analyze output folder {out}"):
+        maps_dir = out / "merge_maps"
+        maps_dir.mkdir(exist_ok=True)
+        for stale in maps_dir.glob("*.png"):
+            stale.unlink()
+        return _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, max_images, merge_maps,
+                        image_root, progress, max_tokens, min_tokens, focus, fill)
+
+
+def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, max_images, merge_maps, image_root,
+             progress, max_tokens, min_tokens, focus, fill):
     if isinstance(folders, (str, Path)):
         folders = [folders]
     sources = _folder_labels(folders)
