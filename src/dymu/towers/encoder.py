@@ -330,8 +330,8 @@ def _threshold_floats(values: list) -> list[float]:
                              f"not {t!r}")
         t = float(t)
         if math.isnan(t) or (math.isfinite(t) and t < 0):
-            raise ValueError(f"threshold of layer {layer} is {t}; thresholds are >= 0 (cosine similarities), +inf "
-                             "(or None) for 'never merge' and -inf for 'merge every edge'")
+            raise ValueError(f"threshold of layer {layer} is {'NaN' if math.isnan(t) else t}; thresholds are >= 0 "
+                             "(cosine similarities), +inf (or None) for 'never merge' and -inf for 'merge every edge'")
         out.append(t)
     return out
 
