@@ -145,3 +145,32 @@ def test_env_check_fails_with_exit_status_1_when_a_check_fails(monkeypatch, caps
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("FAIL llava") and "merge off" in lines[-2]
     assert lines[-1] == "self-test: 0 passed, 1 failed (llava)"
+
+
+def test_a_tower_layer_dymu_does_not_recognise_is_refused_in_one_line(tmp_path):
+    from conftest import build_tiny_tower
+
+    tower = build_tiny_tower("clip", tmp_path)
+    layers = [m for m in tower.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+    del layers[2].self_attn.k_proj
+    with pytest.raises(compat.UnsupportedTransformersError, match="CLIPEncoderLayer has no attribute 'self_attn.k_proj'"):
+        import dymu
+
+        dymu.apply(tower, 0.9)
+
+
+def test_a_vlm_whose_stock_model_lacks_a_hook_point_is_refused(monkeypatch):
+    """A future LlavaModel without mm_encoder_outputs (the hook generate uses) is refused before any change."""
+    import dymu
+    from dymu.tools.demo import build_demo_model
+
+    model, _ = build_demo_model()
+    stock_forward = type(model.model).forward
+
+    def forward(self, input_ids=None, pixel_values=None, **kwargs):  # no mm_encoder_outputs
+        return stock_forward(self, input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(type(model.model), "forward", forward)
+    with pytest.raises(compat.UnsupportedTransformersError, match="LlavaModel.forward\\(\\) has no parameter 'mm_encoder_outputs'"):
+        dymu.apply(model, 0.9)
+    assert type(model.model).__name__ == "LlavaModel"

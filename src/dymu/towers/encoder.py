@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import merge as M
+from .. import compat
 from ..compat import unwrap_compiled
 from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
@@ -336,17 +337,30 @@ def _threshold_floats(values: list) -> list[float]:
     return out
 
 
+# What the DToMe block reads from a stock encoder layer (a pre-norm ViT block: CLIP, SigLIP).
+_LAYER_ARGUMENTS = ("hidden_states", "attention_mask")
+_LAYER_ATTRIBUTES = ("layer_norm1", "layer_norm2", "mlp", "self_attn.k_proj", "self_attn.num_heads")
+
+
+def check_stock_layer(stock: type, layer: nn.Module) -> None:
+    """Refuse (one line) a stock encoder layer whose forward or modules are not what DToMe's block expects."""
+    compat.require_forward(stock, _LAYER_ARGUMENTS)
+    compat.require_attributes(layer, _LAYER_ATTRIBUTES, stock.__name__)
+
+
 def dtome_settings(tower: nn.Module, family: TowerFamily, thresholds=None, r=None,
                    order: str | None = None, budget: TokenBudget | None = None, feature_layer: int = -1) -> TowerState:
     """Validate what `apply_dtome` is given, changing nothing: the new (unattached) state, or a ValueError."""
     if (thresholds is None) == (r is None):
         raise ValueError("Give exactly one of thresholds (DToMe) or r (fixed ToMe merges per layer).")
     order = DEFAULT_ORDER if order is None else check_order(order)
+    compat.require_attributes(tower, ("encoder.layers",), type(tower).__name__)
     layers = tower.encoder.layers
     for index, layer in enumerate(layers):
         stock = getattr(layer, "_dymu_stock_class", type(layer))
         if not issubclass(stock, family.layer_class):
             raise TypeError(f"layer {index} of the {family.name} tower is a {stock.__name__}, not a {family.layer_class.__name__}")
+        check_stock_layer(stock, layer)
     state = TowerState(family=family, thresholds=_per_layer(thresholds, len(layers), "thresholds"),
                        r=_per_layer(r, len(layers), "r"), order=order, budget=budget)
     if budget is not None:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
 
-from .. import vtu
+from .. import compat, vtu
 from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
 from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
 
@@ -158,6 +158,11 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     inner = model.model
+    # What DyMULlavaModel overrides and calls of the stock LlavaModel.
+    stock = getattr(inner, "_dymu_stock_class", type(inner))
+    compat.require_forward(stock, ("input_ids", "pixel_values", "mm_encoder_outputs"))
+    compat.require_forward(stock, ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy"),
+                           "get_image_features")
     tower = inner.vision_tower
     family = family_of(tower)
     if family is None:

@@ -30,7 +30,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLForConditionalGeneration,
 )
 
-from .. import vtu
+from .. import compat, vtu
 from ..patching import PatchedClasses
 from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
@@ -266,6 +266,11 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     if mode == "full" and cross_frame:
         raise ValueError("cross_frame merges video frames: it needs mode 'dymu', not 'full'")
+    # What the swapped inner model overrides and calls of the stock one.
+    stock = getattr(model.model, "_dymu_stock_class", type(model.model))
+    compat.require_forward(stock, ("input_ids", "mm_encoder_outputs", "image_grid_thw", "video_grid_thw"))
+    compat.require_forward(stock, ("pixel_values", "image_grid_thw"), "get_image_features")
+    compat.require_forward(stock, ("pixel_values_videos", "video_grid_thw"), "get_video_features")
     remove_qwen_vl(model)
     model._dymu_mode = mode
     if mode == "full":
