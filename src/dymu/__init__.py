@@ -15,6 +15,7 @@ _PUBLIC = {
     "encode": "dymu.api",
     "calibrate": "dymu.tools.calibration",
     "generate": "dymu.vlms.generation",
+    "load": "dymu.vlms.generation",
     "prompt_inputs": "dymu.vlms.generation",
     "EncodedImages": "dymu.towers.encoder",
     "Thresholds": "dymu.thresholds",

@@ -66,6 +66,18 @@ class GenerationResult:
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
+def load(model_id_or_dir: str, device: str | None = None, dtype: str | None = None):
+    """``(model, processor)`` of any supported VLM, from a Hub id or a local folder: `dymu.load`.
+
+    The processor works with or without torchvision (the stock OneVision and Qwen VL video processors
+    need it; without it dymu's frame-list processors stand in). ``device``: "cpu", "cuda" or "cuda:N"
+    (default: cuda when available); ``dtype``: "float32", "bfloat16" or "float16" (default: bfloat16
+    on cuda, float32 on cpu). The model is in eval mode; the tokenizer pads on the left, as batched
+    generation needs. Errors are one line (`dymu.loading.LoadError`).
+    """
+    return load_vlm(str(model_id_or_dir), device, dtype)
+
+
 def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None):
     """(model, processor) of a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision or a Qwen2-VL / Qwen2.5-VL /
     Qwen3-VL, from a hub id or a local folder."""
