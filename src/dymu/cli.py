@@ -156,7 +156,7 @@ def _calibrate(args, rank: int) -> int:
                                     "--preset or --r (fractions of each image's units)"),
                                    (args.order, "--order", "a Qwen VL merges whole 2x2 units in its own layout"),
                                    (args.max_tokens, "--max-tokens", "token budgets are for the LLaVA models"),
-                                   (args.rounds if args.merge_point == "vit" else None, "--rounds",
+                                   (args.rounds if args.merge_point in (None, "vit") else None, "--rounds",
                                     "rounds are for --merge-point post")):
             if given is not None:
                 raise ValueError(f"{option} does not apply to Qwen VLs: {why}")
@@ -164,15 +164,14 @@ def _calibrate(args, rank: int) -> int:
                                batch_size=args.batch_size, max_images=args.max_images, processor=processor,
                                checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
                                progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
-                               qwen={"merge_point": args.merge_point, "rounds": args.rounds or 3})
+                               merge_point=args.merge_point, rounds=args.rounds)
         if rank == 0:
             kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-            print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
+            print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
+                  f"{kept:.1f} units "
                   f"(LLM tokens) kept on average per image; wrote {out}")
             print_skipped(thresholds.skipped)
         return 0
-    if args.merge_point != "vit" or args.rounds is not None:
-        raise ValueError("--merge-point and --rounds are for Qwen VLs only")
     thresholds = calibrate(
         model,
         images,
@@ -190,6 +189,8 @@ def _calibrate(args, rank: int) -> int:
         order=args.order or DEFAULT_ORDER,
         out=out,  # written before the checkpoint is removed
         warn=warn,
+        merge_point=args.merge_point,
+        rounds=args.rounds,
     )
     if args.max_tokens is not None and rank == 0:
         from .tools.calibration import clip_fraction
@@ -207,6 +208,9 @@ def _calibrate(args, rank: int) -> int:
 
         unit = "AnyRes crops" if hasattr(vlm_wiring(model), "encoder_pixels") else "images"
         line, _ = target_report(thresholds)
+        if thresholds.post_thresholds is not None:
+            line += (f"; post rounds: {thresholds.post_rows_kept_mean[-1]:.1f} LLM rows per image on average "
+                     f"({len(thresholds.post_thresholds)} rounds, merge_point {thresholds.encoder['merge_point']})")
         print(f"calibrated on {thresholds.images_seen} {unit}: {line} at layer {thresholds.feature_layer} "
               f"(of {thresholds.encoder['patches_per_image']} patches); wrote {out}")
         print_skipped(thresholds.skipped)
@@ -599,10 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch (default: %(default)s); the thresholds depend on it, use 8 or more")
     p.add_argument("--max-images", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="batches between progress checkpoints")
-    p.add_argument("--merge-point", default="vit", choices=["vit", "post"],
-                   help="Qwen VLs: merge 2x2 units in every ViT block (vit, the paper) or after the PatchMerger "
-                        "(post: stock ViT, saves LLM compute only)")
-    p.add_argument("--rounds", type=positive_int, help="Qwen VLs, --merge-point post: merge rounds (default 3)")
+    p.add_argument("--merge-point", choices=["vit", "post", "both"],
+                   help="where to merge (default vit, the paper: in the vision tower). post: after the stock steps "
+                        "that follow the tower (Qwen VLs: the PatchMerger; LLaVA-NeXT / OneVision: the AnyRes packing "
+                        "and video pooling), saves LLM compute only; both (LLaVA-NeXT / OneVision): the tower, then "
+                        "post rounds")
+    p.add_argument("--rounds", type=positive_int,
+                   help="--merge-point post / both: merge rounds (default 3 for Qwen VLs, 5 for LLaVA-NeXT / OneVision)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -39,6 +39,7 @@ better rows-vs-complexity ranking or fidelity on the test images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -76,7 +77,8 @@ class AnyResSettings:
     last_videos: torch.Tensor | None = None  # (B, L, D) video features of the last encode, with their maps
     merge_point: str = "vit"
     post_thresholds: list[float] | None = None  # one per post round ("post", "both")
-    edge_chooser: M.EdgeChooser | None = None  # calibration of the post rounds (batch-level Eq. 4)
+    # Calibration of the post rounds (batch-level Eq. 4): units entering the rounds -> their edge chooser.
+    calibrate_post: Callable[[int], M.EdgeChooser] | None = None
     last_post_kept: torch.Tensor | None = None  # (segments, rounds) units kept after every post round
 
     @property
@@ -180,13 +182,15 @@ def snap_to_groups(features: torch.Tensor, group: torch.Tensor, what: str) -> to
     return snapped
 
 
-def post_merge(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], thresholds, edge_chooser=None):
+def post_merge(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], thresholds, calibrate=None):
     """Thresholded bipartite rounds on the packed LLM-level tokens of several images / videos.
 
     ``items``: per image / video, its packed rows (L, D), their VTU group (L,), and the merge segment of
     every position within the item (L,): 0 for an image, the frame for a video, -1 for a newline (never
     merged). A unit is a group (its rows are equal), taken in reading order; its size is its positions.
-    Returns per item the new (rows, group), and the units kept per segment after every round.
+    ``calibrate(units entering the rounds)``: the calibration's edge chooser instead of ``thresholds``.
+    Returns per item the new rows (carrying their ``dymu_group_of_patch``), and the units kept per
+    segment after every round.
     """
     rows_u, sizes_u, segment_u, parts, offset = [], [], [], [], 0
     for rows, group, segment in items:
@@ -203,7 +207,7 @@ def post_merge(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], thr
     payload = torch.cat(rows_u)
     metric = payload / payload.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     rounds = M.merge_rounds(payload, metric, torch.cat(sizes_u), torch.cat(segment_u), offset, thresholds,
-                            edge_chooser)
+                            None if calibrate is None else calibrate(len(payload)))
     out, start = [], 0
     for (rows, group, _), (units, first, n) in zip(items, parts):
         # A group's new label: its merged unit, or (newlines) a label of its own past every unit.
@@ -308,7 +312,7 @@ class _DyMUAnyResModel:
             for rows, group, _ in items:
                 rows.dymu_group_of_patch = group
             return [rows for rows, _, _ in items]
-        out, settings.last_post_kept = post_merge(items, settings.post_thresholds, settings.edge_chooser)
+        out, settings.last_post_kept = post_merge(items, settings.post_thresholds, settings.calibrate_post)
         return out
 
     def get_video_features(self, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None,
