@@ -335,7 +335,7 @@ def cmd_encode(args) -> int:
     loading(args.model)
     import torch
 
-    from .api import apply, encode, encoder_pixels, vision_tower_of
+    from .api import apply, encode, encoder_pixels, vision_tower_of, vlm_wiring
     from .files import check_output_file
     from .images import open_images, pixel_values_of, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
@@ -355,11 +355,14 @@ def cmd_encode(args) -> int:
     apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # DToMe only: no LLM
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
-    records, skipped, crops = [], [], []
+    records, skipped, crops, processed_batch = [], [], [], {}
+    anyres = hasattr(vlm_wiring(model), "encoder_pixels")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     def to_pixels(processed):  # AnyRes VLMs (LLaVA-NeXT / OneVision): every crop of every image
         pixels, per_image = encoder_pixels(model, processed)
         crops.extend(per_image)
+        processed_batch.update(processed)
         return pixels
 
     for start in range(0, len(paths), args.batch_size):
@@ -368,17 +371,31 @@ def cmd_encode(args) -> int:
         batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad, to_pixels)
         if pixels is None:
             continue
+        rows = positions = None
         with torch.no_grad():
-            encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
+            if anyres:  # the model's own image path: the tower, then the packing (and post rounds) the LLM sees
+                from .vlms.llava_next import unique_rows_per_item
+
+                features = model.model.get_image_features(processed_batch["pixel_values"].to(device, dtype),
+                                                          processed_batch["image_sizes"].to(device)).pooler_output
+                rows, positions = unique_rows_per_item(features), [len(f) for f in features]
+                encoded = model.model._dymu.last_encoded
+            else:
+                encoded = encode(model, pixels.to(device, dtype))
         first = 0
-        for p, n in zip(batch, crops):
+        for i, (p, n) in enumerate(zip(batch, crops)):
             parts = [encoded.image(first + k) for k in range(n)]
             first += n
             per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
                          "group_of_patch": one["group_of_patch"].tolist(),
                          "kept_per_layer": one["kept_per_layer"].tolist()} for one in parts]
-            record = {"path": str(p), "tokens": sum(c["tokens"] for c in per_crop),
-                      "full_tokens": n * encoded.group_of_patch.shape[1]}
+            tokens = sum(c["tokens"] for c in per_crop)
+            record = {"path": str(p), "tokens": tokens, "full_tokens": n * encoded.group_of_patch.shape[1],
+                      "encoder_tokens": tokens}
+            if anyres:
+                record.update(llm_rows=rows[i], stock_positions=positions[i])
+            elif hasattr(model.config, "image_seq_length"):  # LLaVA-1.5: one LLM row per kept token
+                record.update(llm_rows=tokens, stock_positions=model.config.image_seq_length)
             record.update(per_crop[0] if n == 1 else {"crops": per_crop})
             records.append(record)
     return _write_encoded(args, records, skipped)
@@ -392,7 +409,8 @@ def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
     for r in records:
-        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
+        rows = f"  LLM rows {r['llm_rows']}/{r['stock_positions']}" if "llm_rows" in r else ""
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}{rows}")
     print_skipped(skipped, file=sys.stderr)
     if not records:
         raise ValueError("no readable images")
@@ -416,8 +434,10 @@ def _encode_qwen(args, model, processor, paths) -> int:
         grid = inputs["image_grid_thw"]
         encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
         groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
+        in_tower = model.model._dymu.merge_point == "vit"  # "post": the tower keeps every unit
         for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
             records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
+                            "encoder_tokens": kept if in_tower else units, "llm_rows": kept, "stock_positions": units,
                             "group_of_unit": g.tolist()})
     return _write_encoded(args, records, skipped)
 

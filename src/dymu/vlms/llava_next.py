@@ -633,3 +633,18 @@ def unique_rows_per_item(features) -> list[int]:
     return [int(f.dymu_group_of_patch.unique().numel()) if hasattr(f, "dymu_group_of_patch") else len(f)
             for f in features]
 
+
+def encoder_tokens_per_item(inner: nn.Module, counts: list[int]) -> list[int]:
+    """Tokens the vision tower kept per image / video in the last encode, summed over its ``counts``
+    crops / frames (the stock tower: every token of every crop)."""
+    encoded = getattr(getattr(inner, "_dymu", None), "last_encoded", None)
+    if encoded is None:
+        side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+        return [n * side * side for n in counts]
+    per_crop = encoded.num_tokens.tolist()
+    out, start = [], 0
+    for n in counts:
+        out.append(sum(per_crop[start:start + n]))
+        start += n
+    return out
+
