@@ -31,9 +31,11 @@ Merge points (``dymu.apply(..., merge_point=...)``, the names the Qwen VLs use):
   saves the LLM little; merging after them sees the mixes, and near-identical ones merge away.
 - ``"both"``: DToMe in the tower (saves encoder compute) and the post rounds (saves LLM rows).
 The post metric is the cosine of the projected features themselves (the rows VTU keeps), chosen by
-measurement over the last tower layer's keys carried through the same stock steps (README, "LLaVA-NeXT
-and LLaVA-OneVision"): keys need a second pass of every stock step on a second tensor, and gave no
-better rows-vs-complexity ranking or fidelity on the test images.
+measurement over the last tower layer's keys (head-mean) carried through the same stock steps: on the
+tiny demo OneVision, 37 test images at one downsampled layout, thresholds calibrated at mid on half of
+them, both rank LLM rows against JPEG complexity alike (Spearman +0.70), but features keep fewer rows
+(170.7 vs 179.7 of 396) with a smaller last-token logit error against the stock model (relative L2
+0.0031 vs 0.0047); keys would also need every stock step run a second time on a second tensor.
 """
 
 from __future__ import annotations
