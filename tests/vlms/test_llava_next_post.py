@@ -198,3 +198,20 @@ def test_merge_point_errors(anyres_dirs, post_thresholds, demo_llava_dir, tmp_pa
     old = dymu.Thresholds.load(tmp_path / "old.json")
     dymu.apply(model, old)
     assert model.model._dymu.merge_point == "vit" and not model.model._dymu.post
+
+
+def test_report_gives_encoder_tokens_llm_rows_and_stock_positions(anyres_dirs, post_thresholds):
+    model, processor = load(anyres_dirs, "onevision")
+    prompts, images, videos = cases("onevision")  # 10 crops; two base crops; 3 frames (of 81 tokens each)
+    reports = {}
+    for merge_point in ("post", "both"):
+        dymu.apply(model, post_thresholds["onevision", merge_point])
+        reports[merge_point] = dymu.generate(model, processor, prompts, images, videos=videos, max_new_tokens=1).report
+    post, both = reports["post"], reports["both"]
+    assert post.encoder_tokens == [[810], [81, 81], [243]]  # the stock tower keeps every token
+    assert all(b < p for bs, ps in zip(both.encoder_tokens, post.encoder_tokens) for b, p in zip(bs, ps))
+    for rep in (post, both):
+        assert rep.llm_rows == rep.visual_tokens and rep.stock_positions == rep.stock_tokens
+        pairs = [(r, s) for rs, ss in zip(rep.llm_rows, rep.stock_positions) for r, s in zip(rs, ss)]
+        assert all(r <= s for r, s in pairs) and sum(r for r, _ in pairs) < sum(s for _, s in pairs), pairs
+        assert "encoder_tokens" in rep.to_json() and "llm_rows" in rep.to_json()
