@@ -152,15 +152,27 @@ def apply(
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention,
                       cross_frame=cross_frame)
         return model
-    if merge_point is not None or cross_frame:
-        raise ValueError(f"{'merge_point' if merge_point is not None else 'cross_frame'} is for the Qwen VLs, "
-                         f"not {type(model).__name__}")
+    if cross_frame:
+        raise ValueError(f"cross_frame is for the Qwen VLs, not {type(model).__name__}")
     wiring = vlm_wiring(model)
+    takes_merge_point = wiring is not None and hasattr(wiring, "resolve_merge_point")
+    if merge_point is not None and not takes_merge_point:
+        raise ValueError(f"merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not {type(model).__name__}")
     if wiring is not None:
-        # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
-        kept = getattr(thresholds, "tokens_kept_mean", None)
-        order = _merge_order(thresholds, order)
-        budget = _budget(thresholds, max_tokens, min_tokens)
+        extra = {}
+        if takes_merge_point:  # LLaVA-NeXT / OneVision: the tower's thresholds and the post rounds'
+            if hasattr(thresholds, "check_compatible"):
+                thresholds.check_compatible(model.model.vision_tower)
+            kept = getattr(thresholds, "tokens_kept_mean", None)
+            order = _merge_order(thresholds, order)
+            budget = _budget(thresholds, max_tokens, min_tokens)
+            thresholds, post, merge_point = wiring.resolve_merge_point(thresholds, merge_point, mode)
+            extra = {"merge_point": merge_point, "post_thresholds": post}
+        else:
+            # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
+            kept = getattr(thresholds, "tokens_kept_mean", None)
+            order = _merge_order(thresholds, order)
+            budget = _budget(thresholds, max_tokens, min_tokens)
         if mode == "downsample" and thresholds is not None and not kept:
             raise ValueError(
                 "mode 'downsample' sizes the images by the mean visual tokens these thresholds kept during "
@@ -170,7 +182,7 @@ def apply(
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
         wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
-                         downsample_tokens=kept[-1] if kept else None, order=order, budget=budget)
+                         downsample_tokens=kept[-1] if kept else None, order=order, budget=budget, **extra)
         return model
     if _is_vlm(model):
         raise ValueError(f"{type(model).__name__} is not a supported VLM (supported: {', '.join(supported_vlm_names())}).")

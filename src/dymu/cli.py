@@ -166,7 +166,7 @@ def _calibrate(args, rank: int) -> int:
                                     "--preset or --r (fractions of each image's units)"),
                                    (args.order, "--order", "a Qwen VL merges whole 2x2 units in its own layout"),
                                    (args.max_tokens, "--max-tokens", "token budgets are for the LLaVA models"),
-                                   (args.rounds if args.merge_point == "vit" else None, "--rounds",
+                                   (args.rounds if args.merge_point in (None, "vit") else None, "--rounds",
                                     "rounds are for --merge-point post")):
             if given is not None:
                 raise ValueError(f"{option} does not apply to Qwen VLs: {why}")
@@ -174,15 +174,14 @@ def _calibrate(args, rank: int) -> int:
                                batch_size=args.batch_size, max_images=args.max_images, processor=processor,
                                checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
                                progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
-                               qwen={"merge_point": args.merge_point, "rounds": args.rounds or 3})
+                               merge_point=args.merge_point, rounds=args.rounds)
         if rank == 0:
             kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-            print(f"calibrated on {thresholds.images_seen} images (merge_point {args.merge_point}): {kept:.1f} units "
+            print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
+                  f"{kept:.1f} units "
                   f"(LLM tokens) kept on average per image; wrote {out}")
             print_skipped(thresholds.skipped)
         return 0
-    if args.merge_point != "vit" or args.rounds is not None:
-        raise ValueError("--merge-point and --rounds are for Qwen VLs only")
     thresholds = calibrate(
         model,
         images,
@@ -200,6 +199,8 @@ def _calibrate(args, rank: int) -> int:
         order=args.order or DEFAULT_ORDER,
         out=out,  # written before the checkpoint is removed
         warn=warn,
+        merge_point=args.merge_point,
+        rounds=args.rounds,
     )
     if args.max_tokens is not None and rank == 0:
         from .tools.calibration import clip_fraction
@@ -217,6 +218,9 @@ def _calibrate(args, rank: int) -> int:
 
         unit = "AnyRes crops" if hasattr(vlm_wiring(model), "encoder_pixels") else "images"
         line, _ = target_report(thresholds)
+        if thresholds.post_thresholds is not None:
+            line += (f"; post rounds: {thresholds.post_rows_kept_mean[-1]:.1f} LLM rows per image on average "
+                     f"({len(thresholds.post_thresholds)} rounds, merge_point {thresholds.encoder['merge_point']})")
         print(f"calibrated on {thresholds.images_seen} {unit}: {line} at layer {thresholds.feature_layer} "
               f"(of {thresholds.encoder['patches_per_image']} patches); wrote {out}")
         print_skipped(thresholds.skipped)
@@ -341,7 +345,7 @@ def cmd_encode(args) -> int:
     loading(args.model)
     import torch
 
-    from .api import apply, encode, encoder_pixels, vision_tower_of
+    from .api import apply, encode, encoder_pixels, vision_tower_of, vlm_wiring
     from .files import check_output_file
     from .images import open_images, pixel_values_of, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
@@ -362,11 +366,14 @@ def cmd_encode(args) -> int:
     apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # DToMe only: no LLM
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
-    records, skipped, crops = [], [], []
+    records, skipped, crops, processed_batch = [], [], [], {}
+    anyres = hasattr(vlm_wiring(model), "encoder_pixels")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     def to_pixels(processed):  # AnyRes VLMs (LLaVA-NeXT / OneVision): every crop of every image
         pixels, per_image = encoder_pixels(model, processed)
         crops.extend(per_image)
+        processed_batch.update(processed)
         return pixels
 
     for start in range(0, len(paths), args.batch_size):
@@ -375,17 +382,31 @@ def cmd_encode(args) -> int:
         batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad, to_pixels)
         if pixels is None:
             continue
+        rows = positions = None
         with torch.no_grad():
-            encoded = encode(model, pixels.to(next(model.parameters()).device, next(model.parameters()).dtype))
+            if anyres:  # the model's own image path: the tower, then the packing (and post rounds) the LLM sees
+                from .vlms.llava_next import unique_rows_per_item
+
+                features = model.model.get_image_features(processed_batch["pixel_values"].to(device, dtype),
+                                                          processed_batch["image_sizes"].to(device)).pooler_output
+                rows, positions = unique_rows_per_item(features), [len(f) for f in features]
+                encoded = model.model._dymu.last_encoded
+            else:
+                encoded = encode(model, pixels.to(device, dtype))
         first = 0
-        for p, n in zip(batch, crops):
+        for i, (p, n) in enumerate(zip(batch, crops)):
             parts = [encoded.image(first + k) for k in range(n)]
             first += n
             per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
                          "group_of_patch": one["group_of_patch"].tolist(),
                          "kept_per_layer": one["kept_per_layer"].tolist()} for one in parts]
-            record = {"path": str(p), "tokens": sum(c["tokens"] for c in per_crop),
-                      "full_tokens": n * encoded.group_of_patch.shape[1]}
+            tokens = sum(c["tokens"] for c in per_crop)
+            record = {"path": str(p), "tokens": tokens, "full_tokens": n * encoded.group_of_patch.shape[1],
+                      "encoder_tokens": tokens}
+            if anyres:
+                record.update(llm_rows=rows[i], stock_positions=positions[i])
+            elif hasattr(model.config, "image_seq_length"):  # LLaVA-1.5: one LLM row per kept token
+                record.update(llm_rows=tokens, stock_positions=model.config.image_seq_length)
             record.update(per_crop[0] if n == 1 else {"crops": per_crop})
             records.append(record)
     return _write_encoded(args, records, skipped)
@@ -399,7 +420,8 @@ def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
     atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
                                              "skipped": skipped}) + "\n")
     for r in records:
-        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}")
+        rows = f"  LLM rows {r['llm_rows']}/{r['stock_positions']}" if "llm_rows" in r else ""
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}{rows}")
     print_skipped(skipped, file=sys.stderr)
     if not records:
         raise ValueError("no readable images")
@@ -423,8 +445,10 @@ def _encode_qwen(args, model, processor, paths) -> int:
         grid = inputs["image_grid_thw"]
         encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
         groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
+        in_tower = model.model._dymu.merge_point == "vit"  # "post": the tower keeps every unit
         for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
             records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
+                            "encoder_tokens": kept if in_tower else units, "llm_rows": kept, "stock_positions": units,
                             "group_of_unit": g.tolist()})
     return _write_encoded(args, records, skipped)
 
@@ -611,10 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch (default: %(default)s); the thresholds depend on it, use 8 or more")
     p.add_argument("--max-images", type=positive_int)
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="batches between progress checkpoints")
-    p.add_argument("--merge-point", default="vit", choices=["vit", "post"],
-                   help="Qwen VLs: merge 2x2 units in every ViT block (vit, the paper) or after the PatchMerger "
-                        "(post: stock ViT, saves LLM compute only)")
-    p.add_argument("--rounds", type=positive_int, help="Qwen VLs, --merge-point post: merge rounds (default 3)")
+    p.add_argument("--merge-point", choices=["vit", "post", "both"],
+                   help="where to merge (default vit, the paper: in the vision tower). post: after the stock steps "
+                        "that follow the tower (Qwen VLs: the PatchMerger; LLaVA-NeXT / OneVision: the AnyRes packing "
+                        "and video pooling), saves LLM compute only; both (LLaVA-NeXT / OneVision): the tower, then "
+                        "post rounds")
+    p.add_argument("--rounds", type=positive_int,
+                   help="--merge-point post / both: merge rounds (default 3 for Qwen VLs, 5 for LLaVA-NeXT / OneVision)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,8 +14,15 @@ Layout (format_version 1):
       "tokens_kept_mean": [...], "tokens_kept_std": [...],   # after each computed layer
       "images_seen": 5000, "skipped": [{"path": "...", "reason": "..."}],
       "target_tokens": 208.0, "reached_tokens": 207.6,   # visual tokens at the feature layer: asked / got
-      "capped_layers": []                  # layers whose r hit the at-most-half-per-layer cap
-    }
+      "capped_layers": [],                 # layers whose r hit the at-most-half-per-layer cap
+      "post_thresholds": null,             # LLaVA-NeXT / OneVision, merge_point "post" / "both": one per
+      "post_r": null, "post_rows_kept_mean": []   # round after the stock packing, its r (fraction of the
+    }                                      # units entering the rounds) and mean LLM rows per image after it
+
+``encoder.merge_point``: where the thresholds merge. Qwen VLs: "vit" or "post" (``thresholds`` are then
+per block or per round). CLIP/SigLIP towers of LLaVA-NeXT / OneVision: "vit" (``thresholds`` per layer),
+"post" (the tower does not merge: ``thresholds`` all null; ``post_thresholds`` per round) or "both".
+Files written before merge points existed have none and load as "vit".
 
 On the Hugging Face Hub (or in a local folder) the file is ``thresholds.json`` at the repo's root:
 `Thresholds.from_pretrained("org/name")`, `save_pretrained(folder)`, `push_to_hub("org/name")`.
@@ -81,13 +88,13 @@ def _threshold_to_json(value: float) -> float | str | None:
     return None if value == math.inf else "-inf" if value == -math.inf else value
 
 
-def _threshold_from_json(value, path: Path, layer: int) -> float:
+def _threshold_from_json(value, path: Path, layer: int, key: str = "thresholds") -> float:
     if value is None:
         return math.inf
     if isinstance(value, str) and value.strip().lower() in ("-inf", "+inf", "inf"):
         return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ThresholdsError(f"thresholds file {path}: field 'thresholds[{layer}]' must be a finite number >= 0, "
+        raise ThresholdsError(f"thresholds file {path}: field '{key}[{layer}]' must be a finite number >= 0, "
                               f'null (never merge) or "-inf" (merge every edge), not {value!r}.')
     return float(value)
 
@@ -113,6 +120,10 @@ class Thresholds:
     # `dymu.apply(max_tokens=..., min_tokens=...)` and the CLI's --max-tokens/--min-tokens override it.
     max_tokens: int | None = None
     min_tokens: int | None = None
+    # LLaVA-NeXT / OneVision, merge_point "post" / "both": the rounds after the stock packing.
+    post_thresholds: list[float] | None = None
+    post_r: list[float] | None = None
+    post_rows_kept_mean: list[float] = field(default_factory=list)
     dymu_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -156,12 +167,25 @@ class Thresholds:
             if not isinstance(enc.get(key), kind):
                 bad(f"encoder.{key}", f"must be a {kind.__name__}, not {enc.get(key)!r}")
         layers = whole(enc.get("num_layers"), "encoder.num_layers", 1)
-        if enc.get("merge_point") is not None:  # a Qwen VL: native resolution, units vary per image
-            if enc.get("patches_per_image") is not None:
-                bad("encoder.patches_per_image", "must be null for a Qwen VL (images keep their native size)")
+        merge_point = enc.get("merge_point")
+        if merge_point is not None and enc.get("patches_per_image") is None:  # a Qwen VL: native resolution
+            if merge_point not in ("vit", "post"):
+                bad("encoder.merge_point", f"is {merge_point!r}; a Qwen VL merges at 'vit' or 'post'")
             patches = math.inf
         else:
+            if merge_point not in (None, "vit", "post", "both"):
+                bad("encoder.merge_point", f"is {merge_point!r}; dymu knows 'vit', 'post' and 'both'")
             patches = whole(enc.get("patches_per_image"), "encoder.patches_per_image", 1)
+            if (merge_point in ("post", "both")) != (self.post_thresholds is not None):
+                bad("post_thresholds", f"must be {'a list' if merge_point in ('post', 'both') else 'null'} with "
+                                       f"encoder.merge_point {merge_point or 'vit'!r}")
+        if self.post_thresholds is not None:
+            numbers(self.post_thresholds, "post_thresholds", None, 0.0, allow_infinite=True)
+            if not self.post_thresholds:
+                bad("post_thresholds", "must hold one threshold per post round (at least one)")
+            if self.post_r is not None:
+                numbers(self.post_r, "post_r", len(self.post_thresholds), 0.0, 1.0)
+        numbers(self.post_rows_kept_mean, "post_rows_kept_mean", None, 0.0)
         if not _is_int(self.feature_layer) or not -layers - 1 <= self.feature_layer <= layers:
             bad("feature_layer", f"must be a layer index between {-layers - 1} and {layers}, not {self.feature_layer!r}")
         if self.feature_layer in (0, -layers - 1):  # hidden_states[0]: the embeddings, before any layer merges
@@ -226,6 +250,8 @@ class Thresholds:
     def to_json(self) -> dict:
         data = asdict(self)
         data["thresholds"] = [_threshold_to_json(t) for t in self.thresholds]
+        if self.post_thresholds is not None:
+            data["post_thresholds"] = [_threshold_to_json(t) for t in self.post_thresholds]
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -257,8 +283,9 @@ class Thresholds:
             raise ThresholdsError(f"thresholds file {path}: field 'feature_layer' is missing.")
         known = {f for f in cls.__dataclass_fields__}
         data = {k: v for k, v in data.items() if k in known}
-        if isinstance(data["thresholds"], list):
-            data["thresholds"] = [_threshold_from_json(t, path, i) for i, t in enumerate(data["thresholds"])]
+        for key in ("thresholds", "post_thresholds"):
+            if isinstance(data.get(key), list):
+                data[key] = [_threshold_from_json(t, path, i, key) for i, t in enumerate(data[key])]
         return cls(**data).validate(f"thresholds file {path}")
 
 

@@ -46,7 +46,7 @@ def case(request, qwen_dirs):
     model, processor = load_qwen(family, qwen_dirs[family])
     images = sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg"))[:8]
     thresholds = dymu.calibrate(model, images, preset="mid", batch_size=4, processor=processor, progress=False,
-                                qwen={"merge_point": merge_point, "rounds": 2})
+                                merge_point=merge_point, rounds=2)
     assert thresholds.encoder["merge_point"] == merge_point
     return model, processor.image_processor, thresholds, qwen_dirs[family]
 

@@ -300,7 +300,7 @@ def test_qwen_calibration_resumes_from_its_checkpoint(qwen_dirs, tmp_path):
     model, processor = load_qwen("qwen2_vl", qwen_dirs["qwen2_vl"])
     images = all_images()[:8]
     ckpt, out = tmp_path / "q.partial", tmp_path / "q.json"
-    settings = dict(preset="mid", batch_size=2, progress=False, qwen={"merge_point": "vit"})
+    settings = dict(preset="mid", batch_size=2, progress=False, merge_point="vit")
     with pytest.warns(CalibrationWarning):
         plain = dymu.calibrate(model, images, processor=processor, **settings)
         with pytest.raises(KeyboardInterrupt):

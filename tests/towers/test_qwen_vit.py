@@ -120,7 +120,7 @@ def test_calibration_merges_exactly_r_times_units_per_block(qwen, merge_point):
     model, processor = qwen
     images = _images() + _images(("skimage_chessboard.png", "darknet_dog_bicycle_truck.jpg"))
     thresholds = calibrate(model, images, r=0.15, batch_size=len(images), processor=processor, progress=False,
-                           qwen={"merge_point": merge_point, "rounds": 2})
+                           merge_point=merge_point, rounds=2)
     inputs = processor.image_processor(images=images, return_tensors="pt")
     units = int(inputs["image_grid_thw"].prod(-1).sum()) // 4
     steps = len(thresholds.thresholds)

@@ -114,9 +114,73 @@ def _groups_of_rows(rows: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def reference_logits(model, inputs):
+def reference_rounds(rows, metric, sizes, thresholds):
+    """One segment's post rounds, written from the description: A = even, B = odd units (reading
+    order), each A's most cosine-similar B; edges above the threshold merge, at most half the units
+    (the best edges); a merged unit is the size-weighted mean of its rows and of its (unit-length)
+    metrics, the metric normalised again, and takes its B's place. Returns the final unit of every
+    input unit."""
+    owner = list(range(len(rows)))  # input unit -> current unit
+    for tau in thresholds:
+        n = len(rows)
+        if n < 2:
+            continue
+        a, b = list(range(0, n, 2)), list(range(1, n, 2))
+        scores = metric[a] @ metric[b].T
+        best, partner = scores.max(dim=1)
+        ranked = sorted(range(len(a)), key=lambda i: -float(best[i]))  # stable: ties by slot
+        chosen = [i for i in ranked[: n // 2] if best[i] > tau]
+        into = {bi: [b[bi]] for bi in range(len(b))}
+        for i in chosen:
+            into[int(partner[i])].append(a[i])
+        gone = {a[i] for i in chosen}
+        keep = [u for u in range(n) if u not in gone]
+        where = {}
+        for bi, members in into.items():
+            for u in members:
+                where[u] = b[bi]
+        for u in keep:
+            where.setdefault(u, u)
+        new_rows, new_metric, new_sizes = [], [], []
+        for u in keep:
+            members = [v for v in range(n) if where[v] == u]
+            w = sizes[members].to(rows.dtype)[:, None]
+            new_rows.append((rows[members] * w).sum(0) / w.sum())
+            m = (metric[members] * w).sum(0) / w.sum()
+            new_metric.append(m / m.norm())
+            new_sizes.append(sizes[members].sum())
+        rows, metric, sizes = torch.stack(new_rows), torch.stack(new_metric), torch.stack(new_sizes)
+        owner = [keep.index(where[u]) for u in owner]
+    return rows, owner
+
+
+def reference_post(features, groups, segment, thresholds):
+    """An item's packed features (L, D) and groups (L,) after the post rounds, per segment (-1:
+    newlines, never merged): the merged rows and the new group of every position."""
+    features, groups = features.clone(), groups.clone()
+    next_group = int(groups.max()) + 1
+    for s in segment.unique().tolist():
+        if s < 0:
+            continue
+        at = (segment == s).nonzero().flatten()
+        units = list(dict.fromkeys(groups[at].tolist()))  # groups in reading order
+        first = torch.stack([at[groups[at] == g][0] for g in units])
+        sizes = torch.stack([(groups == g).sum() for g in units])
+        rows = features[first]  # in the model's dtype: calibrated thresholds sit among near-tied scores
+        merged, owner = reference_rounds(rows, rows / rows.norm(dim=-1, keepdim=True), sizes, thresholds)
+        new = groups.clone()
+        for g, o in zip(units, owner):
+            new[groups == g] = next_group + o
+            features[groups == g] = merged[o]
+        next_group += len(merged)
+        groups = new
+    return features, torch.unique(groups, return_inverse=True)[1]
+
+
+def reference_logits(model, inputs, post_thresholds=None):
     """Stock language model on the virtually unmerged, stock-packed features, with the attention
-    output of every layer replaced by its mean over each VTU group (paper Eq. 11)."""
+    output of every layer replaced by its mean over each VTU group (paper Eq. 11). With
+    ``post_thresholds``: the reference post rounds on every image (every video frame) first."""
     from transformers.models.llava_next import modeling_llava_next as stock_next
     from transformers.models.llava_onevision import modeling_llava_onevision as stock_ov
 
@@ -179,7 +243,11 @@ def reference_logits(model, inputs):
             start += n
             packed = pack([f], inner.image_newline, sizes[i:i + 1])[0]
             packed_ind = pack([torch.stack(ind)], torch.zeros(width, dtype=torch.float64), sizes[i:i + 1])[0]
-            items.append((packed, _groups_of_rows(packed_ind)))
+            groups = _groups_of_rows(packed_ind)
+            if post_thresholds is not None:
+                segment = torch.where(packed_ind.abs().sum(1) == 0, -1, 0)  # newlines: no merged token in them
+                packed, groups = reference_post(packed, groups, segment, post_thresholds)
+            items.append((packed, groups))
         place(config.image_token_id, items)
     if "pixel_values_videos" in inputs:
         videos = inputs["pixel_values_videos"]
@@ -200,7 +268,12 @@ def reference_logits(model, inputs):
             pooled_ind = inner.apply_pooling(torch.stack(ind)).flatten(0, 1)
             packed = torch.cat([pooled, inner.image_newline[None]])
             packed_ind = torch.cat([pooled_ind, torch.zeros(1, width, dtype=torch.float64)])
-            items.append((packed, _groups_of_rows(packed_ind)))
+            groups = _groups_of_rows(packed_ind)
+            if post_thresholds is not None:
+                segment = torch.arange(len(packed)) // (len(pooled) // frames_per_video)  # the frame
+                segment[-1] = -1
+                packed, groups = reference_post(packed, groups, segment, post_thresholds)
+            items.append((packed, groups))
         place(config.video_token_id, items)
 
     # Dense per-sequence group membership: (B, N, N) "same group", text and padding alone.

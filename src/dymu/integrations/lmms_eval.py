@@ -14,8 +14,9 @@ folder of frames; ``max_frames_num`` evenly spaced frames each, read with PyAV):
 that takes them (LLaVA-OneVision, the Qwen VLs), and follow the images in the prompt.
 
 Visual tokens: each logged sample's `token_counts` entry carries, per visual item in prompt order,
-`visual_tokens` (what the LLM saw), `full_visual_tokens` (the stock count) and `visual_kinds`
-("image" / "video"); at the end of the requests the means per image and per video, over all ranks
+`encoder_tokens` (what the vision tower kept), `llm_rows` (the distinct rows the LLM ran),
+`stock_positions` (the stock prompt's placeholders) and `visual_kinds` ("image" / "video"; the older
+names `visual_tokens` = llm_rows and `full_visual_tokens` = stock_positions are kept); at the end of the requests the means per image and per video, over all ranks
 and per task, are logged through lmms-eval's metric log and land in the results JSON as
 `throughput.avg_visual_tokens` (per image; and `avg_full_visual_tokens`, `avg_images`,
 `avg_visual_tokens/TASK`, `avg_images/TASK`), `avg_video_tokens` (per video; and
@@ -126,9 +127,10 @@ class VisualTokenCounts(TokenCounts):
     """lmms-eval's per-sample token counts plus, per visual item of the prompt (images, then videos),
     the tokens the LLM saw, the stock model's count and the item's kind."""
 
-    visual_tokens: list[int] | None = None
-    full_visual_tokens: list[int] | None = None
+    visual_tokens: list[int] | None = None  # = llm_rows (the older name)
+    full_visual_tokens: list[int] | None = None  # = stock_positions (the older name)
     visual_kinds: list[str] | None = None
+    encoder_tokens: list[int] | None = None
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -136,6 +138,9 @@ class VisualTokenCounts(TokenCounts):
             d["visual_tokens"] = list(self.visual_tokens)
             d["full_visual_tokens"] = list(self.full_visual_tokens)
             d["visual_kinds"] = list(self.visual_kinds)
+            d["encoder_tokens"] = list(self.encoder_tokens)
+            d["llm_rows"] = list(self.visual_tokens)
+            d["stock_positions"] = list(self.full_visual_tokens)
         return d
 
 
@@ -296,8 +301,8 @@ class DyMU(lmms):
         counts = []
         for k, (i, (images, videos)) in enumerate(zip(batch, visuals)):
             kinds = ["image"] * len(images) + ["video"] * len(videos)
-            counts.append(VisualTokenCounts(visual_tokens=rep.visual_tokens[k], full_visual_tokens=rep.stock_tokens[k],
-                                            visual_kinds=kinds))
+            counts.append(VisualTokenCounts(visual_tokens=rep.llm_rows[k], full_visual_tokens=rep.stock_positions[k],
+                                            visual_kinds=kinds, encoder_tokens=rep.encoder_tokens[k]))
             if not requests[i].metadata.get("__padding_only__"):  # lmms-eval's filler to even out ranks
                 self._visual_tokens.setdefault((requests[i].task_name, requests[i].doc_id),
                                                list(zip(kinds, rep.visual_tokens[k], rep.stock_tokens[k])))

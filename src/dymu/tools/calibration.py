@@ -335,12 +335,15 @@ def calibrate(
     order: str = DEFAULT_ORDER,
     out: str | Path | None = None,
     warn=None,
-    qwen: dict | None = None,
+    merge_point: str | None = None,
+    rounds: int | None = None,
     packed: bool | None = None,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
-    Qwen VLs go to `calibrate_qwen` (``qwen`` holds its own options: merge_point, rounds).
+    ``merge_point`` (Qwen VLs, LLaVA-NeXT, LLaVA-OneVision; default "vit") and ``rounds`` (post rounds):
+    Qwen VLs go to `calibrate_qwen` ("vit" or "post"); LLaVA-NeXT / OneVision with "post" or "both"
+    to `calibrate_post` ("both" first calibrates the tower as here).
 
     ``images``: paths or PIL images. The merge target is one of ``preset`` (low/mid/high),
     ``target_tokens`` (average visual tokens kept at the feature layer) or ``r`` (merges per image
@@ -374,7 +377,24 @@ def calibrate(
     if not images:
         raise ValueError("no images to calibrate on")
 
+    from ..api import vlm_wiring
     from ..vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+
+    post_wiring = hasattr(vlm_wiring(model), "resolve_merge_point")  # LLaVA-NeXT / OneVision
+    if not isinstance(model, SUPPORTED_QWEN_VLMS):
+        if merge_point is not None and not post_wiring:
+            raise ValueError(f"merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not "
+                             f"{type(model).__name__}")
+        if rounds is not None and merge_point not in ("post", "both"):
+            raise ValueError("rounds are for merge_point 'post' or 'both'")
+    if post_wiring and merge_point in ("post", "both"):
+        return calibrate_post(model, images, merge_point=merge_point, rounds=rounds, preset=preset,
+                              target_tokens=target_tokens, r=r, schedule=schedule, batch_size=batch_size,
+                              feature_layer=feature_layer, processor=processor, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every, progress=progress, model_ref=model_ref,
+                              order=order, out=out, warn=warn, packed=packed)
+    if merge_point not in (None, "vit", "post") or (merge_point == "post" and not isinstance(model, SUPPORTED_QWEN_VLMS)):
+        raise ValueError(f"merge_point must be one of vit, post{', both' if post_wiring else ''}, got {merge_point!r}")
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         unsupported = [name for name, v in (("target_tokens", target_tokens), ("feature_layer", feature_layer),
@@ -387,7 +407,7 @@ def calibrate(
         return calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
                               processor=processor, progress=progress, model_ref=model_ref,
                               checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
-                              **(qwen or {}))
+                              merge_point=merge_point or "vit", rounds=rounds or QWEN_POST_ROUNDS)
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -530,15 +550,16 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
 QWEN_POST_ROUNDS = 3  # merge_point="post": bipartite rounds after the PatchMerger (each removes <= 1/2)
 
 
-def qwen_r(steps: int, *, preset: str | None = None, r=None, schedule: str = "constant") -> list[float]:
+def round_fractions(steps: int, *, preset: str | None = None, r=None, schedule: str = "constant") -> list[float]:
     """Per block (or round) fraction of each segment's units to merge away: from a preset (the
-    paper's CLIP kept fractions, applied to the units of every image) or explicit fractions."""
+    paper's CLIP kept fractions, applied to the units of every image) or explicit fractions
+    (Qwen VLs, and the post rounds of LLaVA-NeXT / OneVision)."""
     if preset is not None and r is not None:
         raise ValueError("give one of preset or r, not both")
     if r is not None:
         values = [float(r)] * steps if isinstance(r, (int, float)) else [float(v) for v in r]
         if len(values) != steps or not all(0 <= v < 1 for v in values):
-            raise ValueError(f"r for a Qwen VL is a fraction of each image's units in [0, 1): one value or {steps}")
+            raise ValueError(f"r for merge rounds is a fraction of each image's units in [0, 1): one value or {steps}")
         return values
     preset = preset or "mid"
     if preset not in PRESETS:
@@ -565,7 +586,7 @@ def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = N
     image_processor = getattr(processor, "image_processor", processor)
     visual = model.model.visual
     steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
-    fractions = qwen_r(steps, preset=preset, r=r, schedule=schedule)
+    fractions = round_fractions(steps, preset=preset, r=r, schedule=schedule)
     device = next(visual.parameters()).device
     identity = qwen_identity(visual, merge_point, steps, model_ref)
     warn = warn or warn_caller
@@ -597,6 +618,100 @@ def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = N
                                                  steps),
                        key=_settings_key(identity, fractions, -1, batch_size, images, merge_point),
                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-NeXT / OneVision, merge_point "post" / "both": Eq. 4 on the packed LLM-level tokens.
+
+
+@torch.no_grad()
+def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, rounds: int | None = None,
+                   preset: str | None = None, target_tokens=None, r=None, schedule: str = "constant",
+                   batch_size: int = 32, feature_layer=None, processor=None, checkpoint=None, checkpoint_every: int = 5,
+                   progress: bool = True, model_ref: str | None = None, order: str = DEFAULT_ORDER, out=None,
+                   warn=None, packed=None) -> Thresholds:
+    """The post rounds of a LLaVA-NeXT / OneVision (``merge_point`` "post" or "both"): every batch of B
+    images runs the model's own image path (stock tower for "post", the tower calibrated first for
+    "both"; stock packing), and at every round the edges of all images of the batch are ranked
+    together and the best round(r_i · units) merged, units = the packed units entering the rounds (one
+    per VTU group, newlines apart) of the batch; τ_i = the score of the first edge not merged, averaged
+    exactly over batches. ``preset`` (both parts of "both") / ``r`` (the rounds only): fractions of those
+    units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only."""
+    from ..api import apply, remove
+    from ..vlms.llava_next import POST_ROUNDS
+
+    if hasattr(model, "_dymu_mode"):
+        raise ValueError("calibrate the post rounds on the stock model: dymu.remove(model) first")
+    if processor is None:
+        raise ValueError("calibrating LLaVA-NeXT / OneVision post rounds needs the image processor (processor=...)")
+    rounds = POST_ROUNDS if rounds is None else rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a whole number >= 1, not {rounds!r}")
+    if merge_point == "post" and (target_tokens is not None or feature_layer is not None):
+        raise ValueError("target_tokens and feature_layer are for the tower: merge_point 'post' runs the stock tower")
+    tower, family = vision_tower_of(model)
+    if merge_point == "both":  # the tower first, as merge_point "vit" (its own checkpoint)
+        vit = calibrate(model, images, preset=preset, target_tokens=target_tokens, schedule=schedule, batch_size=batch_size, feature_layer=feature_layer, processor=processor,
+                        checkpoint=None if checkpoint is None else f"{checkpoint}.vit",
+                        checkpoint_every=checkpoint_every, progress=progress, model_ref=model_ref, order=order,
+                        warn=warn, packed=packed)
+    else:
+        layer, _ = default_feature_layer(model, family)
+        vit = Thresholds(thresholds=[math.inf] * len(tower.encoder.layers), feature_layer=layer,
+                         encoder=encoder_identity(tower, family, model_ref or getattr(model.config, "_name_or_path", "")),
+                         schedule="none (stock tower)", order=order)
+    fractions = round_fractions(rounds, preset=preset, r=r, schedule=schedule)
+    image_processor = getattr(processor, "image_processor", processor)
+    apply(model, (vit.thresholds, [math.inf] * rounds) if merge_point == "both" else [math.inf] * rounds,
+          merge_point=merge_point, order=vit.order)
+    inner = model.model
+    device = next(tower.parameters()).device
+
+    def record(index: int, batch: list) -> BatchRecord:
+        opened, skipped = open_images(batch)
+        loaded = [image for _, image in opened]
+        if not loaded:
+            return BatchRecord(index, [math.nan] * rounds, 0, [0] * rounds, [0] * rounds, skipped)
+        processed = image_processor(images=loaded, return_tensors="pt")
+        tau = [math.nan] * rounds
+
+        def chooser(units: int):  # the units entering the rounds, of the whole batch
+            def batch_top_edges(step: int, matches: M.Matches) -> torch.Tensor:
+                chosen, threshold = M.top_edges_of_batch(matches, round(fractions[step] * units))
+                tau[step] = float(threshold)
+                return chosen
+            return batch_top_edges
+
+        inner._dymu.calibrate_post = chooser
+        try:
+            features = inner.get_image_features(processed["pixel_values"].to(device, model.dtype),
+                                                processed["image_sizes"].to(device)).pooler_output
+        finally:
+            inner._dymu.calibrate_post = None
+        # LLM rows per image after every round: its units kept, plus its newlines (never merged)
+        newlines = torch.tensor([int(f.dymu_group_of_patch.unique().numel()) for f in features])
+        newlines -= inner._dymu.last_post_kept[:, -1].cpu()
+        rows = inner._dymu.last_post_kept.cpu() + newlines[:, None]
+        return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
+                           images=len(loaded), kept_sum=rows.sum(0).tolist(), kept_sqsum=(rows * rows).sum(0).tolist(),
+                           skipped=skipped)
+
+    def finish(records: list[BatchRecord]) -> Thresholds:
+        post = summarize(records, fractions, {"patches_per_image": None}, -1, schedule, rounds)
+        vit.encoder = {**vit.encoder, "merge_point": merge_point}
+        vit.post_thresholds, vit.post_r, vit.post_rows_kept_mean = post.thresholds, fractions, post.tokens_kept_mean
+        if merge_point == "post":  # the tower part saw nothing: the file counts the images of the rounds
+            vit.images_seen, vit.skipped = post.images_seen, post.skipped
+        return vit
+
+    try:
+        return run_batches(images, batch_size, record, finish,
+                           key=_settings_key(vit.encoder, fractions, -1, batch_size, images,
+                                             f"{merge_point} {vit.thresholds}"),
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out,
+                           warn=warn or warn_caller)
+    finally:
+        remove(model)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +53,14 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from .. import merge as M
 from ..compat import unwrap_compiled
+from ..merge import Layout, merge_rounds, merge_segments, merges_at, round_chooser, within_segments
 from .. import vtu
 
 QWEN_TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)
 MERGE_POINTS = ("vit", "post")
 UNIT = 4  # rows per unit: spatial_merge_size ** 2 (2 in every released Qwen VL)
 
-# Calibration hook: (block or round index, matches over the segments of the batch) -> merged edges.
-EdgeChooser = Callable[[int, M.Matches], Tensor]
+EdgeChooser = M.EdgeChooser  # (block or round index, matches over the segments of the batch) -> merged edges
 
 
 @dataclass
@@ -108,26 +108,6 @@ def unit_metric(keys: Tensor, num_heads: int) -> Tensor:
 # One thresholded merge step on packed segments (merge.py does the math on a padded batch).
 
 
-@dataclass
-class Layout:
-    """Where every unit sits in merge.py's padded batch: its batch row (a *merge segment*) and its slot
-    there (even slots are A, odd slots B). Units are listed in packed order, sorted by segment."""
-
-    row: Tensor  # (U,) batch row of every unit
-    slot: Tensor  # (U,) slot of every unit in its row
-    rows: int  # batch rows
-    width: int  # slots per row
-
-
-def within_segments(segment_of_unit: Tensor, segments: int) -> Layout:
-    """The stock split: one batch row per segment (an image or one temporal patch), its units at
-    consecutive slots, so A and B alternate in reading order."""
-    lengths = torch.bincount(segment_of_unit, minlength=segments)
-    start = F.pad(lengths.cumsum(0), (1, 0))[:-1]
-    slot = torch.arange(len(segment_of_unit), device=segment_of_unit.device) - start[segment_of_unit]
-    return Layout(segment_of_unit, slot, segments, int(lengths.max()) if len(segment_of_unit) else 0)
-
-
 def across_frames(segment_of_unit: Tensor, item_of_segment: Tensor, items: int) -> Layout:
     """The frame-parity split: one batch row per image / video; A = the units of its even-ranked
     temporal patches, B = those of its odd-ranked ones, ranked among the patches that still hold
@@ -156,62 +136,12 @@ def across_frames(segment_of_unit: Tensor, item_of_segment: Tensor, items: int) 
     return Layout(item, slot, items, int(slot.max()) + 1 if n else 0)
 
 
-@dataclass
-class Step:
-    payload: Tensor  # (U', F) merged rows, in the packed order of their destinations
-    sizes: Tensor  # (U',) units each merged row stands for
-    new_index: Tensor  # (U,) where every old row went
-    survivors: Tensor  # (U',) old row index of every new row (its destination): for per-unit ids / rotary
-
-
-def merge_segments(payload: Tensor, metric: Tensor, sizes: Tensor, layout: Layout,
-                   choose: Callable[[M.Matches], Tensor]) -> Step:
-    """Bipartite matching within every batch row of ``layout`` (A = even, B = odd slots), merge the
-    chosen edges (size-weighted means of ``payload``), and compact: every merged row takes its
-    destination's place, so survivors keep their packed order (sorted by segment and window)."""
-    device = payload.device
-
-    def pad(x: Tensor) -> Tensor:  # (U, ...) -> (rows, width, ...), zeros on padding
-        out = x.new_zeros((layout.rows, layout.width, *x.shape[1:]))
-        out[layout.row, layout.slot] = x
-        return out
-
-    sizes_p = pad(sizes)
-    matches = M.match(pad(metric), sizes_p, protect_first=False)
-    chosen = choose(matches)
-    identity = torch.arange(payload.shape[0], device=device)
-    if not bool(chosen.any()):
-        return Step(payload, sizes, identity, identity)
-    slots = torch.arange(layout.width, device=device).expand(layout.rows, layout.width).clone()
-    merged, new_sizes, new_slot = M.merge(pad(payload), sizes_p, slots, matches, chosen)
-    live = new_sizes > 0  # (rows, width'): the merged rows are merged[live], in (row, slot) order
-    new_offsets = F.pad(live.sum(1).cumsum(0), (1, 0))[:-1]
-    at = new_slot[layout.row, layout.slot] + new_offsets[layout.row]  # (U,) every old row's place in merged[live]
-    gone = torch.zeros_like(sizes_p, dtype=torch.bool)
-    gone[:, 0::2] = chosen  # merged-away A slots
-    survivors = torch.nonzero(~gone[layout.row, layout.slot]).flatten()  # destinations, in packed order
-    place = at[survivors]  # where each of them is in merged[live]
-    rank = torch.empty_like(place)
-    rank[place] = torch.arange(len(place), device=device)
-    return Step(payload=merged[live][place], sizes=new_sizes[live][place], new_index=rank[at], survivors=survivors)
-
-
 def _layout(step: int, cross_frame: bool, segment_of_unit: Tensor, item_of_segment: Tensor) -> Layout:
     """The matching layout of block (or round) ``step``: within segments; with ``cross_frame``, blocks
     0, 2, 4, ... match across the frames of each video and blocks 1, 3, 5, ... within frames."""
     if cross_frame and step % 2 == 0:
         return across_frames(segment_of_unit, item_of_segment, int(item_of_segment.max()) + 1)
     return within_segments(segment_of_unit, len(item_of_segment))
-
-
-def _chooser(thresholds: Sequence[float], edge_chooser: EdgeChooser | None, step: int):
-    if edge_chooser is not None:
-        return lambda matches: edge_chooser(step, matches)
-    return lambda matches: M.edges_above(matches, thresholds[step])
-
-
-def _merges_at(thresholds, edge_chooser, step: int) -> bool:
-    return edge_chooser is not None or thresholds[step] != math.inf  # -inf merges every edge (up to the cap)
 
 
 def _finish(tokens, group, lengths, units, kept_steps, deepstack, reverse=None) -> QwenEncoded:
@@ -260,22 +190,11 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     payload = torch.cat([features, *deepstack], dim=-1)
     units = segment_units(grid_thw, visual.spatial_merge_size).to(features.device)
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(features.device))
-    sizes = torch.ones(len(features), dtype=torch.long, device=features.device)
-    group = torch.arange(len(features), device=features.device)
-    lengths, kept = units, []  # tokens per temporal patch (a merged unit counts in its destination's)
-    for step in range(len(thresholds)):
-        if _merges_at(thresholds, edge_chooser, step):
-            merged = merge_segments(torch.cat([payload, metric], -1), metric, sizes,
-                                    _layout(step, cross_frame, segment_of_unit, item_of_segment),
-                                    _chooser(thresholds, edge_chooser, step))
-            payload, metric = merged.payload[:, : payload.shape[1]], merged.payload[:, payload.shape[1]:]
-            metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-            sizes, group = merged.sizes, merged.new_index[group]
-            segment_of_unit = segment_of_unit[merged.survivors]
-            lengths = torch.bincount(segment_of_unit, minlength=len(units))
-        kept.append(lengths)
-    parts = payload.split(widths, dim=-1)
-    return _finish(parts[0], group, lengths, units, kept, list(parts[1:]))
+    rounds = merge_rounds(payload, metric, torch.ones(len(features), dtype=torch.long, device=features.device),
+                          segment_of_unit, len(units), thresholds, edge_chooser,
+                          lambda step, segments: _layout(step, cross_frame, segments, item_of_segment))
+    parts = rounds.payload.split(widths, dim=-1)
+    return _finish(parts[0], rounds.group, rounds.kept[:, -1], units, list(rounds.kept.unbind(1)), list(parts[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,12 +290,12 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
         log_size = sizes.to(hidden.dtype).log().repeat_interleave(UNIT)
         out, keys = proportional_attention(block.attn, block.norm1(hidden), cos, sin, seg_lengths, log_size, rope)
         hidden = hidden + out
-        if _merges_at(thresholds, edge_chooser, index):
+        if merges_at(thresholds, edge_chooser, index):
             widths = [UNIT * dim] + [d.shape[-1] for d in deepstack]
             payload = torch.cat([hidden.view(-1, UNIT * dim), *deepstack], dim=-1)
             step = merge_segments(payload, unit_metric(keys, block.attn.num_heads), sizes,
                                   _layout(index, cross_frame, segment_of_unit, item_of_segment),
-                                  _chooser(thresholds, edge_chooser, index))
+                                  round_chooser(thresholds, edge_chooser, index))
             parts = step.payload.split(widths, dim=-1)
             hidden, deepstack = parts[0].reshape(-1, dim), list(parts[1:])
             sizes, group = step.sizes, step.new_index[group]

@@ -50,6 +50,17 @@ class Report:
     # With a token budget or focus regions: the tokens the same images keep without either (an
     # extra encoder pass, not timed), to show what the cost control saved. None otherwise.
     visual_tokens_without_budget_or_focus: list[list[int]] | None = None
+    # The three counts every tool shows, per prompt, per image (then per video), one name each:
+    # tokens the vision tower kept (summed over an image's crops / a video's frames), distinct rows the
+    # LLM runs (VTU groups), and placeholder positions in the stock prompt. (visual_tokens and
+    # stock_tokens above are llm_rows and stock_positions under their older names.)
+    encoder_tokens: list[list[int]] = field(default_factory=list)
+    llm_rows: list[list[int]] = field(default_factory=list)
+    stock_positions: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.llm_rows = self.llm_rows or self.visual_tokens
+        self.stock_positions = self.stock_positions or self.stock_tokens
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -251,15 +262,17 @@ class PreparedInputs:
     encoder_s: float
     image_size: int | None  # downsample: the side the images were resized to
     without: list[list[int]] | None = None  # per prompt, per image: tokens kept without budget / focus
+    encoder_tokens: list[list[int]] = field(default_factory=list)  # per prompt, per image (then video)
 
 
 def _anyres_inputs(model, processor, prompts, images, videos, device, chat_template: bool = True):
     """LLaVA-NeXT / OneVision: the stock processor's inputs, then the encoder run on its own.
 
     Returns (input_ids, attention_mask, mm_encoder_outputs, visual rows per item, stock placeholders
-    per item), items in reading order: every prompt's images, then (OneVision) the videos.
+    per item, encoder tokens per item), items in reading order: every prompt's images, then
+    (OneVision) the videos.
     """
-    from .llava_next import unique_rows_per_item
+    from .llava_next import crops_per_image, encoder_tokens_per_item, unique_rows_per_item
 
     onevision = hasattr(processor, "video_token")
     texts = prompt_texts(processor, prompts, images, chat_template, videos)
@@ -271,27 +284,32 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
     processor.tokenizer.padding_side = "left"
     inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
     inner, dtype = model.model, model.dtype
-    mm, visual, stock = {}, {}, {}
+    mm, counts = {}, {"visual": {}, "stock": {}, "encoder": {}}
     if "pixel_values" in inputs:
         extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
         mm["image"] = inner.get_image_features(inputs["pixel_values"].to(device, dtype), inputs["image_sizes"].to(device),
                                                **extra)
+        crops = crops_per_image(inner, inputs["image_sizes"], inputs.get("batch_num_images"))
+        counts["encoder"]["image"] = encoder_tokens_per_item(inner, crops)  # before the video encode replaces it
     if "pixel_values_videos" in inputs:
         mm["video"] = inner.get_video_features(inputs["pixel_values_videos"].to(device, dtype))
+        videos_in, frames = inputs["pixel_values_videos"].shape[:2]
+        counts["encoder"]["video"] = encoder_tokens_per_item(inner, [frames] * videos_in)
     for kind, out in mm.items():
-        visual[kind] = unique_rows_per_item(out.pooler_output)
-        stock[kind] = [len(f) for f in out.pooler_output]
-    per_prompt_visual, per_prompt_stock, cursor = [], [], {"image": 0, "video": 0}
+        counts["visual"][kind] = unique_rows_per_item(out.pooler_output)
+        counts["stock"][kind] = [len(f) for f in out.pooler_output]
+    per_prompt = {name: [] for name in counts}
+    cursor = {"image": 0, "video": 0}
     for ims, vs in zip(images, videos):
-        row_v, row_s = [], []
+        rows = {name: [] for name in counts}
         for kind, n in (("image", len(ims)), ("video", len(vs))):
-            row_v += visual.get(kind, [])[cursor[kind]:cursor[kind] + n]
-            row_s += stock.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            for name, by_kind in counts.items():
+                rows[name] += by_kind.get(kind, [])[cursor[kind]:cursor[kind] + n]
             cursor[kind] += n
-        per_prompt_visual.append(row_v)
-        per_prompt_stock.append(row_s)
-    return (inputs["input_ids"].to(device), inputs["attention_mask"].to(device), mm or None, per_prompt_visual,
-            per_prompt_stock)
+        for name in counts:
+            per_prompt[name].append(rows[name])
+    return (inputs["input_ids"].to(device), inputs["attention_mask"].to(device), mm or None, per_prompt["visual"],
+            per_prompt["stock"], per_prompt["encoder"])
 
 
 def check_prompts(prompts, images, videos=None) -> None:
@@ -367,14 +385,14 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
     if isinstance(model, ANYRES):
         start = time.perf_counter()
         with with_budget:
-            input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens = _anyres_inputs(
+            input_ids, attention_mask, mm_encoder_outputs, per_prompt, stock_tokens, encoder = _anyres_inputs(
                 model, processor, prompts, images, videos, device, chat_template)
         if device.type == "cuda":
             torch.cuda.synchronize()
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                                "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens, side * side,
-                              time.perf_counter() - start, None)
+                              time.perf_counter() - start, None, encoder_tokens=encoder)
     mode = llava_mode(model)
     inner = model.model
     config = model.config
@@ -425,9 +443,10 @@ def _prepare(model, processor, prompts, images, videos=None, chat_template: bool
         for ims in images:
             without.append(plain_counts[k : k + len(ims)])
             k += len(ims)
+    # LLaVA-1.5: the LLM runs one row per kept token (VTU groups, or placeholders without VTU).
     return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                            "mm_encoder_outputs": mm_encoder_outputs}, per_prompt, stock_tokens,
-                          config.image_seq_length, encoder_s, side, without)
+                          config.image_seq_length, encoder_s, side, without, encoder_tokens=per_prompt)
 
 
 def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, videos: list[list] | None = None,
@@ -495,7 +514,8 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     report = Report(mode=llava_mode(model), visual_tokens=prepared.visual_tokens, full_tokens=prepared.full_tokens,
                     encoder_s=prepared.encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
                     decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], image_size=prepared.image_size,
-                    stock_tokens=prepared.stock_tokens, visual_tokens_without_budget_or_focus=prepared.without)
+                    stock_tokens=prepared.stock_tokens, visual_tokens_without_budget_or_focus=prepared.without,
+                    encoder_tokens=prepared.encoder_tokens)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
 
@@ -540,20 +560,24 @@ def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scor
     settings = getattr(inner, "_dymu", None)
     counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
                   if settings is not None else full[m]) for m in encoded}
+    # The tower keeps every unit when it does not merge (stock, or merge_point "post").
+    in_tower = counts if settings is not None and settings.merge_point == "vit" else full
     out, timer, new, answers = _timed_generate(model, processor, {**inputs, "mm_encoder_outputs": encoded or None},
                                                max_new_tokens, output_scores, generate_kwargs)
     # per prompt, per image/video in the prompt's order: tokens kept (images are encoded before videos)
     taken = {"image": 0, "video": 0}
-    per_prompt, per_prompt_full = [], []
+    per_prompt, per_prompt_full, per_prompt_encoder = [], [], []
     for items in media:
-        row, row_full = [], []
+        row, row_full, row_encoder = [], [], []
         for m in items:
             modality = "video" if isinstance(m, (list, tuple)) else "image"
             row.append(counts[modality][taken[modality]])
             row_full.append(full[modality][taken[modality]])
+            row_encoder.append(in_tower[modality][taken[modality]])
             taken[modality] += 1
         per_prompt.append(row)
         per_prompt_full.append(row_full)
+        per_prompt_encoder.append(row_encoder)
     per_patch = None
     if "video" in encoded:
         grid = inputs["video_grid_thw"]
@@ -566,6 +590,7 @@ def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scor
     report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
                     stock_tokens=per_prompt_full,
                     encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch)
+                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch,
+                    encoder_tokens=per_prompt_encoder)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])
