@@ -35,9 +35,19 @@ class Matches:
     protect_first: bool = False  # slot 0 is a class token
 
     @cached_property
+    def by_score(self) -> torch.Tensor:
+        """(B, Na) every image's A tokens (indices into the A slots) by descending score.
+
+        Stable: tied scores keep slot order. The paper ranks with an unstable argsort, whose order
+        among ties is the sort algorithm's (it differs between CPU and CUDA), not the image's; the
+        stable order is what that sort gives whenever it happens to keep ties in place.
+        """
+        return torch.sort(self.score, dim=-1, descending=True, stable=True).indices
+
+    @cached_property
     def rank(self) -> torch.Tensor:
         """(B, Na) place of every edge in its image's edges by descending score (stable: ties by slot)."""
-        order = torch.sort(self.score, dim=-1, descending=True, stable=True).indices
+        order = self.by_score
         places = torch.arange(order.shape[-1], device=order.device).expand_as(order)
         return torch.empty_like(order).scatter_(-1, order, places)
 
@@ -193,6 +203,20 @@ def survivor_layout(matches: Matches, merged: torch.Tensor, n: int, order: str) 
     return torch.where(merged.any(dim=1, keepdim=True), layout, unchanged)
 
 
+def accumulation_order(matches: Matches, n: int) -> torch.Tensor:
+    """(B, N) every image's slots in the order their (size-weighted) features are summed into their destination.
+
+    The B slots first, then the A slots by descending score: each destination starts from its own
+    value and adds the A tokens merged into it best edge first. That is the paper's float sum
+    (``merge_wavg``: ``dst.scatter_reduce(..., src, "sum")`` with the sources in its ranking), taken
+    with the stable ranking. The order is not cosmetic: on flat images many scores tie or nearly tie
+    at the last bit, and one rounding step of the sum is enough to move a later layer's best partner.
+    """
+    bsz = matches.score.shape[0]
+    b_slots = torch.arange(1, n, 2, device=matches.score.device).expand(bsz, -1)
+    return torch.cat([b_slots, 2 * matches.by_score], dim=1)
+
+
 def _merge_plan(
     sizes: torch.Tensor, matches: Matches, merged: torch.Tensor, order: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,6 +225,7 @@ def _merge_plan(
     Returns ``dest`` (where each slot's content goes: merged A slots to their partner's slot, the
     rest stay), the sizes after the merge at every slot (0 = merged away or padding), ``keep`` (the
     survivors) and ``new_index`` (each survivor's slot in its image's compacted, re-laid-out prefix).
+    Features are summed into ``dest`` in `accumulation_order`.
     """
     bsz, n = sizes.shape
     slot = torch.arange(n, device=sizes.device)
@@ -237,7 +262,10 @@ def merge(
     bsz, n, dim = x.shape
     dest, new_sizes, keep, new_index = _merge_plan(sizes, matches, merged, order)
     weight = sizes.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
-    summed = torch.zeros_like(x).scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, dim), x * weight)
+    acc = accumulation_order(matches, n)  # (B, N); scatter_add_ sums in index order
+    summed = torch.zeros_like(x).scatter_add_(
+        1, dest.gather(1, acc).unsqueeze(-1).expand(-1, -1, dim), (x * weight).gather(1, acc.unsqueeze(-1).expand(-1, -1, dim))
+    )
     n_new = int(keep.sum(1).max())
     # Non-survivors write to a scratch slot n_new that is cut off afterwards.
     target = torch.where(keep, new_index, torch.full_like(new_index, n_new))
@@ -347,8 +375,12 @@ def merge_packed(
     dest, new_sizes, keep, new_index = _merge_plan(padded_sizes, matches, merged, order)
     new_cu = offsets(keep.sum(dim=1))
     # Slot indices -> row indices: image i's slot j is row cu[i] + j (before) / new_cu[i] + j (after).
-    dest_row = (dest + cu_seqlens[:-1, None])[live]  # (T,)
-    summed = torch.zeros_like(x).index_add_(0, dest_row, x * sizes.to(x.dtype).unsqueeze(-1))
+    # Rows are summed in each image's `accumulation_order` (index_add_ sums in index order).
+    acc = accumulation_order(matches, live.shape[1])  # (B, N) slots
+    acc_live = live.gather(1, acc)
+    acc_row = (acc + cu_seqlens[:-1, None])[acc_live]  # (T,) old rows in summing order
+    dest_row = (dest.gather(1, acc) + cu_seqlens[:-1, None])[acc_live]  # (T,) their destination rows
+    summed = torch.zeros_like(x).index_add_(0, dest_row, (x * sizes.to(x.dtype).unsqueeze(-1))[acc_row])
     keep_row = keep[live]  # (T,) survivors among the old rows
     target_row = (new_index + new_cu[:-1, None])[keep]  # their new rows (row-major = old row order)
     kept_sizes = new_sizes[keep]

@@ -72,8 +72,9 @@ def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
 # Merge rules and the per-forward state.
 
 # encode_with_tower runs a batch as packed rows after its first merge: the same results, and faster
-# than padded in most measured rounds on the (shared, noisy) bench CPU; one image runs the padded code
-# (README, Benchmarks, "Packed batches").
+# than padded in most measured rounds on the (shared, noisy) bench CPU (README, Benchmarks, "Packed
+# batches"). One image runs packed as well, so that it meets the same float operations alone and in a
+# batch (README, "Fidelity to the paper's code", ties).
 DEFAULT_PACKED = True
 
 
@@ -133,7 +134,7 @@ class TowerState:
 
     def _mergeable(self) -> torch.Tensor:
         """(B,) live tokens per image that may merge (the class token never does)."""
-        return (self.sizes > 0).sum(dim=1) - int(self.family.has_class_token)
+        return self.tokens_alive() - int(self.family.has_class_token)
 
 
 @dataclass
@@ -552,9 +553,10 @@ def encode_with_tower(
     hidden = family.embed(tower, pixel_values.to(next(tower.parameters()).dtype))
     bsz, n0, _ = hidden.shape
     if state is not None:
-        # One image has no padding to remove: it keeps the padded layout (the same work, fewer steps).
-        # A token budget counts per image on the padded layout (merge.py): it runs padded too.
-        state.reset(bsz, n0, hidden.device, packed=state.packed and bsz > 1 and state.budget is None)
+        # One image runs packed too, and so does a budget: every image then goes through the same
+        # float operations whatever its batch (attention, matching and sums per image), so the choices
+        # among tied and nearly tied scores, frequent on flat images, never depend on the batch.
+        state.reset(bsz, n0, hidden.device, packed=state.packed)
         if state.budget is not None:  # the budget holds at the layer this call reads
             state.budget.layers = run
             state.budget.check(n0 - int(family.has_class_token), run, f" (feature layer {feature_layer})")
