@@ -115,3 +115,11 @@ def is_cache(value) -> bool:
     from transformers.cache_utils import Cache
 
     return isinstance(value, Cache)
+
+
+def cache_layers(cache) -> list:
+    """The per-layer list of a transformers `Cache` (``cache.layers``), or refuse."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise refuse(f"{type(cache).__name__} has no list of cache layers ('layers')")
+    return layers
