@@ -265,8 +265,8 @@ class _VTUDecoderLayer:
         if cache is not None and cache.get_seq_length(attn.layer_idx) != before + length:
             # Cheap guard against a cache that silently does not take the prompt (the failure mode of
             # reading a renamed keyword): it must grow by exactly this forward's length.
-            raise RuntimeError(f"decoder layer {attn.layer_idx}: the KV cache did not grow by the forward's length "
-                               f"{length}; generation would be wrong after the first token")
+            raise RuntimeError(f"decoder layer {attn.layer_idx}: the KV cache did not grow by the prompt length "
+                               f"{length} during a VTU forward; generation would be wrong after the first token")
         # out: (B, N, Hq, d). Re-merge (Eq. 11) before o_proj: the mean commutes with the linear map.
         out = out.reshape(batch, length, -1)
         out = out.flatten(0, 1) if groups is None else vtu.merge_mean(out, groups)  # (U, Hq*d)
@@ -297,6 +297,8 @@ class _VTUDecoderLayer:
         reason = None
         if kind not in _DYNAMIC_LAYERS:
             reason = f"the cache layer is a {getattr(kind, '__name__', kind)}, not a DynamicLayer / DynamicSlidingWindowLayer"
+        elif type(cache).update is not _STOCK_UPDATE:
+            reason = f"{type(cache).__name__} customises Cache.update, which the compact cache would bypass"
         elif getattr(cache, "offloading", False):
             reason = "the cache offloads its layers"
         elif cache.get_seq_length(index):
@@ -333,14 +335,15 @@ class _VTUDecoderLayer:
 _VTU_CLASSES: dict[type, type] = {}
 
 
-def _dynamic_layers() -> tuple[type, ...]:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+def _stock_cache() -> tuple[tuple[type, ...], object]:
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-    return DynamicLayer, DynamicSlidingWindowLayer
+    return (DynamicLayer, DynamicSlidingWindowLayer), Cache.update
 
 
-# The stock cache layers a CompactLayer replaces (exact types: a subclass may store differently).
-_DYNAMIC_LAYERS = _dynamic_layers()
+# The stock cache layers a CompactLayer replaces (exact types: a subclass may store differently), in a
+# cache whose update() is the stock one (a subclass that customises it expects every write to pass there).
+_DYNAMIC_LAYERS, _STOCK_UPDATE = _stock_cache()
 
 
 def _compact_at(value, index: int) -> bool:
