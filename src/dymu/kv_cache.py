@@ -29,9 +29,10 @@ is never visible)::
     group_positions  (B, P, R)         the rotary module's position ids (R = 1, or 3 for M-RoPE)
 
 Index tensors cost < 1 % of the stock cache: 3 to 5 int64 per grouped position per layer against
-2·Hkv·d floats. No cos/sin tables are stored: the VTU layer recomputes them once per forward from
-the position ids with the model's own rotary module (shared by all layers, and by all sequences
-that share positions), so they are bitwise the tables the prefill used.
+2·Hkv·d floats. No cos/sin tables are stored: the VTU layer recomputes them from the position ids with
+the model's own rotary module when the grouped positions change (normally once after the prefill;
+shared by all layers and decode steps, and by all sequences with equal positions), so they are
+bitwise the tables the prefill used.
 
 Formulation, measured on the 2-core AMD EPYC (AVX-512) VM this project runs on, one thread, float32,
 one layer of one decode step at Qwen2-7B shapes (28 query / 4 KV heads, d = 128; 3,456 grouped
@@ -263,6 +264,7 @@ class CompactLayer(CacheLayerMixin):
         if self.window is not None:
             allowed &= q_cols - seen < self.window
         if mask is not None:
+            mask = mask.expand(b, -1, lq, -1)  # a mask may broadcast over the batch
             where = seen - kv_offset
             inside = (where >= 0) & (where < mask.shape[-1])
             heads = mask.shape[1]

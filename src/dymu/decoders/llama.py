@@ -153,8 +153,9 @@ class VTUState:
         return ids.expand(-1, batch, -1).permute(1, 2, 0)
 
     def rotation_table(self, positions: Tensor, like: Tensor) -> Tensor:
-        """e^{iθ} (B or 1, P, 1, d/2) at `positions` (B, P, R) from the model's rotary module; computed
-        once per forward (every layer asks with equal ids), and once for a batch whose rows share them."""
+        """e^{iθ} (B or 1, P, 1, d/2) at `positions` (B, P, R) from the model's rotary module. Every layer
+        and every decode step asks with equal ids until the cache changes (a new prefill, a beam reorder,
+        an eviction): computed once then, and once for a batch whose rows share them."""
         if self._table is not None and self._table[0].shape == positions.shape and torch.equal(self._table[0], positions):
             return self._table[1]
         shared = positions[:1] if bool((positions == positions[:1]).all()) else positions
