@@ -21,8 +21,8 @@ is never visible)::
 
     keys, values     (B, Hkv, T, d)    singleton slots; keys rotated, as stock
     columns          (B, T)            their columns in the stock sequence (what masks index)
-    group_keys       (B, G, Hkv*d)     one unrotated key per group, each head's (x_f, x_{f+d/2})
-                                       rotate-half pairs interleaved: one complex number per frequency
+    group_keys       (B, Hkv, G, d)    one unrotated key per group, its (x_f, x_{f+d/2}) rotate-half
+                                       pairs interleaved: one complex number per frequency
     group_values     (B, Hkv, G, d)
     group_of         (B, P)            the group row of every grouped position
     group_columns    (B, P)
@@ -36,16 +36,19 @@ bitwise the tables the prefill used.
 
 Formulation, measured on the 2-core AMD EPYC (AVX-512) VM this project runs on, one thread, float32,
 one layer of one decode step at Qwen2-7B shapes (28 query / 4 KV heads, d = 128; 3,456 grouped
-positions in 558 groups + 64 text): rotating the gathered keys (complex multiply, blocks of 512
-positions) then a BLAS matmul takes about 1.6 ms at batch 1 and 23 ms at batch 8 for the scores;
-the cos/sin decomposition of the score (per frequency f: q·R(p)k = Σ_f cos_f(p)(q1k1 + q2k2)_f +
-sin_f(p)(q2k1 − q1k2)_f, products per group, expanded with shared position tables) takes 64 ms and
-515 ms. Why: with grouped-query attention the decomposition's per-position work runs once per
-*query* head (7x the KV heads) and is an elementwise gather-multiply-reduce, while the rotation runs
-once per KV head and leaves the contraction to a matmul. Blocks matter on this VM: a transient over
-~32 MB (one layer's rotated keys at batch 8) is a fresh mmap whose pages fault in at several µs each,
-which alone costs more than the arithmetic; 512-position blocks stay in L2 and in the allocator's
-reused heap. (`dymu bench --only decode` re-measures both formulations: its ``formulations`` rows.)
+positions in 558 groups + 64 text), quiet machine: rotating the gathered keys (one gather, one
+complex multiply, then a BLAS matmul) scores them in about 1.6 ms at batch 1; the cos/sin
+decomposition of the score (per frequency f: q·R(p)k = Σ_f cos_f(p)(q1k1 + q2k2)_f +
+sin_f(p)(q2k1 − q1k2)_f, products per group, expanded with shared position tables) takes 64 ms, and
+8x that at batch 8. Why: with grouped-query attention the decomposition's per-position work runs once
+per *query* head (7x the KV heads) as an elementwise gather-multiply-reduce, while the rotation runs
+once per KV head and leaves the contraction to a matmul. Two CPU facts shaped the code: a fresh
+transient over ~32 MB (one layer's rotated keys at batch 8) is an mmap whose pages fault in at
+several µs each on this VM, which costs more than the arithmetic, so the rotated keys go to a
+workspace reused by every layer and step; and on a loaded machine every parallel op waits for its
+descheduled threads (~15 ms each at load 6 on 2 cores), so the attention is a handful of whole-batch
+ops, not a loop over blocks. (`dymu bench --only decode` re-measures both formulations: its
+``formulations`` rows.)
 In float32 the result equals attention over the full cache up to rounding (the complex product
 rounds like the stock rotate-half formula to within an ulp); in bf16/fp16 the rotation runs in
 float32 and is rounded once.
@@ -56,9 +59,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
-
-BLOCK = 512  # grouped positions rotated and scored per step of the loop (see the module docstring)
-
 
 # ---- pure helpers -----------------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ def rotation_table(cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rotate(rows: Tensor, table: Tensor) -> Tensor:
-    """Interleaved unrotated keys (n, H, d) times e^{iθ} (n, 1, d/2): interleaved rotated keys (n, H, d).
+    """Interleaved unrotated keys (..., d) times e^{iθ} (broadcast to (..., d/2)): interleaved rotated keys.
 
     (k1 + i·k2)(cos + i·sin) = (k1·cos − k2·sin) + i(k1·sin + k2·cos): the stock rotate-half RoPE.
     """
@@ -136,7 +136,7 @@ class CompactLayer(CacheLayerMixin):
         index = dict(dtype=torch.long, device=self.device)
         self.keys, self.values = key_states.new_zeros(b, h, 0, d), value_states.new_zeros(b, h, 0, d)
         self.columns = torch.zeros(b, 0, **index)
-        self.group_keys = torch.zeros(b, 0, h * d, **new)
+        self.group_keys = torch.zeros(b, h, 0, d, **new)
         self.group_values = value_states.new_zeros(b, h, 0, d)
         self.group_of = torch.zeros(b, 0, **index)
         self.group_columns = torch.zeros(b, 0, **index)
@@ -186,12 +186,12 @@ class CompactLayer(CacheLayerMixin):
         width = int(count.max()) if seq.numel() else 0
         rank = torch.arange(seq.numel(), device=seq.device) - (count.cumsum(0) - count)[seq]
         slot = width - count[seq] + rank
-        old = self.group_keys.shape[1]
-        new_keys = key_rows.new_zeros(b, width, h * d)
-        new_keys[seq, slot] = interleave(key_rows[multi]).flatten(1)
+        old = self.group_keys.shape[2]
+        new_keys = key_rows.new_zeros(b, width, h, d)
+        new_keys[seq, slot] = interleave(key_rows[multi])
         new_values = value_rows.new_zeros(b, width, h, d)
         new_values[seq, slot] = value_rows[multi]
-        self.group_keys = torch.cat([self.group_keys, new_keys], dim=1)
+        self.group_keys = torch.cat([self.group_keys, new_keys.transpose(1, 2)], dim=2)
         self.group_values = torch.cat([self.group_values, new_values.transpose(1, 2)], dim=2)
         slot_of_row = torch.zeros_like(sizes)
         slot_of_row[multi] = slot + old
@@ -214,11 +214,11 @@ class CompactLayer(CacheLayerMixin):
         group_of = self.group_of.gather(1, index)
         self.group_columns = torch.where(valid, self.group_columns.gather(1, index), -1)
         self.group_positions = self.group_positions.gather(1, index[..., None].expand(-1, -1, self.group_positions.shape[-1]))
-        used = torch.zeros(b, self.group_keys.shape[1], dtype=torch.bool, device=self.device)
+        used = torch.zeros(b, self.group_keys.shape[2], dtype=torch.bool, device=self.device)
         used.scatter_(1, torch.where(valid, group_of, 0), valid)
-        rows, rows_valid = pack(used)
-        self.group_keys = self.group_keys.gather(1, rows[..., None].expand(-1, -1, self.group_keys.shape[-1]))
-        self.group_values = self.group_values.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+        rows, _ = pack(used)
+        take = rows[:, None, :, None].expand(b, h, rows.shape[1], d)
+        self.group_keys, self.group_values = self.group_keys.gather(2, take), self.group_values.gather(2, take)
         new_row = torch.zeros_like(used, dtype=torch.long)
         new_row.scatter_(1, rows, torch.arange(rows.shape[1], device=self.device).expand_as(rows))
         self.group_of = torch.where(valid, new_row.gather(1, group_of), 0)
@@ -234,28 +234,35 @@ class CompactLayer(CacheLayerMixin):
 
     # -- reading ------------------------------------------------------------------------------
 
+    def rotated_keys(self, table: Tensor, workspace=None) -> Tensor:
+        """Every grouped position's key rotated at its own angle, interleaved: (B, Hkv, P, d).
+        `table` (B or 1, 1, P, d/2); `workspace(shape, device)`: a reusable float32 buffer, or None."""
+        b, h, g, d = self.group_keys.shape
+        positions = self.group_of.shape[1]
+        # Whole rows of d values copied by one index_select: much faster than gather's per-element indexing.
+        rows = (self.group_of[:, None, :] + torch.arange(b * h, device=self.device).view(b, h, 1) * g).flatten()
+        flat = self.group_keys.reshape(b * h * g, d)
+        if workspace is None or self.group_keys.dtype != torch.float32:
+            return rotate(flat.index_select(0, rows).view(b, h, positions, d), table)
+        out = torch.index_select(flat, 0, rows, out=workspace((rows.numel(), d), self.device)).view(b, h, positions, d)
+        torch.view_as_complex(out.unflatten(-1, (-1, 2))).mul_(table)
+        return out
+
     def attend(self, query: Tensor, query_columns: Tensor, mask: Tensor | None, kv_offset: int, scaling: float,
-               table: Tensor | None, dropout: float = 0.0, training: bool = False) -> Tensor:
+               table: Tensor | None, dropout: float = 0.0, training: bool = False, workspace=None) -> Tensor:
         """Attention of `query` (B, Hq, Lq, d), rotated, at columns `query_columns` (Lq,) over the whole
         layer (this forward's positions already written). `mask`: the stock 4-D mask (bool or additive)
         whose last axis covers columns [kv_offset, kv_offset + mask.shape[-1]), or None (causal).
-        `table` (B or 1, P, 1, d/2): e^{iθ} at every grouped position. Returns (B, Lq, Hq, d)."""
+        `table` (B or 1, 1, P, d/2): e^{iθ} at every grouped position; `workspace`: see `rotated_keys`.
+        Returns (B, Lq, Hq, d)."""
         b, hq, lq, d = query.shape
         hkv = self.keys.shape[1]
         rep = hq // hkv
         q = query.reshape(b, hkv, rep * lq, d)  # query head h*rep + r reads KV head h (repeat_kv's order)
         scores = [q @ self.keys.transpose(-1, -2)]  # (B, Hkv, rep*Lq, T)
         positions = self.group_of.shape[1]
-        if positions:
-            q_pairs = interleave(q)
-            grouped = q.new_empty(b, hkv, rep * lq, positions)
-            for i in range(b):
-                rows, angles = self.group_keys[i], table[i if table.shape[0] > 1 else 0]
-                for s in range(0, positions, BLOCK):
-                    keys = rotate(rows.index_select(0, self.group_of[i, s:s + BLOCK]).view(-1, hkv, d),
-                                  angles[s:s + BLOCK])  # (n, Hkv, d) interleaved
-                    grouped[i, :, :, s:s + BLOCK] = q_pairs[i] @ keys.permute(1, 2, 0)
-            scores.append(grouped)
+        if positions:  # the query's pairs interleaved like the keys': the same dot product
+            scores.append(interleave(q) @ self.rotated_keys(table, workspace).transpose(-1, -2))
         scores = torch.cat(scores, dim=-1).view(b, hkv, rep, lq, -1) * scaling
         columns = torch.cat([self.columns, self.group_columns], dim=1)  # (B, S)
         seen = columns[:, None, :]  # (B, 1, S) against queries (1, Lq, 1)
@@ -283,7 +290,7 @@ class CompactLayer(CacheLayerMixin):
         text = self.keys.shape[2]
         out = probs[..., :text] @ self.values
         if positions:
-            mass = probs.new_zeros(b, hkv, rep * lq, self.group_values.shape[2])
+            mass = probs.new_zeros(b, hkv, rep * lq, self.group_values.shape[2])  # softmax mass per group
             mass.scatter_add_(-1, self.group_of[:, None, None, :].expand(b, hkv, rep * lq, positions), probs[..., text:])
             out = out + mass @ self.group_values
         return out.view(b, hq, lq, d).transpose(1, 2)

@@ -96,11 +96,11 @@ def test_compact_cache_generates_what_the_full_cache_generates(saved, family, de
     layers = compact_layers(cache)
     assert len(layers) == len(cache.layers)  # every layer compact, the sliding ones too
     if family == "llama":  # full attention: the 3 groups are stored once, their 12 positions by index
-        assert [(layer.keys.shape[2], layer.group_keys.shape[1], layer.group_of.shape[1]) for layer in layers] == \
+        assert [(layer.keys.shape[2], layer.group_keys.shape[2], layer.group_of.shape[1]) for layer in layers] == \
             [(12 + NEW - 1, 3, 12)] * len(layers)
     else:  # windows of 12: every grouped position and group evicted, as stock evicts them
         sliding = [layer for layer in layers if layer.window is not None]
-        assert sliding and all(layer.group_of.shape[1] == layer.group_keys.shape[1] == 0 for layer in sliding)
+        assert sliding and all(layer.group_of.shape[1] == layer.group_keys.shape[2] == 0 for layer in sliding)
         assert all(int((layer.columns >= 0).sum(1).max()) == layer.window - 1 for layer in sliding)
 
 
@@ -232,6 +232,6 @@ def test_qwen_vl_decoders_with_merges(qwen_dirs, family):
                                         do_sample=False, output_logits=True, return_dict_in_generate=True)
         if name == "compact":
             layers = compact_layers(cache)
-            assert layers and all(layer.group_keys.shape[1] > 0 for layer in layers)
+            assert layers and all(layer.group_keys.shape[2] > 0 for layer in layers)
             assert all(math.prod(layer.group_positions.shape[1:]) == 3 * layer.group_of.shape[1] for layer in layers)
     assert_same(outs["compact"], outs["full"])

@@ -104,6 +104,7 @@ class VTUState:
         self.rotary: nn.Module | None = None  # the text model's rotary module (compact cache)
         self.rotary_ids: Tensor | None = None  # position ids of its last call (recorded by a hook)
         self._table: tuple | None = None  # (position ids, e^{iθ}) of the last grouped positions asked for
+        self._workspace: Tensor | None = None  # the rotated grouped keys of one layer, reused (kv_cache.py)
         self.rotation_checked = False  # the compact rotation was compared with the stock one on a prompt
         self.group_map: Tensor | None = None  # (B, N) long
         self._plans: dict = {}  # (batch, device) -> vtu.Groups, valid for the current map
@@ -152,8 +153,15 @@ class VTUState:
         ids = ids.reshape(-1, *ids.shape[-2:])  # (R, B or 1, L)
         return ids.expand(-1, batch, -1).permute(1, 2, 0)
 
+    def workspace(self, shape, device) -> Tensor:
+        """A float32 buffer of `shape`, reused by every layer and decode step (see dymu.kv_cache)."""
+        numel = int(torch.Size(shape).numel())
+        if self._workspace is None or self._workspace.numel() < numel or self._workspace.device != device:
+            self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._workspace[:numel].view(shape)
+
     def rotation_table(self, positions: Tensor, like: Tensor) -> Tensor:
-        """e^{iθ} (B or 1, P, 1, d/2) at `positions` (B, P, R) from the model's rotary module. Every layer
+        """e^{iθ} (B or 1, 1, P, d/2) at `positions` (B, P, R) from the model's rotary module. Every layer
         and every decode step asks with equal ids until the cache changes (a new prefill, a beam reorder,
         an eviction): computed once then, and once for a batch whose rows share them."""
         if self._table is not None and self._table[0].shape == positions.shape and torch.equal(self._table[0], positions):
@@ -161,7 +169,7 @@ class VTUState:
         shared = positions[:1] if bool((positions == positions[:1]).all()) else positions
         ids = shared[..., 0] if shared.shape[-1] == 1 else shared.permute(2, 0, 1)
         cos, sin = self.rotary.forward(like, ids)  # .forward: not the model's call, the recording hook stays out
-        table = kv_cache.rotation_table(cos, sin).unsqueeze(2)
+        table = kv_cache.rotation_table(cos, sin).unsqueeze(1)
         self._table = (positions, table)
         return table
 
@@ -246,7 +254,8 @@ class _VTUDecoderLayer:
             positions = compact.group_positions
             table = state.rotation_table(positions, key) if positions.shape[1] else None
             columns = torch.arange(before, before + length, device=key.device)
-            out = compact.attend(query, columns, attention_mask, kv_offset, attn.scaling, table, dropout, self.training)
+            out = compact.attend(query, columns, attention_mask, kv_offset, attn.scaling, table, dropout, self.training,
+                                 state.workspace)
         else:
             if compact is not None:  # a prefill into an empty compact layer: attend to this forward's own K/V
                 self._write(compact, key, value, k_rows, v_rows, groups, batch, length)
@@ -322,11 +331,10 @@ class _VTUDecoderLayer:
         state = self._dymu_vtu
         batch, _, length, _ = key.shape
         positions = state.positions(batch, length)
-        table = state.rotation_table(positions, key)  # (B or 1, L, 1, d/2)
-        rows = kv_cache.interleave(full(k_rows))  # (B, L, Hkv, d)
-        mine = torch.stack([kv_cache.rotate(rows[b], table[b if table.shape[0] > 1 else 0]) for b in range(batch)])
+        table = state.rotation_table(positions, key)  # (B or 1, 1, L, d/2)
+        mine = kv_cache.rotate(kv_cache.interleave(full(k_rows)).transpose(1, 2), table)  # (B, Hkv, L, d)
         try:
-            torch.testing.assert_close(kv_cache.deinterleave(mine), key.transpose(1, 2))
+            torch.testing.assert_close(kv_cache.deinterleave(mine), key)
         except AssertionError:
             return "its rotation differs from the stock RoPE of this model"
         state.rotation_checked = True
@@ -509,7 +517,7 @@ def remove_vtu(model: nn.Module) -> None:
             handle.remove()
         state.hooks.clear()
         state.set_group_map(None)
-        state.rotary = state.rotary_ids = state._table = None
+        state.rotary = state.rotary_ids = state._table = state._workspace = None
         state.rows.clear()
         state.rows_keys.clear()
         layer.__class__ = layer._dymu_stock

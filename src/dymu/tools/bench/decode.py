@@ -229,13 +229,13 @@ def decomposition_scores(query: torch.Tensor, layer, table: torch.Tensor) -> tor
     positions with the shared position tables. query (B, Hq, 1, d); returns scores (B, Hq, P)."""
     b, hq, _, d = query.shape
     hkv, half = layer.group_values.shape[1], d // 2
-    keys = layer.group_keys.view(b, -1, hkv, half, 2).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    keys = layer.group_keys.view(b, hkv, -1, half, 2).repeat_interleave(hq // hkv, dim=1)
     k1, k2 = keys[..., 0], keys[..., 1]  # (B, Hq, G, d/2)
     q1, q2 = query[..., :half], query[..., half:]
     products = torch.cat([q1 * k1 + q2 * k2, q2 * k1 - q1 * k2], dim=-1)  # (B, Hq, G, d)
     gathered = products.gather(2, layer.group_of[:, None, :, None].expand(b, hq, -1, d))
-    angles = torch.cat([table.real, table.imag], dim=-1).squeeze(2)  # (B or 1, P, d)
-    return (gathered * angles[:, None]).sum(-1)
+    angles = torch.cat([table.real, table.imag], dim=-1)  # (B or 1, 1, P, d)
+    return (gathered * angles).sum(-1)
 
 
 def bench_formulations(model, prefilled: dict, plan: dict, device, sync, runs: int) -> list[dict]:
@@ -264,9 +264,11 @@ def bench_formulations(model, prefilled: dict, plan: dict, device, sync, runs: i
             probs = torch.softmax(q @ full.keys.transpose(-1, -2) * head_dim ** -0.5, dim=-1)
             return probs @ full.values
 
+        def rotate():
+            return compact.attend(query, columns, None, 0, head_dim ** -0.5, table, workspace=state.workspace)
+
         sides = [Side("stock attention, full cache", stock),
-                 Side("compact: rotate gathered keys", lambda: compact.attend(query, columns, None, 0,
-                                                                              head_dim ** -0.5, table)),
+                 Side("compact: rotate gathered keys", rotate),
                  Side("compact scores: cos/sin decomposition", lambda: decomposition_scores(query, compact, table))]
         times = interleaved(sides, max(runs, 5), 1, sync)
         out += [dict(batch=batch, formulation=s.name, ms=median(times[s.name]) * 1e3) for s in sides]
