@@ -47,7 +47,7 @@ def _merge_order(thresholds, order: str | None) -> str | None:
 
 # The VLM wirings, one module per family under dymu.vlms (imported on first use, they import
 # transformers model code). Each exports SUPPORTED_VLMS (the model classes it patches),
-# apply_vlm(model, thresholds, r=, mode=, vtu_attention=, tome_vtu=, downsample_tokens=) and
+# apply_vlm(model, thresholds, r=, mode=, vtu_attention=, kv_cache=, tome_vtu=, downsample_tokens=) and
 # remove_vlm(model). A new family adds its module name here.
 VLM_WIRINGS = ("llava", "llava_next", "qwen_vl")
 
@@ -103,6 +103,7 @@ def apply(
     order: str | None = None,
     mode: str = "dymu",
     vtu_attention: str = "fast",
+    kv_cache: str = "compact",
     tome_vtu: bool = True,
     merge_point: str | None = None,
     max_tokens: int | None = None,
@@ -131,6 +132,8 @@ def apply(
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
     default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
+    ``kv_cache``: with VTU, "compact" (one key and value per merged token in every layer's KV cache,
+    exact; `dymu.kv_cache`) or "full" (the stock full-length cache).
     ``max_tokens`` / ``min_tokens``: a per-image token budget at the feature layer (class token not
     counted), on top of the thresholds (or r): an image over ``max_tokens`` merges its best remaining
     edges in the last layers before the feature layer, within the per-layer cap; an image stops
@@ -138,8 +141,10 @@ def apply(
     ``max_tokens`` / ``min_tokens``; ``max_tokens=math.inf`` / ``min_tokens=0`` switch them off.
     Checked here: a ``max_tokens`` the layers cannot reach is refused.
     """
+    from .decoders.llama import check_kv_cache
     from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
+    check_kv_cache(kv_cache)
     if isinstance(thresholds, (str, os.PathLike)):  # a file, a folder holding thresholds.json, or a Hub repo
         from .thresholds import Thresholds
 
@@ -150,7 +155,7 @@ def apply(
             raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
                              "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention,
-                      cross_frame=cross_frame)
+                      kv_cache=kv_cache, cross_frame=cross_frame)
         return model
     if cross_frame:
         raise ValueError(f"cross_frame is for the Qwen VLs, not {type(model).__name__}")
@@ -181,12 +186,15 @@ def apply(
                 "on the same model and a few hundred images")
         if thresholds is not None and mode != "tome":
             thresholds = _threshold_values(thresholds, model.model.vision_tower)
-        wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, tome_vtu=tome_vtu,
-                         downsample_tokens=kept[-1] if kept else None, order=order, budget=budget, **extra)
+        wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, kv_cache=kv_cache,
+                         tome_vtu=tome_vtu, downsample_tokens=kept[-1] if kept else None, order=order, budget=budget,
+                         **extra)
         return model
     if _is_vlm(model):
         raise ValueError(f"{type(model).__name__} is not a supported VLM (supported: {', '.join(supported_vlm_names())}).")
     if find_towers(model):
+        if kv_cache != "compact":
+            raise ValueError("kv_cache is a setting of VTU in a language model; a vision model has no KV cache")
         tower, family = vision_tower_of(model)
         order = _merge_order(thresholds, order)
         budget = _budget(thresholds, max_tokens, min_tokens)
@@ -198,7 +206,7 @@ def apply(
     from .decoders.llama import apply_vtu
 
     try:
-        apply_vtu(model, vtu_attention=vtu_attention)
+        apply_vtu(model, vtu_attention=vtu_attention, kv_cache=kv_cache)
     except ValueError:
         names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
         raise ValueError(

@@ -135,3 +135,11 @@ def unwrap_compiled(module):
 
 
 _warned_compiled: list[bool] = []
+
+
+def cache_layers(cache) -> list:
+    """The per-layer list of a transformers `Cache` (``cache.layers``), or refuse."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise refuse(f"{type(cache).__name__} has no list of cache layers ('layers')")
+    return layers

@@ -21,7 +21,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # Every section ran and is in the JSON, with the machine description and the settings.
     for key in ("date", "machine", "settings", "encoder", "prefill", "exact", "attention_flops", "calibration",
-                "merge_off", "onevision", "packed", "targets", "notes", "elapsed_s", "section_s"):
+                "merge_off", "onevision", "packed", "decode", "targets", "notes", "elapsed_s", "section_s"):
         assert key in result, key
     for key in ("cpu", "cpu_cores", "torch", "transformers", "device"):
         assert key in result["machine"], key
@@ -47,6 +47,17 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
         if r["variant"] != "full":
             assert r["flop_ideal"] > 1.0
             assert r["tokens_at_feature_layer"] < full[0]["tokens_at_feature_layer"]
+
+    # Decode: stock, VTU full, VTU compact per preset and batch; the compact cache holds fewer bytes
+    # (counts, not timings), the full-length ones exactly the stock bytes.
+    dec = result["decode"]
+    names = ["stock"] + [f"VTU {p} {c}" for c in ("full", "compact") for p in ("low", "mid", "high")]
+    assert [(r["batch"], r["variant"]) for r in dec["rows"]] == [(b, n) for b in dec["settings"]["batches"] for n in names]
+    for r in dec["rows"]:
+        assert r["kv_bytes"] > 0 and r["ms_per_token"] > 0 and r["sequences_in_8gb"] > 0
+        assert r["kv_ratio"] == 1.0 if r["kv_cache"] != "compact" else r["kv_ideal_ratio"] < r["kv_ratio"] < 1.0
+    assert {r["formulation"] for r in dec["formulations"]} == {
+        "stock attention, full cache", "compact: rotate gathered keys", "compact scores: cos/sin decomposition"}
 
     # Prefill: full + VTU at three N_un; rows per layer = text + unique visual rows.
     pre = result["prefill"]

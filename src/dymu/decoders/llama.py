@@ -8,6 +8,13 @@ KV cache to the stock attention function; its output is averaged over each group
 full-length sequence, positions, masks, cache and `generate` stay stock, and decode steps (one new
 token, no groups) take the stock forward unchanged.
 
+KV cache (``kv_cache``, issue 29): "compact" (default) swaps a `dymu.kv_cache.CompactLayer` into the
+stock `DynamicCache` at a VTU prefill: one unrotated key and one value per group, singletons as stock;
+every later forward on that cache (decode steps, a next turn) runs its attention here, exactly. "full"
+keeps the stock full-length cache (decode steps are then the stock forward). The compact cache is
+used only where it is exact and the Cache API supports it; otherwise that layer keeps the stock
+cache, with a warning naming why (see `_compact_layer_for`).
+
 Group maps do not travel as forward/generate kwargs (transformers 5.x `generate` rejects unknown
 kwargs). They are stored on a per-model state object that the patched layers read:
 
@@ -27,6 +34,7 @@ import contextlib
 import inspect
 import os
 import sys
+import warnings
 from collections import Counter
 
 import torch
@@ -36,7 +44,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, eager_at
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from .. import compat, vtu
+from .. import compat, kv_cache, vtu
 from ..patching import PatchedClasses
 
 try:  # transformers' output capturing (output_attentions=...) records attention modules by hook
@@ -84,11 +92,21 @@ class ChunkedPrefillError(RuntimeError):
     """A forward of length > 1 that is not the length of the group map set on the model."""
 
 
-class VTUState:
-    """Shared by all patched layers of one model: the group map, the attention mode, row counts."""
+KV_CACHES = ("compact", "full")
 
-    def __init__(self, attention: str = "fast"):
+
+class VTUState:
+    """Shared by all patched layers of one model: the group map, the attention mode, the KV cache
+    mode, row counts, and what the compact cache needs from the model's rotary module."""
+
+    def __init__(self, attention: str = "fast", kv_cache: str = "compact"):
         self.attention = attention
+        self.kv_cache = kv_cache
+        self.rotary: nn.Module | None = None  # the text model's rotary module (compact cache)
+        self.rotary_ids: Tensor | None = None  # position ids of its last call (recorded by a hook)
+        self._table: tuple | None = None  # (position ids, e^{iθ}) of the last grouped positions asked for
+        self._workspace: Tensor | None = None  # the rotated grouped keys of one layer, reused (kv_cache.py)
+        self.rotation_checked = False  # the compact rotation was compared with the stock one on a prompt
         self.group_map: Tensor | None = None  # (B, N) long
         self._plans: dict = {}  # (batch, device) -> vtu.Groups, valid for the current map
         # layer key (its _dymu_vtu_key, stable under copy.deepcopy, unlike id()) -> rows seen by each
@@ -127,6 +145,35 @@ class VTUState:
             self._plans[key] = vtu.plan_groups(group_map)
         return self._plans[key]
 
+    def positions(self, batch: int, length: int) -> Tensor:
+        """This forward's rotary position ids as (B, L, R), R = 1 (RoPE) or 3 (M-RoPE)."""
+        ids = self.rotary_ids
+        if ids is None or ids.shape[-1] != length:
+            raise RuntimeError(f"the compact KV cache needs this forward's rotary position ids (length {length}), but the "
+                               "rotary module was not called with them; use kv_cache='full' for this model")
+        ids = ids.reshape(-1, *ids.shape[-2:])  # (R, B or 1, L)
+        return ids.expand(-1, batch, -1).permute(1, 2, 0)
+
+    def workspace(self, shape, device) -> Tensor:
+        """A float32 buffer of `shape`, reused by every layer and decode step (see dymu.kv_cache)."""
+        numel = int(torch.Size(shape).numel())
+        if self._workspace is None or self._workspace.numel() < numel or self._workspace.device != device:
+            self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._workspace[:numel].view(shape)
+
+    def rotation_table(self, positions: Tensor, like: Tensor) -> Tensor:
+        """e^{iθ} (B or 1, 1, P, d/2) at `positions` (B, P, R) from the model's rotary module. Every layer
+        and every decode step asks with equal ids until the cache changes (a new prefill, a beam reorder,
+        an eviction): computed once then, and once for a batch whose rows share them."""
+        if self._table is not None and self._table[0].shape == positions.shape and torch.equal(self._table[0], positions):
+            return self._table[1]
+        shared = positions[:1] if bool((positions == positions[:1]).all()) else positions
+        ids = shared[..., 0] if shared.shape[-1] == 1 else shared.permute(2, 0, 1)
+        cos, sin = self.rotary.forward(like, ids)  # .forward: not the model's call, the recording hook stays out
+        table = kv_cache.rotation_table(cos, sin).unsqueeze(1)
+        self._table = (positions, table)
+        return table
+
 
 class _VTUDecoderLayer:
     """Mixed in before a stock decoder-layer class; `_dymu_vtu` (VTUState) is set per instance."""
@@ -137,13 +184,14 @@ class _VTUDecoderLayer:
 
     def forward(self, *args, **kwargs) -> Tensor:
         # The stock call is forwarded untouched (positional or keyword, the cache under whatever name
-        # this transformers uses); only a VTU prefill reads its arguments, bound to the stock signature.
+        # this transformers uses); only a VTU prefill, or a forward over a compact cache, reads its
+        # arguments, bound to the stock signature.
         hidden_states = args[0] if args else kwargs["hidden_states"]
         state = self._dymu_vtu
         state.rows[self._dymu_vtu_key] = Counter()  # the counting hooks fill it during this forward
         state.rows[self._dymu_vtu_key]["positions"] = hidden_states.shape[0] * hidden_states.shape[1]
         groups = state.groups_for(hidden_states)
-        if groups is None:
+        if groups is None and not any(_compact_at(v, self.self_attn.layer_idx) for v in (*args, *kwargs.values())):
             return super().forward(*args, **kwargs)
         call = self._dymu_signature.bind(self, *args, **kwargs)
         call.apply_defaults()
@@ -161,57 +209,137 @@ class _VTUDecoderLayer:
         collector = _active_collector.get() if _active_collector is not None else None
         if collector is not None and "attentions" in collector:
             # The stock attention module's forward (where HF records attention weights) is not run.
-            raise NotImplementedError("output_attentions is not supported on a VTU prefill (group map set)")
+            raise NotImplementedError("output_attentions is not supported on a VTU forward (group map set, or a "
+                                      "compact KV cache): use kv_cache='full' and no group map")
         attn = self.self_attn
         batch, length, _ = hidden_states.shape
-        residual = vtu.unique_rows(hidden_states, groups)  # (U, D)
-        if os.environ.get(CHECK_GROUP_ROWS_ENV) == "1" and not torch.equal(hidden_states, vtu.expand(residual, groups)):
-            raise GroupRowsError(f"decoder layer {attn.layer_idx}: rows of one VTU group differ at its input; "
-                                 "VTU would silently use the first row of each group")
+        # Without a map (a forward over a compact cache: decode steps, a next turn) every position is a row.
+        if groups is None:
+            residual = hidden_states.flatten(0, 1)
+
+            def full(rows):  # (B*L, ...) -> (B, L, ...)
+                return rows.view(batch, length, *rows.shape[1:])
+        else:
+            residual = vtu.unique_rows(hidden_states, groups)  # (U, D)
+
+            def full(rows):  # (U, ...) -> (B, N, ...)
+                return vtu.expand(rows, groups)
+            if os.environ.get(CHECK_GROUP_ROWS_ENV) == "1" and not torch.equal(hidden_states, full(residual)):
+                raise GroupRowsError(f"decoder layer {attn.layer_idx}: rows of one VTU group differ at its input; "
+                                     "VTU would silently use the first row of each group")
         x = self.input_layernorm(residual)
-        q_rows = attn.q_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hq, d)
-        k_rows = attn.k_proj(x).view(groups.num_unique, -1, attn.head_dim)  # (U, Hkv, d)
-        v_rows = attn.v_proj(x).view(groups.num_unique, -1, attn.head_dim)
+        rows = x.shape[0]
+        q_rows = attn.q_proj(x).view(rows, -1, attn.head_dim)  # (U, Hq, d)
+        k_rows = attn.k_proj(x).view(rows, -1, attn.head_dim)  # (U, Hkv, d)
+        v_rows = attn.v_proj(x).view(rows, -1, attn.head_dim)
         if self._dymu_stock in _HEAD_NORMS:  # per-head RMSNorm: row-wise, so on the unique rows
             q_rows, k_rows = attn.q_norm(q_rows), attn.k_norm(k_rows)
 
-        def full(rows):  # (U, H, d) -> (B, H, N, d), the stock attention layout
-            return vtu.expand(rows, groups).transpose(1, 2)
-
         # Stock RoPE at the full positions: every copy of a unique row gets its own angle. V has no
-        # position and is only gathered; the cache receives stock full-length keys and values.
-        exact = state.attention == "exact"
+        # position and is only gathered. (B, H, N, d): the stock attention layout.
+        exact = state.attention == "exact" and groups is not None  # Eq. 10 is for a VTU prefill
         if exact and attn.config._attn_implementation != "eager":
             raise ValueError("vtu_attention='exact' is eager only: load the model with attn_implementation='eager'")
         if exact and cache is not None and cache.get_seq_length(attn.layer_idx):
             raise ValueError("vtu_attention='exact' needs an empty KV cache: its keys are the unique rows of this forward")
         cos, sin = position_embeddings
-        query, key = self._dymu_rope(full(q_rows), full(k_rows), cos, sin)
-        value = full(v_rows)
-        if cache is not None:
+        query, key = self._dymu_rope(full(q_rows).transpose(1, 2), full(k_rows).transpose(1, 2), cos, sin)
+        value = full(v_rows).transpose(1, 2)
+        compact = self._compact_layer_for(cache, groups, key, k_rows, cos, full) if cache is not None else None
+        before = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+        dropout = attn.attention_dropout if self.training else 0.0
+        if compact is not None and before:
+            # Attention over the compact cache (this forward's positions written first, as stock).
+            kv_offset = compact.get_mask_sizes(length)[1]
+            self._write(compact, key, value, k_rows, v_rows, groups, batch, length)
+            positions = compact.group_positions
+            table = state.rotation_table(positions, key) if positions.shape[1] else None
+            columns = torch.arange(before, before + length, device=key.device)
+            out = compact.attend(query, columns, attention_mask, kv_offset, attn.scaling, table, dropout, self.training,
+                                 state.workspace)
+        else:
+            if compact is not None:  # a prefill into an empty compact layer: attend to this forward's own K/V
+                self._write(compact, key, value, k_rows, v_rows, groups, batch, length)
+            elif cache is not None:
+                key, value = cache.update(key, value, attn.layer_idx)
+            if exact:  # the paper's Eq. 10 from the unrotated unique rows; the rotated keys only feed the cache
+                out = vtu.eq10_attention(q_rows, k_rows, value, groups, cos, sin, attention_mask,
+                                         attn.scaling, dropout, self.training)
+            else:
+                interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                                  eager_attention_forward)
+                out, _ = interface(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling,
+                                   position_ids=position_ids, use_cache=use_cache,
+                                   **_ATTENTION_KWARGS[self._dymu_stock](attn), **extra)
+        if compact is not None:
+            compact.trim()
+        if cache is not None and cache.get_seq_length(attn.layer_idx) != before + length:
             # Cheap guard against a cache that silently does not take the prompt (the failure mode of
             # reading a renamed keyword): it must grow by exactly this forward's length.
-            before = cache.get_seq_length(attn.layer_idx)
-            key, value = cache.update(key, value, attn.layer_idx)
-            if cache.get_seq_length(attn.layer_idx) != before + length:
-                raise RuntimeError(f"decoder layer {attn.layer_idx}: the KV cache did not grow by the prompt length "
-                                   f"{length} during a VTU prefill; generation would be wrong after the first token")
-
-        dropout = attn.attention_dropout if self.training else 0.0
-        if exact:  # the paper's Eq. 10 from the unrotated unique rows; the rotated keys only feed the cache
-            out = vtu.eq10_attention(q_rows, k_rows, value, groups, cos, sin, attention_mask,
-                                     attn.scaling, dropout, self.training)
-        else:
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                              eager_attention_forward)
-            out, _ = interface(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling,
-                               position_ids=position_ids, use_cache=use_cache,
-                               **_ATTENTION_KWARGS[self._dymu_stock](attn), **extra)
+            raise RuntimeError(f"decoder layer {attn.layer_idx}: the KV cache did not grow by the prompt length "
+                               f"{length} during a VTU forward; generation would be wrong after the first token")
         # out: (B, N, Hq, d). Re-merge (Eq. 11) before o_proj: the mean commutes with the linear map.
-        out = vtu.merge_mean(out.reshape(batch, length, -1), groups)  # (U, Hq*d)
+        out = out.reshape(batch, length, -1)
+        out = out.flatten(0, 1) if groups is None else vtu.merge_mean(out, groups)  # (U, Hq*d)
         hidden = residual + attn.o_proj(out)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return vtu.expand(hidden, groups)  # (B, N, D): rows of a group stay exactly equal
+        return full(hidden)  # (B, N, D): rows of a group stay exactly equal
+
+    def _write(self, compact, key, value, k_rows, v_rows, groups, batch, length) -> None:
+        positions = self._dymu_vtu.positions(batch, length)
+        if groups is None:
+            compact.write(key, value, k_rows, v_rows, None, None, None, positions)
+        else:
+            compact.write(key, value, k_rows, v_rows, groups.sizes, groups.index, groups.first, positions)
+
+    def _compact_layer_for(self, cache, groups, key, k_rows, cos, full):
+        """This layer's `CompactLayer` in `cache`: the one already there, or (at a VTU prefill into an
+        empty stock dynamic layer, kv_cache='compact') a new one swapped in. None: the stock cache."""
+        state, index = self._dymu_vtu, self.self_attn.layer_idx
+        layers = compat.cache_layers(cache)
+        if index < len(layers) and isinstance(layers[index], kv_cache.CompactLayer):
+            return layers[index]
+        if state.kv_cache != "compact" or groups is None:
+            return None
+        replicate = getattr(cache, "layer_class_to_replicate", None)
+        stock = layers[index] if index < len(layers) else replicate
+        kind = stock if isinstance(stock, type) or stock is None else type(stock)
+        window = getattr(stock, "sliding_window", None) if stock is not kind else None
+        reason = None
+        if kind not in _DYNAMIC_LAYERS:
+            reason = f"the cache layer is a {getattr(kind, '__name__', kind)}, not a DynamicLayer / DynamicSlidingWindowLayer"
+        elif type(cache).update is not _STOCK_UPDATE:
+            reason = f"{type(cache).__name__} customises Cache.update, which the compact cache would bypass"
+        elif getattr(cache, "offloading", False):
+            reason = "the cache offloads its layers"
+        elif cache.get_seq_length(index):
+            reason = "the cache already holds a prefix written by the stock cache"
+        elif not torch.equal(cos[..., : cos.shape[-1] // 2], cos[..., cos.shape[-1] // 2:]):
+            reason = "the rotary tables are not in the rotate-half convention"
+        elif not state.rotation_checked:
+            reason = self._check_rotation(key, k_rows, full)
+        if reason is not None:
+            warnings.warn(f"dymu: VTU keeps the full-length KV cache for this layer: {reason}", stacklevel=3)
+            return None
+        while len(layers) <= index:  # a lazily grown cache (DynamicCache without a config), as Cache.update does
+            layers.append(replicate())
+        layers[index] = kv_cache.CompactLayer(window=window)
+        return layers[index]
+
+    def _check_rotation(self, key, k_rows, full) -> str | None:
+        """Once per model: the compact cache's rotation (complex product with the rotary module's tables
+        recomputed from the position ids) must reproduce the stock rotated keys of this prompt."""
+        state = self._dymu_vtu
+        batch, _, length, _ = key.shape
+        positions = state.positions(batch, length)
+        table = state.rotation_table(positions, key)  # (B or 1, 1, L, d/2)
+        mine = kv_cache.rotate(kv_cache.interleave(full(k_rows)).transpose(1, 2), table)  # (B, Hkv, L, d)
+        try:
+            torch.testing.assert_close(kv_cache.deinterleave(mine), key)
+        except AssertionError:
+            return "its rotation differs from the stock RoPE of this model"
+        state.rotation_checked = True
+        return None
 
 
 def _vtu_class_attributes(stock: type) -> dict:
@@ -221,6 +349,25 @@ def _vtu_class_attributes(stock: type) -> dict:
     rope = staticmethod(sys.modules[stock.__module__].apply_rotary_pos_emb)
     return {"_dymu_stock": stock, "_dymu_rope": rope, "_dymu_signature": signature,
             "_dymu_var_keyword": var_keyword, "_dymu_cache_arg": compat.cache_parameter(stock)}
+
+
+def _stock_cache() -> tuple[tuple[type, ...], object]:
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+    return (DynamicLayer, DynamicSlidingWindowLayer), Cache.update
+
+
+# The stock cache layers a CompactLayer replaces (exact types: a subclass may store differently), in a
+# cache whose update() is the stock one (a subclass that customises it expects every write to pass there).
+_DYNAMIC_LAYERS, _STOCK_UPDATE = _stock_cache()
+
+
+def _compact_at(value, index: int) -> bool:
+    """Whether `value` is a KV cache whose layer `index` is a compact VTU layer."""
+    if not compat.is_cache(value):
+        return False
+    layers = compat.cache_layers(value)
+    return index < len(layers) and isinstance(layers[index], kv_cache.CompactLayer)
 
 
 # MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
@@ -263,16 +410,31 @@ def _state(model: nn.Module) -> VTUState:
     return layers[0]._dymu_vtu
 
 
-def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
+def apply_vtu(model: nn.Module, vtu_attention: str = "fast", kv_cache: str = "compact") -> None:
     """Patch every supported decoder layer (`supported_decoders()`) in `model` (in place, per instance) for VTU.
 
     vtu_attention: "fast" (gather + stock RoPE + stock attention; eager, sdpa, flash) or "exact"
     (the paper's Eq. 10 decomposition, eager only, O(B·H·N²) per frequency: a reference).
-    Applying again only updates `vtu_attention`. Undo with `remove_vtu(model)`.
+    kv_cache: "compact" (one key and value per group, `dymu.kv_cache`) or "full" (the stock
+    full-length cache). A model whose rotary frequencies change with the sequence length (rope
+    types "dynamic", "longrope") keeps the full cache, with a warning: keys rotated later would not
+    match those rotated at the prefill.
+    Applying again only updates `vtu_attention` and `kv_cache`. Undo with `remove_vtu(model)`.
     """
-    stock, patched = check_vtu(model, vtu_attention)
+    stock, patched = check_vtu(model, vtu_attention, kv_cache)
     state = patched[0]._dymu_vtu if patched else VTUState()
     state.attention = vtu_attention
+    state.kv_cache = kv_cache
+    if kv_cache == "compact" and state.rotary is None:
+        rotary = _rotary_module(model, stock + patched)
+        rope_type = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in rope_type or rope_type == "longrope":
+            warnings.warn(f"dymu: kv_cache='compact' falls back to the full-length KV cache: rope type {rope_type!r} "
+                          "changes its frequencies with the sequence length", stacklevel=2)
+            state.kv_cache = "full"
+        else:
+            state.rotary = rotary
+            state.hooks.append(rotary.register_forward_hook(_PositionRecorder(state, rotary), with_kwargs=True))
     for layer in stock:
         layer.__class__ = _vtu_class(type(layer))
         layer._dymu_vtu = state
@@ -283,10 +445,12 @@ def apply_vtu(model: nn.Module, vtu_attention: str = "fast") -> None:
             state.hooks.append(layer.get_submodule(name).register_forward_hook(hook))
 
 
-def check_vtu(model: nn.Module, vtu_attention: str = "fast") -> tuple[list[nn.Module], list[nn.Module]]:
+def check_vtu(model: nn.Module, vtu_attention: str = "fast",
+              kv_cache: str = "compact") -> tuple[list[nn.Module], list[nn.Module]]:
     """Validate `apply_vtu`'s arguments without changing anything: (stock layers, patched layers)."""
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
+    check_kv_cache(kv_cache)
     stock = [m for m in model.modules() if type(m) in _ATTENTION_KWARGS]
     for layer in stock:
         check_stock_layer(type(layer), layer)
@@ -302,6 +466,38 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast") -> tuple[list[nn.Mo
             raise ValueError(f"vtu_attention='exact' is eager only, the model uses {sorted(impls)}: "
                              "load it with attn_implementation='eager'")
     return stock, patched
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be 'compact' or 'full', got {kv_cache!r}")
+
+
+def _rotary_module(model: nn.Module, layers: list[nn.Module]) -> nn.Module:
+    """The rotary module of the text model holding `layers` (its `rotary_emb`, called once per forward
+    with the position ids): the compact cache recomputes the cos/sin of cached positions with it."""
+    ids = {id(layer) for layer in layers}
+    owners = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)
+              and any(id(layer) in ids for layer in m.layers)]
+    if len(owners) != 1:
+        raise compat.refuse(f"found {len(owners)} text models holding the decoder layers of {type(model).__name__} "
+                            "(the compact KV cache expects one; use kv_cache='full')")
+    compat.require_attributes(owners[0], ("rotary_emb",), type(owners[0]).__name__)
+    rotary = owners[0].rotary_emb
+    compat.require_forward(type(rotary), ("x", "position_ids"), var_keyword=False)
+    return rotary
+
+
+class _PositionRecorder:
+    """Forward hook on the rotary module: records the position ids of its last call (an object, not a
+    closure: see deepcopy)."""
+
+    def __init__(self, state: VTUState, rotary: nn.Module):
+        self.state = state
+        self.signature = inspect.signature(inspect.unwrap(type(rotary).forward))
+
+    def __call__(self, module, args, kwargs, output):
+        self.state.rotary_ids = self.signature.bind(module, *args, **kwargs).arguments["position_ids"]
 
 
 class _RowCounter:
@@ -323,6 +519,7 @@ def remove_vtu(model: nn.Module) -> None:
             handle.remove()
         state.hooks.clear()
         state.set_group_map(None)
+        state.rotary = state.rotary_ids = state._table = state._workspace = None
         state.rows.clear()
         state.rows_keys.clear()
         layer.__class__ = layer._dymu_stock

@@ -4,9 +4,10 @@ self-test of every supported VLM family on the user's own device and dtype.
 The self-test builds each family's tiny random demo model (no download) and checks three oracles:
 - merge off: thresholds +inf, so every visual position is a group of its own, and `dymu.generate`
   must give the stock model's greedy tokens and logits at every step (8 new tokens: the prefill
-  through VTU, then decode steps that read the KV cache the VTU prefill wrote);
+  through VTU, then decode steps that read the compact KV cache the VTU prefill wrote);
 - with real merges, a prompt alone and inside a batch of two gives the same answer and token count
-  (batch invariance).
+  (batch invariance);
+- with real merges, the compact KV cache gives the tokens and logits of the full-length one.
 Paste its output into an issue report: it says which part of a user's stack (GPU, bf16, flash
 attention, a transformers release) breaks dymu.
 """
@@ -124,9 +125,17 @@ def check_family(name: str, build, device, dtype, attn_implementation: str | Non
             if alone.answers[0] != batch.answers[0] or alone.report.visual_tokens[0] != batch.report.visual_tokens[0]:
                 return CheckResult(name, False, "batch invariance: a prompt alone and in a batch differ",
                                    time.perf_counter() - start)
+            merged = dymu.generate(model, processor, prompts[:1], [images[:1]], **run)
+            dymu.apply(model, -math.inf, kv_cache="full")
+            full_cache = dymu.generate(model, processor, prompts[:1], [images[:1]], **run)
+            cache_worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(merged.scores, full_cache.scores))
+            if not torch.equal(merged.sequences, full_cache.sequences) or not cache_worst <= _tolerance(dtype):
+                return CheckResult(name, False, f"compact KV cache: tokens or logits differ from the full cache "
+                                                f"(max |dlogit| {cache_worst:.2e})", time.perf_counter() - start)
         tokens = alone.report.visual_tokens[0][0]
         return CheckResult(name, True, f"merge off = stock ({NEW_TOKENS} tokens, max |dlogit| {worst:.1e}); "
-                                       f"batch invariant (-inf thresholds: {tokens} visual tokens kept)", time.perf_counter() - start)
+                                       f"batch invariant (-inf thresholds: {tokens} visual tokens kept); "
+                                       f"compact KV cache = full (max |dlogit| {cache_worst:.1e})", time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001 - a self-test reports every failure as a FAIL line
         return CheckResult(name, False, f"{type(err).__name__}: {err}".splitlines()[0], time.perf_counter() - start)
 

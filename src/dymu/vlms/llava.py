@@ -25,7 +25,7 @@ from transformers.models.llava.modeling_llava import LlavaForConditionalGenerati
 
 from .. import compat, vtu
 from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
-from ..decoders.llama import apply_vtu, check_vtu, remove_vtu, vtu_groups
+from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 
 MODES = ("full", "dymu", "dtome", "tome", "downsample")
 # Names only public functions (tests check that each named dymu.X exists).
@@ -149,7 +149,7 @@ def labels_to_group_map(input_ids: torch.Tensor, placeholders: list[tuple[int, l
 
 
 def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-                tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
+                kv_cache: str = "compact", tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
                 budget=None) -> None:
     # All or nothing: every argument is checked before the model changes, so a refused call leaves
     # the previous patch (and mode) in place.
@@ -157,6 +157,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
+    check_kv_cache(kv_cache)
     inner = model.model
     # What DyMULlavaModel overrides and calls of the stock LlavaModel.
     stock = getattr(inner, "_dymu_stock_class", type(inner))
@@ -184,7 +185,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
                        r=r if mode == "tome" else None, order=order, budget=budget, feature_layer=feature_layer)
     use_vtu = mode == "dymu" or (mode == "tome" and tome_vtu)
     if use_vtu:
-        check_vtu(inner.language_model, vtu_attention)
+        check_vtu(inner.language_model, vtu_attention, kv_cache)
 
     remove_llava(model)
     if mode == "downsample":
@@ -199,7 +200,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
     else:
         apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     if use_vtu:
-        apply_vtu(inner.language_model, vtu_attention=vtu_attention)
+        apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
     inner._dymu = LlavaSettings(mode=mode, vtu=use_vtu)
     inner._dymu_stock_class = type(inner)
     inner.__class__ = DyMULlavaModel

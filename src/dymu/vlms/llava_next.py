@@ -55,7 +55,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from .. import merge as M
-from ..decoders.llama import apply_vtu, check_vtu, vtu_groups
+from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, vtu_groups
 from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of
 from .llava import labels_to_group_map, project_merged, remove_llava
 
@@ -471,8 +471,9 @@ def resolve_merge_point(thresholds, merge_point: str | None, mode: str):
 
 
 def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
-              tome_vtu: bool = True, downsample_tokens: float | None = None, order: str | None = None,
-              budget=None, merge_point: str = "vit", post_thresholds: list[float] | None = None) -> None:
+              kv_cache: str = "compact", tome_vtu: bool = True, downsample_tokens: float | None = None,
+              order: str | None = None, budget=None, merge_point: str = "vit",
+              post_thresholds: list[float] | None = None) -> None:
     """Patch a LLaVA-NeXT / OneVision in place; ``thresholds``: the tower's (None with merge_point
     "post": the stock tower), ``post_thresholds``: one per post round (merge_point "post" / "both")."""
     # All or nothing (as for LLaVA-1.5): every argument is checked before the model changes.
@@ -482,6 +483,7 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
                          f"use one of {', '.join(MODES)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_kv_cache(kv_cache)
     if mode == "tome" and not tome_vtu:
         raise ValueError(f"mode 'tome' without VTU is not available for {name}: {REFUSED_MODES['dtome']}")
     inner = model.model
@@ -503,7 +505,7 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
         if merge_in_tower:
             dtome_settings(tower, family, thresholds=None if mode == "tome" else thresholds,
                            r=r if mode == "tome" else None, order=order, budget=budget, feature_layer=feature_layer)
-        check_vtu(inner.language_model, vtu_attention)
+        check_vtu(inner.language_model, vtu_attention, kv_cache)
 
     remove_vlm(model)
     model._dymu_mode = mode
@@ -513,7 +515,7 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
         apply_dtome(tower, family, r=r, order=order, budget=budget, feature_layer=feature_layer)
     elif merge_in_tower:
         apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
-    apply_vtu(inner.language_model, vtu_attention=vtu_attention)
+    apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
     inner._dymu = AnyResSettings(mode=mode, merge_point=merge_point, post_thresholds=post_thresholds)
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _PATCHED[type(inner)]

@@ -32,7 +32,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 
 from .. import compat, vtu
 from ..patching import PatchedClasses
-from ..decoders.llama import apply_vtu, remove_vtu, vtu_groups
+from ..decoders.llama import apply_vtu, check_kv_cache, remove_vtu, vtu_groups
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
 
 SUPPORTED_QWEN_VLMS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
@@ -253,7 +253,7 @@ def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = Non
 
 
 def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
-                  vtu_attention: str = "fast", cross_frame: bool = False) -> None:
+                  vtu_attention: str = "fast", kv_cache: str = "compact", cross_frame: bool = False) -> None:
     """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place. ``thresholds``: one per vision block
     (merge_point="vit"), or one per merge round after the PatchMerger (merge_point="post");
     ``merge_point`` default: the thresholds file's, else "vit"."""
@@ -266,6 +266,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     if mode == "full" and cross_frame:
         raise ValueError("cross_frame merges video frames: it needs mode 'dymu', not 'full'")
+    check_kv_cache(kv_cache)
     # What the swapped inner model overrides and calls of the stock one.
     stock = getattr(model.model, "_dymu_stock_class", type(model.model))
     compat.require_forward(stock, ("input_ids", "mm_encoder_outputs", "image_grid_thw", "video_grid_thw"))
@@ -279,7 +280,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     if thresholds is None:
         raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
     values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
-    apply_vtu(inner.language_model, vtu_attention=vtu_attention)
+    apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
     inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame))
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _swapped_class(type(inner))

@@ -5,5 +5,5 @@ interleaved, flops.py counts the ideal, report.py turns a result into markdown. 
 import-free so that the CLI can read the section names without loading torch.
 """
 
-SECTIONS = ("encoder", "packed", "prefill", "exact", "flops", "calibration", "merge_off", "onevision")
+SECTIONS = ("encoder", "packed", "prefill", "exact", "flops", "calibration", "merge_off", "onevision", "decode")
 PRESET_NAMES = ("low", "mid", "high")

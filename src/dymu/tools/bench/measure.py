@@ -12,7 +12,10 @@ So every ratio printed here is a measured one, with the ideal that FLOPs predict
 - **merge-off overhead**: the patched tower with every threshold at +inf vs the stock tower;
 - **onevision**: a Qwen2-7B-shaped prefill over one LLaVA-OneVision AnyRes image (~3,000 positions
   in the stock packed layout: base crop, unpadded canvas, newlines) plus text, stock vs VTU, with
-  group maps made by dymu's OneVision wiring from a real photo (fixed r per layer, 729-token crops).
+  group maps made by dymu's OneVision wiring from a real photo (fixed r per layer, 729-token crops);
+- **decode**: KV-cache bytes, peak memory and ms per generated token of stock vs VTU with the full
+  cache vs VTU with the compact cache, 2 Qwen2-7B-shaped layers, a multi-image prompt, batch 1 and 8
+  (decode.py).
 
 Models are built from configs with random weights: speed does not depend on the weights. Timings
 are medians of ``runs`` runs after ``warmup`` rounds; the sides being compared run interleaved
@@ -766,7 +769,8 @@ def run_bench(
                      "packed_batches": list(plan.packed_batches), "packed_calibration_batch": plan.packed_cal_batch,
                      "sections": list(sections), "weights": "random (speed does not depend on the weights)"},
         "encoder": None, "prefill": None, "exact": None, "attention_flops": None,
-        "calibration": None, "merge_off": None, "onevision": None, "packed": None, "targets": None, "notes": [],
+        "calibration": None, "merge_off": None, "onevision": None, "packed": None, "decode": None, "targets": None,
+        "notes": [],
     }
     notes = result["notes"]
     notes.append("All models have random weights: speed does not depend on the weights.")
@@ -868,6 +872,15 @@ def run_bench(
                      "random-weight SigLIP with the real grid and depth (fixed r per layer "
                      f"{', '.join(f'{k} {v}' for k, v in info['r'].items())}); newline tokens and bilinear mixes "
                      "are groups of their own.")
+    if "decode" in sections:
+        from .decode import bench_decode
+
+        t0 = time.perf_counter()
+        result["decode"] = bench_decode(quick, dev, dt, sync, log, runs)
+        section_time["decode"] = time.perf_counter() - t0
+        notes.append("Decode: group maps assign each image's positions at random to the preset's number of groups "
+                     "(decode cost depends on the counts only); the batch-8 cache is the batch-1 prefill's, repeated "
+                     "with the Cache API. Peak memory on CPU is resident memory (VmHWM), so it is noisy at the MB scale.")
     result["targets"] = None if quick else evaluate_targets(result)  # toy sizes: no target can be judged
     result["section_s"] = section_time
     result["loadavg_after"] = _loadavg()

@@ -14,6 +14,9 @@ TARGETS = {
     "packed_b8": "packed encoder at batch 8 (calibrated mid) >= 0.9 x FLOP-ideal",
     "packed_b1": "packed encoder at batch 1 no slower than padded (<= 2%)",
     "packed_calibration": "calibration at batch 32: packed >= 1.5 x padded throughput",
+    "kv_compact": "compact KV cache bytes <= 1.05 x (text + U) / (text + N) of stock (every preset)",
+    "decode_b1": "decode ms/token with the compact cache <= 1.15 x stock at batch 1 (every preset)",
+    "decode_b8": "decode ms/token with the compact cache <= VTU with the full cache at batch 8 (every preset)",
 }
 
 
@@ -65,6 +68,25 @@ def evaluate_targets(result: dict) -> list[dict]:
                         met=cal["ratio"] >= 1.5,
                         detail=f"{cal['packed_images_per_s']:.3g} vs {cal['padded_images_per_s']:.3g} images/s = "
                                f"{cal['ratio']:.2f}x (batch {cal['batch_size']}, {cal['layers']} layers)"))
+    decode = result.get("decode")
+    if decode:
+        rows = {(r["batch"], r["variant"]): r for r in decode["rows"]}
+        compact = [r for r in decode["rows"] if r["batch"] == 1 and r["kv_cache"] == "compact"]
+        worst = max(compact, key=lambda r: r["kv_ratio"] / r["kv_ideal_ratio"])
+        out.append(dict(key="kv_compact", target=TARGETS["kv_compact"], goal=1.05,
+                        measured=worst["kv_ratio"] / worst["kv_ideal_ratio"],
+                        met=all(r["kv_ratio"] <= 1.05 * r["kv_ideal_ratio"] for r in compact),
+                        detail=", ".join(f"{r['preset']} {r['kv_ratio']:.3f} (ideal {r['kv_ideal_ratio']:.3f})"
+                                         for r in compact)))
+        big = max(decode["settings"]["batches"])
+        for key, batch, base, goal in (("decode_b1", 1, "stock", 1.15), ("decode_b8", big, "full", 1.0)):
+            pairs = [(r, rows[(batch, "stock" if base == "stock" else f"VTU {r['preset']} full")])
+                     for r in decode["rows"] if r["batch"] == batch and r["kv_cache"] == "compact"]
+            ratios = [r["ms_per_token"] / b["ms_per_token"] for r, b in pairs]
+            out.append(dict(key=key, target=TARGETS[key], goal=goal, measured=max(ratios),
+                            met=all(x <= goal for x in ratios),
+                            detail=", ".join(f"{r['preset']} {r['ms_per_token']:.0f} vs {b['ms_per_token']:.0f} ms "
+                                             f"({x:.2f}x)" for (r, b), x in zip(pairs, ratios))))
     return out
 
 
@@ -74,7 +96,7 @@ def _ms(seconds: float) -> str:
 
 SECTION_TITLES = {"encoder": "encoder", "packed": "packed vs padded", "prefill": "prefill", "exact": "exact Eq. 10",
                   "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off",
-                  "onevision": "OneVision prefill"}
+                  "onevision": "OneVision prefill", "decode": "decode"}
 
 
 def smoke_markdown(result: dict) -> str:
@@ -219,6 +241,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['rows_per_layer']} | "
                          f"{_ms(r['median_s'])} | {r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
         lines.append("")
+    if result.get("decode"):
+        from .decode import decode_markdown
+
+        lines += [decode_markdown(result["decode"]), ""]
     tg = result.get("targets")
     if tg:
         lines += ["### Targets", ""]
