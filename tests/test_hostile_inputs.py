@@ -96,6 +96,15 @@ def _planted_lock_symlink(ctx, capsys):
     return err
 
 
+def _report_over_a_result(ctx, capsys):
+    results = ctx["root"] / "results"
+    results.mkdir(exist_ok=True)
+    run = results / "20260101_000000_results.json"
+    run.write_text(json.dumps({"results": {"gqa": {"exact_match,none": 0.5}}, "config": {"model_args": "mode=full"}}))
+    assert main(["report", str(results), "--out", str(results / "table.md")]) == 0  # a table beside them is fine
+    return cli_error(capsys, ["report", str(results), "--out", str(run)])
+
+
 def _bench_json_in_a_missing_folder(ctx, capsys):
     missing = ctx["root"] / "missing"
     err = cli_error(capsys, ["bench", "--quick", "--only", "encoder", "--json", str(missing / "x.json")])
@@ -254,7 +263,7 @@ CASES = [
                                                 str(IMAGES / "analysis")])),
     Case("report-out-is-a-result", "report", "`report results/ --out results/x_results.json`",
          "is also an input of this command",
-         lambda ctx, capsys: cli_error(capsys, ["report", str(ctx["root"]), "--out", str(ctx["root"])])),
+         lambda ctx, capsys: _report_over_a_result(ctx, capsys)),
     Case("bench-json-missing-folder", "output files", "`bench --json /missing/x.json`", "does not exist",
          _bench_json_in_a_missing_folder),
     Case("lock-file-symlink", "output files", "a symbolic link planted at `OUT.partial.lock`",

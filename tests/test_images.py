@@ -225,5 +225,5 @@ def test_bad_videos_fail_with_one_line_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=message) as err:
             load_video(source, 4)
         assert str(err.value).startswith(str(source)) and "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="must be a whole number from 1 to 256, not 0"):
         load_video(tmp_path / "text.mp4", 0)

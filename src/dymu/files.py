@@ -27,10 +27,12 @@ def check_output_file(path: str | Path, what: str = "output file", inputs=()) ->
     return path
 
 
-def check_not_an_input(out: str | Path, inputs, what: str) -> None:
+def check_not_an_input(out: str | Path, inputs, what: str, out_is_folder: bool = False) -> None:
     """Refuse an output that would overwrite or be read back as one of the command's inputs: the same
-    file as an input file, or a folder inside an input folder (its outputs would be read as inputs on
-    the next run). ``inputs``: the paths the command reads (files or folders; missing ones ignored)."""
+    path as an input, or (``out_is_folder``: a folder of outputs such as analyze's pictures) a folder
+    inside an input folder, whose outputs the next run would read as inputs. ``inputs``: the paths the
+    command reads (files or folders; missing ones ignored). A file written into an input folder is fine
+    (``--out model_dir/mid.json``): commands read only their own kinds of files from folders."""
     out = Path(out).resolve()
     for given in inputs:
         if given is None:
@@ -42,7 +44,7 @@ def check_not_an_input(out: str | Path, inputs, what: str) -> None:
         if source == out:
             raise ValueError(f"{what} {given} is also an input of this command; writing it would overwrite it: "
                              "choose another path")
-        if source.is_dir() and out.is_relative_to(source):
+        if out_is_folder and source.is_dir() and out.is_relative_to(source):
             raise ValueError(f"{what} {out} is inside the input folder {given}: the next run would read its own "
                              "outputs as inputs; choose a folder outside it")
 

@@ -14,7 +14,7 @@ from dymu.cli import main
 
 
 def test_bench_quick_json_and_markdown(tmp_path, capsys):
-    out = tmp_path / "sub" / "bench.json"
+    out = tmp_path / "bench.json"  # its folder must exist: bench checks --json before it measures
     assert main(["bench", "--quick", "--device", "cpu", "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())

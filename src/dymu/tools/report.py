@@ -222,8 +222,8 @@ def markdown_table(rows: list[Row], shown: dict[str, str]) -> str:
 def cmd_report(args) -> int:
     from ..files import atomic_write_text, check_output_file
 
-    if args.out:
-        check_output_file(args.out, "--out", inputs=args.results)
+    if args.out:  # never over a results file it reads (a table beside them is fine)
+        check_output_file(args.out, "--out", inputs=find_result_files(args.results))
     metrics = {}
     for item in args.metric or []:
         if "=" not in item:

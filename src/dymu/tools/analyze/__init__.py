@@ -124,7 +124,8 @@ def analyze(
     out = Path(out_dir)
     from ...files import check_not_an_input, exclusive_lock
 
-    check_not_an_input(out, [*([folders] if isinstance(folders, (str, Path)) else folders)], "output folder")
+    check_not_an_input(out, [*([folders] if isinstance(folders, (str, Path)) else folders)], "output folder",
+                       out_is_folder=True)
     out.mkdir(parents=True, exist_ok=True)
     # One run at a time per folder (a second one is refused at once), and no merge map of an earlier
     # run left beside this run's: merge_maps/ is analyze's own folder.
@@ -209,7 +210,7 @@ def cmd_analyze(args) -> int:
     from ...files import check_not_an_input
 
     _matplotlib()
-    check_not_an_input(args.out, [*args.images, args.thresholds], "--out")  # never reads its own charts
+    check_not_an_input(args.out, [*args.images, args.thresholds], "--out", out_is_folder=True)  # never reads its own charts
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)
