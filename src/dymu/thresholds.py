@@ -145,11 +145,11 @@ class Thresholds:
             return value
 
         def numbers(values, field_name: str, length: int | None, low: float, high: float = math.inf,
-                    allow_infinite: bool = False):
+                    allow_infinite: bool = False, per: str = "the encoder has {} layers"):
             if not isinstance(values, list):
                 bad(field_name, f"must be a list, not {type(values).__name__}")
             if length is not None and len(values) != length:
-                bad(field_name, f"has {len(values)} entries but the encoder has {length} layers")
+                bad(field_name, f"has {len(values)} entries but {per.format(length)}")
             for i, v in enumerate(values):
                 if allow_infinite and (v is None or (isinstance(v, float) and math.isinf(v))):
                     continue  # null / +inf: never merge; -inf: merge every edge (up to the cap)
@@ -184,7 +184,8 @@ class Thresholds:
             if not self.post_thresholds:
                 bad("post_thresholds", "must hold one threshold per post round (at least one)")
             if self.post_r is not None:
-                numbers(self.post_r, "post_r", len(self.post_thresholds), 0.0, 1.0)
+                numbers(self.post_r, "post_r", len(self.post_thresholds), 0.0, 1.0,
+                        per="post_thresholds has {} rounds")
         numbers(self.post_rows_kept_mean, "post_rows_kept_mean", None, 0.0)
         if not _is_int(self.feature_layer) or not -layers - 1 <= self.feature_layer <= layers:
             bad("feature_layer", f"must be a layer index between {-layers - 1} and {layers}, not {self.feature_layer!r}")

@@ -187,6 +187,15 @@ def test_merge_point_errors(anyres_dirs, post_thresholds, demo_llava_dir, tmp_pa
     llava = LlavaForConditionalGeneration.from_pretrained(demo_llava_dir)
     with pytest.raises(ValueError, match="merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not Llava"):
         dymu.apply(llava, [0.9] * 6, merge_point="post")
+    # A post_r list of the wrong length is named by its rounds, not by encoder layers.
+    bad = post.to_json()
+    bad["post_r"] = bad["post_r"][:-1]
+    import json
+
+    (tmp_path / "short.json").write_text(json.dumps(bad))
+    with pytest.raises(dymu.thresholds.ThresholdsError, match=f"'post_r' has {len(bad['post_r'])} entries but "
+                                                              f"post_thresholds has {len(bad['post_r']) + 1} rounds"):
+        dymu.Thresholds.load(tmp_path / "short.json")
     # A file written before merge points existed loads as "vit".
     data = post.to_json()
     del data["encoder"]["merge_point"]
