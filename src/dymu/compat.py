@@ -121,8 +121,10 @@ def unwrap_compiled(module):
     """The module inside a `torch.compile` wrapper (``model.vision_tower = torch.compile(tower)``), else
     the module itself. dymu runs a tower's layers itself (DToMe changes the token count per image and
     layer), so the compiled wrapper is bypassed for the patched path: said once, not silently."""
+    from torch import nn
+
     inner = getattr(module, "_orig_mod", None)
-    if inner is None or not isinstance(module, __import__("torch").nn.Module):
+    if inner is None or not isinstance(module, nn.Module):
         return module
     if not _warned_compiled:
         _warned_compiled.append(True)
