@@ -23,22 +23,13 @@ from dymu.kv_cache import CompactLayer, pack
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlms"))
-from lm_helpers import FAMILIES, VOCAB, load_tiny, save_tiny  # noqa: E402
+from lm_helpers import FAMILIES, VOCAB, load_tiny  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, load_qwen  # noqa: E402
-from test_llama import prompt_with_image  # noqa: E402
+from test_llama import prompt_with_image, saved  # noqa: E402,F401  (saved: the tiny decoders, one folder each)
 from test_qwen_vl import batch as qwen_batch  # noqa: E402
 
 ATOL = 1e-5
 NEW = 16
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    dirs = {}
-    for family in FAMILIES:
-        dirs[family] = tmp_path_factory.mktemp(family)
-        save_tiny(family, dirs[family])
-    return dirs
 
 
 def pair(folder, attn="eager"):

@@ -72,6 +72,11 @@ class BatchRecord:
     kept_sqsum: list[int]
     skipped: list[dict]
 
+    @classmethod
+    def unread(cls, index: int, steps: int, kept_steps: int, skipped: list[dict]) -> "BatchRecord":
+        """A batch none of whose images could be read: no τ, no tokens, only what was skipped."""
+        return cls(index, [math.nan] * steps, 0, [0] * kept_steps, [0] * kept_steps, skipped)
+
 
 def _record_batch(tower, family, pixel_values, r, run, feature_layer, index, skipped) -> BatchRecord:
     state = tower._dymu_state
@@ -425,7 +430,7 @@ def calibrate(
         # AnyRes VLMs: every crop of every image, as the tower sees them at inference.
         _, pixels, skipped = pixel_values_of(processor, opened, skipped, lambda out: encoder_pixels(model, out)[0])
         if pixels is None:
-            return BatchRecord(index, [math.nan] * len(per_layer_r), 0, [0] * run, [0] * run, skipped)
+            return BatchRecord.unread(index, len(per_layer_r), run, skipped)
         return _record_batch(tower, family, pixels.to(device), per_layer_r, run, feature_layer, index, skipped)
 
     explicit = r is not None and not isinstance(r, (int, float)) and len(list(r)) > 1
@@ -595,7 +600,7 @@ def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = N
         opened, skipped = open_images(batch)
         loaded = [image for _, image in opened]
         if not loaded:
-            return BatchRecord(index, [math.nan] * steps, 0, [0] * steps, [0] * steps, skipped)
+            return BatchRecord.unread(index, steps, steps, skipped)
         inputs = image_processor(images=loaded, return_tensors="pt")
         grid = inputs["image_grid_thw"]
         units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
@@ -671,7 +676,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
         opened, skipped = open_images(batch)
         loaded = [image for _, image in opened]
         if not loaded:
-            return BatchRecord(index, [math.nan] * rounds, 0, [0] * rounds, [0] * rounds, skipped)
+            return BatchRecord.unread(index, rounds, rounds, skipped)
         processed = image_processor(images=loaded, return_tensors="pt")
         tau = [math.nan] * rounds
 
