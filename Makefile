@@ -13,7 +13,7 @@ EXTRAS := test
 LMMS_EVAL := lmms-eval>=0.7.3,<0.8
 # The tests that touch transformers internals (patched layers, VLM wirings, generate, lmms-eval):
 # what `make test-oldest` runs again on the oldest supported versions.
-INTERNALS_TESTS := tests/towers tests/decoders tests/vlms tests/integrations tests/test_env.py
+INTERNALS_TESTS := tests/towers tests/decoders tests/families tests/integrations tests/test_env.py
 
 .PHONY: demo test install clean lock test-latest test-oldest
 

@@ -90,7 +90,7 @@ def test_2_r_with_a_schedule_and_one_value_per_layer_that_runs(tower_dir, family
 
 @pytest.fixture(scope="module")
 def llava(demo_llava_dir, tmp_path_factory):
-    from dymu.vlms.generation import load_vlm
+    from dymu.generation import load_vlm
 
     th_file = tmp_path_factory.mktemp("th") / "t.json"
     assert main(["calibrate", "--model", str(demo_llava_dir), "--images", str(IMAGES), "--max-images", "16",

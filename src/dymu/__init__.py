@@ -14,9 +14,9 @@ _PUBLIC = {
     "remove": "dymu.api",
     "encode": "dymu.api",
     "calibrate": "dymu.tools.calibration",
-    "generate": "dymu.vlms.generation",
-    "load": "dymu.vlms.generation",
-    "prompt_inputs": "dymu.vlms.generation",
+    "generate": "dymu.generation",
+    "load": "dymu.generation",
+    "prompt_inputs": "dymu.generation",
     "EncodedImages": "dymu.towers.encoder",
     "Thresholds": "dymu.thresholds",
 }

@@ -45,7 +45,7 @@ def _merge_order(thresholds, order: str | None) -> str | None:
     return order if order is not None else getattr(thresholds, "order", None)
 
 
-# The VLM wirings, one module per family under dymu.vlms (imported on first use, they import
+# The VLM wirings, one module per family under dymu.families (imported on first use, they import
 # transformers model code). Each exports SUPPORTED_VLMS (the model classes it patches),
 # apply_vlm(model, thresholds, r=, mode=, vtu_attention=, kv_cache=, tome_vtu=, downsample_tokens=) and
 # remove_vlm(model). A new family adds its module name here.
@@ -57,7 +57,7 @@ def vlm_wiring(model: nn.Module):
     import importlib
 
     for name in VLM_WIRINGS:
-        module = importlib.import_module(f"{__package__}.vlms.{name}")
+        module = importlib.import_module(f"{__package__}.families.{name}")
         if isinstance(model, module.SUPPORTED_VLMS):
             return module
     return None
@@ -66,7 +66,7 @@ def vlm_wiring(model: nn.Module):
 def supported_vlm_names() -> list[str]:
     import importlib
 
-    return [c.__name__ for name in VLM_WIRINGS for c in importlib.import_module(f"{__package__}.vlms.{name}").SUPPORTED_VLMS]
+    return [c.__name__ for name in VLM_WIRINGS for c in importlib.import_module(f"{__package__}.families.{name}").SUPPORTED_VLMS]
 
 
 def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
@@ -126,7 +126,7 @@ def apply(
       rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
       ``"vit"``. ``cross_frame=True``: a video's merge steps alternate between merging across its
       frames (a unit can join its twin in the next temporal patch) and within them (default: within
-      each temporal patch only). See `dymu.vlms.qwen_vl`.
+      each temporal patch only). See `dymu.families.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
@@ -142,7 +142,7 @@ def apply(
     Checked here: a ``max_tokens`` the layers cannot reach is refused.
     """
     from .decoders.llama import check_kv_cache
-    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
 
     check_kv_cache(kv_cache)
     if isinstance(thresholds, (str, os.PathLike)):  # a file, a folder holding thresholds.json, or a Hub repo
@@ -274,7 +274,7 @@ def encode(
 
 
 def _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor):
-    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         if grid_thw is None:

@@ -158,7 +158,7 @@ def _calibrate(args, rank: int) -> int:
     images = resolve_images(args.images, args.image_root)
     model, processor = load_vision_model(args.model, device, dtype)
     args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
-    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     warn = lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
     if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: presets and --r are fractions of them
@@ -274,7 +274,7 @@ def cmd_demo(args) -> int:
 def _load_patched_vlm(args):
     """The LLaVA model of --model, patched for --mode with --thresholds / --r."""
     from .api import apply
-    from .vlms.generation import load_vlm
+    from .generation import load_vlm
     from .thresholds import Thresholds
 
     thresholds = Thresholds.from_ref(args.thresholds) if args.thresholds else None
@@ -306,7 +306,7 @@ def _generate_focus(args, count: int):
 
 def cmd_generate(args) -> int:
     loading(args.model)  # before the imports: they are part of the silence
-    from .vlms.generation import generate
+    from .generation import generate
     from .images import load_video, open_image, resolve_images
 
     if not args.images and not args.video:
@@ -320,7 +320,7 @@ def cmd_generate(args) -> int:
         apply_focus_all(images, focus, args.fill or "white")
     videos = [load_video(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
-    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS) and focus is not None:
         raise ValueError("--focus / --focus-mask are for the LLaVA models")
@@ -356,7 +356,7 @@ def cmd_encode(args) -> int:
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
-    from .vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         if args.max_tokens is not None or args.min_tokens is not None:
@@ -385,7 +385,7 @@ def cmd_encode(args) -> int:
         rows = positions = None
         with torch.no_grad():
             if anyres:  # the model's own image path: the tower, then the packing (and post rounds) the LLM sees
-                from .vlms.llava_next import unique_rows_per_item
+                from .families.llava_next import unique_rows_per_item
 
                 features = model.model.get_image_features(processed_batch["pixel_values"].to(device, dtype),
                                                           processed_batch["image_sizes"].to(device)).pooler_output

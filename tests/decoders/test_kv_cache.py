@@ -22,7 +22,7 @@ from dymu.kv_cache import CompactLayer, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlms"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
 from lm_helpers import FAMILIES, VOCAB, load_tiny  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, load_qwen  # noqa: E402
 from test_llama import prompt_with_image, saved  # noqa: E402,F401  (saved: the tiny decoders, one folder each)

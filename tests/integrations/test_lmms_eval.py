@@ -303,7 +303,7 @@ def test_loglikelihood_equals_a_plain_forward_and_is_batch_invariant(demo_llava_
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dymu.vlms.generation import chat_text
+    from dymu.generation import chat_text
 
     visual = lambda doc: [doc["image"]]
     asks = [("What is in this image?", " a cat", 0), ("What colour is it?", " white", 1),
@@ -332,7 +332,7 @@ def test_loglikelihood_equals_a_plain_forward_and_is_batch_invariant(demo_llava_
 def test_generate_until_answers_in_request_order_as_alone(demo_llava_dir, eval_dir, plugin_docs):
     from dymu.api import apply
     from dymu.thresholds import Thresholds
-    from dymu.vlms.generation import generate, load_vlm
+    from dymu.generation import generate, load_vlm
 
     visual = lambda doc: [doc["image"]]
     gen = {"max_new_tokens": 5, "until": ["\n"], "do_sample": False}
@@ -446,7 +446,7 @@ def video_eval(tmp_path_factory):
     import dymu
     from dymu.tools.demo import build_demo_anyres_model
     from dymu.tools.demo_qwen import build_qwen_demo_model
-    from dymu.vlms.generation import load_vlm
+    from dymu.generation import load_vlm
 
     folder = tmp_path_factory.mktemp("lmms_eval_video")
     (folder / "videos").mkdir()
@@ -485,7 +485,7 @@ def test_video_tasks_full_and_dymu(video_eval, family):
     import dymu
     from dymu.images import load_video
     from dymu.thresholds import Thresholds
-    from dymu.vlms.generation import generate, load_vlm
+    from dymu.generation import generate, load_vlm
 
     folder, models = video_eval
     args = f"pretrained={models[family]},batch_size=2,max_frames_num={FRAMES}"

@@ -17,7 +17,7 @@ import torch
 from dymu.tools.analyze.measure import jpeg_complexity, spearman
 from dymu.towers.qwen_vit import encode_qwen
 from dymu.tools.calibration import calibrate
-from dymu.vlms.qwen_vl import video_pixels
+from dymu.families.qwen_vl import video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGES, load_image  # noqa: E402

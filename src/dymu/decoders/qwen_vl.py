@@ -8,7 +8,7 @@ position. Two per-family facts remain, registered here:
 - Qwen2-VL / Qwen2.5-VL pass `sliding_window` to the attention function (as Qwen2 does);
 - Qwen3-VL normalises every head of q and k (q_norm / k_norm, row-wise) before the rotary.
 Qwen3-VL's deepstack inputs (added at the visual positions after the first decoder layers) must be
-constant within each group: vlms/qwen_vl.py merges them with the same groups, and the debug check
+constant within each group: families/qwen_vl.py merges them with the same groups, and the debug check
 `DYMU_CHECK_GROUP_ROWS=1` (decoders/llama.py) catches a violation.
 """
 

@@ -208,7 +208,7 @@ class DyMU(lmms):
         from accelerate import Accelerator
 
         from ..api import apply
-        from ..vlms.generation import load_vlm
+        from ..generation import load_vlm
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # one device per process, whatever --device said
@@ -293,7 +293,7 @@ class DyMU(lmms):
     def _answer(self, requests: list[Instance], batch: list[int], prompts: list[str], visuals: list[tuple], **kwargs):
         """`dymu.generate` on one batch of requests and their (images, videos); records and returns each
         request's token counts."""
-        from ..vlms.generation import generate
+        from ..generation import generate
 
         out = generate(self.model, self.processor, prompts, [images for images, _ in visuals],
                        videos=[videos for _, videos in visuals], num_frames=self.max_frames_num, **kwargs)
@@ -379,7 +379,7 @@ class DyMU(lmms):
         """The continuation's tokens as lm-eval splits them: tokenize the prompt (as dymu.generate
         builds it) with the continuation, and take what follows the prompt's own tokens (a word
         boundary can tokenize differently on its own)."""
-        from ..vlms.generation import chat_text
+        from ..generation import chat_text
 
         prompt = chat_text(self.processor, context, num_images, num_videos)
         prompt_ids = self.tokenizer(prompt)["input_ids"]

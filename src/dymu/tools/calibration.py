@@ -383,7 +383,7 @@ def calibrate(
         raise ValueError("no images to calibrate on")
 
     from ..api import vlm_wiring
-    from ..vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+    from ..families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     post_wiring = hasattr(vlm_wiring(model), "resolve_merge_point")  # LLaVA-NeXT / OneVision
     if not isinstance(model, SUPPORTED_QWEN_VLMS):
@@ -643,7 +643,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
     exactly over batches. ``preset`` (both parts of "both") / ``r`` (the rounds only): fractions of those
     units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only."""
     from ..api import apply, remove
-    from ..vlms.llava_next import POST_ROUNDS
+    from ..families.llava_next import POST_ROUNDS
 
     if hasattr(model, "_dymu_mode"):
         raise ValueError("calibrate the post rounds on the stock model: dymu.remove(model) first")

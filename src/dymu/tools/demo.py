@@ -110,7 +110,7 @@ def build_demo_anyres_model(family: str, seed: int = 0):
     """(model, processor) shaped like LLaVA-OneVision (SigLIP read at -1 "full", Qwen2, anyres_max,
     video) or LLaVA-NeXT (CLIP read at -2 "default", Llama) at small dimensions, random weights.
 
-    The processor is the stock `LlavaNextProcessor`, or for OneVision `dymu.vlms.llava_next.
+    The processor is the stock `LlavaNextProcessor`, or for OneVision `dymu.families.llava_next.
     onevision_processor` (the stock one without its video processor when torchvision is missing).
     """
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
@@ -131,7 +131,7 @@ def build_demo_anyres_model(family: str, seed: int = 0):
     grid = (ANYRES_CROP // ANYRES_PATCH) ** 2
     torch.manual_seed(seed)
     if onevision:
-        from ..vlms.llava_next import onevision_processor
+        from ..families.llava_next import onevision_processor
 
         config = LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
@@ -176,7 +176,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
              out=print, family: str = "llava") -> dict:
     """The README's main command. Returns what it printed, as data (used by the tests)."""
     from .calibration import calibrate, target_report
-    from ..vlms.generation import generate, load_vlm
+    from ..generation import generate, load_vlm
     from ..images import open_image
     from ..api import apply, encoder_pixels
 

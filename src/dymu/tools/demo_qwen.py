@@ -4,7 +4,7 @@ Every code path is the real one: the stock `*ForConditionalGeneration` classes a
 (Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers), a real
 byte-level BPE tokenizer trained here with the Qwen vision special tokens, the stock Qwen2-VL image
 processor (PIL backend) and the family's stock processor class. There is no video processor (it
-needs torchvision): `dymu.vlms.qwen_vl.qwen_inputs` builds video tensors and placeholders the way the
+needs torchvision): `dymu.families.qwen_vl.qwen_inputs` builds video tensors and placeholders the way the
 stock video processor and processor do.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..vlms.qwen_vl import processor_class, video_pixels
+from ..families.qwen_vl import processor_class, video_pixels
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
@@ -123,7 +123,7 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
 
     from ..api import apply
     from ..images import open_image
-    from ..vlms.generation import generate
+    from ..generation import generate
     from .calibration import calibrate
     from ..images import sample_images
     from .demo import DEMO_PROMPT, demo_image_paths, save_demo_model

@@ -434,7 +434,7 @@ def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill
 
 
 def _is_qwen_vl(model) -> bool:
-    from ...vlms.qwen_vl import SUPPORTED_QWEN_VLMS
+    from ...families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     return isinstance(model, SUPPORTED_QWEN_VLMS)
 
@@ -451,7 +451,7 @@ def _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     thresholds file's merge point); tokens = LLM tokens (units), full_tokens = the image's stock units."""
     from ...thresholds import Thresholds
     from ...towers.qwen_vit import encode_qwen
-    from ...vlms.qwen_vl import qwen_thresholds
+    from ...families.qwen_vl import qwen_thresholds
 
     refuse_cost_control(model, max_tokens, min_tokens, focus)
     if processor is None:

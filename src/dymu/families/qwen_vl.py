@@ -6,7 +6,7 @@ encode with merging and return, per image / video, the (t·h·w/4, D) features o
 shape: every unit gets its merged token's row (and, for Qwen3-VL, its deepstack rows). So the
 processor's placeholders, `get_rope_index` (every position keeps its own (t, h, w)) and `generate`
 stay stock. Each feature tensor carries the group of every unit (`dymu_group_of_unit`, like
-vlms/llava.py: generate re-lists the same tensor objects for num_return_sequences / beams). The
+families/llava.py: generate re-lists the same tensor objects for num_return_sequences / beams). The
 class-swapped `forward` builds the prompt's group map in `masked_scatter` order (images, then
 videos; row-major over batch and sequence) and hands it to the VTU decoder layers for that prefill.
 Decode steps carry no pixels and take the stock path.

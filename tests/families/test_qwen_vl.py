@@ -15,7 +15,7 @@ import torch
 
 import dymu
 from dymu.towers.qwen_vit import encode_qwen
-from dymu.vlms.qwen_vl import qwen_inputs, video_pixels
+from dymu.families.qwen_vl import qwen_inputs, video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402

@@ -38,7 +38,7 @@ def thresholds(llava_dir):
 
 
 def batch_inputs(processor, prompts, images):
-    from dymu.vlms.generation import chat_text
+    from dymu.generation import chat_text
 
     texts = [chat_text(processor, p, len(ims)) for p, ims in zip(prompts, images)]
     flat = [im for ims in images for im in ims]

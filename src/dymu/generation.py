@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ..images import DEFAULT_FRAMES
-from ..locks import model_lock
-from .llava import llava_mode
+from .images import DEFAULT_FRAMES
+from .locks import model_lock
+from .families.llava import llava_mode
 
 VLM_TYPES = {  # model_type -> transformers class name
     "llava": "LlavaForConditionalGeneration",
@@ -95,7 +95,7 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..loading import LoadError, _config, resolve_device_dtype
+    from .loading import LoadError, _config, resolve_device_dtype
 
     config = _config(model_ref)
     if config.model_type not in (*VLM_TYPES, *QWEN_MODEL_TYPES):
@@ -103,7 +103,7 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
                         f"({', '.join(VLM_TYPES.values())}) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL models.")
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     if config.model_type in QWEN_MODEL_TYPES:
-        from .qwen_vl import load_qwen_processor
+        from .families.qwen_vl import load_qwen_processor
 
         model = AutoModelForImageTextToText.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
         load_processor = lambda: load_qwen_processor(model_ref, config.model_type)  # noqa: E731
@@ -111,7 +111,7 @@ def load_vlm(model_ref: str, device: str | None = None, dtype: str | None = None
         cls = getattr(transformers, VLM_TYPES[config.model_type])
         model = cls.from_pretrained(model_ref, dtype=torch_dtype).to(torch_device).eval()
         if config.model_type == "llava_onevision":
-            from .llava_next import load_onevision_processor
+            from .families.llava_next import load_onevision_processor
 
             load_processor = lambda: load_onevision_processor(model_ref)  # noqa: E731
         else:
@@ -189,7 +189,7 @@ class _ForwardTimer:
 
 
 def _viewed(item, prompt: int, index: int) -> Image.Image:
-    from ..images import as_viewed, open_image
+    from .images import as_viewed, open_image
 
     if isinstance(item, Image.Image):
         return as_viewed(item, f"image {index} of prompt {prompt}")
@@ -199,7 +199,7 @@ def _viewed(item, prompt: int, index: int) -> Image.Image:
 def _video_frames(item, prompt: int, index: int, num_frames: int) -> list[Image.Image]:
     """One video of a prompt as PIL frames: a list of frames (each shown as a viewer shows it), or a video
     file / folder of frames (`dymu.images.load_video`)."""
-    from ..images import load_video
+    from .images import load_video
 
     if not isinstance(item, (list, tuple)):
         return load_video(item, num_frames)  # checks frames and sizes itself, naming the file
@@ -232,7 +232,7 @@ def prompt_texts(processor, prompts: list[str], images: list[list], chat_templat
 
 def _call_budget(tower, max_tokens, min_tokens):
     """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
-    from ..towers.encoder import make_budget
+    from .towers.encoder import make_budget
 
     state = getattr(tower, "_dymu_state", None)
     if max_tokens is None and min_tokens is None:
@@ -272,7 +272,7 @@ def _anyres_inputs(model, processor, prompts, images, videos, device, chat_templ
     per item, encoder tokens per item), items in reading order: every prompt's images, then
     (OneVision) the videos.
     """
-    from .llava_next import crops_per_image, encoder_tokens_per_item, unique_rows_per_item
+    from .families.llava_next import crops_per_image, encoder_tokens_per_item, unique_rows_per_item
 
     onevision = hasattr(processor, "video_token")
     texts = prompt_texts(processor, prompts, images, chat_template, videos)
@@ -334,7 +334,7 @@ def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[l
     """``videos`` checked against the prompts and the model, every video as its PIL frames."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -356,15 +356,15 @@ def _videos_as_frames(model, prompts, images, videos, num_frames: int) -> list[l
 @torch.no_grad()
 def _prepare(model, processor, prompts, images, videos=None, chat_template: bool = True, max_tokens=None,
              min_tokens=None, focus=None, fill=None, num_frames: int = DEFAULT_FRAMES) -> PreparedInputs:
-    from .qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
         raise ValueError(f"{type(model).__name__} keeps the stock prompt in every dymu mode: give model.generate the "
                          "processor's inputs as they are, or use dymu.generate")
     videos = _videos_as_frames(model, prompts, images, videos, num_frames)
-    from ..focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
-    from ..towers.encoder import budget_set, encode_with_tower, family_of
-    from .llava_next import SUPPORTED_VLMS as ANYRES
+    from .focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
+    from .towers.encoder import budget_set, encode_with_tower, family_of
+    from .families.llava_next import SUPPORTED_VLMS as ANYRES
 
     original = [[_viewed(im, i, k) for k, im in enumerate(ims)] for i, ims in enumerate(images)]
     flat_original = [im for per_prompt in original for im in per_prompt]
@@ -492,7 +492,7 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     lock), because a patched model keeps the state of its running forward; each call gets its own
     correct result. Calls on different models run in parallel.
     """
-    from .qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
 
     check_prompts(prompts, images, videos)
     if isinstance(model, SUPPORTED_QWEN_VLMS):
@@ -535,7 +535,7 @@ def _timed_generate(model, processor, inputs, max_new_tokens, output_scores, gen
 def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs) -> GenerationResult:
     """Qwen VLs keep the stock prompt in every supported mode (virtual unmerge): encode images and
     videos first (timed), then generate with them as `mm_encoder_outputs`."""
-    from .qwen_vl import qwen_inputs
+    from .families.qwen_vl import qwen_inputs
 
     device = next(model.parameters()).device
     texts = []

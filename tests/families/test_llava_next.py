@@ -15,7 +15,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration, Llava
 import dymu
 from conftest import load_image
 from dymu.decoders.llama import rows_processed
-from dymu.vlms.generation import chat_text
+from dymu.generation import chat_text
 
 FAMILIES = ["onevision", "next"]
 CLASSES = {"onevision": LlavaOnevisionForConditionalGeneration, "next": LlavaNextForConditionalGeneration}
@@ -36,7 +36,7 @@ def anyres_dirs(tmp_path_factory):
 
 
 def load(anyres_dirs, family):
-    from dymu.vlms.llava_next import load_onevision_processor
+    from dymu.families.llava_next import load_onevision_processor
 
     folder = anyres_dirs[family]
     model = CLASSES[family].from_pretrained(folder, attn_implementation="eager").eval()
