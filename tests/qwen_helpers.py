@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model  # noqa: F401
-from dymu.families.qwen_vl import load_qwen_processor
+from dymu.families.qwen_processors import load_qwen_processor
 
 
 def save_qwen(family: str, folder) -> None:

@@ -144,7 +144,7 @@ def test_error_model_that_is_not_a_supported_vlm(saved_llava, tmp_path, capsys):
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=64)).save_pretrained(tmp_path / "lm")
     assert main(gen_args(tmp_path / "lm", saved_llava[1], IMAGES / "skimage_coffee.png")) == 1
-    assert "is a 'llama' model; dymu generate supports LLaVA" in one_error_line(capsys)
+    assert "is a 'llama' model; dymu supports the VLM model types llava" in one_error_line(capsys)
 
 
 def test_error_bf16_on_a_cpu_without_it(saved_llava, capsys, monkeypatch):

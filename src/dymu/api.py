@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -10,16 +9,9 @@ from torch import nn
 
 from . import towers as _towers  # noqa: F401  (registers the CLIP and SigLIP families)
 from .locks import model_lock
-from .towers.encoder import (
-    FAMILIES,
-    EncodedImages,
-    TowerFamily,
-    apply_dtome,
-    encode_with_tower,
-    find_towers,
-    make_budget,
-    remove_dtome,
-)
+from .families.tower_vlm import default_feature_layer, encode_tower_images, settings_budget, threshold_values
+from .settings import Settings
+from .towers.encoder import FAMILIES, EncodedImages, TowerFamily, apply_dtome, encode_with_tower, find_towers, remove_dtome
 
 
 def vision_tower_of(model: nn.Module) -> tuple[nn.Module, TowerFamily]:
@@ -32,62 +24,20 @@ def vision_tower_of(model: nn.Module) -> tuple[nn.Module, TowerFamily]:
     return towers[0]
 
 
-def _threshold_values(thresholds, tower: nn.Module):
-    """Accept a Thresholds object (validated against the tower), a list, a tensor or one number."""
-    if hasattr(thresholds, "check_compatible"):
-        thresholds.check_compatible(tower)
-        return thresholds.thresholds
-    return thresholds
+def _family_or_none(model: nn.Module):
+    from .families import vlm_family_of
 
-
-def _merge_order(thresholds, order: str | None) -> str | None:
-    """``order`` if given, else the order a `Thresholds` file was calibrated in (None: the default)."""
-    return order if order is not None else getattr(thresholds, "order", None)
-
-
-# The VLM wirings, one module per family under dymu.families (imported on first use, they import
-# transformers model code). Each exports SUPPORTED_VLMS (the model classes it patches),
-# apply_vlm(model, thresholds, r=, mode=, vtu_attention=, kv_cache=, tome_vtu=, downsample_tokens=) and
-# remove_vlm(model). A new family adds its module name here.
-VLM_WIRINGS = ("llava", "llava_next", "qwen_vl")
-
-
-def vlm_wiring(model: nn.Module):
-    """The wiring module for ``model``'s class, or None."""
-    import importlib
-
-    for name in VLM_WIRINGS:
-        module = importlib.import_module(f"{__package__}.families.{name}")
-        if isinstance(model, module.SUPPORTED_VLMS):
-            return module
-    return None
-
-
-def supported_vlm_names() -> list[str]:
-    import importlib
-
-    return [c.__name__ for name in VLM_WIRINGS for c in importlib.import_module(f"{__package__}.families.{name}").SUPPORTED_VLMS]
+    return vlm_family_of(model)
 
 
 def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
-    """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image).
-
-    One crop per image, except for AnyRes VLMs (LLaVA-NeXT / OneVision), whose wiring lists every
-    image's valid crops (``encoder_pixels`` in its module)."""
-    wiring = vlm_wiring(model)
-    if wiring is not None and hasattr(wiring, "encoder_pixels"):
-        return wiring.encoder_pixels(model, processed)
+    """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image):
+    one crop per image, except for families that cut images into crops (AnyRes)."""
+    family = _family_or_none(model)
+    if family is not None:
+        return family.encoder_pixels(model, processed)
     pixels = processed["pixel_values"]
     return pixels, [1] * len(pixels)
-
-
-def _budget(thresholds, max_tokens, min_tokens):
-    """The token budget: the arguments where given, else the `Thresholds` file's defaults."""
-    if max_tokens is None:
-        max_tokens = getattr(thresholds, "max_tokens", None)
-    if min_tokens is None:
-        min_tokens = getattr(thresholds, "min_tokens", None)
-    return make_budget(max_tokens, min_tokens)
 
 
 def _is_vlm(model: nn.Module) -> bool:
@@ -141,73 +91,35 @@ def apply(
     ``max_tokens`` / ``min_tokens``; ``max_tokens=math.inf`` / ``min_tokens=0`` switch them off.
     Checked here: a ``max_tokens`` the layers cannot reach is refused.
     """
-    from .decoders.llama import check_kv_cache
-    from .families.qwen_vl import SUPPORTED_QWEN_VLMS, apply_qwen_vl
+    settings = Settings(mode=mode, thresholds=thresholds, r=r, order=order, vtu_attention=vtu_attention,
+                        kv_cache=kv_cache, tome_vtu=tome_vtu, merge_point=merge_point, max_tokens=max_tokens,
+                        min_tokens=min_tokens, cross_frame=cross_frame)
+    return apply_settings(model, settings)
 
-    check_kv_cache(kv_cache)
-    if isinstance(thresholds, (str, os.PathLike)):  # a file, a folder holding thresholds.json, or a Hub repo
-        from .thresholds import Thresholds
 
-        thresholds = Thresholds.from_ref(thresholds)
-    if isinstance(model, SUPPORTED_QWEN_VLMS):
-        # Qwen VLs hold their own thresholds (per ViT block or per merge round): no r, no order.
-        if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:
-            raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
-                             "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
-        apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention,
-                      kv_cache=kv_cache, cross_frame=cross_frame)
-        return model
-    if cross_frame:
-        raise ValueError(f"cross_frame is for the Qwen VLs, not {type(model).__name__}")
-    wiring = vlm_wiring(model)
-    takes_merge_point = wiring is not None and hasattr(wiring, "resolve_merge_point")
-    if merge_point is not None and not takes_merge_point:
-        raise ValueError(f"merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not {type(model).__name__}")
-    if wiring is not None:
-        extra = {}
-        if takes_merge_point:  # LLaVA-NeXT / OneVision: the tower's thresholds and the post rounds'
-            if hasattr(thresholds, "check_compatible"):
-                thresholds.check_compatible(model.model.vision_tower)
-            kept = getattr(thresholds, "tokens_kept_mean", None)
-            order = _merge_order(thresholds, order)
-            budget = _budget(thresholds, max_tokens, min_tokens)
-            thresholds, post, merge_point = wiring.resolve_merge_point(thresholds, merge_point, mode)
-            extra = {"merge_point": merge_point, "post_thresholds": post}
-        else:
-            # downsample sizes its images by the average tokens DToMe keeps with these thresholds.
-            kept = getattr(thresholds, "tokens_kept_mean", None)
-            order = _merge_order(thresholds, order)
-            budget = _budget(thresholds, max_tokens, min_tokens)
-        if mode == "downsample" and thresholds is not None and not kept:
-            raise ValueError(
-                "mode 'downsample' sizes the images by the mean visual tokens these thresholds kept during "
-                f"calibration, but this thresholds file has no calibration statistics (schedule "
-                f"{getattr(thresholds, 'schedule', '?')!r}); make one with `dymu calibrate` (Python: dymu.calibrate) "
-                "on the same model and a few hundred images")
-        if thresholds is not None and mode != "tome":
-            thresholds = _threshold_values(thresholds, model.model.vision_tower)
-        wiring.apply_vlm(model, thresholds, r=r, mode=mode, vtu_attention=vtu_attention, kv_cache=kv_cache,
-                         tome_vtu=tome_vtu, downsample_tokens=kept[-1] if kept else None, order=order, budget=budget,
-                         **extra)
+def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
+    """`apply` with a `dymu.settings.Settings` (what the CLI and the lmms-eval plugin build)."""
+    family = _family_or_none(model)
+    if family is not None:
+        with model_lock(model):
+            family.apply(model, settings)
         return model
     if _is_vlm(model):
+        from .families import supported_vlm_names
+
         raise ValueError(f"{type(model).__name__} is not a supported VLM (supported: {', '.join(supported_vlm_names())}).")
     if find_towers(model):
-        if kv_cache != "compact":
-            raise ValueError("kv_cache is a setting of VTU in a language model; a vision model has no KV cache")
-        tower, family = vision_tower_of(model)
-        order = _merge_order(thresholds, order)
-        budget = _budget(thresholds, max_tokens, min_tokens)
-        if thresholds is not None:
-            thresholds = _threshold_values(thresholds, tower)
-        apply_dtome(tower, family, thresholds=thresholds, r=r, order=order, budget=budget,
-                    feature_layer=default_feature_layer(model, family)[0])
-        return model
+        return _apply_to_tower(model, settings)
     from .decoders.llama import apply_vtu
 
+    if settings.used_options() or settings.mode != "dymu":
+        raise ValueError(f"a causal LM takes only vtu_attention and kv_cache (VTU decoder layers), not "
+                         f"{', '.join(settings.used_options()) or 'mode ' + repr(settings.mode)}")
     try:
-        apply_vtu(model, vtu_attention=vtu_attention, kv_cache=kv_cache)
+        apply_vtu(model, vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache)
     except ValueError:
+        from .families import supported_vlm_names
+
         names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
         raise ValueError(
             f"{type(model).__name__} is not supported: dymu.apply takes a VLM ({', '.join(supported_vlm_names())}), a vision "
@@ -216,27 +128,34 @@ def apply(
     return model
 
 
+def _apply_to_tower(model: nn.Module, settings: Settings) -> nn.Module:
+    """A bare CLIP / SigLIP vision model: DToMe with thresholds, or ToMe with r."""
+    if settings.kv_cache != "compact":
+        raise ValueError("kv_cache is a setting of VTU in a language model; a vision model has no KV cache")
+    wrong = [name for name in ("merge_point", "cross_frame", "tome_vtu") if name in settings.used_options()]
+    if wrong or settings.mode not in ("dymu", "tome"):
+        raise ValueError(f"a vision model takes thresholds or r, order and a token budget, not "
+                         f"{', '.join(wrong) or 'mode ' + repr(settings.mode)}")
+    tower, family = vision_tower_of(model)
+    thresholds = settings.thresholds
+    if thresholds is not None:
+        thresholds = threshold_values(thresholds, tower)
+    apply_dtome(tower, family, thresholds=thresholds, r=settings.r, order=settings.file_default("order"),
+                budget=settings_budget(settings), feature_layer=default_feature_layer(model, family)[0])
+    return model
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: stock classes, no hooks, no DyMU state. Weights were never touched."""
     from .decoders.llama import remove_vtu
 
-    wiring = vlm_wiring(model)
-    if wiring is not None:
-        wiring.remove_vlm(model)
+    family = _family_or_none(model)
+    if family is not None:
+        family.remove(model)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
     remove_vtu(model)
     return model
-
-
-def default_feature_layer(model: nn.Module, family: TowerFamily) -> tuple[int, bool]:
-    """(feature layer, drop class token) as the VLM reads them, else LLaVA-1.5 / LLaVA-OV defaults."""
-    config = getattr(model, "config", None)
-    layer = getattr(config, "vision_feature_layer", None)
-    strategy = getattr(config, "vision_feature_select_strategy", None)
-    if isinstance(layer, int) and strategy in ("default", "full"):
-        return layer, strategy == "default"
-    return (-2, True) if family.has_class_token else (-1, False)
 
 
 @torch.no_grad()
@@ -274,27 +193,12 @@ def encode(
 
 
 def _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor):
-    from .families.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
-
-    if isinstance(model, SUPPORTED_QWEN_VLMS):
-        if grid_thw is None:
-            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
-        return encode_qwen_vl(model, pixel_values, grid_thw)
-    tower, family = vision_tower_of(model)
-    default_layer, default_drop = default_feature_layer(model, family)
-    feature_layer = default_layer if feature_layer is None else feature_layer
-    drop_class_token = default_drop if drop_class_token is None else drop_class_token
-    if not isinstance(pixel_values, torch.Tensor):
-        from .focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
-
-        fill = DEFAULT_FILL if fill is None else fill
-        images = apply_focus_all(list(pixel_values), focus, fill)
-        processor = processor or family.default_processor(tower.config)
-        check_focus_survives(processor, list(pixel_values), images, focus, fill)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-    elif focus is not None:
-        raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=) "
-                         "instead of pixel values, or fill them yourself with dymu.focus.apply_focus")
-    param = next(tower.parameters())
-    pixel_values = pixel_values.to(param.device)
-    return encode_with_tower(tower, family, pixel_values, feature_layer, drop_class_token)
+    family = _family_or_none(model)
+    if family is not None:
+        return family.encode(model, pixel_values, feature_layer=feature_layer, drop_class_token=drop_class_token,
+                             grid_thw=grid_thw, focus=focus, fill=fill, processor=processor)
+    if grid_thw is not None:
+        raise ValueError(f"grid_thw is for VLMs with native-resolution towers, not {type(model).__name__}")
+    tower, tower_family = vision_tower_of(model)
+    return encode_tower_images(model, tower, tower_family, pixel_values, feature_layer, drop_class_token, focus, fill,
+                               processor)

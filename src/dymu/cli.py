@@ -158,18 +158,19 @@ def _calibrate(args, rank: int) -> int:
     images = resolve_images(args.images, args.image_root)
     model, processor = load_vision_model(args.model, device, dtype)
     args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
-    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
+    from .families import vlm_family_of
 
     warn = lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    if isinstance(model, SUPPORTED_QWEN_VLMS):  # units per image vary: presets and --r are fractions of them
+    family = vlm_family_of(model)
+    if family is not None and family.calibration == "units":  # units per image vary: presets, --r are fractions
         for given, option, why in ((args.target_tokens, "--target-tokens", "images keep their native size: use "
                                     "--preset or --r (fractions of each image's units)"),
-                                   (args.order, "--order", "a Qwen VL merges whole 2x2 units in its own layout"),
-                                   (args.max_tokens, "--max-tokens", "token budgets are for the LLaVA models"),
+                                   (args.order, "--order", "it merges whole units in its own layout"),
+                                   (args.max_tokens, "--max-tokens", family.options["budget"]),
                                    (args.rounds if args.merge_point in (None, "vit") else None, "--rounds",
                                     "rounds are for --merge-point post")):
             if given is not None:
-                raise ValueError(f"{option} does not apply to Qwen VLs: {why}")
+                raise ValueError(f"{option} does not apply to a {family.title}: {why}")
         thresholds = calibrate(model, images, preset=args.preset, r=args.r, schedule=args.schedule or "constant",
                                batch_size=args.batch_size, max_images=args.max_images, processor=processor,
                                checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
@@ -214,9 +215,7 @@ def _calibrate(args, rank: int) -> int:
                   " (they keep more tokens with these thresholds alone); recorded as the file's default budget")
         thresholds.save(out)  # calibrate() wrote it before the budget was known: again, with it (atomic)
     if rank == 0:
-        from .api import vlm_wiring
-
-        unit = "AnyRes crops" if hasattr(vlm_wiring(model), "encoder_pixels") else "images"
+        unit = family.calibration_unit if family is not None else "images"
         line, _ = target_report(thresholds)
         if thresholds.post_thresholds is not None:
             line += (f"; post rounds: {thresholds.post_rows_kept_mean[-1]:.1f} LLM rows per image on average "
@@ -272,19 +271,20 @@ def cmd_demo(args) -> int:
 
 
 def _load_patched_vlm(args):
-    """The LLaVA model of --model, patched for --mode with --thresholds / --r."""
-    from .api import apply
+    """The VLM of --model, patched for --mode with --thresholds / --r (the settings checked before the load)."""
+    from .api import apply_settings
     from .generation import load_vlm
-    from .thresholds import Thresholds
+    from .settings import Settings
 
-    thresholds = Thresholds.from_ref(args.thresholds) if args.thresholds else None
-    if args.mode in ("dymu", "dtome", "downsample") and thresholds is None:
+    settings = Settings(mode=args.mode, thresholds=args.thresholds or None, r=args.r,
+                        tome_vtu=not getattr(args, "no_vtu", False), max_tokens=args.max_tokens,
+                        min_tokens=args.min_tokens, cross_frame=getattr(args, "cross_frame", False))
+    if args.mode in ("dymu", "dtome", "downsample") and settings.thresholds is None:
         raise ValueError(f"mode {args.mode!r} needs --thresholds FILE (make one with `dymu calibrate`)")
     if args.mode == "tome" and args.r is None:
         raise ValueError("mode 'tome' needs --r (merges per layer)")
     model, processor = load_vlm(args.model, args.device, args.dtype)
-    apply(model, thresholds, r=args.r, mode=args.mode, tome_vtu=not getattr(args, "no_vtu", False),
-          max_tokens=args.max_tokens, min_tokens=args.min_tokens, cross_frame=getattr(args, "cross_frame", False))
+    apply_settings(model, settings)
     return model, processor
 
 
@@ -320,10 +320,6 @@ def cmd_generate(args) -> int:
         apply_focus_all(images, focus, args.fill or "white")
     videos = [load_video(v, args.frames) for v in args.video or []]
     model, processor = _load_patched_vlm(args)
-    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
-
-    if isinstance(model, SUPPORTED_QWEN_VLMS) and focus is not None:
-        raise ValueError("--focus / --focus-mask are for the LLaVA models")
     result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
                       chat_template=not args.raw_prompt, focus=None if focus is None else [focus], fill=args.fill)
     rep = result.report
@@ -343,11 +339,13 @@ def cmd_generate(args) -> int:
 
 def cmd_encode(args) -> int:
     loading(args.model)
-    import torch
+    from functools import partial
 
-    from .api import apply, encode, encoder_pixels, vision_tower_of, vlm_wiring
+    from .api import apply, vision_tower_of
+    from .families import vlm_family_of
+    from .families.tower_vlm import tower_records
     from .files import check_output_file
-    from .images import open_images, pixel_values_of, resolve_images
+    from .images import open_images, resolve_images
     from .loading import load_vision_model, resolve_device_dtype
     from .thresholds import Thresholds
 
@@ -356,59 +354,19 @@ def cmd_encode(args) -> int:
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
-    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
-
-    if isinstance(model, SUPPORTED_QWEN_VLMS):
-        if args.max_tokens is not None or args.min_tokens is not None:
-            raise ValueError("--max-tokens / --min-tokens are for CLIP/SigLIP towers, not the Qwen ViT")
-        apply(model, thresholds)
-        return _encode_qwen(args, model, processor, paths)
-    apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # DToMe only: no LLM
-    tower, family = vision_tower_of(model)
-    processor = processor or family.default_processor(tower.config)
-    records, skipped, crops, processed_batch = [], [], [], {}
-    anyres = hasattr(vlm_wiring(model), "encoder_pixels")
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-
-    def to_pixels(processed):  # AnyRes VLMs (LLaVA-NeXT / OneVision): every crop of every image
-        pixels, per_image = encoder_pixels(model, processed)
-        crops.extend(per_image)
-        processed_batch.update(processed)
-        return pixels
-
+    apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # the LLM is not run
+    family = vlm_family_of(model)
+    if family is not None:
+        encode_records = partial(family.encode_records, model, processor)
+    else:  # a bare CLIP / SigLIP vision model
+        tower, tower_family = vision_tower_of(model)
+        encode_records = partial(tower_records, model, tower, tower_family, processor,
+                                 encoder_pixels=lambda processed: (processed["pixel_values"], [1] * len(processed["pixel_values"])))
+    records, skipped = [], []
     for start in range(0, len(paths), args.batch_size):
         opened, bad = open_images(paths[start : start + args.batch_size])
-        crops.clear()
-        batch, pixels, skipped = pixel_values_of(processor, opened, skipped + bad, to_pixels)
-        if pixels is None:
-            continue
-        rows = positions = None
-        with torch.no_grad():
-            if anyres:  # the model's own image path: the tower, then the packing (and post rounds) the LLM sees
-                from .families.llava_next import unique_rows_per_item
-
-                features = model.model.get_image_features(processed_batch["pixel_values"].to(device, dtype),
-                                                          processed_batch["image_sizes"].to(device)).pooler_output
-                rows, positions = unique_rows_per_item(features), [len(f) for f in features]
-                encoded = model.model._dymu.last_encoded
-            else:
-                encoded = encode(model, pixels.to(device, dtype))
-        first = 0
-        for i, (p, n) in enumerate(zip(batch, crops)):
-            parts = [encoded.image(first + k) for k in range(n)]
-            first += n
-            per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
-                         "group_of_patch": one["group_of_patch"].tolist(),
-                         "kept_per_layer": one["kept_per_layer"].tolist()} for one in parts]
-            tokens = sum(c["tokens"] for c in per_crop)
-            record = {"path": str(p), "tokens": tokens, "full_tokens": n * encoded.group_of_patch.shape[1],
-                      "encoder_tokens": tokens}
-            if anyres:
-                record.update(llm_rows=rows[i], stock_positions=positions[i])
-            elif hasattr(model.config, "image_seq_length"):  # LLaVA-1.5: one LLM row per kept token
-                record.update(llm_rows=tokens, stock_positions=model.config.image_seq_length)
-            record.update(per_crop[0] if n == 1 else {"crops": per_crop})
-            records.append(record)
+        batch_records, skipped = encode_records(opened, skipped + bad)
+        records += batch_records
     return _write_encoded(args, records, skipped)
 
 
@@ -426,31 +384,6 @@ def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
     if not records:
         raise ValueError("no readable images")
     return 0
-
-
-def _encode_qwen(args, model, processor, paths) -> int:
-    """dymu encode for a Qwen VL: per image, LLM tokens kept of the stock units and the group of every unit."""
-    from .api import encode
-    from .images import open_images
-
-    records, skipped = [], []
-    device = next(model.parameters()).device
-    for start in range(0, len(paths), args.batch_size):
-        opened, bad = open_images(paths[start : start + args.batch_size])
-        skipped += bad
-        if not opened:
-            continue
-        batch, images = zip(*opened)
-        inputs = processor(images=list(images), return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        encoded = encode(model, inputs["pixel_values"].to(device, model.dtype), grid_thw=grid.to(device))
-        groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
-        in_tower = model.model._dymu.merge_point == "vit"  # "post": the tower keeps every unit
-        for p, (kept, units), g, thw in zip(batch, encoded.per_item(grid), groups, grid.tolist()):
-            records.append({"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
-                            "encoder_tokens": kept if in_tower else units, "llm_rows": kept, "stock_positions": units,
-                            "group_of_unit": g.tolist()})
-    return _write_encoded(args, records, skipped)
 
 
 def _lazy(module: str, name: str):

@@ -38,7 +38,7 @@ def thresholds(llava_dir):
 
 
 def batch_inputs(processor, prompts, images):
-    from dymu.generation import chat_text
+    from dymu.families.prompting import chat_text
 
     texts = [chat_text(processor, p, len(ims)) for p, ims in zip(prompts, images)]
     flat = [im for ims in images for im in ims]
@@ -126,7 +126,8 @@ def test_ablation_modes_run_with_fewer_visual_tokens(llava, thresholds, mode):
     result = dymu.generate(model, processor, PROMPTS, images, max_new_tokens=4)
     assert result.report.mode == mode.removesuffix("-no-vtu")
     counts = [n for ns in result.report.visual_tokens for n in ns]
-    assert len(counts) == 4 and all(n < result.report.full_tokens for n in counts)
+    full = [n for ns in result.report.full_tokens for n in ns]
+    assert len(counts) == 4 and all(n < f for n, f in zip(counts, full))
     assert result.report.encoder_s > 0 and result.report.prefill_s > 0
     if mode == "downsample":
         side = round(math.sqrt(thresholds.tokens_kept_mean[-1]))

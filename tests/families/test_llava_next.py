@@ -15,7 +15,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration, Llava
 import dymu
 from conftest import load_image
 from dymu.decoders.llama import rows_processed
-from dymu.generation import chat_text
+from dymu.families.prompting import chat_text
 
 FAMILIES = ["onevision", "next"]
 CLASSES = {"onevision": LlavaOnevisionForConditionalGeneration, "next": LlavaNextForConditionalGeneration}
@@ -36,7 +36,7 @@ def anyres_dirs(tmp_path_factory):
 
 
 def load(anyres_dirs, family):
-    from dymu.families.llava_next import load_onevision_processor
+    from dymu.families.onevision_processor import load_onevision_processor
 
     folder = anyres_dirs[family]
     model = CLASSES[family].from_pretrained(folder, attn_implementation="eager").eval()
@@ -415,7 +415,7 @@ def test_apply_refuses_modes_without_vtu(anyres_dirs, anyres_thresholds, family)
     for mode in ("dtome", "downsample"):
         with pytest.raises(ValueError, match=f"mode '{mode}' is not available for"):
             dymu.apply(model, anyres_thresholds[family], mode=mode)
-    with pytest.raises(ValueError, match="without VTU is not available"):
+    with pytest.raises(ValueError, match=r"without VTU \(tome_vtu=False\) is not available"):
         dymu.apply(model, r=4, mode="tome", tome_vtu=False)
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         dymu.apply(model, anyres_thresholds[family], mode="fast")

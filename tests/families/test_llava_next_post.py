@@ -14,7 +14,7 @@ import torch
 
 import dymu
 from conftest import IMAGES, MIXED_IMAGES, load_image
-from dymu.generation import chat_text
+from dymu.families.prompting import chat_text
 from test_llava_next import anyres_dirs  # noqa: F401 (the fixture)
 from test_llava_next import FAMILIES, cases, inputs_for, load, masked_max_diff, reference_logits
 

@@ -15,7 +15,7 @@ import torch
 
 import dymu
 from dymu.towers.qwen_vit import encode_qwen
-from dymu.families.qwen_vl import qwen_inputs, video_pixels
+from dymu.families.qwen_processors import qwen_inputs, video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
@@ -240,7 +240,7 @@ def test_generate_with_merges_runs_with_beams(qwen_dirs, family, stock_and_input
 
 def test_bad_settings_have_clear_errors(qwen_dirs):
     model, _ = load_qwen("qwen2_5_vl", qwen_dirs["qwen2_5_vl"])
-    with pytest.raises(ValueError, match="mode 'dtome'.*not supported for Qwen VLs"):
+    with pytest.raises(ValueError, match="mode 'dtome' is not available for Qwen2_5_VL"):
         dymu.apply(model, 0.5, mode="dtome")
     with pytest.raises(ValueError, match="merge_point must be one of vit, post"):
         dymu.apply(model, 0.5, merge_point="middle")

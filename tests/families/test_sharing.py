@@ -65,7 +65,7 @@ def test_deepcopy_of_a_patched_model(demo_llava_dir, thresholds):
     assert torch.equal(theirs.sequences, ours.sequences)
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(ours.scores, theirs.scores))
     from dymu.decoders.llama import rows_processed
-    from dymu.generation import chat_text
+    from dymu.families.prompting import chat_text
 
     inputs = processor(images=images[0], text=[chat_text(processor, "Describe.", 2)], return_tensors="pt")
     with torch.no_grad():

@@ -303,7 +303,7 @@ def test_loglikelihood_equals_a_plain_forward_and_is_batch_invariant(demo_llava_
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dymu.generation import chat_text
+    from dymu.families.prompting import chat_text
 
     visual = lambda doc: [doc["image"]]
     asks = [("What is in this image?", " a cat", 0), ("What colour is it?", " white", 1),

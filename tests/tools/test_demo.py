@@ -41,7 +41,7 @@ def test_demo_runs_fast_and_counts_rise_with_clutter(tmp_path, capsys):
                  str(IMAGES / "skimage_coffee.png"), "--prompt", "What is this?", "--max-new-tokens", "3",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["mode"] == "dymu" and report["visual_tokens"][0][0] < report["full_tokens"] == 256
+    assert report["mode"] == "dymu" and report["visual_tokens"][0][0] < report["full_tokens"][0][0] == 256
     assert report["new_tokens"] == 3
 
 

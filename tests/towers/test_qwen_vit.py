@@ -17,7 +17,7 @@ import torch
 from dymu.tools.analyze.measure import jpeg_complexity, spearman
 from dymu.towers.qwen_vit import encode_qwen
 from dymu.tools.calibration import calibrate
-from dymu.families.qwen_vl import video_pixels
+from dymu.families.qwen_processors import video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGES, load_image  # noqa: E402
@@ -120,7 +120,7 @@ def test_calibration_merges_exactly_r_times_units_per_block(qwen, merge_point):
     model, processor = qwen
     images = _images() + _images(("skimage_chessboard.png", "darknet_dog_bicycle_truck.jpg"))
     thresholds = calibrate(model, images, r=0.15, batch_size=len(images), processor=processor, progress=False,
-                           merge_point=merge_point, rounds=2)
+                           merge_point=merge_point, rounds=2 if merge_point == "post" else None)
     inputs = processor.image_processor(images=images, return_tensors="pt")
     units = int(inputs["image_grid_thw"].prod(-1).sum()) // 4
     steps = len(thresholds.thresholds)

@@ -1,1 +1,18 @@
-"""VLM wirings: how a vision-language model's encoder, projector and LLM are joined under DyMU."""
+"""The VLM family adapters (one module per family) and their registry: see `dymu.families.base`."""
+
+from .base import (
+    BUILTIN_FAMILIES,
+    PreparedInputs,
+    Request,
+    VLMFamily,
+    family_model_types,
+    get_vlm_family,
+    register_vlm_family,
+    supported_vlm_names,
+    vlm_families,
+    vlm_family_for,
+    vlm_family_of,
+)
+
+__all__ = ["BUILTIN_FAMILIES", "PreparedInputs", "Request", "VLMFamily", "family_model_types", "get_vlm_family",
+           "register_vlm_family", "supported_vlm_names", "vlm_families", "vlm_family_for", "vlm_family_of"]

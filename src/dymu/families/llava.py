@@ -16,6 +16,8 @@ re-listed tensor is the same object, so its map goes with it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +28,12 @@ from transformers.models.llava.modeling_llava import LlavaForConditionalGenerati
 from .. import compat, vtu
 from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
+from ..settings import MODES
+from .base import PreparedInputs, register_vlm_family, timed
+from .prompting import (call_budget, downsample_side, focused_images, per_prompt, prompt_texts,
+                        set_placeholder_counts)
+from .tower_vlm import TowerVLMFamily
 
-MODES = ("full", "dymu", "dtome", "tome", "downsample")
 # Names only public functions (tests check that each named dymu.X exists).
 USE_PROMPT_INPUTS = ("use dymu.generate(model, processor, prompts, images), or "
                      "model.generate(**dymu.prompt_inputs(model, processor, prompts, images)).")
@@ -219,8 +225,103 @@ def remove_llava(model: nn.Module) -> None:
             delattr(model, name)
 
 
-apply_vlm, remove_vlm = apply_llava, remove_llava  # the wiring api.py dispatches to
+
+# ---------------------------------------------------------------------------------------------
+# The family adapter.
 
 
-def llava_mode(model: nn.Module) -> str:
-    return getattr(model, "_dymu_mode", "full")
+class LlavaFamily(TowerVLMFamily):
+    name, title = "llava", "LLaVA-1.5"
+    model_types = ("llava",)
+    modes = dict.fromkeys(MODES)
+    options = {"r": None, "order": None, "tome_vtu": None, "budget": None, "focus": None, "raw_prompt": None,
+               "merge_point": "merges in the vision tower only (no stock step follows it that mixes tokens)",
+               "cross_frame": "takes no video", "video": "takes no video (LLaVA-OneVision and the Qwen VLs do)"}
+
+    def model_classes(self):
+        return SUPPORTED_VLMS
+
+    def apply(self, model, settings):
+        self.check(model, settings)
+        thresholds, kept = settings.thresholds, getattr(settings.thresholds, "tokens_kept_mean", None)
+        if settings.mode == "downsample" and thresholds is not None and not kept:
+            raise ValueError(
+                "mode 'downsample' sizes the images by the mean visual tokens these thresholds kept during "
+                f"calibration, but this thresholds file has no calibration statistics (schedule "
+                f"{getattr(thresholds, 'schedule', '?')!r}); make one with `dymu calibrate` (Python: dymu.calibrate) "
+                "on the same model and a few hundred images")
+        apply_llava(model, self.tower_thresholds(model, settings), r=settings.r, mode=settings.mode,
+                    vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache, tome_vtu=settings.tome_vtu,
+                    downsample_tokens=kept[-1] if kept else None, order=settings.file_default("order"),
+                    budget=self.budget(settings))
+
+    def remove(self, model):
+        remove_llava(model)
+
+    def llm_counts(self, model, processed, encoded):
+        # the LLM runs one row per kept token (VTU groups, or placeholders without VTU)
+        return encoded.num_tokens.tolist(), [model.config.image_seq_length] * len(encoded.num_tokens)
+
+    def prepare(self, model, processor, request):
+        return llava_inputs(model, processor, request)
+
+
+@torch.no_grad()
+def llava_inputs(model, processor, request) -> PreparedInputs:
+    """The processor's prompt with one placeholder per token the LLM sees (fewer in modes without VTU),
+    the images encoded once (timed), and the counts for the report."""
+    from ..towers.encoder import budget_set
+
+    mode, inner, config = LlavaFamily().mode_of(model), model.model, model.config
+    original, images = focused_images(processor.image_processor, request.images, request.focus, request.fill)
+    tower = inner.vision_tower
+    budget = call_budget(tower, request.max_tokens, request.min_tokens)
+    merging = hasattr(tower, "_dymu_state")
+    device = next(model.parameters()).device
+    flat = [im for ims in images for im in ims]
+    texts = prompt_texts(processor, request.prompts, images, request.chat_template)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+    input_ids, attention_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+    stock = config.image_seq_length if flat else 0
+    mm_encoder_outputs, counts, side, encoder_s = None, [], None, 0.0
+    if flat:
+        pixel_values, kwargs = inputs["pixel_values"], {}
+        if mode == "downsample":
+            side = downsample_side(model._dymu_downsample_tokens) * tower.config.patch_size
+            small = copy.deepcopy(processor.image_processor)
+            small.size, small.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
+            pixel_values = small(images=flat, return_tensors="pt")["pixel_values"]
+            kwargs["interpolate_pos_encoding"] = True
+
+        def encode():
+            with budget_set(tower, budget) if merging else contextlib.nullcontext():
+                return inner.get_image_features(pixel_values.to(device, model.dtype), **kwargs)
+
+        features, encoder_s = timed(device, encode)
+        mm_encoder_outputs = {"image": features}
+        placeholders = [len(f) for f in features.pooler_output]  # per image, as the LLM will see it
+        encoded = getattr(getattr(inner, "_dymu", None), "last_encoded", None)
+        counts = encoded.num_tokens.tolist() if encoded is not None else placeholders
+        if any(n != stock for n in placeholders):
+            input_ids, attention_mask = set_placeholder_counts(
+                input_ids, attention_mask, config.image_token_id, processor.tokenizer.pad_token_id, stock,
+                placeholders)
+    without = None
+    if flat and merging and (budget is not None or request.focus is not None):  # the same images, whole, no budget
+        plain = processor.image_processor(images=[im for ims in original for im in ims],
+                                          return_tensors="pt")["pixel_values"]
+        layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        with budget_set(tower, None):
+            without = per_prompt(encode_with_tower(tower, family_of(tower), plain.to(device, model.dtype), layer,
+                                                   strategy == "default").num_tokens.tolist(), images)
+    # LLaVA-1.5: the LLM runs one row per kept token (VTU groups, or placeholders without VTU).
+    rows = per_prompt(counts, images)
+    stock_positions = [[config.image_seq_length] * len(ims) for ims in images]
+    return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
+                           "mm_encoder_outputs": mm_encoder_outputs}, llm_rows=rows, stock_positions=stock_positions,
+                          encoder_tokens=rows, full_tokens=stock_positions, encoder_s=encoder_s, image_size=side,
+                          without=without)
+
+
+register_vlm_family(LlavaFamily())

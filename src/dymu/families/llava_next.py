@@ -40,6 +40,7 @@ them, both rank LLM rows against JPEG complexity alike (Spearman +0.70), but fea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,7 +57,11 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from .. import merge as M
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, vtu_groups
-from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of
+from ..towers.encoder import EncodedImages, apply_dtome, budget_set, dtome_settings, encode_with_tower, family_of
+from .base import PreparedInputs, register_vlm_family, timed
+from .prompting import call_budget, focused_images, prompt_texts
+from .tower_vlm import TowerVLMFamily
+from .anyres_groups import NEWLINE_PROBE, _canvas_labels, _label_grid, _probe, groups_from_keys, position_keys, post_merge, snap_to_groups
 from .llava import labels_to_group_map, project_merged, remove_llava
 
 SUPPORTED_VLMS = (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
@@ -68,7 +73,6 @@ REFUSED_MODES = {
              "(unpadding, newlines, downsampling)",
     "downsample": "shrinks every crop's token grid, which the AnyRes packing cannot lay out",
 }
-_ROUNDING = 2.0 ** 32  # group weights are compared after rounding to this grid (float64 sums of 4 products)
 
 
 @dataclass
@@ -86,153 +90,6 @@ class AnyResSettings:
     @property
     def post(self) -> bool:
         return self.merge_point in ("post", "both")
-
-
-# ---------------------------------------------------------------------------------------------
-# The group map through the stock packing steps.
-
-
-def _probe(num_crops: int, side: int, grid_width: int, dtype=torch.float64) -> torch.Tensor:
-    """(num_crops, side², 3) probe: (plane, row, column) of every token.
-
-    Crop 0 is the base crop (plane 0, its own side x side grid), crops 1.. tile the AnyRes canvas in
-    row-major order, ``grid_width`` crops per row (plane 1, canvas coordinates). With one crop only,
-    it is the base crop.
-    """
-    r = torch.arange(side, dtype=dtype).repeat_interleave(side)  # (side²,) row of each token in its crop
-    c = torch.arange(side, dtype=dtype).repeat(side)
-    probe = torch.zeros(num_crops, side * side, 3, dtype=dtype)
-    probe[0, :, 1], probe[0, :, 2] = r, c
-    for k in range(1, num_crops):
-        i, j = divmod(k - 1, grid_width)
-        probe[k, :, 0] = 1.0
-        probe[k, :, 1], probe[k, :, 2] = i * side + r, j * side + c
-    return probe
-
-
-NEWLINE_PROBE = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
-
-
-def _tap(coord: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear coordinate y0 + λ -> (the two source indices (L, 2), their weights (L, 2))."""
-    low = coord.floor()
-    frac = coord - low
-    # A coordinate that landed a rounding error below an integer is that integer (weight 1).
-    up = frac > 1 - 1e-9
-    low, frac = torch.where(up, low + 1, low), torch.where(up | (frac < 1e-9), torch.zeros_like(frac), frac)
-    index = torch.stack([low, low + 1], dim=-1).long().clamp(0, size - 1)
-    return index, torch.stack([1 - frac, frac], dim=-1)
-
-
-def position_keys(probe_out: torch.Tensor, base_labels: torch.Tensor | None, canvas_labels: torch.Tensor | None,
-                  newline_start: int) -> torch.Tensor:
-    """What every packed position is a weighted sum of: (L, 8) int64 keys, equal rows = one group.
-
-    probe_out (L, 3): the probe after the stock packing; base_labels (side, side) and canvas_labels
-    (H, W): the merged-token label of every token of the base crop and of the AnyRes canvas. A key
-    row holds up to 4 (label, rounded weight) pairs sorted by label (same labels summed); a newline
-    gets the label ``newline_start`` + its index, a group of its own.
-    """
-    n = probe_out.shape[0]
-    plane, y, x = probe_out.unbind(-1)
-    labels = torch.full((n, 4), -1, dtype=torch.long)
-    weights = torch.zeros(n, 4, dtype=torch.float64)
-    newline = plane < -0.5
-    labels[newline, 0] = newline_start + torch.arange(int(newline.sum()))
-    weights[newline, 0] = 1.0
-    base = (plane > -0.5) & (plane < 0.5)
-    if base.any():
-        labels[base, 0] = base_labels[y[base].round().long(), x[base].round().long()]
-        weights[base, 0] = 1.0
-    grid = plane >= 0.5
-    if grid.any():
-        rows, wy = _tap(y[grid], canvas_labels.shape[0])  # (G, 2) each
-        cols, wx = _tap(x[grid], canvas_labels.shape[1])
-        labels[grid] = canvas_labels[rows[:, :, None], cols[:, None, :]].flatten(1)  # (G, 4) the 2x2 taps
-        weights[grid] = (wy[:, :, None] * wx[:, None, :]).flatten(1)
-    labels = torch.where(weights > 0, labels, -1)
-    order = labels.argsort(dim=1, stable=True)
-    labels, weights = labels.gather(1, order), weights.gather(1, order)
-    for k in range(1, 4):  # sum the weights of equal labels into the last of each run
-        same = (labels[:, k] == labels[:, k - 1]) & (labels[:, k] >= 0)
-        weights[:, k] += torch.where(same, weights[:, k - 1], 0.0)
-        weights[:, k - 1] = torch.where(same, 0.0, weights[:, k - 1])
-        labels[:, k - 1] = torch.where(same, -1, labels[:, k - 1])
-    quantised = (weights * _ROUNDING).round().long()
-    labels = torch.where(quantised > 0, labels, -1)
-    order = labels.argsort(dim=1, stable=True)
-    return torch.cat([labels.gather(1, order), quantised.gather(1, order)], dim=1)
-
-
-def groups_from_keys(keys: torch.Tensor) -> torch.Tensor:
-    """(L, 8) keys -> (L,) group label per position: equal keys, equal labels."""
-    return torch.unique(keys, dim=0, return_inverse=True)[1]
-
-
-def snap_to_groups(features: torch.Tensor, group: torch.Tensor, what: str) -> torch.Tensor:
-    """Give every position of a group the row of the group's first position, after checking that
-    the rows differ at most by rounding (else the group map is wrong: raise)."""
-    positions = torch.arange(len(group), device=group.device)
-    first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long, device=group.device)
-    first = first.scatter_reduce(0, group, positions, reduce="amin")
-    snapped = features[first[group].to(features.device)]
-    if not torch.equal(snapped, features):
-        scale = features.abs().amax().clamp(min=1e-30)
-        worst = float((snapped - features).abs().amax().detach() / scale.detach())
-        if worst > 1e-5:
-            raise RuntimeError(f"DyMU group map for {what} is wrong: rows of one group differ by {worst:.2e} (relative)")
-    return snapped
-
-
-def post_merge(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], thresholds, calibrate=None):
-    """Thresholded bipartite rounds on the packed LLM-level tokens of several images / videos.
-
-    ``items``: per image / video, its packed rows (L, D), their VTU group (L,), and the merge segment of
-    every position within the item (L,): 0 for an image, the frame for a video, -1 for a newline (never
-    merged). A unit is a group (its rows are equal), taken in reading order; its size is its positions.
-    ``calibrate(units entering the rounds)``: the calibration's edge chooser instead of ``thresholds``.
-    Returns per item the new rows (carrying their ``dymu_group_of_patch``), and the units kept per
-    segment after every round.
-    """
-    rows_u, sizes_u, segment_u, parts, offset = [], [], [], [], 0
-    for rows, group, segment in items:
-        positions = torch.arange(len(group), device=group.device)
-        first = torch.full((int(group.max()) + 1,), len(group), dtype=torch.long, device=group.device)
-        first = first.scatter_reduce(0, group, positions, reduce="amin")  # (G,) first position of every group
-        order = first.argsort()  # groups in reading order, so units sit sorted by segment
-        units = order[segment[first[order]] >= 0]
-        rows_u.append(rows[first[units]])
-        sizes_u.append(torch.bincount(group, minlength=len(first))[units])
-        segment_u.append(segment[first[units]] + offset)
-        parts.append((units, first, len(units)))
-        offset += int(segment.max()) + 1
-    payload = torch.cat(rows_u)
-    metric = payload / payload.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    rounds = M.merge_rounds(payload, metric, torch.cat(sizes_u), torch.cat(segment_u), offset, thresholds,
-                            None if calibrate is None else calibrate(len(payload)))
-    out, start = [], 0
-    for (rows, group, _), (units, first, n) in zip(items, parts):
-        # A group's new label: its merged unit, or (newlines) a label of its own past every unit.
-        label = torch.arange(len(first), device=group.device) + len(rounds.payload)
-        label[units] = rounds.group[start:start + n]
-        row_of_group = rows[first].clone()
-        row_of_group[units] = rounds.payload[rounds.group[start:start + n]].to(rows.dtype)
-        start += n
-        new_group = torch.unique(label[group], return_inverse=True)[1]
-        new_rows = row_of_group[group]
-        new_rows.dymu_group_of_patch = new_group
-        out.append(new_rows)
-    return out, rounds.kept
-
-
-def _label_grid(labels: torch.Tensor, side: int) -> torch.Tensor:
-    """(side²,) labels of one crop -> (side, side)."""
-    return labels.view(side, side)
-
-
-def _canvas_labels(crop_labels: torch.Tensor, side: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(grid_h·grid_w, side²) labels of the grid crops -> (grid_h·side, grid_w·side) canvas."""
-    return crop_labels.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).reshape(grid_h * side, grid_w * side)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +364,7 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
                            r=r if mode == "tome" else None, order=order, budget=budget, feature_layer=feature_layer)
         check_vtu(inner.language_model, vtu_attention, kv_cache)
 
-    remove_vlm(model)
+    remove_llava(model)
     model._dymu_mode = mode
     if mode == "full":
         return
@@ -519,114 +376,6 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
     inner._dymu = AnyResSettings(mode=mode, merge_point=merge_point, post_thresholds=post_thresholds)
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _PATCHED[type(inner)]
-
-
-# The same undo as LLaVA-1.5: stock inner class, no VTU layers, no DToMe, no mode attributes.
-remove_vlm = remove_llava
-
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing: AnyRes crops for calibration, the OneVision processor without torchvision.
-
-
-def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
-    """The crops the tower sees at inference for one image-processor output (each image on its own,
-    all AnyRes crops): (C, 3, S, S) every image's valid crops in order, and the crops per image (the
-    processor pads ``pixel_values`` to the largest crop count)."""
-    stock = stock_ov if isinstance(model, LlavaOnevisionForConditionalGeneration) else stock_next
-    pixel_values, sizes = processed["pixel_values"], processed["image_sizes"]
-    crop_px = model.config.vision_config.image_size
-    counts = [stock.image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop_px) for s in sizes]
-    return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]), counts
-
-
-def onevision_processor(tokenizer, crop: int, pinpoints, num_image_tokens: int, aspect: str, chat_template=None):
-    """The stock `LlavaOnevisionProcessor`; without torchvision (which transformers' video processors
-    need) the same processor whose videos are lists of PIL frames turned into pixels by
-    `frames_to_pixels` (the stock video processor's steps: resize to the crop, rescale, CLIP mean/std)."""
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
-    from transformers.utils.import_utils import is_torchvision_available
-
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints)
-    kwargs = dict(num_image_tokens=num_image_tokens, vision_feature_select_strategy="full",
-                  vision_aspect_ratio=aspect, chat_template=chat_template)
-    if is_torchvision_available():
-        from transformers import LlavaOnevisionProcessor
-        from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
-
-        video = LlavaOnevisionVideoProcessor(size={"height": crop, "width": crop})
-        return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
-                                       **kwargs)
-    return _frames_processor_class()(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
-
-
-def load_onevision_processor(model_ref: str):
-    """AutoProcessor, or (no torchvision) the frames-only processor from the saved parts."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.utils.import_utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(model_ref)
-    from huggingface_hub import hf_hub_download
-
-    folder = Path(model_ref)
-    path = folder / "processor_config.json" if folder.is_dir() else Path(hf_hub_download(model_ref, "processor_config.json"))
-    saved = json.loads(path.read_text())
-    kwargs = {k: saved[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
-              if k in saved}
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
-    image_processor = AutoImageProcessor.from_pretrained(model_ref)
-    template = getattr(tokenizer, "chat_template", None) or saved.get("chat_template")
-    if template is None and (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text()
-    return _frames_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-                                     **kwargs)
-
-
-def frames_to_pixels(frames, crop: int) -> torch.Tensor:
-    """(F, 3, crop, crop) pixels of a list of PIL frames, as LlavaOnevisionVideoProcessor makes them."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    frame_processor = SiglipImageProcessorPil(size={"height": crop, "width": crop}, resample=PILImageResampling.BICUBIC,
-                                              image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
-    return frame_processor(images=[f.convert("RGB") for f in frames], return_tensors="pt")["pixel_values"]
-
-
-_FRAMES_CLASS = None
-
-
-def _frames_processor_class():
-    global _FRAMES_CLASS
-    if _FRAMES_CLASS is None:
-        from transformers import LlavaOnevisionProcessor
-
-        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                     vision_feature_select_strategy=None, chat_template=None, vision_aspect_ratio="anyres_max_9",
-                     **kwargs):
-            LlavaOnevisionProcessor.__init__(self, image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
-                                             vision_feature_select_strategy=vision_feature_select_strategy,
-                                             chat_template=chat_template, vision_aspect_ratio=vision_aspect_ratio,
-                                             **kwargs)
-            self.video_processor = None  # videos are handled by _process_videos below
-
-        def _process_videos(self, videos, **kwargs):
-            crop = self.image_processor.size["height"]
-            pixels = torch.stack([frames_to_pixels(frames, crop) for frames in videos])
-            processed = {"pixel_values_videos": pixels}
-            return processed, [self.replace_video_token(processed, i) for i in range(len(videos))]
-
-        # Named like the stock class so that a saved processor loads as the stock one where
-        # torchvision is installed.
-        _FRAMES_CLASS = type("LlavaOnevisionProcessor", (LlavaOnevisionProcessor,),
-                             {"__init__": __init__, "_process_videos": _process_videos,
-                              "__doc__": "LlavaOnevisionProcessor whose videos are lists of PIL frames (no torchvision)."})
-    return _FRAMES_CLASS
 
 
 def unique_rows_per_item(features) -> list[int]:
@@ -643,8 +392,7 @@ def encoder_tokens_per_item(inner: nn.Module, counts: list[int]) -> list[int]:
     crops / frames (the stock tower: every token of every crop)."""
     encoded = getattr(getattr(inner, "_dymu", None), "last_encoded", None)
     if encoded is None:
-        side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
-        return [n * side * side for n in counts]
+        return stock_tokens_per_item(inner, counts)
     per_crop = encoded.num_tokens.tolist()
     out, start = [], 0
     for n in counts:
@@ -652,3 +400,161 @@ def encoder_tokens_per_item(inner: nn.Module, counts: list[int]) -> list[int]:
         start += n
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The family adapters: LLaVA-NeXT and LLaVA-OneVision (which also takes video).
+
+
+class AnyResFamily(TowerVLMFamily):
+    merge_points, post_rounds, calibration_unit, crops_images = MERGE_POINTS, POST_ROUNDS, "AnyRes crops", True
+
+    def __init__(self, name: str, title: str, model_class: type, model_types: tuple[str, ...], video: str | None):
+        self.name, self.title, self.model_types, self._class = name, title, model_types, model_class
+        self.modes = {"full": None, "dymu": None, "tome": None, **{m: f"it {why}" for m, why in REFUSED_MODES.items()}}
+        self.options = {"r": None, "order": None, "merge_point": None, "budget": None, "focus": None, "raw_prompt": None,
+                        "tome_vtu": f"it {REFUSED_MODES['dtome']}",
+                        "cross_frame": "pools every video frame on its own before the LLM, so frames merge within "
+                                       "themselves (merge_point 'post' segments are frames)",
+                        "video": video}
+
+    def model_classes(self):
+        return (self._class,)
+
+    def apply(self, model, settings):
+        self.check(model, settings)
+        thresholds = settings.thresholds
+        if hasattr(thresholds, "check_compatible"):
+            thresholds.check_compatible(self.vision_tower(model))
+        order, budget = settings.file_default("order"), self.budget(settings)
+        tower, post, merge_point = resolve_merge_point(thresholds, settings.merge_point, settings.mode)
+        tower = self.tower_thresholds(model, settings.replace(thresholds=tower))
+        apply_vlm(model, tower, r=settings.r, mode=settings.mode, vtu_attention=settings.vtu_attention,
+                  kv_cache=settings.kv_cache, tome_vtu=settings.tome_vtu, order=order, budget=budget,
+                  merge_point=merge_point, post_thresholds=post)
+
+    def remove(self, model):
+        remove_llava(model)  # the same undo: stock inner class, no VTU layers, no DToMe, no mode attributes
+
+    def load_processor(self, model_ref, config):
+        if self.supports("video"):
+            from .onevision_processor import load_onevision_processor
+
+            return load_onevision_processor(model_ref)
+        return super().load_processor(model_ref, config)
+
+    def check_videos(self, model, frames):
+        counts = {len(f): (i, k) for i, vs in enumerate(frames) for k, f in enumerate(vs)}
+        if len(counts) > 1:
+            seen = ", ".join(f"{n} (prompt {i}, video {k})" for n, (i, k) in sorted(counts.items()))
+            raise ValueError(f"{self.title} stacks every video of one call into one tensor, so they need one frame "
+                             f"count, not {seen}: call generate once per frame count")
+
+    def prepare(self, model, processor, request):
+        _, images = focused_images(processor.image_processor, request.images, request.focus, request.fill)
+        tower = self.vision_tower(model)
+        budget = call_budget(tower, request.max_tokens, request.min_tokens)
+        device = next(model.parameters()).device
+        with budget_set(tower, budget) if hasattr(tower, "_dymu_state") else contextlib.nullcontext():
+            return anyres_inputs(model, processor, request, images, device, self.supports("video"))
+
+    def encoder_pixels(self, model, processed):
+        return encoder_pixels(model, processed)
+
+    @torch.no_grad()
+    def llm_counts(self, model, processed, encoded):
+        # the model's own image path: the tower again, then the packing (and post rounds) the LLM sees
+        device, dtype = next(model.parameters()).device, model.dtype
+        features = model.model.get_image_features(processed["pixel_values"].to(device, dtype),
+                                                  processed["image_sizes"].to(device)).pooler_output
+        return unique_rows_per_item(features), [len(f) for f in features]
+
+    @torch.no_grad()
+    def post_round_rows(self, model, processed, chooser, device) -> torch.Tensor:
+        """(images, rounds) LLM rows of every image after every post round, the rounds' edges chosen by
+        ``chooser(units entering the rounds)`` (calibration, batch-level Eq. 4)."""
+        inner = model.model
+        inner._dymu.calibrate_post = chooser
+        try:
+            features = inner.get_image_features(processed["pixel_values"].to(device, model.dtype),
+                                                processed["image_sizes"].to(device)).pooler_output
+        finally:
+            inner._dymu.calibrate_post = None
+        # an image's rows: its units kept, plus its newlines (never merged)
+        kept = inner._dymu.last_post_kept.cpu()
+        newlines = torch.tensor([int(f.dymu_group_of_patch.unique().numel()) for f in features]) - kept[:, -1]
+        return kept + newlines[:, None]
+
+
+@torch.no_grad()
+def anyres_inputs(model, processor, request, images, device, per_prompt_images: bool) -> PreparedInputs:
+    """The stock processor's inputs, then the encoder run on its own (timed). Items in reading order:
+    every prompt's images, then its videos. ``per_prompt_images``: the processor takes images per
+    prompt (OneVision's multi-image rule), else one flat list."""
+    videos = request.videos
+    texts = prompt_texts(processor, request.prompts, images, request.chat_template, videos)
+    kwargs = {}
+    if any(images):
+        kwargs["images"] = [list(i) for i in images] if per_prompt_images else [im for ims in images for im in ims]
+    if any(videos):
+        kwargs["videos"] = [v for vs in videos for v in vs]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+    inner, dtype = model.model, model.dtype
+    mm, counts, full = {}, {"llm_rows": {}, "stock_positions": {}, "encoder_tokens": {}}, {}
+
+    def encode():
+        if "pixel_values" in inputs:
+            extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+            mm["image"] = inner.get_image_features(inputs["pixel_values"].to(device, dtype),
+                                                   inputs["image_sizes"].to(device), **extra)
+            crops = crops_per_image(inner, inputs["image_sizes"], inputs.get("batch_num_images"))
+            counts["encoder_tokens"]["image"] = encoder_tokens_per_item(inner, crops)  # before a video encode
+            full["image"] = stock_tokens_per_item(inner, crops)
+        if "pixel_values_videos" in inputs:
+            mm["video"] = inner.get_video_features(inputs["pixel_values_videos"].to(device, dtype))
+            videos_in, frames = inputs["pixel_values_videos"].shape[:2]
+            counts["encoder_tokens"]["video"] = encoder_tokens_per_item(inner, [frames] * videos_in)
+            full["video"] = stock_tokens_per_item(inner, [frames] * videos_in)
+
+    _, encoder_s = timed(device, encode)
+    for kind, out in mm.items():
+        counts["llm_rows"][kind] = unique_rows_per_item(out.pooler_output)
+        counts["stock_positions"][kind] = [len(f) for f in out.pooler_output]
+    counts["full_tokens"] = full
+    nested = {name: [] for name in counts}
+    cursor = {"image": 0, "video": 0}
+    for ims, vs in zip(images, videos):
+        row = {name: [] for name in counts}
+        for kind, n in (("image", len(ims)), ("video", len(vs))):
+            for name, by_kind in counts.items():
+                row[name] += by_kind.get(kind, [])[cursor[kind]:cursor[kind] + n]
+            cursor[kind] += n
+        for name in counts:
+            nested[name].append(row[name])
+    return PreparedInputs({"input_ids": inputs["input_ids"].to(device),
+                           "attention_mask": inputs["attention_mask"].to(device), "mm_encoder_outputs": mm or None},
+                          encoder_s=encoder_s, **nested)
+
+
+def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+    """The crops the tower sees at inference for one image-processor output (each image on its own,
+    all AnyRes crops): (C, 3, S, S) every image's valid crops in order, and the crops per image (the
+    processor pads ``pixel_values`` to the largest crop count)."""
+    stock = stock_ov if isinstance(model, LlavaOnevisionForConditionalGeneration) else stock_next
+    pixel_values, sizes = processed["pixel_values"], processed["image_sizes"]
+    crop_px = model.config.vision_config.image_size
+    counts = [stock.image_size_to_num_patches(s, model.config.image_grid_pinpoints, crop_px) for s in sizes]
+    return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)]), counts
+
+
+def stock_tokens_per_item(inner: nn.Module, counts: list[int]) -> list[int]:
+    """Tokens the stock tower makes per image / video of ``counts`` crops / frames."""
+    side = inner.config.vision_config.image_size // inner.config.vision_config.patch_size
+    return [n * side * side for n in counts]
+
+
+register_vlm_family(AnyResFamily("llava_next", "LLaVA-NeXT", LlavaNextForConditionalGeneration, ("llava_next",),
+                                 video="takes no video (LLaVA-OneVision and the Qwen VLs do)"))
+register_vlm_family(AnyResFamily("llava_onevision", "LLaVA-OneVision", LlavaOnevisionForConditionalGeneration,
+                                 ("llava_onevision",), video=None))

@@ -17,7 +17,6 @@ Mode ``dtome`` (merged tokens fed straight to the LLM, no VTU) is refused: it wo
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,9 @@ from .. import compat, vtu
 from ..patching import PatchedClasses
 from ..decoders.llama import apply_vtu, check_kv_cache, remove_vtu, vtu_groups
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
+from .base import PreparedInputs, VLMFamily, register_vlm_family, timed
+from .prompting import video_frames, viewed
+from .qwen_processors import load_qwen_processor, qwen_inputs
 
 SUPPORTED_QWEN_VLMS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
                        Qwen3VLForConditionalGeneration)
@@ -120,115 +122,6 @@ class DyMUQwenVLModel:
         return vtu.group_map_from_labels(labels)
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompts with images and videos (the stock video processor needs torchvision; this does its job).
-
-
-def video_pixels(image_processor, frames: list, fps: float = 2.0) -> dict:
-    """pixel_values_videos (T·h·w, C·2·p·p), video_grid_thw (1, 3) and second_per_grid_ts for one video,
-    laid out as the stock Qwen2-VL video processor does: frames resized like images, the last frame
-    repeated to an even count, two consecutive frames fused per temporal patch, 2x2-unit-major rows."""
-    if len(frames) % 2:
-        frames = list(frames) + [frames[-1]]
-    out = image_processor(images=frames, return_tensors="pt")
-    grid = out["image_grid_thw"]  # (F, 3): every frame (1, h, w)
-    if not bool((grid == grid[:1]).all()):
-        raise ValueError("the frames of a video must all have the same size")
-    _, h, w = grid[0].tolist()
-    p = image_processor.patch_size
-    per_frame = out["pixel_values"].view(len(frames), h * w, 3, 2, p, p)  # an image's 2 temporal copies are equal
-    fused = torch.stack([per_frame[0::2, :, :, 0], per_frame[1::2, :, :, 0]], dim=3)  # (T, hw, 3, 2, p, p)
-    return {"pixel_values_videos": fused.reshape(len(frames) // 2 * h * w, -1),
-            "video_grid_thw": torch.tensor([[len(frames) // 2, h, w]]),
-            "second_per_grid_ts": torch.tensor([2.0 / fps])}
-
-
-def _video_placeholder(processor, grid_thw: torch.Tensor, fps: float) -> str:
-    """What the stock processor puts in place of one video token (Qwen3-VL: a timestamp per temporal patch)."""
-    t, h, w = grid_thw.tolist()
-    pads = processor.video_token * (h * w // 4)
-    if not hasattr(processor, "vision_start_token"):  # Qwen2-VL / Qwen2.5-VL: all temporal patches in a row
-        return pads * t
-    return "".join(f"<{(2 * k + 0.5) / fps:.1f} seconds>{processor.vision_start_token}{pads}{processor.vision_end_token}"
-                   for k in range(t))
-
-
-_NO_VIDEO_TOKEN = "<|dymu:videos-expanded|>"
-
-
-def qwen_inputs(processor, texts: list[str], media: list[list], fps: float = 2.0):
-    """A left-padded batch from chat texts with one image/video token per item of ``media[i]`` (a PIL
-    image, or a list of PIL frames for a video), images and videos in the order of the text."""
-    from transformers import BatchFeature
-
-    images = [m for items in media for m in items if not isinstance(m, (list, tuple))]
-    videos = [video_pixels(processor.image_processor, list(m), fps) for items in media for m in items
-              if isinstance(m, (list, tuple))]
-    k = 0
-    expanded = []
-    for text in texts:
-        parts = text.split(processor.video_token)
-        out = parts[0]
-        for part in parts[1:]:
-            out += _video_placeholder(processor, videos[k]["video_grid_thw"][0], fps) + part
-            k += 1
-        expanded.append(out)
-    if k != len(videos):
-        raise ValueError(f"the texts hold {k} video tokens but {len(videos)} videos were given")
-    # The video placeholders are already expanded here; a shallow copy whose video token no text contains
-    # keeps the stock processor from looking for videos it has no processor for, and without a video token
-    # id from counting the expanded pads against it. A string, not None: some processors build patterns
-    # from it even without videos (Qwen3-VL, transformers 5.25). The pads' token types are set below.
-    text_and_images = copy.copy(processor)
-    text_and_images.video_token, text_and_images.video_token_id = _NO_VIDEO_TOKEN, None
-    inputs = dict(text_and_images(images=images or None, text=expanded, return_tensors="pt", padding=True))
-    if "mm_token_type_ids" in inputs:  # 0 text, 1 image, 2 video: what get_rope_index reads
-        inputs["mm_token_type_ids"][inputs["input_ids"] == processor.video_token_id] = 2
-    if videos:
-        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-            inputs[key] = torch.cat([v[key] for v in videos])
-    if "second_per_grid_ts" not in processor.model_input_names:  # only Qwen2.5-VL takes it
-        inputs.pop("second_per_grid_ts", None)
-    return BatchFeature(inputs)
-
-
-_NO_VIDEO_CLASSES: dict[type, type] = {}
-
-
-def processor_class(model_type: str) -> type:
-    """The family's stock processor class without its video processor (which needs torchvision).
-
-    The subclass only narrows ``__init__`` to (image_processor, tokenizer): transformers reads a
-    processor's parts from its ``__init__`` signature. Text, images and chat templates are stock.
-    """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
-
-    stocks = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
-    if model_type not in stocks:
-        raise ValueError(f"{model_type!r} is not a Qwen VL model type ({', '.join(stocks)})")
-    stock = stocks[model_type]
-    if stock not in _NO_VIDEO_CLASSES:
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
-
-        _NO_VIDEO_CLASSES[stock] = type(f"{stock.__name__}NoVideo", (stock,), {"__init__": __init__})
-    return _NO_VIDEO_CLASSES[stock]
-
-
-def load_qwen_processor(model_ref: str, model_type: str):
-    """The stock processor of a Qwen VL folder/hub id, or, where its video processor cannot load
-    (no torchvision, or a folder saved by the demo), the same processor without video processor."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_ref)
-        if hasattr(processor, "image_processor"):  # (an unknown processor class loads as a bare tokenizer)
-            return processor
-    except (ImportError, AttributeError, ValueError, OSError, TypeError):
-        pass
-    return processor_class(model_type).from_pretrained(model_ref)
-
-
 def _inner_model_classes() -> list[type]:
     """The stock inner *VLModel class of each supported Qwen VL (what `apply_qwen_vl` swaps)."""
     import sys
@@ -307,7 +200,146 @@ def remove_qwen_vl(model: nn.Module) -> None:
         del model._dymu_mode
 
 
-# The names api.py's registry looks up (apply goes through `apply_qwen_vl`: Qwen thresholds are per
-# ViT block or merge round, with a merge point instead of r / order).
-SUPPORTED_VLMS = SUPPORTED_QWEN_VLMS
-remove_vlm = remove_qwen_vl
+# ---------------------------------------------------------------------------------------------
+# The family adapter.
+
+NOT_TOWER_R = "Qwen VLs merge by thresholds per ViT block or merge round, not a fixed r or a merge order"
+
+
+class QwenVLFamily(VLMFamily):
+    name, title = "qwen_vl", "Qwen2-VL / Qwen2.5-VL / Qwen3-VL"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    calibration, merge_points, post_rounds = "units", MERGE_POINTS, 3  # rounds after the PatchMerger
+    modes = {"full": None, "dymu": None,
+             "dtome": "would feed merged tokens without VTU, which needs every kept token at its own 3-D "
+                      "M-RoPE position; use mode 'dymu'",
+             "tome": NOT_TOWER_R, "downsample": "runs at native resolution: fewer tokens means smaller images, "
+                                               "which the processor's min_pixels / max_pixels set"}
+    options = {"r": NOT_TOWER_R, "order": NOT_TOWER_R, "tome_vtu": NOT_TOWER_R, "merge_point": None,
+               "cross_frame": None, "video": None,
+               "budget": "token budgets are for the CLIP / SigLIP towers of the LLaVA models",
+               "focus": "focus regions are for the LLaVA models",
+               "raw_prompt": "prompts are questions, wrapped in the chat template"}
+
+    def model_classes(self):
+        return SUPPORTED_QWEN_VLMS
+
+    def vision_tower(self, model):
+        return model.model.visual
+
+    def unit_thresholds(self, model, thresholds) -> tuple[list[float], str]:
+        """(threshold values, merge point) of a thresholds file or values, checked against the tower."""
+        return qwen_thresholds(self.vision_tower(model), thresholds)
+
+    def apply(self, model, settings):
+        self.check(model, settings)
+        apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,
+                      vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache,
+                      cross_frame=settings.cross_frame)
+
+    def remove(self, model):
+        remove_qwen_vl(model)
+
+    def encode(self, model, pixel_values, *, feature_layer=None, drop_class_token=None, grid_thw=None, focus=None,
+               fill=None, processor=None):
+        if feature_layer is not None or drop_class_token is not None:
+            raise ValueError("a Qwen VL's features are the PatchMerger's output: feature_layer and drop_class_token "
+                             "are for CLIP / SigLIP towers")
+        if focus is not None or fill is not None:
+            self.refuse_unsupported("focus", model)
+        if grid_thw is None:
+            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
+        return encode_qwen_vl(model, pixel_values, grid_thw)
+
+    @torch.no_grad()
+    def encode_records(self, model, processor, opened, skipped):
+        """Per image: LLM tokens kept of the stock units and the group of every unit."""
+        if not opened:
+            return [], skipped
+        device = next(model.parameters()).device
+        paths, images = zip(*opened)
+        inputs = processor(images=list(images), return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        encoded = encode_qwen_vl(model, inputs["pixel_values"].to(device, model.dtype), grid.to(device))
+        groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
+        settings = getattr(model.model, "_dymu", None)
+        in_tower = settings is not None and settings.merge_point == "vit"  # "post": the tower keeps every unit
+        return [{"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
+                 "encoder_tokens": kept if in_tower else units, "llm_rows": kept, "stock_positions": units,
+                 "group_of_unit": g.tolist()}
+                for p, (kept, units), g, thw in zip(paths, encoded.per_item(grid), groups, grid.tolist())], skipped
+
+    def load_processor(self, model_ref, config):
+        return load_qwen_processor(model_ref, config.model_type)
+
+    def prepare(self, model, processor, request):
+        if not request.chat_template:
+            self.refuse_unsupported("raw_prompt", model)
+        if request.max_tokens is not None or request.min_tokens is not None:
+            self.refuse_unsupported("budget", model)
+        if request.focus is not None or request.fill is not None:
+            self.refuse_unsupported("focus", model)
+        # One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos.
+        media = [[video_frames(m, i, k, 0) if isinstance(m, (list, tuple)) else viewed(m, i, k)
+                  for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(request.images, request.videos))]
+        return qwen_prepare(model, processor, request.prompts, media)
+
+
+@torch.no_grad()
+def qwen_prepare(model, processor, prompts, media) -> PreparedInputs:
+    """The stock prompt in every mode (virtual unmerge): images and videos encoded first (timed), then
+    handed to generate as `mm_encoder_outputs`, with the processor's grids for M-RoPE."""
+    device = next(model.parameters()).device
+    texts = []
+    for prompt, items in zip(prompts, media):
+        content = [{"type": "video" if isinstance(m, (list, tuple)) else "image"} for m in items]
+        texts.append(processor.apply_chat_template(
+            [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=False))
+    processor.tokenizer.padding_side = "left"
+    inputs = qwen_inputs(processor, texts, media).to(device)
+    inner = model.model
+    encoded, full = {}, {}
+
+    def encode():
+        for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if pixels in inputs:
+                grid = inputs[f"{modality}_grid_thw"]
+                encoded[modality] = getattr(inner, f"get_{modality}_features")(inputs.pop(pixels).to(model.dtype), grid)
+                full[modality] = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
+
+    _, encoder_s = timed(device, encode)
+    settings = getattr(inner, "_dymu", None)
+    counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
+                  if settings is not None else full[m]) for m in encoded}
+    # The tower keeps every unit when it does not merge (stock, or merge_point "post").
+    in_tower = counts if settings is not None and settings.merge_point == "vit" else full
+    # per prompt, per image/video in the prompt's order (images are encoded before videos)
+    taken = {"image": 0, "video": 0}
+    rows, stock, encoder = [], [], []
+    for items in media:
+        row, row_stock, row_encoder = [], [], []
+        for m in items:
+            modality = "video" if isinstance(m, (list, tuple)) else "image"
+            row.append(counts[modality][taken[modality]])
+            row_stock.append(full[modality][taken[modality]])
+            row_encoder.append(in_tower[modality][taken[modality]])
+            taken[modality] += 1
+        rows.append(row)
+        stock.append(row_stock)
+        encoder.append(row_encoder)
+    per_patch = None
+    if "video" in encoded:
+        grid = inputs["video_grid_thw"]
+        segments = (settings.last_encoded["video"].kept_per_segment.tolist() if settings is not None else
+                    [int(h * w) // 4 for t, h, w in grid.tolist() for _ in range(t)])
+        per_patch, s = [], 0
+        for t in grid[:, 0].tolist():
+            per_patch.append(segments[s : s + t])
+            s += t
+    return PreparedInputs({**inputs, "mm_encoder_outputs": encoded or None}, llm_rows=rows, stock_positions=stock,
+                          encoder_tokens=encoder, full_tokens=stock, encoder_s=encoder_s,
+                          report_extras={"video_tokens_per_temporal_patch": per_patch})
+
+
+register_vlm_family(QwenVLFamily())

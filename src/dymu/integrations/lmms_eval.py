@@ -185,8 +185,9 @@ class DyMU(lmms):
     default dymu), ``r`` (merges per layer, mode tome), ``batch_size``, ``device``, ``dtype``
     (float32, bfloat16, float16), ``max_new_tokens`` (default when a task sets none), ``max_tokens`` /
     ``min_tokens`` (a per-image token budget at the feature layer, as in `dymu.apply`),
-    ``max_frames_num`` (frames taken evenly from each video, default 32), ``cross_frame`` (Qwen VLs:
-    video units may also merge across frames, as in `dymu.apply`).
+    ``max_frames_num`` (frames taken evenly from each video, default 32), and the other settings of
+    `dymu.apply`: ``order``, ``merge_point``, ``vtu_attention``, ``kv_cache``, ``tome_vtu`` and
+    ``cross_frame`` (`dymu.settings.Settings`; a family refuses what it does not support, with its reason).
     """
 
     is_simple = True
@@ -194,12 +195,14 @@ class DyMU(lmms):
     def __init__(self, pretrained: str, thresholds=None, mode: str = "dymu", r: int | None = None,
                  batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, max_tokens=None,
-                 min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, cross_frame=None, **unknown) -> None:
+                 min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, cross_frame=None, order=None,
+                 merge_point=None, vtu_attention="fast", kv_cache="compact", tome_vtu=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
                              "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, "
-                             "min_tokens, max_frames_num, cross_frame).")
+                             "min_tokens, max_frames_num, order, merge_point, vtu_attention, kv_cache, tome_vtu, "
+                             "cross_frame).")
         self.batch_size_per_process = _positive_int("batch_size", batch_size)
         from ..images import check_num_frames
 
@@ -207,8 +210,9 @@ class DyMU(lmms):
                                                "dymu lmms-eval model: max_frames_num")
         from accelerate import Accelerator
 
-        from ..api import apply
+        from ..api import apply_settings
         from ..generation import load_vlm
+        from ..settings import Settings
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # one device per process, whatever --device said
@@ -217,17 +221,21 @@ class DyMU(lmms):
         self._world_size = self.accelerator.num_processes
         # Every model_arg is checked before the model loads: a typo fails in a second, naming the argument.
         thresholds = load_thresholds(thresholds)  # once per process
-        # dymu.apply options given as model_args: a per-image token budget (unset: the thresholds file's
-        # default) and cross_frame (only when given: the LLaVA models take none)
+        # The dymu.apply settings, validated here (a family's refusals come at apply, after the load).
+        # Unset: the thresholds file's defaults (token budget, order, merge point).
         options = {name: _whole(name, value, minimum)
-                   for name, value, minimum in (("max_tokens", max_tokens, 1), ("min_tokens", min_tokens, 0))
-                   if value is not None}
-        if cross_frame is not None:
-            options["cross_frame"] = _boolean("cross_frame", cross_frame)
-        r = None if r is None else _whole("r", r, 0)
+                   for name, value, minimum in (("max_tokens", max_tokens, 1), ("min_tokens", min_tokens, 0),
+                                                ("r", r, 0)) if value is not None}
+        options.update({name: _boolean(name, value) for name, value in (("cross_frame", cross_frame),
+                                                                         ("tome_vtu", tome_vtu)) if value is not None})
+        try:
+            settings = Settings(mode=mode, thresholds=thresholds, order=order or None, merge_point=merge_point or None,
+                                vtu_attention=vtu_attention, kv_cache=kv_cache, **options)
+        except ValueError as err:
+            raise ValueError(f"dymu lmms-eval model: {err}") from None
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.model, self.processor = load_vlm(str(pretrained), device, dtype)
-        apply(self.model, thresholds, r=r, mode=mode, **options)
+        apply_settings(self.model, settings)
         self.mode = mode
         self._device = next(self.model.parameters()).device
         self._visual_tokens: dict = {}  # (task, doc_id) -> (tokens per image, stock tokens per image)
@@ -379,7 +387,7 @@ class DyMU(lmms):
         """The continuation's tokens as lm-eval splits them: tokenize the prompt (as dymu.generate
         builds it) with the continuation, and take what follows the prompt's own tokens (a word
         boundary can tokenize differently on its own)."""
-        from ..generation import chat_text
+        from ..families.prompting import chat_text
 
         prompt = chat_text(self.processor, context, num_images, num_videos)
         prompt_ids = self.tokenizer(prompt)["input_ids"]

@@ -347,7 +347,7 @@ def calibrate(
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
     ``merge_point`` (Qwen VLs, LLaVA-NeXT, LLaVA-OneVision; default "vit") and ``rounds`` (post rounds):
-    Qwen VLs go to `calibrate_qwen` ("vit" or "post"); LLaVA-NeXT / OneVision with "post" or "both"
+    families whose tower merges units go to `calibrate_units` ("vit" or "post"); "post" or "both" otherwise
     to `calibrate_post` ("both" first calibrates the tower as here).
 
     ``images``: paths or PIL images. The merge target is one of ``preset`` (low/mid/high),
@@ -382,37 +382,35 @@ def calibrate(
     if not images:
         raise ValueError("no images to calibrate on")
 
-    from ..api import vlm_wiring
-    from ..families.qwen_vl import SUPPORTED_QWEN_VLMS
+    from ..families import vlm_family_of
 
-    post_wiring = hasattr(vlm_wiring(model), "resolve_merge_point")  # LLaVA-NeXT / OneVision
-    if not isinstance(model, SUPPORTED_QWEN_VLMS):
-        if merge_point is not None and not post_wiring:
-            raise ValueError(f"merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not "
-                             f"{type(model).__name__}")
-        if rounds is not None and merge_point not in ("post", "both"):
-            raise ValueError("rounds are for merge_point 'post' or 'both'")
-    if post_wiring and merge_point in ("post", "both"):
-        return calibrate_post(model, images, merge_point=merge_point, rounds=rounds, preset=preset,
-                              target_tokens=target_tokens, r=r, schedule=schedule, batch_size=batch_size,
-                              feature_layer=feature_layer, processor=processor, checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every, progress=progress, model_ref=model_ref,
-                              order=order, out=out, warn=warn, packed=packed)
-    if merge_point not in (None, "vit", "post") or (merge_point == "post" and not isinstance(model, SUPPORTED_QWEN_VLMS)):
-        raise ValueError(f"merge_point must be one of vit, post{', both' if post_wiring else ''}, got {merge_point!r}")
-
-    if isinstance(model, SUPPORTED_QWEN_VLMS):
+    vlm = vlm_family_of(model)
+    merge_points = vlm.merge_points if vlm is not None and vlm.supports("merge_point") else ("vit",)
+    if merge_point is not None and merge_point not in merge_points:
+        if vlm is not None and not vlm.supports("merge_point"):
+            vlm.refuse_unsupported("merge_point", model)
+        raise ValueError(f"merge_point must be one of {', '.join(merge_points)} for {type(model).__name__}, "
+                         f"got {merge_point!r}")
+    if rounds is not None and merge_point not in ("post", "both"):
+        raise ValueError("rounds are for merge_point 'post' or 'both'")
+    if vlm is not None and vlm.calibration == "units":
         unsupported = [name for name, v in (("target_tokens", target_tokens), ("feature_layer", feature_layer),
                                             ("packed", packed)) if v is not None]
         if unsupported:
-            raise ValueError(f"calibration of a Qwen VL does not take {', '.join(unsupported)} (use preset or r, "
+            raise ValueError(f"calibration of a {vlm.title} does not take {', '.join(unsupported)} (use preset or r, "
                              "fractions of each image's units; its tower packs images natively)")
         if order != DEFAULT_ORDER:
-            raise ValueError("a Qwen VL merges whole 2x2 units in its own layout: order does not apply")
-        return calibrate_qwen(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
-                              processor=processor, progress=progress, model_ref=model_ref,
-                              checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
-                              merge_point=merge_point or "vit", rounds=rounds or QWEN_POST_ROUNDS)
+            raise ValueError(f"a {vlm.title} merges whole units in its own layout: order does not apply")
+        return calibrate_units(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
+                               processor=processor, progress=progress, model_ref=model_ref,
+                               checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
+                               merge_point=merge_point or "vit", rounds=rounds or vlm.post_rounds)
+    if merge_point in ("post", "both"):
+        return calibrate_post(model, images, merge_point=merge_point, rounds=rounds or vlm.post_rounds,
+                              preset=preset, target_tokens=target_tokens, r=r, schedule=schedule,
+                              batch_size=batch_size, feature_layer=feature_layer, processor=processor,
+                              checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
+                              model_ref=model_ref, order=order, out=out, warn=warn, packed=packed)
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -550,9 +548,8 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
 
 
 # ---------------------------------------------------------------------------------------------
-# Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the same Eq. 4 on 2x2-unit edges (towers/qwen_vit.py).
-
-QWEN_POST_ROUNDS = 3  # merge_point="post": bipartite rounds after the PatchMerger (each removes <= 1/2)
+# Families whose tower merges whole units (calibration "units"): the same Eq. 4 on unit edges
+# (towers/qwen_vit.py).
 
 
 def round_fractions(steps: int, *, preset: str | None = None, r=None, schedule: str = "constant") -> list[float]:
@@ -573,23 +570,29 @@ def round_fractions(steps: int, *, preset: str | None = None, r=None, schedule: 
 
 
 @torch.no_grad()
-def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = None, r=None,
-                   schedule: str = "constant", batch_size: int = 8, processor=None, merge_point: str = "vit", rounds: int = QWEN_POST_ROUNDS,
+def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = None, r=None,
+                    schedule: str = "constant", batch_size: int = 8, processor=None, merge_point: str = "vit",
+                    rounds: int | None = None,
                    progress: bool = True, model_ref: str | None = None, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 5, out: str | Path | None = None, warn=None) -> Thresholds:
-    """Eq. 4 for a Qwen VL: at every block ("vit") or round ("post") the unit edges of all segments
+    """Eq. 4 for a VLM whose tower merges units (a Qwen VL): at every block ("vit") or round ("post") the unit edges of all segments
     (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
     τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
     model's processor or its image processor (images keep their native resolution). ``images``,
     checkpoints, torch.distributed and ``out`` as `calibrate` gives them (the same loop, `run_batches`)."""
+    from ..families import vlm_family_of
     from ..towers.qwen_vit import MERGE_POINTS, encode_qwen, qwen_identity
 
     if merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
+    vlm = vlm_family_of(model)
+    if vlm is None or vlm.calibration != "units":
+        raise ValueError(f"{type(model).__name__} does not merge units in its tower: use dymu.calibrate")
     if processor is None:
-        raise ValueError("calibrating a Qwen VL needs its processor (processor=...)")
+        raise ValueError(f"calibrating a {vlm.title} needs its processor (processor=...)")
     image_processor = getattr(processor, "image_processor", processor)
-    visual = model.model.visual
+    visual = vlm.vision_tower(model)
+    rounds = vlm.post_rounds if rounds is None else rounds
     steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
     fractions = round_fractions(steps, preset=preset, r=r, schedule=schedule)
     device = next(visual.parameters()).device
@@ -626,7 +629,7 @@ def calibrate_qwen(model: nn.Module, images: Sequence, *, preset: str | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# LLaVA-NeXT / OneVision, merge_point "post" / "both": Eq. 4 on the packed LLM-level tokens.
+# merge_point "post" / "both" (LLaVA-NeXT / OneVision): Eq. 4 on the packed LLM-level tokens.
 
 
 @torch.no_grad()
@@ -635,7 +638,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
                    batch_size: int = 32, feature_layer=None, processor=None, checkpoint=None, checkpoint_every: int = 5,
                    progress: bool = True, model_ref: str | None = None, order: str = DEFAULT_ORDER, out=None,
                    warn=None, packed=None) -> Thresholds:
-    """The post rounds of a LLaVA-NeXT / OneVision (``merge_point`` "post" or "both"): every batch of B
+    """The post rounds (``merge_point`` "post" or "both", e.g. LLaVA-NeXT / OneVision): every batch of B
     images runs the model's own image path (stock tower for "post", the tower calibrated first for
     "both"; stock packing), and at every round the edges of all images of the batch are ranked
     together and the best round(r_i · units) merged, units = the packed units entering the rounds (one
@@ -643,13 +646,16 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
     exactly over batches. ``preset`` (both parts of "both") / ``r`` (the rounds only): fractions of those
     units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only."""
     from ..api import apply, remove
-    from ..families.llava_next import POST_ROUNDS
+    from ..families import vlm_family_of
 
-    if hasattr(model, "_dymu_mode"):
+    vlm = vlm_family_of(model)
+    if vlm is None or vlm.post_rounds is None or "post" not in vlm.merge_points:
+        raise ValueError(f"{type(model).__name__} has no merge rounds after the stock steps")
+    if vlm.mode_of(model) != "full" or hasattr(model, "_dymu_mode"):
         raise ValueError("calibrate the post rounds on the stock model: dymu.remove(model) first")
     if processor is None:
-        raise ValueError("calibrating LLaVA-NeXT / OneVision post rounds needs the image processor (processor=...)")
-    rounds = POST_ROUNDS if rounds is None else rounds
+        raise ValueError(f"calibrating {vlm.title} post rounds needs the image processor (processor=...)")
+    rounds = vlm.post_rounds if rounds is None else rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, not {rounds!r}")
     if merge_point == "post" and (target_tokens is not None or feature_layer is not None):
@@ -669,7 +675,6 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
     image_processor = getattr(processor, "image_processor", processor)
     apply(model, (vit.thresholds, [math.inf] * rounds) if merge_point == "both" else [math.inf] * rounds,
           merge_point=merge_point, order=vit.order)
-    inner = model.model
     device = next(tower.parameters()).device
 
     def record(index: int, batch: list) -> BatchRecord:
@@ -687,16 +692,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
                 return chosen
             return batch_top_edges
 
-        inner._dymu.calibrate_post = chooser
-        try:
-            features = inner.get_image_features(processed["pixel_values"].to(device, model.dtype),
-                                                processed["image_sizes"].to(device)).pooler_output
-        finally:
-            inner._dymu.calibrate_post = None
-        # LLM rows per image after every round: its units kept, plus its newlines (never merged)
-        newlines = torch.tensor([int(f.dymu_group_of_patch.unique().numel()) for f in features])
-        newlines -= inner._dymu.last_post_kept[:, -1].cpu()
-        rows = inner._dymu.last_post_kept.cpu() + newlines[:, None]
+        rows = vlm.post_round_rows(model, processed, chooser, device)  # (images, rounds) LLM rows
         return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
                            images=len(loaded), kept_sum=rows.sum(0).tolist(), kept_sqsum=(rows * rows).sum(0).tolist(),
                            skipped=skipped)

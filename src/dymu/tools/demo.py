@@ -131,7 +131,7 @@ def build_demo_anyres_model(family: str, seed: int = 0):
     grid = (ANYRES_CROP // ANYRES_PATCH) ** 2
     torch.manual_seed(seed)
     if onevision:
-        from ..families.llava_next import onevision_processor
+        from ..families.onevision_processor import onevision_processor
 
         config = LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.qwen_vl import processor_class, video_pixels
+from ..families.qwen_processors import processor_class, video_pixels
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image

@@ -65,7 +65,7 @@ from .measure import (
     WITHOUT_COLUMN,
     Analysis,
     _folder_labels,
-    _is_qwen_vl,
+    _merges_units,
     fraction_kept,
     jpeg_bytes,
     jpeg_complexity,
@@ -145,7 +145,7 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
     sources = _folder_labels(folders)
     processor = processor or _default_processor(model)
     pixels_processor = getattr(processor, "image_processor", processor)  # a full VLM processor's image part
-    cells = "units of 2x2 patches" if _is_qwen_vl(model) else "patches"  # a Qwen VL's LLM token is a 2x2 unit
+    cells = "units of 2x2 patches" if _merges_units(model) else "patches"  # a Qwen VL's LLM token is a 2x2 unit
     used: set[str] = set()
     drawn: dict[str, int] = {}
     files: list[Path] = []
@@ -191,7 +191,7 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
 def _default_processor(model):
     from ...api import vision_tower_of
 
-    if _is_qwen_vl(model):
+    if _merges_units(model):
         return None  # no stock default: `measure` asks for the model's own
     tower, family = vision_tower_of(model)
     return family.default_processor(tower.config)
@@ -215,9 +215,9 @@ def cmd_analyze(args) -> int:
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)
     model, processor = load_vision_model(args.model, device, dtype)
-    from ...api import vlm_wiring
+    from ...families import vlm_family_of
 
-    if hasattr(vlm_wiring(model), "encoder_pixels"):
+    if getattr(vlm_family_of(model), "crops_images", False):
         processor = None  # AnyRes VLM: analyse the whole image at the tower's crop size (the base crop)
     out = Path(args.out)
     analysis = analyze(

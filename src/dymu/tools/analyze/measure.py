@@ -241,7 +241,7 @@ def focus_for(focus, path: Path):
 
 def _resolve_thresholds(thresholds, tower, model):
     """Threshold values for the tower, the feature layer and the merge order they were calibrated for."""
-    from ...api import _threshold_values, default_feature_layer
+    from ...families.tower_vlm import default_feature_layer, threshold_values
     from ...towers.encoder import family_of
     from ...thresholds import Thresholds
 
@@ -250,7 +250,7 @@ def _resolve_thresholds(thresholds, tower, model):
     feature_layer = getattr(thresholds, "feature_layer", None)
     if feature_layer is None:
         feature_layer = default_feature_layer(model, family_of(tower))[0]
-    return _threshold_values(thresholds, tower), feature_layer, getattr(thresholds, "order", None)
+    return threshold_values(thresholds, tower), feature_layer, getattr(thresholds, "order", None)
 
 
 @torch.no_grad()
@@ -298,8 +298,8 @@ def measure(
     if isinstance(folders, (str, Path)):
         folders = [folders]
     labels = _folder_labels(folders)
-    if _is_qwen_vl(model):
-        run = _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
+    if _merges_units(model):
+        run = _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     else:
         run = _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each)
     todo = []
@@ -367,7 +367,9 @@ class _Run:
 
 def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each) -> _Run:
     """CLIP/SigLIP towers and the VLMs holding one: DToMe patched in for the run, batches of one image size."""
-    from ...api import _budget, vision_tower_of
+    from ...api import vision_tower_of
+    from ...families.tower_vlm import settings_budget
+    from ...settings import Settings
     from ...focus import DEFAULT_FILL, apply_focus, focus_mask
     from ...towers.encoder import budget_set, dtome_patched, encode_with_tower
 
@@ -378,7 +380,7 @@ def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill
         from ...thresholds import Thresholds
 
         thresholds = Thresholds.load(thresholds)
-    budget = _budget(thresholds, max_tokens, min_tokens)
+    budget = settings_budget(Settings(thresholds=thresholds, max_tokens=max_tokens, min_tokens=min_tokens))
     constrained = budget is not None or focus is not None
     fill = DEFAULT_FILL if fill is None else fill
     patch = tower.config.patch_size
@@ -433,34 +435,43 @@ def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill
     return _Run(prepare, check, flush, patched, one_size=True)
 
 
-def _is_qwen_vl(model) -> bool:
-    from ...families.qwen_vl import SUPPORTED_QWEN_VLMS
+def _merges_units(model) -> bool:
+    """A VLM whose native-resolution tower merges whole LLM-token units (a Qwen VL)."""
+    from ...families import vlm_family_of
 
-    return isinstance(model, SUPPORTED_QWEN_VLMS)
+    family = vlm_family_of(model)
+    return family is not None and family.calibration == "units"
 
 
 def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
-    """Token budgets and focus regions are not wired for the Qwen ViT: one-line error."""
-    if _is_qwen_vl(model) and (max_tokens is not None or min_tokens is not None or focus is not None):
-        raise ValueError("token budgets and focus (--max-tokens / --min-tokens / --focus / --focus-mask) are for "
-                         "CLIP/SigLIP towers, not the Qwen ViT")
+    """Token budgets and focus regions, where the model's family does not take them: one-line error."""
+    from ...families import vlm_family_of
+
+    family = vlm_family_of(model)
+    if family is not None:
+        if max_tokens is not None or min_tokens is not None:
+            family.refuse_unsupported("budget", model)
+        if focus is not None:
+            family.refuse_unsupported("focus", model)
 
 
-def _qwen_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
-    """Qwen VLs: images at native resolution packed into one call of the tower (`encode_qwen`, the
-    thresholds file's merge point); tokens = LLM tokens (units), full_tokens = the image's stock units."""
+def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
+    """A tower that merges units (Qwen VLs): images at native resolution packed into one call of the
+    tower (`encode_qwen`, the thresholds file's merge point); tokens = LLM tokens (units), full_tokens =
+    the image's stock units."""
+    from ...families import vlm_family_of
     from ...thresholds import Thresholds
     from ...towers.qwen_vit import encode_qwen
-    from ...families.qwen_vl import qwen_thresholds
 
     refuse_cost_control(model, max_tokens, min_tokens, focus)
     if processor is None:
         raise ValueError(f"analyzing a {type(model).__name__} needs its image processor (processor=...)")
     processor = getattr(processor, "image_processor", processor)
-    visual = model.model.visual
+    family = vlm_family_of(model)
+    visual = family.vision_tower(model)
     if isinstance(thresholds, (str, Path)):
         thresholds = Thresholds.load(thresholds)
-    values, merge_point = qwen_thresholds(visual, thresholds)
+    values, merge_point = family.unit_thresholds(model, thresholds)
     merge = visual.spatial_merge_size
     device = next(visual.parameters()).device
 

@@ -1,0 +1,247 @@
+"""The VLM family adapter protocol and its registry.
+
+One `VLMFamily` object per VLM family knows everything about that family that the rest of dymu
+needs: how to recognise and load its models and processors, apply and remove the patch, encode,
+build prompt inputs in every mode, and which modes and options it supports (or refuses, with the
+reason). `dymu.apply`, `dymu.generate`, calibration, the CLI tools and the lmms-eval plugin reach a
+family only through this object, in the spirit of transformers' `AttentionInterface`: a new family
+is one adapter module that calls `register_vlm_family`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..settings import MODES, OPTIONS, Settings
+
+# Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
+# model code, which `import dymu` and `dymu --help` must not pay for).
+BUILTIN_FAMILIES = ("llava", "llava_next", "qwen_vl")
+
+# How refusals name the options and call-time features.
+FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
+                 "tome_vtu": "mode 'tome' without VTU (tome_vtu=False)", "merge_point": "merge_point",
+                 "cross_frame": "cross_frame", "budget": "a token budget (max_tokens / min_tokens)",
+                 "focus": "focus regions (focus / fill)", "video": "video",
+                 "raw_prompt": "a prompt as written (chat_template=False)"}
+CALL_FEATURES = ("focus", "video", "raw_prompt")
+
+_REGISTRY: dict[str, "VLMFamily"] = {}
+_loaded = False
+
+
+@dataclass
+class PreparedInputs:
+    """Inputs for ``model.generate(**inputs)`` and the counts a `dymu.generate` report shows. Counts are
+    per prompt, per image (then per video, in the family's prompt order)."""
+
+    inputs: dict  # input_ids, attention_mask, mm_encoder_outputs, and what else the family's generate needs
+    llm_rows: list[list[int]]  # distinct rows the LLM runs (VTU groups; placeholders without VTU)
+    stock_positions: list[list[int]]  # image placeholders in the stock prompt
+    encoder_tokens: list[list[int]]  # tokens the vision tower kept (summed over crops / frames)
+    full_tokens: list[list[int]]  # tokens the stock vision tower makes (summed over crops / frames)
+    encoder_s: float
+    image_size: int | None = None  # downsample: the side the images were resized to
+    without: list[list[int]] | None = None  # llm rows without the call's budget / focus (an extra encode)
+    report_extras: dict = field(default_factory=dict)  # family-specific report fields (declared in Report)
+
+
+@dataclass
+class Request:
+    """One `dymu.generate` / `dymu.prompt_inputs` call, checked and with every video as PIL frames."""
+
+    prompts: list[str]
+    images: list[list]  # per prompt: PIL images or paths (a Qwen VL also takes a list of frames here)
+    videos: list[list]  # per prompt: videos, each a list of PIL frames
+    chat_template: bool = True
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    focus: list | None = None
+    fill: Any = None
+
+
+class VLMFamily:
+    """A VLM family adapter. Subclasses set the class attributes and implement the methods that raise
+    NotImplementedError; `register_vlm_family` makes them known to dymu.
+
+    ``modes`` maps every mode of `dymu.settings.MODES` to None (supported) or the reason it is refused;
+    ``options`` does the same for the options of `dymu.settings.OPTIONS` and the call-time features
+    ``focus``, ``video`` and ``raw_prompt`` (``chat_template=False``)."""
+
+    name: str  # registry key, recorded in thresholds files and reports
+    title: str  # for messages: "LLaVA-1.5"
+    model_types: tuple[str, ...]  # the `config.model_type` values it loads
+    modes: Mapping[str, str | None]
+    options: Mapping[str, str | None]
+    # Calibration: "tower" (a CLIP / SigLIP tower's DToMe up to the feature layer, `dymu.towers.encoder`)
+    # or "units" (a native-resolution tower that merges whole LLM-token units, `dymu.towers.qwen_vit`).
+    calibration = "tower"
+    merge_points: tuple[str, ...] = ("vit",)  # with option merge_point: the points it takes
+    post_rounds: int | None = None  # default merge rounds after the stock steps (merge_point post / both)
+    calibration_unit = "images"  # what a calibration image counts as (AnyRes: every crop)
+    crops_images = False  # the processor cuts an image into several tower inputs (`encoder_pixels`)
+
+    # -- what it is -----------------------------------------------------------------------------
+    def model_classes(self) -> tuple[type, ...]:
+        raise NotImplementedError
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_classes())
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The module thresholds files are checked against."""
+        raise NotImplementedError
+
+    def supports(self, feature: str) -> bool:
+        table = self.modes if feature in MODES else self.options
+        return feature in table and table[feature] is None
+
+    def refuse_unsupported(self, feature: str, model: nn.Module) -> None:
+        """A one-line ValueError with the declared reason, where ``feature`` (a mode or option) is refused."""
+        table = self.modes if feature in MODES else self.options
+        reason = table.get(feature, "this family does not declare it")
+        if reason is not None:
+            what = f"mode {feature!r}" if feature in MODES else FEATURE_NAMES.get(feature, feature)
+            raise ValueError(f"{what} is not available for {type(model).__name__}: {reason}")
+
+    def check(self, model: nn.Module, settings: Settings) -> None:
+        """Refuse, with the declared reason, a mode or option this family does not support."""
+        self.refuse_unsupported(settings.mode, model)
+        for option in settings.used_options():
+            self.refuse_unsupported(option, model)
+
+    # -- patching -------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, settings: Settings) -> None:
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def mode_of(self, model: nn.Module) -> str:
+        return getattr(model, "_dymu_mode", "full")
+
+    # -- loading --------------------------------------------------------------------------------
+    def load_processor(self, model_ref: str, config) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_ref)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def check_videos(self, model: nn.Module, frames: list[list[list]]) -> None:
+        """Refuse videos this family cannot take in one call (``frames``: per prompt, per video)."""
+
+    def prepare(self, model: nn.Module, processor, request: Request) -> PreparedInputs:
+        raise NotImplementedError
+
+    def encode(self, model: nn.Module, pixel_values, *, feature_layer=None, drop_class_token=None, grid_thw=None,
+               focus=None, fill=None, processor=None):
+        """`dymu.encode` for this family's models: the vision side only, with the model's settings."""
+        raise NotImplementedError
+
+    def encode_records(self, model: nn.Module, processor, opened: list, skipped: list) -> tuple[list[dict], list[dict]]:
+        """`dymu encode`'s records for a batch of opened images [(path, image)]: per image ``tokens``,
+        ``full_tokens``, ``encoder_tokens``, ``llm_rows``, ``stock_positions`` and the family's group
+        maps; (records, skipped + images the processor rejects)."""
+        raise NotImplementedError
+
+    def unit_thresholds(self, model: nn.Module, thresholds) -> tuple[list[float], str]:
+        """Families with calibration "units": (threshold values, merge point), checked against the tower."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
+        """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""
+        pixels = processed["pixel_values"]
+        return pixels, [1] * len(pixels)
+
+
+def register_vlm_family(family: VLMFamily) -> VLMFamily:
+    """Make ``family`` known to dymu (every entry point dispatches through the registry)."""
+    missing = [m for m in MODES if m not in family.modes]
+    missing += [o for o in (*OPTIONS, *CALL_FEATURES) if o not in family.options]
+    if missing:
+        raise ValueError(f"family {family.name!r} declares neither support nor a reason for: {', '.join(missing)}")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN_FAMILIES:
+            importlib.import_module(f"{__package__}.{name}")
+
+
+def vlm_families() -> list[VLMFamily]:
+    _load_builtin()
+    return list(_REGISTRY.values())
+
+
+def get_vlm_family(name: str) -> VLMFamily:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown VLM family {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def vlm_family_of(model: nn.Module) -> VLMFamily | None:
+    """The adapter of ``model``'s class, or None."""
+    for family in vlm_families():
+        if family.matches(model):
+            return family
+    return None
+
+
+def vlm_family_for(model_type: str) -> VLMFamily | None:
+    """The adapter that loads models whose `config.model_type` is ``model_type``, or None."""
+    for family in vlm_families():
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+def supported_vlm_names() -> list[str]:
+    return [c.__name__ for family in vlm_families() for c in family.model_classes()]
+
+
+def family_model_types() -> list[str]:
+    return [t for family in vlm_families() for t in family.model_types]
+
+
+def timed(device: torch.device, work: Callable[[], Any]) -> tuple[Any, float]:
+    """(work(), seconds), synchronising CUDA so the time is the work's."""
+    import time
+
+    start = time.perf_counter()
+    out = work()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def feature_matrix() -> str:
+    """The markdown table of every registered family's modes and options (README, docs/families.md):
+    "yes", or "no" with the declared reason as a footnote number."""
+    features = [*MODES, *OPTIONS, *CALL_FEATURES]
+    reasons: list[str] = []
+    rows = []
+    for family in vlm_families():
+        cells = []
+        for feature in features:
+            reason = (family.modes if feature in MODES else family.options)[feature]
+            if reason is None:
+                cells.append("yes")
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"no [{reasons.index(reason) + 1}]")
+        rows.append(f"| {family.title} | " + " | ".join(cells) + " |")
+    header = "| family | " + " | ".join(f"`{f}`" for f in features) + " |"
+    lines = [header, "|---" * (len(features) + 1) + "|", *rows, ""]
+    lines += [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)]
+    return "\n".join(lines)
