@@ -328,13 +328,22 @@ def cmd_generate(args) -> int:
                           **rep.to_json()}, indent=1))
         return 0
     print(result.answers[0])
-    tokens = ", ".join(f"{n}/{f}" for n, f in zip(rep.visual_tokens[0], rep.stock_tokens[0]))
-    if rep.visual_tokens_without_budget_or_focus is not None:
-        tokens += " (without budget/focus: " + ", ".join(map(str, rep.visual_tokens_without_budget_or_focus[0])) + ")"
-    print(f"[mode {rep.mode}] visual tokens per image/video (LLM rows / stock placeholders): {tokens}; one cold run "
+    print(f"[mode {rep.mode}] {count_summary(rep)}; one cold run "
           f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
           f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
     return 0
+
+
+def count_summary(rep) -> str:
+    """Per image (then video) of the first prompt, the three counts under the names every tool uses:
+    encoder_tokens (the tower kept), llm_rows (distinct rows the LLM runs), stock_positions (placeholders)."""
+    encoder = rep.encoder_tokens[0] if rep.encoder_tokens else [None] * len(rep.llm_rows[0])
+    items = [f"encoder_tokens {e if e is not None else '-'}, llm_rows {r}, stock_positions {p}"
+             for e, r, p in zip(encoder, rep.llm_rows[0], rep.stock_positions[0])]
+    text = "per image/video: " + "; ".join(items)
+    if rep.visual_tokens_without_budget_or_focus is not None:
+        text += " (llm_rows without budget/focus: " + ", ".join(map(str, rep.visual_tokens_without_budget_or_focus[0])) + ")"
+    return text
 
 
 def cmd_encode(args) -> int:

@@ -16,7 +16,7 @@ import dymu
 from conftest import IMAGES, MIXED_IMAGES, load_image
 from dymu.families.prompting import chat_text
 from test_llava_next import anyres_dirs  # noqa: F401 (the fixture)
-from test_llava_next import FAMILIES, cases, inputs_for, load, masked_max_diff, reference_logits
+from test_llava_next import FAMILIES, cases, inputs_for, load, masked_max_diff, odd_image, reference_logits
 
 MERGE_POINTS = ["vit", "post", "both"]
 ROUNDS = 5
@@ -224,3 +224,53 @@ def test_report_gives_encoder_tokens_llm_rows_and_stock_positions(anyres_dirs, p
         pairs = [(r, s) for rs, ss in zip(rep.llm_rows, rep.stock_positions) for r, s in zip(rs, ss)]
         assert all(r <= s for r, s in pairs) and sum(r for r, _ in pairs) < sum(s for _, s in pairs), pairs
         assert "encoder_tokens" in rep.to_json() and "llm_rows" in rep.to_json()
+
+
+COUNTS = ("encoder_tokens", "llm_rows", "stock_positions")
+
+
+def test_every_tool_gives_the_same_three_counts(anyres_dirs, post_thresholds, tmp_path, capsys):
+    """One vocabulary for counts: one OneVision image (3x3 crops, its canvas downsampled) with merge_point
+    both gives the same encoder_tokens, llm_rows and stock_positions in dymu.generate's report, `dymu
+    generate --json`, `dymu encode --json` and `dymu analyze` (tokens.csv)."""
+    import csv
+    import json
+
+    from dymu.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    path = folder / "odd.png"
+    odd_image().save(path)  # lossless: every tool reads the same pixels
+    th = tmp_path / "both.json"
+    post_thresholds["onevision", "both"].save(th)
+    model_dir = str(anyres_dirs["onevision"])
+
+    model, processor = load(anyres_dirs, "onevision")
+    dymu.apply(model, dymu.Thresholds.load(th))
+    report = dymu.generate(model, processor, ["What is this?"], [[load_image(path)]], max_new_tokens=1).report
+    expected = {name: getattr(report, name)[0][0] for name in COUNTS}
+    assert expected["stock_positions"] == 81 + 15 * 20 + 15  # base crop + the downsampled canvas + newlines
+    assert expected["llm_rows"] < expected["stock_positions"] and expected["encoder_tokens"] < 10 * 81
+
+    capsys.readouterr()
+    assert main(["generate", "--model", model_dir, "--thresholds", str(th), "--images", str(path), "--prompt", "?",
+                 "--max-new-tokens", "1", "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    assert {name: generated[name][0][0] for name in COUNTS} == expected
+    assert main(["generate", "--model", model_dir, "--thresholds", str(th), "--images", str(path), "--prompt", "?",
+                 "--max-new-tokens", "1"]) == 0
+    assert ("per image/video: " + ", ".join(f"{name} {expected[name]}" for name in COUNTS)) in capsys.readouterr().err
+
+    assert main(["encode", "--model", model_dir, "--thresholds", str(th), "--images", str(path),
+                 "--json", str(tmp_path / "encoded.json")]) == 0
+    encoded = json.loads((tmp_path / "encoded.json").read_text())["images"][0]
+    assert {name: encoded[name] for name in COUNTS} == expected
+
+    assert main(["analyze", "--model", model_dir, "--thresholds", str(th), "--images", str(folder), "--quiet",
+                 "--out", str(tmp_path / "analysis")]) == 0
+    assert "per image: encoder_tokens" in capsys.readouterr().out
+    with open(tmp_path / "analysis" / "tokens.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert {name: int(row[name]) for name in COUNTS} == expected
+    assert (int(row["tokens"]), int(row["full_tokens"])) == (expected["llm_rows"], expected["stock_positions"])

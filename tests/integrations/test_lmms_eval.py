@@ -236,6 +236,10 @@ def test_full_and_dymu_through_lmms_eval(full_run, dymu_run_2proc):
             for s in task.values():
                 assert all(t == _tokens(s)[0] for t in _tokens(s))  # every choice of a doc: the same image
                 assert s["token_counts"][0]["full_visual_tokens"] == [256]
+                # the names every dymu tool uses (the older ones above kept)
+                assert s["token_counts"][0]["stock_positions"] == [256]
+                assert s["token_counts"][0]["llm_rows"] == _tokens(s)[0]
+                assert len(s["token_counts"][0]["encoder_tokens"]) == 1
                 assert s["token_counts"][0]["visual_kinds"] == ["image"]
         throughput = results["throughput"]
         assert throughput["avg_visual_tokens"] == pytest.approx(sum(per_image) / len(per_image))
@@ -348,6 +352,9 @@ def test_generate_until_answers_in_request_order_as_alone(demo_llava_dir, eval_d
         ref = generate(model, processor, [question], [[doc["image"]]], max_new_tokens=5)
         assert got.text == cut_at_stop_strings(ref.answers[0], ["\n"])
         assert got.token_counts.visual_tokens == ref.report.visual_tokens[0]
+        sample = got.token_counts.to_dict()
+        for name in ("encoder_tokens", "llm_rows", "stock_positions"):
+            assert sample[name] == getattr(ref.report, name)[0], name
         assert got.token_counts.visual_tokens[0] < 256
     counts = lm.visual_token_summary()
     assert counts["images"] == 3 and counts["visual_tokens"] == pytest.approx(

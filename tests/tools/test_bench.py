@@ -89,6 +89,32 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     for r in rows[1:]:
         assert r["rows_per_layer"] == r["n_un"] + text and r["flop_ideal"] > 1.0
     assert rows[1]["n_un"] < rows[2]["n_un"] < rows[3]["n_un"] < ov["image"]["positions"]
+    # ... and the merge-point rows: a photo whose canvas anyres_max_9 downsamples and an 8-frame video, each
+    # full vs vit / post / both, with the three counts (encoder tokens, LLM rows, stock positions).
+    mp = ov["merge_points"]
+    assert mp["image"]["crops"] == 13 and mp["video"]["frames"] == 8  # a 3x4 grid of crops + the base crop
+    tokens_per_crop = ov["image"]["tokens_per_crop"]
+    # Not downsampled, the image would take base + canvas + a newline per canvas row > every crop's tokens.
+    assert mp["image"]["stock_positions"] < mp["image"]["crops"] * tokens_per_crop
+    for name, items in (("image", mp["image"]["crops"]), ("video", mp["video"]["frames"])):
+        by = {r["variant"]: r for r in mp[name]["rows"]}
+        assert list(by) == ["full", "vit", "post", "both"]
+        full = by["full"]
+        assert full["encoder_tokens"] == items * tokens_per_crop == by["post"]["encoder_tokens"]  # the stock tower
+        assert full["llm_rows"] == full["stock_positions"] == mp[name]["stock_positions"]
+        assert full["rows_per_layer"] == full["positions"] == full["stock_positions"] + text
+        assert full["flop_ideal"] == full["encoder_flop_ideal"] == 1.0
+        for merge_point in ("vit", "post", "both"):
+            r = by[merge_point]
+            assert r["stock_positions"] == full["stock_positions"] and r["positions"] == full["positions"]
+            assert r["rows_per_layer"] == r["llm_rows"] + text and r["llm_rows"] <= r["stock_positions"]
+            assert r["speedup"] > 0 and r["flop_ideal"] >= 1.0
+        for merge_point in ("vit", "both"):  # DToMe in the tower: fewer encoder tokens, fewer tower FLOPs
+            assert by[merge_point]["encoder_tokens"] < full["encoder_tokens"]
+            assert by[merge_point]["encoder_flop_ideal"] > 1.0
+        assert by["both"]["llm_rows"] <= by["vit"]["llm_rows"]  # the post rounds only remove rows
+    image = {r["variant"]: r for r in mp["image"]["rows"]}
+    assert image["post"]["llm_rows"] < image["full"]["llm_rows"] and image["both"]["llm_rows"] < image["full"]["llm_rows"]
     # Packed vs padded: the same tokens per image and layer, so the same FLOPs; fewer than the padded layout's rows.
     packed = {(r["batch"], r["variant"]): r for r in result["packed"]["rows"]}
     big = result["settings"]["packed_batches"][0]
@@ -109,7 +135,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
 
     # The markdown report on stdout: a smoke test that names what ran and prints no figures.
     assert "smoke test, no figures" in stdout
-    for section in ("packed vs padded", "encoder (8 rows)", "prefill (4 rows)", "exact Eq. 10", "attention FLOPs", "calibration",
+    for section in ("packed vs padded", "encoder (8 rows)", "prefill (4 rows)", "merge points: 8 rows", "exact Eq. 10", "attention FLOPs", "calibration",
                     "merge-off"):
         assert section in stdout, section
     assert not re.search(r"\d+\.\d+\s*[x×]|\bmet\b|\| *yes *\||speedup \||ms\b", stdout), stdout

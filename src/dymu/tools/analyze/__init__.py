@@ -60,6 +60,7 @@ from .figures import (
     save_merge_map,
 )
 from .measure import (
+    COUNT_COLUMNS,
     CSV_COLUMNS,
     JPEG_QUALITY,
     WITHOUT_COLUMN,
@@ -179,6 +180,9 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
     columns = list(CSV_COLUMNS)
     if analysis.rows and WITHOUT_COLUMN in analysis.rows[0]:
         columns.insert(columns.index("tokens") + 1, WITHOUT_COLUMN)
+    if analysis.rows:
+        at = columns.index("full_tokens") + 1
+        columns[at:at] = [c for c in COUNT_COLUMNS if c in analysis.rows[0]]
     written = [write_csv(analysis.rows, out / "tokens.csv", columns),
                write_csv(analysis.skipped, out / "skipped.csv", ("folder", "path", "reason"))]
     if analysis.rows:
@@ -190,8 +194,9 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
 
 def _default_processor(model):
     from ...api import vision_tower_of
+    from .anyres import is_anyres
 
-    if _merges_units(model):
+    if _merges_units(model) or is_anyres(model):
         return None  # no stock default: `measure` asks for the model's own
     tower, family = vision_tower_of(model)
     return family.default_processor(tower.config)
@@ -217,8 +222,9 @@ def cmd_analyze(args) -> int:
     model, processor = load_vision_model(args.model, device, dtype)
     from ...families import vlm_family_of
 
-    if getattr(vlm_family_of(model), "crops_images", False):
-        processor = None  # AnyRes VLM: analyse the whole image at the tower's crop size (the base crop)
+    if getattr(vlm_family_of(model), "crops_images", False) and processor is None:  # the model's own image path
+        raise ValueError(f"{args.model} has no image processor (preprocessor_config.json): analyze of a "
+                         f"{type(model).__name__} needs it")
     out = Path(args.out)
     analysis = analyze(
         model,
@@ -248,6 +254,8 @@ def cmd_analyze(args) -> int:
     if varies:
         kept = _spread([fraction_kept(r) for r in rows], "{:.0%}", "{:.0%}")
         print(f"kept fraction (tokens / that image's stock tokens): {kept}")
+    if "llm_rows" in rows[0]:  # the counts every dymu tool shows, one name each
+        print("per image: " + "; ".join(f"{name} {_spread([r[name] for r in rows])}" for name in COUNT_COLUMNS))
     if rows and WITHOUT_COLUMN in rows[0]:
         without = [r[WITHOUT_COLUMN] for r in rows]
         print(f"without the budget/focus: mean {sum(without) / len(without):.1f} tokens; with: "

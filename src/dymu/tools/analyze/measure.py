@@ -30,6 +30,11 @@ CSV_COLUMNS = (
 )
 # Added after "tokens" when a token budget or focus regions are used.
 WITHOUT_COLUMN = "tokens_without_budget_or_focus"
+# The three counts every dymu tool shows per image (`dymu generate`'s report, `dymu encode --json`, the
+# lmms-eval samples), added after "full_tokens" where the model defines them: tokens the vision tower kept
+# (summed over an image's crops), distinct rows the LLM runs (VTU groups), the image's placeholders in the
+# stock prompt. A bare CLIP/SigLIP tower has none of them (its `tokens` are the encoder's).
+COUNT_COLUMNS = ("encoder_tokens", "llm_rows", "stock_positions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +155,13 @@ def unpatchify(rows: torch.Tensor, grid_thw, patch_size: int, merge_size: int = 
 
 
 def processed_pixels(processor, image: Image.Image) -> torch.Tensor:
-    """(3, H, W) pixel values of one image as ``processor`` prepares it for the model (Qwen: unpatchified)."""
+    """(3, H, W) pixel values of one image as ``processor`` prepares it for the model (Qwen: unpatchified;
+    AnyRes: the base crop)."""
     out = processor(images=[image], return_tensors="pt")
     if "image_grid_thw" in out:
         return unpatchify(out["pixel_values"], out["image_grid_thw"][0], processor.patch_size, processor.merge_size)
-    return out["pixel_values"][0]
+    pixels = out["pixel_values"][0]
+    return pixels[0] if pixels.ndim == 4 else pixels  # AnyRes: the base crop (the whole image at the crop size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +305,12 @@ def measure(
     if isinstance(folders, (str, Path)):
         folders = [folders]
     labels = _folder_labels(folders)
+    from .anyres import anyres_run, is_anyres
+
     if _merges_units(model):
         run = _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
+    elif is_anyres(model):
+        run = anyres_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     else:
         run = _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill, each)
     todo = []
@@ -385,6 +396,7 @@ def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill
     fill = DEFAULT_FILL if fill is None else fill
     patch = tower.config.patch_size
     device = next(tower.parameters()).device
+    stock_positions = getattr(getattr(model, "config", None), "image_seq_length", None)  # LLaVA-1.5
 
     def prepare(image, path):
         pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
@@ -421,6 +433,8 @@ def _tower_run(model, thresholds, processor, max_tokens, min_tokens, focus, fill
         counts = encoded.num_tokens.tolist()
         for k, (row, pixel_values, extra) in enumerate(pending):
             row["tokens"], row["full_tokens"] = int(counts[k]), int(full_tokens)
+            if stock_positions is not None:  # LLaVA-1.5: one LLM row per kept token
+                row.update(encoder_tokens=row["tokens"], llm_rows=row["tokens"], stock_positions=stock_positions)
             if constrained:
                 row[WITHOUT_COLUMN] = int(before.num_tokens[k])
             if each is None:
@@ -486,6 +500,9 @@ def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each
         groups = encoded.groups_per_item(grid, merge)
         for (row, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
             row["tokens"], row["full_tokens"] = int(kept), int(units)
+            # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
+            row.update(encoder_tokens=int(kept) if merge_point == "vit" else int(units), llm_rows=int(kept),
+                       stock_positions=int(units))
             if each is not None:
                 _, h, w = thw[0].tolist()
                 each(row, unpatchify(rows, thw[0], processor.patch_size, merge), group.cpu(), (h // merge, w // merge))

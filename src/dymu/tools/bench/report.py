@@ -106,6 +106,9 @@ def smoke_markdown(result: dict) -> str:
     for key, title in SECTION_TITLES.items():
         value = result.get(key)
         if value:
+            if key == "onevision" and value.get("merge_points"):
+                merge_rows = sum(len(value["merge_points"][k]["rows"]) for k in ("image", "video"))
+                title += f" ({len(value['rows'])} rows; merge points: {merge_rows} rows)"
             ran.append(f"{title} ({len(value)} rows)" if isinstance(value, list) else title)
     return "\n".join([
         f"## dymu bench --quick: smoke test, no figures — {result['date']}",
@@ -228,19 +231,7 @@ def markdown(result: dict) -> str:
                   f"ratios: {off['overhead_paired'] * 100:+.1f}%).", ""]
     ov = result.get("onevision")
     if ov:
-        q, img, rows = s["onevision_qwen2"], ov["image"], ov["rows"]
-        before, after = s["onevision_text"]
-        lines += [f"### OneVision prefill: Qwen2 decoder layers (hidden {q['hidden_size']}, MLP {q['intermediate_size']}, "
-                  f"{q['num_attention_heads']} heads / {q['num_key_value_heads']} KV heads), {rows[0]['layers']} layers, "
-                  f"{rows[0]['positions']} positions ({before} text + one AnyRes image of {img['positions']} packed "
-                  f"positions from {img['crops']} crops of {img['tokens_per_crop']} tokens + {after} text), sdpa, "
-                  f"{s['onevision_runs']} runs", "",
-                  "| variant | visual groups | rows per layer | time (ms) | speedup | FLOP-ideal | quotient |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['rows_per_layer']} | "
-                         f"{_ms(r['median_s'])} | {r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
-        lines.append("")
+        lines += [onevision_markdown(ov, s), ""]
     if result.get("decode"):
         from .decode import decode_markdown
 
@@ -256,4 +247,37 @@ def markdown(result: dict) -> str:
         lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     sec = ", ".join(f"{k} {v:.0f} s" for k, v in (result.get("section_s") or {}).items())
     lines.append(f"Total benchmark time: {result['elapsed_s']:.0f} s ({sec}).")
+    return "\n".join(lines)
+
+
+def onevision_markdown(ov: dict, s: dict) -> str:
+    """The OneVision prefill tables: fixed-r presets on one AnyRes photo, then full vs the merge points
+    vit / post / both on a downsampled photo and a video (``s``: the result's settings)."""
+    q, img, rows = s["onevision_qwen2"], ov["image"], ov["rows"]
+    before, after = s["onevision_text"]
+    lines = [f"### OneVision prefill: Qwen2 decoder layers (hidden {q['hidden_size']}, MLP {q['intermediate_size']}, "
+             f"{q['num_attention_heads']} heads / {q['num_key_value_heads']} KV heads), {rows[0]['layers']} layers, "
+             f"{rows[0]['positions']} positions ({before} text + one AnyRes image of {img['positions']} packed "
+             f"positions from {img['crops']} crops of {img['tokens_per_crop']} tokens + {after} text), sdpa, "
+             f"{s['onevision_runs']} runs", "",
+             "| variant | visual groups | rows per layer | time (ms) | speedup | FLOP-ideal | quotient |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['n_un'] if r['n_un'] is not None else '-'} | {r['rows_per_layer']} | "
+                     f"{_ms(r['median_s'])} | {r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} |")
+    mp = ov.get("merge_points")
+    if mp:
+        image, video = mp["image"], mp["video"]
+        lines += ["", f"#### OneVision merge points: full vs vit / post / both (mid thresholds), same Qwen2 layers, "
+                  f"{before} + {after} text positions around one input: a {image['size'][0]}x{image['size'][1]} photo "
+                  f"({image['crops']} crops, canvas downsampled by anyres_max_9) or a video of {video['frames']} frames", "",
+                  "| input | merge point | encoder tokens | LLM rows / stock positions | rows per layer | time (ms) | "
+                  "speedup | FLOP-ideal | quotient | encoder FLOP-ideal |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in ("image", "video"):
+            for r in mp[name]["rows"]:
+                lines.append(f"| {name} | {r['variant']} | {r['encoder_tokens']} | {r['llm_rows']} / "
+                             f"{r['stock_positions']} | {r['rows_per_layer']} | {_ms(r['median_s'])} | "
+                             f"{r['speedup']:.2f}x | {r['flop_ideal']:.2f}x | {r['quotient']:.2f} | "
+                             f"{r['encoder_flop_ideal']:.2f}x |")
     return "\n".join(lines)
