@@ -121,12 +121,17 @@ def apply(
       `Thresholds` object; +inf or None = no merge at that layer, -inf = merge every edge) or plain
       ToMe with ``r``. Every layer merges at most (t - protected) // 2 of an image's t tokens.
     - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
-      (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
-      rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
-      ``"vit"``. ``cross_frame=True``: a video's merge steps alternate between merging across its
-      frames (a unit can join its twin in the next temporal patch) and within them (default: within
-      each temporal patch only). See `dymu.families.qwen_vl`.
+      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full``, ``dymu``, ``dtome`` (merged tokens fed
+      straight to the LLM, each at its group's first unit's stock (t, h, w) M-RoPE position; the prompt
+      holds one placeholder per kept token: `dymu.prompt_inputs`) or ``tome`` (``r`` unit merges per ViT
+      block, VTU unless ``tome_vtu=False``); ``merge_point`` ``"vit"`` (unit-level DToMe in every ViT
+      block, one threshold per block) or ``"post"`` (stock ViT, merge rounds after the PatchMerger, one
+      threshold per round); default: the thresholds file's, else ``"vit"``. ``cross_frame=True``: a
+      video's merge steps alternate between merging across its frames (a unit can join its twin in the
+      next temporal patch) and within them (default: within each temporal patch only). The token budget
+      counts LLM tokens (2x2 units) per image and per video, over every ViT block ("vit") or over the
+      post rounds ("post": add +inf rounds to make room); whether ``max_tokens`` is reachable depends on
+      each image's size, so every call checks it before the tower runs. See `dymu.families.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
@@ -150,12 +155,14 @@ def apply(
 
         thresholds = Thresholds.from_ref(thresholds)
     if isinstance(model, SUPPORTED_QWEN_VLMS):
-        # Qwen VLs hold their own thresholds (per ViT block or per merge round): no r, no order.
-        if r is not None or order is not None or not tome_vtu or max_tokens is not None or min_tokens is not None:
-            raise ValueError(f"{type(model).__name__} takes thresholds and merge_point only (modes "
-                             "full / dymu): r, order, tome_vtu and token budgets are for CLIP/SigLIP towers")
+        # Qwen VLs hold their own thresholds (per ViT block or per merge round) and merge 2x2 units: no order.
+        from .families.qwen_vl import qwen_budget
+
+        if order is not None:
+            raise ValueError(f"{type(model).__name__} merges in the stock unit order: order is for CLIP/SigLIP towers")
         apply_qwen_vl(model, thresholds, mode=mode, merge_point=merge_point, vtu_attention=vtu_attention,
-                      kv_cache=kv_cache, cross_frame=cross_frame)
+                      kv_cache=kv_cache, cross_frame=cross_frame, r=r, tome_vtu=tome_vtu,
+                      budget=qwen_budget(thresholds, max_tokens, min_tokens))
         return model
     if cross_frame:
         raise ValueError(f"cross_frame is for the Qwen VLs, not {type(model).__name__}")
@@ -277,9 +284,7 @@ def _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focu
     from .families.qwen_vl import SUPPORTED_QWEN_VLMS, encode_qwen_vl
 
     if isinstance(model, SUPPORTED_QWEN_VLMS):
-        if grid_thw is None:
-            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
-        return encode_qwen_vl(model, pixel_values, grid_thw)
+        return encode_qwen_vl(model, pixel_values, grid_thw, focus=focus, fill=fill, processor=processor)
     tower, family = vision_tower_of(model)
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer

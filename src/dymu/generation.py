@@ -457,10 +457,28 @@ def prompt_inputs(model, processor, prompts: list[str], images: list[list], *, v
     (fewer in ``dtome``, ``tome`` without VTU and ``downsample``). ``prompts[i]`` is the question about
     ``images[i]`` (a list per prompt); ``chat_template=False`` takes each prompt as written (it must
     hold the image token once per image)."""
+    from .families.qwen_vl import SUPPORTED_QWEN_VLMS
+
     check_prompts(prompts, images, videos)
+    if isinstance(model, SUPPORTED_QWEN_VLMS):
+        from .families.qwen_prompts import qwen_prompt_inputs
+
+        media = _qwen_media(model, prompts, images, videos, chat_template, num_frames)
+        with model_lock(model):
+            return qwen_prompt_inputs(model, processor, prompts, media, max_tokens=max_tokens, min_tokens=min_tokens,
+                                      focus=focus, fill=fill).inputs
     with model_lock(model):
         return _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                         fill, num_frames).inputs
+
+
+def _qwen_media(model, prompts, images, videos, chat_template: bool, num_frames: int) -> list[list]:
+    """One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos."""
+    if not chat_template:
+        raise ValueError(f"{type(model).__name__}: prompts are questions (chat_template=False is for the LLaVA models)")
+    videos = _videos_as_frames(model, prompts, images, videos, num_frames)
+    return [[_video_frames(m, i, k, num_frames) if isinstance(m, (list, tuple)) else _viewed(m, i, k)
+             for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(images, videos))]
 
 
 @torch.no_grad()
@@ -496,15 +514,10 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
 
     check_prompts(prompts, images, videos)
     if isinstance(model, SUPPORTED_QWEN_VLMS):
-        if not chat_template or max_tokens or min_tokens or focus is not None or fill is not None:
-            raise ValueError(f"{type(model).__name__}: prompts are questions (chat_template=False, token budgets, "
-                             "focus and fill are for the LLaVA models)")
-        videos = _videos_as_frames(model, prompts, images, videos, num_frames)
-        # One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos.
-        media = [[_video_frames(m, i, k, num_frames) if isinstance(m, (list, tuple)) else _viewed(m, i, k)
-                  for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(images, videos))]
+        media = _qwen_media(model, prompts, images, videos, chat_template, num_frames)
         with model_lock(model):
-            return _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs)
+            return _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs,
+                                  dict(max_tokens=max_tokens, min_tokens=min_tokens, focus=focus, fill=fill))
     with model_lock(model):
         prepared = _prepare(model, processor, prompts, images, videos, chat_template, max_tokens, min_tokens, focus,
                             fill, num_frames)
@@ -532,65 +545,19 @@ def _timed_generate(model, processor, inputs, max_new_tokens, output_scores, gen
     return out, timer, new, processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs) -> GenerationResult:
-    """Qwen VLs keep the stock prompt in every supported mode (virtual unmerge): encode images and
-    videos first (timed), then generate with them as `mm_encoder_outputs`."""
-    from .families.qwen_vl import qwen_inputs
+def _generate_qwen(model, processor, prompts, media, max_new_tokens, output_scores, generate_kwargs,
+                   call: dict) -> GenerationResult:
+    """Qwen VLs: encode images and videos first (timed; `families.qwen_prompts`), then generate with
+    them as `mm_encoder_outputs` (stock prompt with VTU, one placeholder per kept token without)."""
+    from .families.qwen_prompts import qwen_prompt_inputs
 
-    device = next(model.parameters()).device
-    texts = []
-    for prompt, items in zip(prompts, media):
-        content = [{"type": "video" if isinstance(m, (list, tuple)) else "image"} for m in items]
-        texts.append(processor.apply_chat_template(
-            [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
-            add_generation_prompt=True, tokenize=False))
-    processor.tokenizer.padding_side = "left"
-    inputs = qwen_inputs(processor, texts, media).to(device)
-    inner = model.model
-    start = time.perf_counter()
-    encoded, full = {}, {}
-    for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        if pixels in inputs:
-            grid = inputs[f"{modality}_grid_thw"]
-            encoded[modality] = getattr(inner, f"get_{modality}_features")(inputs.pop(pixels).to(model.dtype), grid)
-            full[modality] = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    encoder_s = time.perf_counter() - start
-    settings = getattr(inner, "_dymu", None)
-    counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
-                  if settings is not None else full[m]) for m in encoded}
-    # The tower keeps every unit when it does not merge (stock, or merge_point "post").
-    in_tower = counts if settings is not None and settings.merge_point == "vit" else full
-    out, timer, new, answers = _timed_generate(model, processor, {**inputs, "mm_encoder_outputs": encoded or None},
-                                               max_new_tokens, output_scores, generate_kwargs)
-    # per prompt, per image/video in the prompt's order: tokens kept (images are encoded before videos)
-    taken = {"image": 0, "video": 0}
-    per_prompt, per_prompt_full, per_prompt_encoder = [], [], []
-    for items in media:
-        row, row_full, row_encoder = [], [], []
-        for m in items:
-            modality = "video" if isinstance(m, (list, tuple)) else "image"
-            row.append(counts[modality][taken[modality]])
-            row_full.append(full[modality][taken[modality]])
-            row_encoder.append(in_tower[modality][taken[modality]])
-            taken[modality] += 1
-        per_prompt.append(row)
-        per_prompt_full.append(row_full)
-        per_prompt_encoder.append(row_encoder)
-    per_patch = None
-    if "video" in encoded:
-        grid = inputs["video_grid_thw"]
-        segments = (settings.last_encoded["video"].kept_per_segment.tolist() if settings is not None else
-                    [int(h * w) // 4 for t, h, w in grid.tolist() for _ in range(t)])
-        per_patch, s = [], 0
-        for t in grid[:, 0].tolist():
-            per_patch.append(segments[s : s + t])
-            s += t
-    report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=per_prompt, full_tokens=per_prompt_full,
-                    stock_tokens=per_prompt_full,
-                    encoder_s=encoder_s, prefill_s=timer.times[0] if timer.times else 0.0,
-                    decode_s=sum(timer.times[1:]), new_tokens=new.shape[1], video_tokens_per_temporal_patch=per_patch,
-                    encoder_tokens=per_prompt_encoder)
+    prepared = qwen_prompt_inputs(model, processor, prompts, media, **call)
+    out, timer, new, answers = _timed_generate(model, processor, prepared.inputs, max_new_tokens, output_scores,
+                                               generate_kwargs)
+    report = Report(mode=getattr(model, "_dymu_mode", "full"), visual_tokens=prepared.kept, full_tokens=prepared.stock,
+                    stock_tokens=prepared.stock, encoder_s=prepared.encoder_s,
+                    prefill_s=timer.times[0] if timer.times else 0.0, decode_s=sum(timer.times[1:]),
+                    new_tokens=new.shape[1], video_tokens_per_temporal_patch=prepared.per_patch,
+                    encoder_tokens=prepared.encoder, visual_tokens_without_budget_or_focus=prepared.without)
     return GenerationResult(answers=[a.strip() for a in answers], sequences=out.sequences, report=report,
                             scores=list(out.scores) if output_scores else [])

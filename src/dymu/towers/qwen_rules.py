@@ -69,20 +69,26 @@ def make_qwen_budget(max_tokens=None, min_tokens=None) -> QwenBudget | None:
     return QwenBudget(max_tokens=plain.max_tokens, min_tokens=plain.min_tokens)
 
 
+def fewest_guaranteed(units: int, rows: int, steps: int) -> int:
+    """The smallest max_tokens the budget rule guarantees for an item of ``units`` units in ``rows`` rows
+    with ``steps`` budget steps: ceil((units - rows + 1) / 2**steps) + rows - 1 (exact for one row,
+    at most rows - 1 above the fewest reachable for several)."""
+    return -(-(units - rows + 1) // 2 ** min(steps, 40)) + rows - 1
+
+
 def check_reachable(budget: QwenBudget | None, units: Tensor, rows: Tensor, steps: int) -> None:
     """Refuse (one line) an item (image / video of the call) whose ``units`` in ``rows`` rows the
-    ``steps`` steps cannot bring to max_tokens (each row halves at best per step)."""
+    ``steps`` budget steps cannot be sure to bring to max_tokens (each row halves at best per step)."""
     if budget is None or budget.max_tokens is None:
         return
-    most = budget.most_left(steps, rows)
-    for k, (n, r, m) in enumerate(zip(units.tolist(), rows.tolist(), most.tolist())):
-        if n > m or budget.max_tokens < r:
-            fewest = sum(M.reachable_tokens(n // r, steps) for _ in range(r))
+    for k, (n, r) in enumerate(zip(units.tolist(), rows.tolist())):
+        need = fewest_guaranteed(n, r, steps)
+        if budget.max_tokens < need:
             raise ValueError(
                 f"max_tokens={budget.max_tokens} cannot be reached for image/video {k} of the call: its {n} units"
                 + (f" in {r} temporal patches" if r > 1 else "")
-                + f" keep at least {fewest} after {steps} merge steps (each halves a row at best); raise max_tokens"
-                + " or, with merge_point='post', add rounds (+inf rounds take budget merges only)")
+                + f" need max_tokens >= {need} with the {steps} steps that take budget merges (each halves a row at "
+                "best); raise max_tokens or, with merge_point='post', add rounds (+inf rounds take budget merges only)")
 
 
 @dataclass
@@ -95,6 +101,15 @@ class MergeRule:
     r: Sequence[int] | None = None
     budget: QwenBudget | None = None
     edge_chooser: EdgeChooser | None = None
+    cross_frame: bool = False  # steps 0, 2, 4, ... match across frames: they take no forced budget merges
+
+    def budget_step(self, step: int) -> bool:
+        """Whether ``step`` takes forced budget merges: a within-segment step, which can halve every row
+        (an across-frame step pairs a video's patches, so a patch nearly merged away leaves few edges)."""
+        return not self.cross_frame or step % 2 == 1
+
+    def budget_steps_after(self, step: int) -> int:
+        return sum(self.budget_step(s) for s in range(step + 1, self.steps))
 
     def merges_at(self, step: int, alive: Tensor, rows: Tensor) -> bool:
         """Whether step ``step`` may merge anything (``alive``, ``rows``: (I,) units and rows per item)."""
@@ -104,7 +119,8 @@ class MergeRule:
             return True
         if self.thresholds is not None and self.thresholds[step] != math.inf:
             return True
-        return self.budget is not None and self.budget.forces(self.steps - 1 - step, alive, rows)
+        return (self.budget is not None and self.budget_step(step)
+                and self.budget.forces(self.budget_steps_after(step), alive, rows))
 
     def chooser(self, step: int, item_of_row: Tensor, alive: Tensor, rows: Tensor) -> Callable[[M.Matches], Tensor]:
         """The (rows, Na) edge choice of step ``step``; ``item_of_row`` (rows,) the item of every matching row."""
@@ -119,25 +135,27 @@ class MergeRule:
                 chosen = torch.zeros_like(matches.score, dtype=torch.bool)
             if self.budget is None:
                 return chosen
-            return budget_edges(self.budget, self.steps - 1 - step, matches, chosen, item_of_row, alive, rows)
+            return budget_edges(self.budget, self.budget_steps_after(step) if self.budget_step(step) else None,
+                                matches, chosen, item_of_row, alive, rows)
         return choose
 
 
-def budget_edges(budget: QwenBudget, steps_after: int, matches: M.Matches, chosen: Tensor, item_of_row: Tensor,
-                 alive: Tensor, rows: Tensor) -> Tensor:
+def budget_edges(budget: QwenBudget, steps_after: int | None, matches: M.Matches, chosen: Tensor,
+                 item_of_row: Tensor, alive: Tensor, rows: Tensor) -> Tensor:
     """``chosen`` (rows, Na) with the budget applied per item: the item's edges ranked together (chosen
-    first, then by score; ties by row and slot), each row within its cap, and the first ``wanted`` taken."""
+    first, then by score; ties by row and slot), each row within its cap, and the first ``wanted`` taken.
+    ``steps_after``: budget steps after this one; None: this step takes no forced merges (min_tokens only)."""
     items = len(alive)
     n_rows, na = matches.score.shape
     item_of_edge = item_of_row[:, None].expand(n_rows, na).reshape(-1)
     valid = (torch.isfinite(matches.score) & (matches.rank < matches.cap[:, None])).reshape(-1)
     flat_chosen = chosen.reshape(-1) & valid
     count = torch.bincount(item_of_edge, weights=flat_chosen.to(torch.float64), minlength=items).long()
-    capacity = torch.bincount(item_of_row, weights=matches.cap.to(torch.float64), minlength=items).long()
+    capacity = torch.bincount(item_of_edge, weights=valid.to(torch.float64), minlength=items).long()
     wanted = count
     if budget.min_tokens is not None:
         wanted = torch.minimum(wanted, (alive - budget.min_tokens).clamp(min=0))
-    most = budget.most_left(steps_after, rows)
+    most = None if steps_after is None else budget.most_left(steps_after, rows)
     if most is not None:
         wanted = torch.maximum(wanted, alive - most)
     wanted = wanted.clamp(min=0).minimum(capacity)

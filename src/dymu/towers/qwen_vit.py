@@ -192,8 +192,9 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     payload = torch.cat([features, *deepstack], dim=-1)
     units = segment_units(grid_thw, visual.spatial_merge_size).to(features.device)
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(features.device))
-    rule = MergeRule(len(thresholds), thresholds=thresholds, budget=budget, edge_chooser=edge_chooser)
-    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.steps)
+    rule = MergeRule(len(thresholds), thresholds=thresholds, budget=budget, edge_chooser=edge_chooser,
+                     cross_frame=cross_frame)
+    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.budget_steps_after(-1))
     sizes = torch.ones(len(features), dtype=torch.long, device=features.device)
     group, kept = torch.arange(len(payload), device=payload.device), []
     for step in range(rule.steps):  # merge.merge_rounds, with the rule's edge choice
@@ -291,7 +292,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
         raise ValueError(f"{len(thresholds if r is None else r)} {'thresholds' if r is None else 'r values'} for a "
                          f"vision tower of {len(visual.blocks)} blocks")
     rule = MergeRule(len(visual.blocks), thresholds=thresholds if r is None else None, r=r, budget=budget,
-                     edge_chooser=edge_chooser)
+                     edge_chooser=edge_chooser, cross_frame=cross_frame)
     rope = _rope_vision(visual)
     hidden = _embed(visual, pixel_values, grid_thw)  # (R, D), R = 4·U rows
     dim = hidden.shape[-1]
@@ -299,7 +300,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
     units = segment_units(grid_thw, visual.spatial_merge_size).to(device)
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(device))
-    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.steps)
+    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.budget_steps_after(-1))
     window_index, cu_windows = _window_index(visual, grid_thw)
     reverse = None
     if window_index is not None:  # Qwen2.5-VL: units in window order, as the stock forward does
