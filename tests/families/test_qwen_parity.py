@@ -89,6 +89,7 @@ def _reference_logits(stock_model, processor, prompts, media, encoded):
     """The stock model fed only each group's first unit (its feature rows, and deepstack rows) at that
     unit's stock position (stock get_rope_index on the stock prompt), the other placeholders dropped."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     full = stock_inputs(processor, prompts, media)
     keys = [k for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in full]
@@ -111,7 +112,7 @@ def _reference_logits(stock_model, processor, prompts, media, encoded):
         out = {"pooler_output": [enc.features[rows] for rows in kept_rows]}
         if enc.deepstack:
             out["deepstack_features"] = [[level[rows] for rows in kept_rows] for level in enc.deepstack]
-        outputs[modality] = BaseModelOutputWithPooling(**out)
+        outputs[modality] = (BaseModelOutputWithDeepstackFeatures if enc.deepstack else BaseModelOutputWithPooling)(**out)
     width = int(keep.sum(1).max())
     ids = torch.zeros(len(keep), width, dtype=torch.long)
     mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
@@ -122,9 +123,12 @@ def _reference_logits(stock_model, processor, prompts, media, encoded):
         types[b, width - n:] = full["mm_token_type_ids"][b][keep[b]]
         mask[b, width - n:] = 1
         pos[:, b, width - n:] = positions[:, b, keep[b]]
+    # decode steps without position_ids add these to the text positions (stock: max position + 1 - length)
+    deltas = torch.stack([positions[:, b, full["attention_mask"][b].bool()].max() + 1 - int(keep[b].sum())
+                          for b in range(len(keep))])
     with torch.no_grad():
         return stock_model(input_ids=ids, attention_mask=mask, position_ids=pos, mm_token_type_ids=types,
-                           mm_encoder_outputs=outputs, **{k: full[k] for k in keys}).logits, ids
+                           mm_encoder_outputs=outputs, **{k: full[k] for k in keys}).logits, ids, deltas
 
 
 @pytest.mark.parametrize("merge_point,cross_frame,max_tokens", [("vit", False, None), ("post", False, None),
@@ -137,12 +141,13 @@ def test_dtome_prefill_equals_kept_tokens_at_their_positions(stock, model, merge
                max_tokens=max_tokens)
     inputs = dymu.prompt_inputs(model, processor, prompts, media)
     encoded = dict(model.model._dymu.last_encoded)
-    reference, ids = _reference_logits(stock_model, processor, prompts, media, encoded)
+    reference, ids, deltas = _reference_logits(stock_model, processor, prompts, media, encoded)
     assert torch.equal(inputs["input_ids"], ids)
     assert ids.shape[1] < stock_inputs(processor, prompts, media)["input_ids"].shape[1]  # tokens were dropped
     with torch.no_grad():
         logits = model(**inputs).logits
     assert (logits - reference).abs().max().item() <= 1e-4
+    assert torch.equal(model.model.rope_deltas.view(-1), deltas)
     if cross_frame:  # the static video's second temporal patch kept no token of its own (an empty run)
         kept = model.model._dymu.last_encoded["video"].groups_per_item(inputs["video_grid_thw"])[1]
         assert all(u < len(kept) // 2 for u in _first_units(kept))
