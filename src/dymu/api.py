@@ -274,7 +274,8 @@ def encode(
     by `apply` applies at ``feature_layer``.
 
     A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
-    ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
+    ``grid_thw`` (``image_grid_thw``), or PIL images with ``processor`` (and ``focus`` / ``fill``), and
+    returns a `dymu.towers.qwen_vit.QwenEncoded` (with the budget set by `apply`).
     """
     with model_lock(model):  # the patched tower keeps the running forward's state on the model
         return _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor)

@@ -503,8 +503,8 @@ def generate(model, processor, prompts: list[str], images: list[list], *, videos
     replacing the one `dymu.apply` set. ``focus``: nested like ``images``, one entry per image (None:
     whole image): a box (x0, y0, x1, y1) in the image's pixels, a list of boxes, a mask image or a
     boolean array; outside it the pixels become ``fill`` (default white; "mean" or a colour) before the
-    processor (`dymu.focus`). With either, the report of a LLaVA-1.5 also gives the tokens kept without
-    them.
+    processor (`dymu.focus`). With either, the report of a LLaVA-1.5 or a Qwen VL also gives the tokens
+    kept without them. (Qwen VLs: the budget is per image and per video, in LLM tokens; focus is for images.)
 
     Thread safety: calls on the same model from several threads run one at a time (a per-model
     lock), because a patched model keeps the state of its running forward; each call gets its own
