@@ -71,12 +71,17 @@ def apply(
       `Thresholds` object; +inf or None = no merge at that layer, -inf = merge every edge) or plain
       ToMe with ``r``. Every layer merges at most (t - protected) // 2 of an image's t tokens.
     - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full`` or ``dymu``; ``merge_point`` ``"vit"``
-      (unit-level DToMe in every ViT block, one threshold per block) or ``"post"`` (stock ViT, merge
-      rounds after the PatchMerger, one threshold per round); default: the thresholds file's, else
-      ``"vit"``. ``cross_frame=True``: a video's merge steps alternate between merging across its
-      frames (a unit can join its twin in the next temporal patch) and within them (default: within
-      each temporal patch only). See `dymu.families.qwen_vl`.
+      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full``, ``dymu``, ``dtome`` (merged tokens fed
+      straight to the LLM, each at its group's first unit's stock (t, h, w) M-RoPE position; the prompt
+      holds one placeholder per kept token: `dymu.prompt_inputs`) or ``tome`` (``r`` unit merges per ViT
+      block, VTU unless ``tome_vtu=False``); ``merge_point`` ``"vit"`` (unit-level DToMe in every ViT
+      block, one threshold per block) or ``"post"`` (stock ViT, merge rounds after the PatchMerger, one
+      threshold per round); default: the thresholds file's, else ``"vit"``. ``cross_frame=True``: a
+      video's merge steps alternate between merging across its frames (a unit can join its twin in the
+      next temporal patch) and within them (default: within each temporal patch only). The token budget
+      counts LLM tokens (2x2 units) per image and per video, over every ViT block ("vit") or over the
+      post rounds ("post": add +inf rounds to make room); whether ``max_tokens`` is reachable depends on
+      each image's size, so every call checks it before the tower runs. See `dymu.families.qwen_vl`.
     - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
 
     ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
@@ -186,7 +191,8 @@ def encode(
     by `apply` applies at ``feature_layer``.
 
     A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
-    ``grid_thw`` (``image_grid_thw``) and returns a `dymu.towers.qwen_vit.QwenEncoded`.
+    ``grid_thw`` (``image_grid_thw``), or PIL images with ``processor`` (and ``focus`` / ``fill``), and
+    returns a `dymu.towers.qwen_vit.QwenEncoded` (with the budget set by `apply`).
     """
     with model_lock(model):  # the patched tower keeps the running forward's state on the model
         return _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor)

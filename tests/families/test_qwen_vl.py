@@ -240,8 +240,8 @@ def test_generate_with_merges_runs_with_beams(qwen_dirs, family, stock_and_input
 
 def test_bad_settings_have_clear_errors(qwen_dirs):
     model, _ = load_qwen("qwen2_5_vl", qwen_dirs["qwen2_5_vl"])
-    with pytest.raises(ValueError, match="mode 'dtome' is not available for Qwen2_5_VL"):
-        dymu.apply(model, 0.5, mode="dtome")
+    with pytest.raises(ValueError, match="mode 'downsample' is not available for Qwen2_5_VL.*native resolution"):
+        dymu.apply(model, 0.5, mode="downsample")
     with pytest.raises(ValueError, match="merge_point must be one of vit, post"):
         dymu.apply(model, 0.5, merge_point="middle")
     with pytest.raises(ValueError, match="one threshold per vision block \\(4\\), got 3"):

@@ -46,10 +46,12 @@ def test_qwen_cli_round_trip(qwen_dirs, tmp_path, capsys):
     assert all(k < f for k, f in zip(report["visual_tokens"][0], report["full_tokens"][0]))
     per_patch = report["video_tokens_per_temporal_patch"]  # 3 frames -> padded to 4 -> 2 temporal patches
     assert len(per_patch) == 1 and len(per_patch[0]) == 2 and sum(per_patch[0]) == report["visual_tokens"][0][1]
-    # A thresholds file for the other merge point is refused with one line.
+    # dtome: merged tokens fed straight to the LLM, one placeholder per kept token.
     assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
-                 str(IMAGES / "darknet_eagle.jpg"), "--prompt", "x", "--mode", "dtome"]) == 1
-    assert "not supported for Qwen VLs" in capsys.readouterr().err
+                 str(IMAGES / "darknet_eagle.jpg"), "--prompt", "x", "--mode", "dtome", "--max-new-tokens", "2",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "dtome" and report["visual_tokens"][0][0] < report["stock_tokens"][0][0]
 
 
 def test_qwen_bench_rows_quick(capsys):

@@ -11,8 +11,20 @@ class-swapped `forward` builds the prompt's group map in `masked_scatter` order 
 videos; row-major over batch and sequence) and hands it to the VTU decoder layers for that prefill.
 Decode steps carry no pixels and take the stock path.
 
-Mode ``dtome`` (merged tokens fed straight to the LLM, no VTU) is refused: it would need its own
-`get_rope_index` giving every kept token one 3-D position.
+Modes: ``dymu`` (thresholds, VTU), ``tome`` (a fixed r unit merges per ViT block, VTU unless
+``tome_vtu=False``), ``dtome`` (thresholds, merged tokens fed straight to the LLM, no VTU) and ``full``.
+Without VTU (``dtome``, ``tome`` with ``tome_vtu=False``) every image / video gives one feature row per
+kept token, at its group's representative unit (the group's first unit in raster order), and the
+prompt holds one placeholder per kept token (`dymu.prompt_inputs` builds it); the swapped
+`get_rope_index` gives each kept token that unit's stock (t, h, w) position and the text its stock
+positions (families/qwen_positions.py), and sets the rope deltas that decode steps add. The stock
+`generate` calls it (with the prompt's `mm_encoder_outputs`) for the prefill positions.
+
+Token budget (``max_tokens`` / ``min_tokens`` per image and per video, in LLM tokens = units): on top
+of the thresholds or r, over the merge steps: every ViT block (merge_point "vit"), or the rounds after
+the PatchMerger (merge_point "post": the stock tower keeps every unit, and the budget is met by the
+rounds; each halves at best, so add +inf rounds to make room for a small budget). See
+towers/qwen_rules.py.
 """
 
 from __future__ import annotations
@@ -27,28 +39,38 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditional
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     BaseModelOutputWithDeepstackFeatures,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLModel as _QWEN3_INNER,
 )
 
 from .. import compat, vtu
 from ..patching import PatchedClasses
 from ..decoders.llama import apply_vtu, check_kv_cache, remove_vtu, vtu_groups
+from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
-from .base import PreparedInputs, VLMFamily, register_vlm_family, timed
+from .base import PreparedInputs, VLMFamily, register_vlm_family
 from .prompting import video_frames, viewed
-from .qwen_processors import load_qwen_processor, qwen_inputs
+from .qwen_positions import direct_rope_index, kept_units
+from .qwen_processors import load_qwen_processor
 
 SUPPORTED_QWEN_VLMS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
                        Qwen3VLForConditionalGeneration)
-QWEN_MODES = ("full", "dymu")
+QWEN_MODES = ("full", "dymu", "dtome", "tome")
 
 
 @dataclass
 class QwenSettings:
     mode: str
     merge_point: str
-    thresholds: list[float]
+    thresholds: list[float] | None
     cross_frame: bool = False  # videos: merge steps alternate across frames and within frames
     last_encoded: dict[str, QwenEncoded] = field(default_factory=dict)  # "image" / "video" of the last call
+    r: list[int] | None = None  # mode tome: unit merges per ViT block (instead of thresholds)
+    budget: QwenBudget | None = None  # per image / video, in LLM tokens
+    direct: bool = False  # merged tokens fed straight to the LLM (no VTU): dtome, tome without VTU
+
+    def encode(self, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, video: bool) -> QwenEncoded:
+        return encode_qwen(visual, pixels, grid_thw, self.thresholds, self.merge_point,
+                           cross_frame=self.cross_frame and video, budget=self.budget, r=self.r)
 
 
 class DyMUQwenVLModel:
@@ -69,18 +91,59 @@ class DyMUQwenVLModel:
         if grid_thw is None:
             raise ValueError(f"DyMU needs {modality}_grid_thw with the {modality} pixels")
         settings = self._dymu
-        encoded = encode_qwen(self.visual, pixels, grid_thw, settings.thresholds, settings.merge_point,
-                              cross_frame=settings.cross_frame and modality == "video")
+        encoded = settings.encode(self.visual, pixels, grid_thw, modality == "video")
         settings.last_encoded[modality] = encoded
         split = (grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        features = encoded.features.split(split)
-        for rows, groups in zip(features, encoded.groups_per_item(grid_thw, self.visual.spatial_merge_size)):
-            rows.dymu_group_of_unit = groups  # local to the image / video
+        groups = encoded.groups_per_item(grid_thw, self.visual.spatial_merge_size)
+        offsets = torch.tensor([0] + split[:-1], device=encoded.features.device).cumsum(0).tolist()
+        # Without VTU: one row per kept token, at its representative unit (qwen_positions.py).
+        rows_of = [kept_units(g) + o for g, o in zip(groups, offsets)] if settings.direct else None
+
+        def items(level: torch.Tensor) -> tuple:
+            return level.split(split) if rows_of is None else tuple(level[rows] for rows in rows_of)
+
+        features = items(encoded.features)
+        for k, (rows, item_groups) in enumerate(zip(features, groups)):
+            rows.dymu_group_of_unit = item_groups  # local to the image / video
+            rows.dymu_kept_units = kept_units(item_groups)
         if encoded.deepstack:
             return BaseModelOutputWithDeepstackFeatures(
                 last_hidden_state=encoded.tokens, pooler_output=features,
-                deepstack_features=[level.split(split) for level in encoded.deepstack])
+                deepstack_features=[items(level) for level in encoded.deepstack])
         return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=features)
+
+    def get_rope_index(self, input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        """Stock, except without VTU: every kept token at its representative unit's stock position."""
+        stock = super().get_rope_index
+        grids = {m: g for m, g in ((1, image_grid_thw), (2, video_grid_thw)) if g is not None}
+        if not self._dymu.direct or not grids:
+            return stock(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                         video_grid_thw=video_grid_thw, attention_mask=attention_mask, **kwargs)
+        outputs = self._dymu_direct_outputs(kwargs, image_grid_thw, video_grid_thw)
+        kept = {m: [getattr(rows, "dymu_kept_units", None) for rows in outputs[name].pooler_output]
+                for m, name in ((1, "image"), (2, "video")) if m in grids}
+        for m, units in kept.items():  # rows not made by DyMU: every unit kept
+            kept[m] = [torch.arange(int(g.prod()) // 4) if u is None else u.cpu() for u, g in zip(units, grids[m])]
+        extra = {k: v for k, v in kwargs.items() if k == "second_per_grid_ts"}
+        return direct_rope_index(stock, input_ids, mm_token_type_ids, attention_mask, grids, kept,
+                                 {1: self.config.image_token_id, 2: self.config.video_token_id},
+                                 split_temporal=isinstance(self, _QWEN3_INNER),
+                                 vision_start=getattr(self.config, "vision_start_token_id", None), **extra)
+
+    def _dymu_direct_outputs(self, kwargs: dict, image_grid_thw, video_grid_thw) -> dict:
+        """The encoder outputs of the prompt being positioned: generate's ``mm_encoder_outputs``, the
+        running forward's, or (pixels given to generate) encoded here."""
+        outputs = dict(kwargs.get("mm_encoder_outputs") or getattr(self, "_dymu_running", None) or {})
+        for modality, key, grid in (("image", "pixel_values", image_grid_thw),
+                                    ("video", "pixel_values_videos", video_grid_thw)):
+            if grid is None or outputs.get(modality) is not None:
+                continue
+            if kwargs.get(key) is None:
+                raise ValueError(f"without VTU the {modality} positions need the {modality}s' pixels or "
+                                 "mm_encoder_outputs (dymu.prompt_inputs makes them)")
+            outputs[modality] = self._dymu_encode(modality, kwargs[key], grid)
+        return outputs
 
     def forward(self, input_ids=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None,
                 video_grid_thw=None, mm_encoder_outputs=None, **kwargs):
@@ -93,6 +156,12 @@ class DyMUQwenVLModel:
         call = dict(input_ids=input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, **kwargs)
         if not outputs:  # text only, or a decode step
             return stock(mm_encoder_outputs=mm_encoder_outputs, **call)
+        if self._dymu.direct:  # no VTU; get_rope_index reads the outputs while the stock forward runs
+            self._dymu_running = outputs
+            try:
+                return stock(mm_encoder_outputs=outputs, **call)
+            finally:
+                self._dymu_running = None
         with vtu_groups(self.language_model, self.prompt_group_map(input_ids, outputs)):
             return stock(mm_encoder_outputs=outputs, **call)
 
@@ -145,49 +214,102 @@ def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = Non
     return check_thresholds(visual, getattr(thresholds, "thresholds", thresholds), merge_point), merge_point
 
 
-def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
-                  vtu_attention: str = "fast", kv_cache: str = "compact", cross_frame: bool = False) -> None:
-    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place. ``thresholds``: one per vision block
-    (merge_point="vit"), or one per merge round after the PatchMerger (merge_point="post");
-    ``merge_point`` default: the thresholds file's, else "vit"."""
-    if mode == "dtome":
-        raise ValueError("mode 'dtome' (merged tokens fed to the LLM without VTU) is not supported for Qwen VLs: it "
-                         "needs a get_rope_index giving every kept token one 3-D position; use mode='dymu'")
+def qwen_budget(thresholds, max_tokens=None, min_tokens=None) -> QwenBudget | None:
+    """The token budget: the arguments where given, else the `Thresholds` file's defaults."""
+    if max_tokens is None:
+        max_tokens = getattr(thresholds, "max_tokens", None)
+    if min_tokens is None:
+        min_tokens = getattr(thresholds, "min_tokens", None)
+    return make_qwen_budget(max_tokens, min_tokens)
+
+
+def _check_mode(mode: str, thresholds, r, merge_point: str | None, tome_vtu: bool, cross_frame: bool) -> None:
     if mode not in QWEN_MODES:
         raise ValueError(f"unknown mode {mode!r} for a Qwen VL; choose one of {', '.join(QWEN_MODES)}")
     if merge_point is not None and merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     if mode == "full" and cross_frame:
-        raise ValueError("cross_frame merges video frames: it needs mode 'dymu', not 'full'")
+        raise ValueError("cross_frame merges video frames: it needs a merging mode, not 'full'")
+    if mode == "tome" and r is None:
+        raise ValueError("mode 'tome' needs r (unit merges per ViT block: one number or one per block)")
+    if mode == "tome" and merge_point == "post":
+        raise ValueError("mode 'tome' merges r units in every ViT block: it needs merge_point='vit', not 'post'")
+    if mode != "tome" and r is not None:
+        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
+    if mode in ("dymu", "dtome") and thresholds is None:
+        raise ValueError(f"mode {mode!r} needs thresholds (dymu calibrate makes them)")
+    if not tome_vtu and mode != "tome":
+        raise ValueError(f"tome_vtu=False is a setting of mode 'tome', not {mode!r}")
+
+
+def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
+                  vtu_attention: str = "fast", kv_cache: str = "compact", cross_frame: bool = False, *,
+                  r=None, budget: QwenBudget | None = None, tome_vtu: bool = True) -> None:
+    """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place (modes: see the module docstring).
+    ``thresholds``: one per vision block (merge_point="vit"), or one per merge round after the
+    PatchMerger (merge_point="post"); ``merge_point`` default: the thresholds file's, else "vit".
+    ``r`` (mode tome): unit merges per ViT block and segment. ``budget``: a `QwenBudget` (`qwen_budget`)."""
+    _check_mode(mode, thresholds, r, merge_point, tome_vtu, cross_frame)
     check_kv_cache(kv_cache)
     # What the swapped inner model overrides and calls of the stock one.
     stock = getattr(model.model, "_dymu_stock_class", type(model.model))
     compat.require_forward(stock, ("input_ids", "mm_encoder_outputs", "image_grid_thw", "video_grid_thw"))
     compat.require_forward(stock, ("pixel_values", "image_grid_thw"), "get_image_features")
     compat.require_forward(stock, ("pixel_values_videos", "video_grid_thw"), "get_video_features")
+    direct = mode == "dtome" or (mode == "tome" and not tome_vtu)
+    if direct:  # the stock positions of the re-expanded prompt (qwen_positions.py)
+        compat.require_forward(stock, ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                                       "attention_mask"), "get_rope_index")
+    inner = model.model
+    if mode == "tome":
+        values, merge_point, r = None, "vit", check_r(r, len(inner.visual.blocks))
+    elif mode != "full":
+        values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
     remove_qwen_vl(model)
     model._dymu_mode = mode
     if mode == "full":
         return
-    inner = model.model
-    if thresholds is None:
-        raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
-    values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
-    apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame))
+    if not direct:
+        apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
+    inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame),
+                               r=r, budget=budget, direct=direct)
     inner._dymu_stock_class = type(inner)
     inner.__class__ = _swapped_class(type(inner))
 
 
 @torch.no_grad()
-def encode_qwen_vl(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> QwenEncoded:
-    """The vision side only, with the model's DyMU settings (none: stock, every unit its own token)."""
+def encode_qwen_vl(model: nn.Module, pixel_values, grid_thw: torch.Tensor | None = None, *, focus=None, fill=None,
+                   processor=None) -> QwenEncoded:
+    """The vision side only, with the model's DyMU settings (none: stock, every unit its own token).
+    ``pixel_values``: the processor's, with ``grid_thw``; or PIL images, which ``processor`` (the
+    model's processor or image processor) turns into them, after filling outside ``focus`` (`dymu.focus`)."""
     visual = model.model.visual
+    if not isinstance(pixel_values, torch.Tensor):
+        pixel_values, grid_thw = focused_pixels(processor, list(pixel_values), focus, fill)
+    elif focus is not None:
+        raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=) "
+                         "instead of pixel values")
+    if grid_thw is None:
+        raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
+    pixel_values = pixel_values.to(visual.device)
     settings = getattr(model.model, "_dymu", None)
     if settings is None:
         return encode_qwen(visual, pixel_values, grid_thw, [float("inf")], "post")
-    return encode_qwen(visual, pixel_values, grid_thw, settings.thresholds, settings.merge_point,
-                       cross_frame=settings.cross_frame)
+    return settings.encode(visual, pixel_values, grid_thw, video=False)
+
+
+def focused_pixels(processor, images: list, focus, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) of PIL ``images`` with the pixels outside ``focus`` filled."""
+    from ..focus import DEFAULT_FILL, apply_focus_all, check_focus_survives
+
+    if processor is None:
+        raise ValueError("encoding PIL images with a Qwen VL needs processor= (its processor or image processor)")
+    image_processor = getattr(processor, "image_processor", processor)
+    fill = DEFAULT_FILL if fill is None else fill
+    filled = apply_focus_all(images, focus, fill)
+    check_focus_survives(image_processor, images, filled, focus, fill)
+    out = image_processor(images=filled, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
 
 
 def remove_qwen_vl(model: nn.Module) -> None:
@@ -195,6 +317,7 @@ def remove_qwen_vl(model: nn.Module) -> None:
     if hasattr(inner, "_dymu_stock_class"):
         inner.__class__ = inner._dymu_stock_class
         del inner._dymu_stock_class, inner._dymu
+        inner.__dict__.pop("_dymu_running", None)
     remove_vtu(inner.language_model)
     if hasattr(model, "_dymu_mode"):
         del model._dymu_mode
@@ -203,22 +326,15 @@ def remove_qwen_vl(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # The family adapter.
 
-NOT_TOWER_R = "Qwen VLs merge by thresholds per ViT block or merge round, not a fixed r or a merge order"
-
-
 class QwenVLFamily(VLMFamily):
     name, title = "qwen_vl", "Qwen2-VL / Qwen2.5-VL / Qwen3-VL"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     calibration, merge_points, post_rounds = "units", MERGE_POINTS, 3  # rounds after the PatchMerger
-    modes = {"full": None, "dymu": None,
-             "dtome": "would feed merged tokens without VTU, which needs every kept token at its own 3-D "
-                      "M-RoPE position; use mode 'dymu'",
-             "tome": NOT_TOWER_R, "downsample": "runs at native resolution: fewer tokens means smaller images, "
-                                               "which the processor's min_pixels / max_pixels set"}
-    options = {"r": NOT_TOWER_R, "order": NOT_TOWER_R, "tome_vtu": NOT_TOWER_R, "merge_point": None,
-               "cross_frame": None, "video": None,
-               "budget": "token budgets are for the CLIP / SigLIP towers of the LLaVA models",
-               "focus": "focus regions are for the LLaVA models",
+    modes = {"full": None, "dymu": None, "dtome": None, "tome": None,
+             "downsample": "runs at native resolution: fewer tokens means smaller images, which the processor's "
+                           "min_pixels / max_pixels set"}
+    options = {"r": None, "tome_vtu": None, "merge_point": None, "cross_frame": None, "budget": None, "focus": None,
+               "video": None, "order": "it merges whole 2x2 units in the stock unit order",
                "raw_prompt": "prompts are questions, wrapped in the chat template"}
 
     def model_classes(self):
@@ -235,7 +351,8 @@ class QwenVLFamily(VLMFamily):
         self.check(model, settings)
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,
                       vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache,
-                      cross_frame=settings.cross_frame)
+                      cross_frame=settings.cross_frame, r=settings.r, tome_vtu=settings.tome_vtu,
+                      budget=qwen_budget(settings.thresholds, settings.max_tokens, settings.min_tokens))
 
     def remove(self, model):
         remove_qwen_vl(model)
@@ -245,22 +362,17 @@ class QwenVLFamily(VLMFamily):
         if feature_layer is not None or drop_class_token is not None:
             raise ValueError("a Qwen VL's features are the PatchMerger's output: feature_layer and drop_class_token "
                              "are for CLIP / SigLIP towers")
-        if focus is not None or fill is not None:
-            self.refuse_unsupported("focus", model)
-        if grid_thw is None:
-            raise ValueError("encoding with a Qwen VL needs grid_thw (the processor's image_grid_thw)")
-        return encode_qwen_vl(model, pixel_values, grid_thw)
+        return encode_qwen_vl(model, pixel_values, grid_thw, focus=focus, fill=fill, processor=processor)
 
     @torch.no_grad()
     def encode_records(self, model, processor, opened, skipped):
         """Per image: LLM tokens kept of the stock units and the group of every unit."""
         if not opened:
             return [], skipped
-        device = next(model.parameters()).device
         paths, images = zip(*opened)
         inputs = processor(images=list(images), return_tensors="pt")
         grid = inputs["image_grid_thw"]
-        encoded = encode_qwen_vl(model, inputs["pixel_values"].to(device, model.dtype), grid.to(device))
+        encoded = encode_qwen_vl(model, inputs["pixel_values"].to(model.dtype), grid)
         groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
         settings = getattr(model.model, "_dymu", None)
         in_tower = settings is not None and settings.merge_point == "vit"  # "post": the tower keeps every unit
@@ -273,73 +385,19 @@ class QwenVLFamily(VLMFamily):
         return load_qwen_processor(model_ref, config.model_type)
 
     def prepare(self, model, processor, request):
+        from .qwen_prompts import qwen_prompt_inputs
+
         if not request.chat_template:
             self.refuse_unsupported("raw_prompt", model)
-        if request.max_tokens is not None or request.min_tokens is not None:
-            self.refuse_unsupported("budget", model)
-        if request.focus is not None or request.fill is not None:
-            self.refuse_unsupported("focus", model)
         # One list per prompt in the prompt's order: images (a list of frames among them is a video), then videos.
         media = [[video_frames(m, i, k, 0) if isinstance(m, (list, tuple)) else viewed(m, i, k)
                   for k, m in enumerate(ims)] + vs for i, (ims, vs) in enumerate(zip(request.images, request.videos))]
-        return qwen_prepare(model, processor, request.prompts, media)
-
-
-@torch.no_grad()
-def qwen_prepare(model, processor, prompts, media) -> PreparedInputs:
-    """The stock prompt in every mode (virtual unmerge): images and videos encoded first (timed), then
-    handed to generate as `mm_encoder_outputs`, with the processor's grids for M-RoPE."""
-    device = next(model.parameters()).device
-    texts = []
-    for prompt, items in zip(prompts, media):
-        content = [{"type": "video" if isinstance(m, (list, tuple)) else "image"} for m in items]
-        texts.append(processor.apply_chat_template(
-            [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
-            add_generation_prompt=True, tokenize=False))
-    processor.tokenizer.padding_side = "left"
-    inputs = qwen_inputs(processor, texts, media).to(device)
-    inner = model.model
-    encoded, full = {}, {}
-
-    def encode():
-        for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-            if pixels in inputs:
-                grid = inputs[f"{modality}_grid_thw"]
-                encoded[modality] = getattr(inner, f"get_{modality}_features")(inputs.pop(pixels).to(model.dtype), grid)
-                full[modality] = (grid.prod(-1) // inner.visual.spatial_merge_size**2).tolist()
-
-    _, encoder_s = timed(device, encode)
-    settings = getattr(inner, "_dymu", None)
-    counts = {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
-                  if settings is not None else full[m]) for m in encoded}
-    # The tower keeps every unit when it does not merge (stock, or merge_point "post").
-    in_tower = counts if settings is not None and settings.merge_point == "vit" else full
-    # per prompt, per image/video in the prompt's order (images are encoded before videos)
-    taken = {"image": 0, "video": 0}
-    rows, stock, encoder = [], [], []
-    for items in media:
-        row, row_stock, row_encoder = [], [], []
-        for m in items:
-            modality = "video" if isinstance(m, (list, tuple)) else "image"
-            row.append(counts[modality][taken[modality]])
-            row_stock.append(full[modality][taken[modality]])
-            row_encoder.append(in_tower[modality][taken[modality]])
-            taken[modality] += 1
-        rows.append(row)
-        stock.append(row_stock)
-        encoder.append(row_encoder)
-    per_patch = None
-    if "video" in encoded:
-        grid = inputs["video_grid_thw"]
-        segments = (settings.last_encoded["video"].kept_per_segment.tolist() if settings is not None else
-                    [int(h * w) // 4 for t, h, w in grid.tolist() for _ in range(t)])
-        per_patch, s = [], 0
-        for t in grid[:, 0].tolist():
-            per_patch.append(segments[s : s + t])
-            s += t
-    return PreparedInputs({**inputs, "mm_encoder_outputs": encoded or None}, llm_rows=rows, stock_positions=stock,
-                          encoder_tokens=encoder, full_tokens=stock, encoder_s=encoder_s,
-                          report_extras={"video_tokens_per_temporal_patch": per_patch})
+        prepared = qwen_prompt_inputs(model, processor, request.prompts, media, max_tokens=request.max_tokens,
+                                      min_tokens=request.min_tokens, focus=request.focus, fill=request.fill)
+        return PreparedInputs(prepared.inputs, llm_rows=prepared.kept, stock_positions=prepared.stock,
+                              encoder_tokens=prepared.encoder, full_tokens=prepared.stock,
+                              encoder_s=prepared.encoder_s, without=prepared.without,
+                              report_extras={"video_tokens_per_temporal_patch": prepared.per_patch})
 
 
 register_vlm_family(QwenVLFamily())

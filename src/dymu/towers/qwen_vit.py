@@ -53,7 +53,8 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from .. import merge as M
 from ..compat import unwrap_compiled
-from ..merge import Layout, merge_rounds, merge_segments, merges_at, round_chooser, within_segments
+from ..merge import Layout, merge_segments, within_segments
+from .qwen_rules import MergeRule, QwenBudget, check_reachable
 from .. import vtu
 
 QWEN_TOWERS = (Qwen2VisionTransformerPretrainedModel, Qwen2_5_VisionTransformerPretrainedModel, Qwen3VLVisionModel)
@@ -168,10 +169,11 @@ def _window_index(visual, grid_thw: Tensor):
 
 @torch.no_grad()
 def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
-                edge_chooser: EdgeChooser | None = None, cross_frame: bool = False) -> QwenEncoded:
+                edge_chooser: EdgeChooser | None = None, cross_frame: bool = False,
+                budget: QwenBudget | None = None) -> QwenEncoded:
     """Stock tower, then one thresholded bipartite round per entry of ``thresholds`` on its output
     tokens (per segment; with ``cross_frame``, rounds alternate across and within frames), with the
-    last block's pre-rotary keys as the metric."""
+    last block's pre-rotary keys as the metric. ``budget``: per image / video, over these rounds."""
     captured = []
     handle = visual.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, out: captured.append(out))
     try:
@@ -190,11 +192,38 @@ def encode_post(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     payload = torch.cat([features, *deepstack], dim=-1)
     units = segment_units(grid_thw, visual.spatial_merge_size).to(features.device)
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(features.device))
-    rounds = merge_rounds(payload, metric, torch.ones(len(features), dtype=torch.long, device=features.device),
-                          segment_of_unit, len(units), thresholds, edge_chooser,
-                          lambda step, segments: _layout(step, cross_frame, segments, item_of_segment))
-    parts = rounds.payload.split(widths, dim=-1)
-    return _finish(parts[0], rounds.group, rounds.kept[:, -1], units, list(rounds.kept.unbind(1)), list(parts[1:]))
+    rule = MergeRule(len(thresholds), thresholds=thresholds, budget=budget, edge_chooser=edge_chooser,
+                     cross_frame=cross_frame)
+    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.budget_steps_after(-1))
+    sizes = torch.ones(len(features), dtype=torch.long, device=features.device)
+    group, kept = torch.arange(len(payload), device=payload.device), []
+    for step in range(rule.steps):  # merge.merge_rounds, with the rule's edge choice
+        alive, rows = _item_units(units, item_of_segment, segment_of_unit)
+        if rule.merges_at(step, alive, rows):
+            layout = _layout(step, cross_frame, segment_of_unit, item_of_segment)
+            merged = merge_segments(torch.cat([payload, metric], -1), metric, sizes, layout,
+                                    rule.chooser(step, _item_of_row(layout, item_of_segment[segment_of_unit]),
+                                                 alive, rows))
+            payload, metric = merged.payload[:, : payload.shape[1]], merged.payload[:, payload.shape[1]:]
+            metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            sizes, group = merged.sizes, merged.new_index[group]
+            segment_of_unit = segment_of_unit[merged.survivors]
+        kept.append(torch.bincount(segment_of_unit, minlength=len(units)))
+    parts = payload.split(widths, dim=-1)
+    return _finish(parts[0], group, kept[-1], units, kept, list(parts[1:]))
+
+
+def _item_units(units: Tensor, item_of_segment: Tensor, segment_of_unit: Tensor) -> tuple[Tensor, Tensor]:
+    """(I,) units alive and (I,) segments holding units, per image / video."""
+    items = int(item_of_segment.max()) + 1 if len(item_of_segment) else 0
+    alive = torch.bincount(item_of_segment[segment_of_unit], minlength=items)
+    present = torch.bincount(segment_of_unit, minlength=len(units)) > 0
+    return alive, torch.bincount(item_of_segment, weights=present.to(torch.float64), minlength=items).long()
+
+
+def _item_of_row(layout: Layout, item_of_unit: Tensor) -> Tensor:
+    return torch.zeros(layout.rows, dtype=torch.long, device=item_of_unit.device).scatter_(0, layout.row, item_of_unit)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +280,19 @@ def _run_ids(lengths: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
-               edge_chooser: EdgeChooser | None = None, cross_frame: bool = False) -> QwenEncoded:
+def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float] | None,
+               edge_chooser: EdgeChooser | None = None, cross_frame: bool = False, budget: QwenBudget | None = None,
+               r: Sequence[int] | None = None) -> QwenEncoded:
     """The tower forward with unit-level DToMe after the attention of every block with a finite
     threshold (one per block), proportional attention, packed layout recomputed from survivors.
-    ``cross_frame``: a video's merging blocks alternate across frames (frame parity) and within frames."""
-    if len(thresholds) != len(visual.blocks):
-        raise ValueError(f"{len(thresholds)} thresholds for a vision tower of {len(visual.blocks)} blocks")
+    ``cross_frame``: a video's merging blocks alternate across frames (frame parity) and within frames.
+    ``r`` (instead of thresholds): ToMe, r unit merges per block and matching row. ``budget``: per
+    image / video, over all blocks (towers/qwen_rules.py)."""
+    if len(thresholds if r is None else r) != len(visual.blocks):
+        raise ValueError(f"{len(thresholds if r is None else r)} {'thresholds' if r is None else 'r values'} for a "
+                         f"vision tower of {len(visual.blocks)} blocks")
+    rule = MergeRule(len(visual.blocks), thresholds=thresholds if r is None else None, r=r, budget=budget,
+                     edge_chooser=edge_chooser, cross_frame=cross_frame)
     rope = _rope_vision(visual)
     hidden = _embed(visual, pixel_values, grid_thw)  # (R, D), R = 4·U rows
     dim = hidden.shape[-1]
@@ -265,6 +300,7 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
     units = segment_units(grid_thw, visual.spatial_merge_size).to(device)
     segment_of_unit, item_of_segment = _run_ids(units), _run_ids(grid_thw[:, 0].to(device))
+    check_reachable(budget, *_item_units(units, item_of_segment, segment_of_unit), rule.budget_steps_after(-1))
     window_index, cu_windows = _window_index(visual, grid_thw)
     reverse = None
     if window_index is not None:  # Qwen2.5-VL: units in window order, as the stock forward does
@@ -290,12 +326,14 @@ def encode_vit(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresh
         log_size = sizes.to(hidden.dtype).log().repeat_interleave(UNIT)
         out, keys = proportional_attention(block.attn, block.norm1(hidden), cos, sin, seg_lengths, log_size, rope)
         hidden = hidden + out
-        if merges_at(thresholds, edge_chooser, index):
+        alive, rows = _item_units(units, item_of_segment, segment_of_unit)
+        if rule.merges_at(index, alive, rows):
             widths = [UNIT * dim] + [d.shape[-1] for d in deepstack]
             payload = torch.cat([hidden.view(-1, UNIT * dim), *deepstack], dim=-1)
-            step = merge_segments(payload, unit_metric(keys, block.attn.num_heads), sizes,
-                                  _layout(index, cross_frame, segment_of_unit, item_of_segment),
-                                  round_chooser(thresholds, edge_chooser, index))
+            layout = _layout(index, cross_frame, segment_of_unit, item_of_segment)
+            step = merge_segments(payload, unit_metric(keys, block.attn.num_heads), sizes, layout,
+                                  rule.chooser(index, _item_of_row(layout, item_of_segment[segment_of_unit]),
+                                               alive, rows))
             parts = step.payload.split(widths, dim=-1)
             hidden, deepstack = parts[0].reshape(-1, dim), list(parts[1:])
             sizes, group = step.sizes, step.new_index[group]
@@ -330,12 +368,19 @@ def check_thresholds(visual: nn.Module, thresholds, merge_point: str) -> list[fl
     return values
 
 
-def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float],
+def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thresholds: Sequence[float] | None,
                 merge_point: str = "vit", edge_chooser: EdgeChooser | None = None,
-                cross_frame: bool = False) -> QwenEncoded:
-    encode = encode_vit if merge_point == "vit" else encode_post
+                cross_frame: bool = False, *, budget: QwenBudget | None = None,
+                r: Sequence[int] | None = None) -> QwenEncoded:
+    """Encode with merging: ``thresholds`` (DToMe) or ``r`` (ToMe, merge_point "vit" only), and an
+    optional token ``budget`` per image / video (towers/qwen_rules.py)."""
     visual = unwrap_compiled(visual)  # runs the tower's own blocks (torch.compile's wrapper: see compat)
-    return encode(visual, pixel_values, grid_thw.to(pixel_values.device), thresholds, edge_chooser, cross_frame)
+    grid_thw = grid_thw.to(pixel_values.device)
+    if merge_point == "vit":
+        return encode_vit(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget, r)
+    if r is not None:
+        raise ValueError("r (ToMe) merges in the ViT blocks: it needs merge_point='vit'")
+    return encode_post(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget)
 
 
 def qwen_identity(visual: nn.Module, merge_point: str, steps: int, model_ref: str | None = None) -> dict:

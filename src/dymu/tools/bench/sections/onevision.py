@@ -132,7 +132,8 @@ def merge_point_maps(plan: Plan, model, processor, thresholds: dict, log) -> dic
     """Per input ("image": the large photo, "video": the frames): its counts and the (positions,) group
     map of every merge point, made by dymu's OneVision wiring."""
     from ....api import apply, remove
-    from ....families.llava_next import encoder_tokens_per_item, frames_to_pixels
+    from ....families.llava_next import encoder_tokens_per_item
+    from ....families.onevision_processor import frames_to_pixels
 
     t = plan.onevision_tower
     grid = (t["image_size"] // t["patch_size"]) ** 2
