@@ -156,7 +156,7 @@ def test_presets_keep_the_papers_fractions(tower):
         resolve_r(tower, -1, preset="low", r=3)
 
 
-# ---- reliability (issue 13) ----
+# ---- reliability ----
 
 def _processor_of(tower):
     return processor_for("clip" if tower.config.model_type.startswith("clip") else "siglip")
