@@ -201,10 +201,40 @@ def calibrate(
             key=_settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
     if _distributed()[0] == 0:
+        # What inference will deliver: the thresholds applied per image (the calibration's own merging
+        # is batch-level), on the calibration images (at most PER_IMAGE_CHECK of them).
+        counts = _kept_per_image(model, tower, family, result, images[:PER_IMAGE_CHECK], processor, batch_size)
+        if counts:
+            result.per_image_tokens = {"mean": math.fsum(counts) / len(counts), "min": min(counts),
+                                       "max": max(counts), "images": len(counts),
+                                       "measured_on": "the first calibration images" if len(images) > PER_IMAGE_CHECK
+                                       else "the calibration images"}
+            if out is not None:
+                result.save(out)
         _, missed = target_report(result)
         if missed:
             warn(missed)
     return result
+
+
+# Images (or AnyRes crops: what the tower sees) the thresholds are applied to, per image, after calibration.
+PER_IMAGE_CHECK = 512
+
+
+def _kept_per_image(model, tower, family, thresholds: Thresholds, images: Sequence, processor, batch_size: int):
+    """Tokens kept at the feature layer per tower input (image, or AnyRes crop) with ``thresholds``
+    alone, as at inference (merging is per image: the batch does not change a count)."""
+    device = next(tower.parameters()).device
+    counts: list[int] = []
+    with dtome_patched(tower, family, thresholds=thresholds.thresholds, order=thresholds.order):
+        for batch in _batches(list(images), batch_size):
+            opened, skipped = open_images(batch)
+            _, pixels, _ = pixel_values_of(processor, opened, skipped, lambda out: encoder_pixels(model, out)[0])
+            if pixels is None:
+                continue
+            counts += encode_with_tower(tower, family, pixels.to(device), thresholds.feature_layer,
+                                        drop_class_token=True).num_tokens.tolist()
+    return counts
 
 
 @torch.no_grad()
@@ -215,16 +245,5 @@ def clip_fraction(model: nn.Module, thresholds: Thresholds, images: Sequence, ma
     budget of ``max_tokens`` would clip. Unreadable images are not counted."""
     tower, family = vision_tower_of(model)
     processor = processor or family.default_processor(tower.config)
-    device = next(tower.parameters()).device
-    over = total = 0
-    with dtome_patched(tower, family, thresholds=thresholds.thresholds, order=thresholds.order):
-        for batch in _batches(list(images), batch_size):
-            opened, _ = open_images(batch)
-            if not opened:
-                continue
-            pixels = processor(images=[image for _, image in opened], return_tensors="pt")["pixel_values"]
-            counts = encode_with_tower(tower, family, pixels.to(device), thresholds.feature_layer,
-                                       drop_class_token=True).num_tokens
-            over += int((counts > max_tokens).sum())
-            total += len(counts)
-    return over, total
+    counts = _kept_per_image(model, tower, family, thresholds, images, processor, batch_size)
+    return sum(n > max_tokens for n in counts), len(counts)

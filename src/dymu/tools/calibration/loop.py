@@ -255,7 +255,8 @@ def run_batches(images: Sequence, batch_size: int, record: Callable[[int, list],
 
 
 def summarize(records, per_layer_r, identity, feature_layer, schedule, run, order: str = DEFAULT_ORDER) -> Thresholds:
-    """Average the per-batch τ (correctly rounded float64 sums) and the token statistics."""
+    """Average the per-batch τ, weighted by the images of each batch (correctly rounded float64 sums),
+    and the token statistics."""
     used = [rec for rec in records if rec.images > 0]
     images_seen = sum(rec.images for rec in used)
     if images_seen == 0:
@@ -263,8 +264,11 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
         raise ValueError(f"no readable images: all {len(skipped)} were skipped")
     thresholds = []
     for layer, r_layer in enumerate(per_layer_r):
-        values = [rec.tau[layer] for rec in used if not math.isnan(rec.tau[layer])]
-        thresholds.append(math.fsum(values) / len(values) if values and r_layer > 0 and layer < run else math.inf)
+        # each batch's τ weighted by its images, so a short last batch counts for what it holds
+        weighted = [(rec.images * rec.tau[layer], rec.images) for rec in used if not math.isnan(rec.tau[layer])]
+        weight = sum(w for _, w in weighted)
+        thresholds.append(math.fsum(v for v, _ in weighted) / weight if weighted and r_layer > 0 and layer < run
+                          else math.inf)
     mean = [math.fsum(rec.kept_sum[i] for rec in used) / images_seen for i in range(run)]
     sq = [math.fsum(rec.kept_sqsum[i] for rec in used) / images_seen for i in range(run)]
     std = [math.sqrt(max(0.0, s - m * m)) for m, s in zip(mean, sq)]

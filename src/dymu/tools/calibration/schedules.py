@@ -44,19 +44,27 @@ def capped_layers(per_layer_r: Sequence[float], tokens_kept_mean: Sequence[float
 
 
 def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | None]:
-    """(one line: target vs reached, a warning when they differ by more than ``tolerance`` or None)."""
-    target, reached = th.target_tokens, th.reached_tokens
+    """(one line: target vs what inference will keep per image, a warning when they differ by more than
+    ``tolerance`` or None). Without a per-image measurement: the calibration's batch-level figure."""
+    target, batch_level = th.target_tokens, th.reached_tokens
+    per_image = th.per_image_tokens
+    reached = per_image["mean"] if per_image else batch_level
     if target is None or reached is None:
         return f"{reached if reached is not None else float('nan'):.1f} visual tokens on average", None
-    line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
+    if per_image:
+        line = (f"target {target:.1f}; per image, as inference runs them, {reached:.1f} visual tokens on average "
+                f"(min {per_image['min']}, max {per_image['max']}, on {per_image['images']} of "
+                f"{per_image['measured_on']}; batch-level {batch_level:.1f})")
+    else:
+        line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
     if abs(reached - target) <= tolerance * max(target, 1.0):
         return line, None
     layers = ("layers " if len(th.capped_layers) > 1 else "layer ") + ", ".join(map(str, th.capped_layers))
     why = (f"{layers} hit the per-layer cap (at most half of a layer's tokens "
            "can merge in it), so their share of the merges was cut" if th.capped_layers else
-           "no layer hit the per-layer cap (a batch-level threshold of 0 stops merging: the images were too "
-           "different or the batch too small)")
-    return line, (f"calibration reached {reached:.1f} visual tokens, not the target {target:.1f} "
+           "no layer hit the per-layer cap (thresholds found on whole batches keep more or fewer tokens per image "
+           "when the images differ a lot, and a batch-level threshold of 0 stops merging)")
+    return line, (f"the thresholds keep {reached:.1f} visual tokens per image, not the target {target:.1f} "
                   f"({(reached - target) / max(target, 1.0):+.0%}): {why}. Try a less aggressive target, "
                   "--schedule constant or linear (more merging in early layers, where there are more tokens), "
                   "or a larger --batch-size.")
