@@ -205,9 +205,11 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
             out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
         else:
             model, processor = build_demo_anyres_model(family)
-            shape = ("LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
-                     f"{ONEVISION_ASPECT}, video)" if family == "onevision" else
-                     "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)")
+            shape = {"onevision": "LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
+                                  f"{ONEVISION_ASPECT}, video)",
+                     "next": "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)",
+                     "next_video": "LLaVA-NeXT-Video-shaped model (CLIP, Llama decoder, AnyRes crops of 112px/14, "
+                                   "video frames pooled 2x2)"}[family]
             out(f"dymu demo: a small {shape} with RANDOM weights,")
         out("built offline. Token counts and timings are real; the answers are noise.")
         if save_model:
@@ -253,7 +255,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
 
     pick = len(images) - 1  # the cluttered scene
     cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
-    if family == "onevision" and random_weights:  # a multi-image prompt and a video of the bundled images
+    if family in ("onevision", "next_video") and random_weights:  # a multi-image prompt, a video of the images
         cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
         frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
         cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))
