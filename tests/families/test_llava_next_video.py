@@ -17,6 +17,7 @@ from transformers import LlavaNextVideoForConditionalGeneration
 
 import dymu
 from conftest import IMAGES, MIXED_IMAGES, load_image
+from dymu.decoders.llama import rows_processed
 from dymu.families import get_vlm_family
 from dymu.families.prompting import chat_text
 from lm_helpers import average_within_groups
@@ -54,7 +55,8 @@ def frames(name="darknet_kite_beach.jpg", n=3):
 
 
 def cases():
-    two = [load_image("synthetic_gradient.png").resize((200, 90)), load_image("skimage_chessboard.png").resize((120, 120))]
+    two = [load_image("synthetic_gradient.png").resize((200, 90)),
+           load_image("skimage_chessboard.png").resize((120, 120))]
     return ["What is this?", "Compare the two pictures.", "What happens in the video?"], [[odd_image()], two, []], \
         [[], [], [frames()]]
 
@@ -143,7 +145,8 @@ def reference_logits(model, inputs, post=None):
             start += n
             feats = torch.stack([inner.multi_modal_projector(c["tokens"])[c["group_of_patch"]] for c in crops])
             ind = indicators([c["group_of_patch"] for c in crops])
-            packed = inner.pack_image_features([feats], sizes[i:i + 1], strategy, image_newline=inner.image_newline)[0][0]
+            packed = inner.pack_image_features([feats], sizes[i:i + 1], strategy,
+                                               image_newline=inner.image_newline)[0][0]
             packed_ind = inner.pack_image_features([ind], sizes[i:i + 1], strategy,
                                                    image_newline=torch.zeros(ind.shape[2], dtype=torch.float64))[0][0]
             newline = packed_ind.abs().sum(1) == 0  # no merged token in it
@@ -177,7 +180,8 @@ def reference_logits(model, inputs, post=None):
 
 
 CALIBRATION = ["skimage_chelsea_cat.png", "darknet_dog_bicycle_truck.jpg", "skimage_coffee.png", "darknet_eagle.jpg",
-               "synthetic_blank_white.png", "synthetic_gradient.png", "scipy_raccoon_face.jpg", "skimage_chessboard.png"]
+               "synthetic_blank_white.png", "synthetic_gradient.png", "scipy_raccoon_face.jpg",
+               "skimage_chessboard.png"]
 
 
 @pytest.fixture(scope="session")
@@ -206,8 +210,12 @@ def test_real_merges_equal_the_slow_reference(nv_dir, nv_thresholds, merge_point
     inputs = inputs_for(processor, *cases())
     with torch.no_grad():
         ours = model(**inputs).logits
+        rows = rows_processed(model)
         reference, labels = reference_logits(model, inputs, getattr(thresholds, "post_thresholds", None))
     assert masked_max_diff(ours, reference, inputs["attention_mask"]) <= 1e-4
+    # VTU ran its MLP once per group of the reference (a finer group map would give the same logits).
+    groups = sum(int(row[row >= 0].unique().numel()) for row in labels)
+    assert rows["mlp"] == model.config.text_config.num_hidden_layers * (groups + int((labels < 0).sum()))
     for token_id in (model.config.image_token_id, model.config.video_token_id):
         rows, positions = video_rows(labels, inputs, token_id)
         assert rows < positions, (token_id, rows, positions)  # images and the video both merged
@@ -223,8 +231,11 @@ def test_max_pooling_group_map_equals_the_reference(nv_dir):
     inputs = inputs_for(processor, *[c[2:] for c in cases()])  # the video
     with torch.no_grad():
         ours = model(**inputs).logits
+        processed = rows_processed(model)["mlp"]
         reference, labels = reference_logits(model, inputs)
     assert masked_max_diff(ours, reference, inputs["attention_mask"]) <= 1e-4
+    groups = int(labels[labels >= 0].unique().numel())
+    assert processed == model.config.text_config.num_hidden_layers * (groups + int((labels < 0).sum()))
     rows, positions = video_rows(labels, inputs, model.config.video_token_id)
     assert rows < positions == 3 * POOLED
 
