@@ -60,6 +60,7 @@ CONTRACT_MODELS = {
     "llava": ("llava", _llava),
     "llava_next": ("llava_next", _anyres("next")),
     "llava_onevision": ("llava_onevision", _anyres("onevision")),
+    "llava_next_video": ("llava_next_video", _anyres("next_video")),
     "qwen2_vl": ("qwen_vl", _qwen("qwen2_vl")),
     "qwen2_5_vl": ("qwen_vl", _qwen("qwen2_5_vl")),
     "qwen3_vl": ("qwen_vl", _qwen("qwen3_vl")),

@@ -14,6 +14,7 @@ FAMILIES = {
     "llava": (build_demo_model, False),
     "llava_next": (lambda: build_demo_anyres_model("next"), False),
     "llava_onevision": (lambda: build_demo_anyres_model("onevision"), True),
+    "llava_next_video": (lambda: build_demo_anyres_model("next_video"), True),
     "qwen2_vl": (lambda: build_qwen_demo_model("qwen2_vl"), True),
     "qwen2_5_vl": (lambda: build_qwen_demo_model("qwen2_5_vl"), True),
     "qwen3_vl": (lambda: build_qwen_demo_model("qwen3_vl"), True),

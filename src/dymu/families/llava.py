@@ -258,7 +258,8 @@ class LlavaFamily(TowerVLMFamily):
     modes = dict.fromkeys(MODES)
     options = {"r": None, "order": None, "tome_vtu": None, "budget": None, "focus": None, "raw_prompt": None,
                "merge_point": "merges in the vision tower only (no stock step follows it that mixes tokens)",
-               "cross_frame": "takes no video", "video": "takes no video (LLaVA-OneVision and the Qwen VLs do)"}
+               "cross_frame": "takes no video",
+               "video": "takes no video (LLaVA-NeXT-Video, LLaVA-OneVision and the Qwen VLs do)"}
 
     def model_classes(self):
         return SUPPORTED_VLMS

@@ -576,6 +576,6 @@ def stock_tokens_per_item(inner: nn.Module, counts: list[int]) -> list[int]:
 
 
 register_vlm_family(AnyResFamily("llava_next", "LLaVA-NeXT", LlavaNextForConditionalGeneration, ("llava_next",),
-                                 video="takes no video (LLaVA-OneVision and the Qwen VLs do)"))
+                                 video="takes no video (LLaVA-NeXT-Video, LLaVA-OneVision and the Qwen VLs do)"))
 register_vlm_family(AnyResFamily("llava_onevision", "LLaVA-OneVision", LlavaOnevisionForConditionalGeneration,
                                  ("llava_onevision",), video=None))

@@ -106,29 +106,38 @@ ANYRES_PINPOINTS = [[ANYRES_CROP * h, ANYRES_CROP * w] for h in (1, 2, 3) for w 
 ONEVISION_ASPECT = "anyres_max_4"
 
 
+NEXT_VIDEO_CROP = 112  # an 8x8 grid: the stock 2x2 video pooling (and its processor's "// 4") needs it even
+DEMO_FAMILIES = ("llava", "onevision", "next", "next_video")
+
+
 def build_demo_anyres_model(family: str, seed: int = 0):
     """(model, processor) shaped like LLaVA-OneVision (SigLIP read at -1 "full", Qwen2, anyres_max,
-    video) or LLaVA-NeXT (CLIP read at -2 "default", Llama) at small dimensions, random weights.
+    video), LLaVA-NeXT (CLIP read at -2 "default", Llama) or LLaVA-NeXT-Video (NeXT's image path on
+    112px crops, plus video frames average-pooled 2x2) at small dimensions, random weights.
 
-    The processor is the stock `LlavaNextProcessor`, or for OneVision `dymu.families.llava_next.
-    onevision_processor` (the stock one without its video processor when torchvision is missing).
+    The processor is the stock `LlavaNextProcessor`, or for OneVision / NeXT-Video the stock one (without
+    its video processor, videos as lists of PIL frames, when torchvision is missing:
+    `dymu.families.onevision_processor`, `dymu.families.llava_next_video.next_video_processor`).
     """
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              Qwen2Config, SiglipVisionConfig)
+                              LlavaNextProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
 
-    if family not in ("onevision", "next"):
-        raise ValueError(f"unknown demo family {family!r}; choose one of llava, onevision, next")
-    onevision = family == "onevision"
-    tokenizer = build_tokenizer(video=onevision)
+    if family not in DEMO_FAMILIES[1:]:
+        raise ValueError(f"unknown demo family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    onevision, next_video = family == "onevision", family == "next_video"
+    tokenizer = build_tokenizer(video=family != "next")
+    crop = NEXT_VIDEO_CROP if next_video else ANYRES_CROP
+    pinpoints = [[crop * h, crop * w] for h in (1, 2, 3) for w in (1, 2, 3)]
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  image_size=ANYRES_CROP, patch_size=ANYRES_PATCH)
+                  image_size=crop, patch_size=ANYRES_PATCH)
     text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    grid = (ANYRES_CROP // ANYRES_PATCH) ** 2
+    grid = (crop // ANYRES_PATCH) ** 2
     torch.manual_seed(seed)
     if onevision:
         from ..families.onevision_processor import onevision_processor
@@ -144,17 +153,26 @@ def build_demo_anyres_model(family: str, seed: int = 0):
     else:
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-        config = LlavaNextConfig(vision_config=CLIPVisionConfig(projection_dim=64, **vision),
-                                 text_config=LlamaConfig(**text), image_token_index=image_token_id,
-                                 image_grid_pinpoints=ANYRES_PINPOINTS, vision_feature_layer=-2,
-                                 vision_feature_select_strategy="default", image_seq_length=grid)
-        model = LlavaNextForConditionalGeneration(config).eval()
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": ANYRES_CROP}, crop_size={"height": ANYRES_CROP, "width": ANYRES_CROP},
-            image_grid_pinpoints=ANYRES_PINPOINTS)
-        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=ANYRES_PATCH,
-                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                       chat_template=CHAT_TEMPLATE)
+        common = dict(vision_config=CLIPVisionConfig(projection_dim=64, **vision), text_config=LlamaConfig(**text),
+                      image_token_index=image_token_id, image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", image_seq_length=grid)
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": crop},
+                                                     crop_size={"height": crop, "width": crop},
+                                                     image_grid_pinpoints=pinpoints)
+        kwargs = dict(image_processor=image_processor, tokenizer=tokenizer, patch_size=ANYRES_PATCH,
+                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                      chat_template=CHAT_TEMPLATE)
+        if next_video:
+            from ..families.llava_next_video import next_video_processor
+
+            config = LlavaNextVideoConfig(video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                                          spatial_pool_mode="average", spatial_pool_stride=2,
+                                          video_seq_length=grid // 4, **common)
+            model = LlavaNextVideoForConditionalGeneration(config).eval()
+            processor = next_video_processor(**kwargs)
+        else:
+            model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common)).eval()
+            processor = LlavaNextProcessor(**kwargs)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
@@ -187,9 +205,11 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
             out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
         else:
             model, processor = build_demo_anyres_model(family)
-            shape = ("LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
-                     f"{ONEVISION_ASPECT}, video)" if family == "onevision" else
-                     "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)")
+            shape = {"onevision": "LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
+                                  f"{ONEVISION_ASPECT}, video)",
+                     "next": "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)",
+                     "next_video": "LLaVA-NeXT-Video-shaped model (CLIP, Llama decoder, AnyRes crops of 112px/14, "
+                                   "video frames pooled 2x2)"}[family]
             out(f"dymu demo: a small {shape} with RANDOM weights,")
         out("built offline. Token counts and timings are real; the answers are noise.")
         if save_model:
@@ -235,7 +255,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
 
     pick = len(images) - 1  # the cluttered scene
     cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
-    if family == "onevision" and random_weights:  # a multi-image prompt and a video of the bundled images
+    if family in ("onevision", "next_video") and random_weights:  # a multi-image prompt, a video of the images
         cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
         frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
         cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))

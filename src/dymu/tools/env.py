@@ -78,6 +78,7 @@ def _families():
         "llava": build_demo_model,
         "llava_next": lambda: build_demo_anyres_model("next"),
         "llava_onevision": lambda: build_demo_anyres_model("onevision"),
+        "llava_next_video": lambda: build_demo_anyres_model("next_video"),
         "qwen2_vl": lambda: build_qwen_demo_model("qwen2_vl"),
         "qwen2_5_vl": lambda: build_qwen_demo_model("qwen2_5_vl"),
         "qwen3_vl": lambda: build_qwen_demo_model("qwen3_vl"),
