@@ -184,7 +184,7 @@ def test_6_a_prompt_with_the_image_token_is_explained_or_used_raw(llava, capsys)
     assert main([*base, "--prompt", full_prompt]) == 1
     err = one_error_line(capsys)
     assert "already contains the image token '<image>'" in err and "--raw-prompt" in err
-    assert main([*base, "--prompt", full_prompt, "--raw-prompt", "--json"]) == 0
+    assert main([*base, "--prompt", full_prompt, "--raw-prompt", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 2
     assert main([*base, "--prompt", "What is this?", "--raw-prompt"]) == 1
     assert "has 0 image token(s)" in capsys.readouterr().err
