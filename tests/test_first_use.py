@@ -350,7 +350,7 @@ def test_10_readme_quick_start_and_the_offline_walkthrough(llava, tmp_path, monk
     finally:
         dymu.remove(model)
 
-    # "## Try it offline": its first block is the three commands to a working run; tests/test_readme.py runs
+    # "## Try it offline": its first block is the three commands to a working run; tests/test_docs.py runs
     # every block of the section as written, in a shell.
     section = readme_section("## Try it offline")
     first = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
