@@ -31,7 +31,6 @@ sizes, common.py what sections share (models, inputs, the prefill timing).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import datetime, timezone
