@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` and `make test`. Both build .venv themselves, from the
+# The README's two commands: `make demo` and `make test` (and `make docs`, the site in docs/). Both build .venv themselves, from the
 # committed lock (requirements/lock.txt: exact versions of everything installed), so a clone next
 # month installs what CI tested. Versions: README "Versions"; `make lock` refreshes the locks.
 PYTHON ?= python3
@@ -6,16 +6,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 OLDEST_LOCK := requirements/lock-oldest.txt
-# The extras the test environments install. lmms-eval goes in without its declared dependencies:
+# The extras the test environments install: test (pytest and the extras it uses) and docs (mkdocs, for
+# `make docs`; one environment resolved from one lock, so the docs build, the docs' code blocks run by the
+# tests and the CLI reference generated from the parsers all see the same versions; CI builds the site in
+# the newest and the oldest environment). lmms-eval goes in without its declared dependencies:
 # those pull torchvision/timm, whose wheels do not import against the CPU torch; what its evaluator
 # needs on dymu's path comes with the eval-cpu extra. Keep LMMS_EVAL the range of pyproject's eval extra.
-EXTRAS := test
+EXTRAS := test,docs
+comma := ,
 LMMS_EVAL := lmms-eval>=0.7.3,<0.8
 # The tests that touch transformers internals (patched layers, VLM wirings, generate, lmms-eval):
 # what `make test-oldest` runs again on the oldest supported versions.
 INTERNALS_TESTS := tests/towers tests/decoders tests/families tests/integrations tests/test_env.py
 
-.PHONY: demo test install clean lock test-latest test-oldest
+.PHONY: demo test install clean lock test-latest test-oldest docs docs-oldest
 
 # $(1): venv folder, $(2): pip constraint arguments (empty: the newest versions the ranges allow).
 # torch goes first, pinned by the range, so pip takes the local CPU build instead of the CUDA wheels.
@@ -40,6 +44,16 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# The documentation site (mkdocs.yml, docs/): warnings are errors. docs/cli.md is generated from the parsers
+# (`python docs/gen_cli.py` rewrites it): a stale one fails here first.
+docs: install
+	$(BIN)/python docs/gen_cli.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-oldest: .venv-oldest/bin/dymu
+	.venv-oldest/bin/python docs/gen_cli.py --check
+	NO_MKDOCS_2_WARNING=1 .venv-oldest/bin/mkdocs build --strict --site-dir .site-oldest
+
 # The oldest supported versions (every lower bound in pyproject.toml), on the tests that touch
 # transformers internals.
 .venv-oldest/bin/dymu: pyproject.toml $(OLDEST_LOCK)
@@ -59,10 +73,10 @@ test-latest:
 lock:
 	$(call make_venv,.venv-lock,)
 	.venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(LOCK)
-	$(PYTHON) requirements/lower_bounds.py pyproject.toml $(EXTRAS) viz eval eval-cpu video > .lower-bounds.txt
+	$(PYTHON) requirements/lower_bounds.py pyproject.toml $(subst $(comma), ,$(EXTRAS)) viz eval eval-cpu video > .lower-bounds.txt
 	$(call make_venv,.venv-lock,-c .lower-bounds.txt)
 	.venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(OLDEST_LOCK)
 	rm -rf .venv-lock .lower-bounds.txt
 
 clean:
-	rm -rf $(VENV) .venv-oldest .venv-latest .venv-lock build src/*.egg-info
+	rm -rf $(VENV) .venv-oldest .venv-latest .venv-lock build src/*.egg-info site .site-oldest

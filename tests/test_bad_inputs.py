@@ -108,7 +108,7 @@ def test_generate_each_file(folders, model_and_thresholds, capsys):
     model, th = model_and_thresholds
     for name in sorted(os.listdir(bad)):
         args = ["generate", "--model", str(model), "--thresholds", str(th), "--prompt", "hi",
-                "--max-new-tokens", "1", "--json", "--image"]
+                "--max-new-tokens", "1", "--json", "-", "--image"]
         code = main([*args, str(bad / name)])
         out, err = capsys.readouterr()
         if name in SKIPPED:

@@ -178,3 +178,108 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     assert open_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
     assert open_image(IMAGES / "sam2_emoji_heart_eyes_palette.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+# ---- one CLI: every parser alike, one meaning per option name ----
+
+def all_parsers():
+    """(name, parser) for `dymu` and every (sub)command."""
+    import argparse
+
+    from dymu.cli import build_parser
+
+    found, todo = [], [("dymu", build_parser())]
+    while todo:
+        name, parser = todo.pop(0)
+        found.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+def test_every_parser_refuses_abbreviations_and_documents_every_option():
+    import argparse
+
+    parsers = all_parsers()
+    assert {"dymu generate", "dymu thresholds import", "dymu env"} <= {name for name, _ in parsers}
+    for name, parser in parsers:
+        assert parser.allow_abbrev is False, name
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help text"
+        # --debug and --quiet everywhere (before or after the subcommand)
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert {"--debug", "--quiet"} <= flags, name
+
+
+def test_json_means_a_file_everywhere():
+    """`--json FILE` (with `-` for stdout) on every command that has it: never a switch."""
+    for name, parser in all_parsers():
+        for action in parser._actions:
+            if "--json" in action.option_strings:
+                assert action.nargs is None and action.metavar == "FILE", name
+                assert "'-' prints it to stdout" in action.help, name
+
+
+def test_abbreviations_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--qui", "--device", "cpu"])  # not --quick, not --quiet: refused
+    assert exit_.value.code == 2 and "unrecognized arguments: --qui" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_and_quiet_before_or_after_the_command(saved_llava, tmp_path, where, capsys):
+    model, th = saved_llava
+    command = gen_args(model, th, tmp_path / "missing.jpg")
+    argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    with pytest.raises(Exception, match="no such file"):
+        main(argv)
+    assert "loading" in capsys.readouterr().err
+    argv = ["--quiet", *command] if where == "before" else [*command, "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "loading" not in err and err.strip().startswith("dymu generate: error:"), err
+
+
+def test_generate_json_file_and_stdout(saved_llava, tmp_path, capsys):
+    model, th = saved_llava
+    image = IMAGES / "skimage_coffee.png"
+    out = tmp_path / "answer.json"
+    assert main(gen_args(model, th, image, "--max-new-tokens", "1", "--json", str(out))) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["answer"] in printed and written["images"] == [str(image)]  # the answer still prints
+    assert main(gen_args(model, th, image, "--max-new-tokens", "1", "--json", "-")) == 0
+    assert json.loads(capsys.readouterr().out)["visual_tokens"] == written["visual_tokens"]
+    assert main(gen_args(model, th, image, "--json", str(tmp_path / "missing" / "a.json"))) == 1  # checked first
+    assert one_error_line(capsys) == f"dymu generate: error: --json {tmp_path / 'missing' / 'a.json'}: folder " \
+                                     f"{tmp_path / 'missing'} does not exist"
+
+
+def test_analyze_out_dir_and_its_old_spelling(capsys):
+    from dymu.cli import build_parser
+
+    parser = build_parser()
+    base = ["analyze", "--model", "m", "--thresholds", "t", "--images", "x"]
+    assert parser.parse_args([*base, "--out-dir", "a"]).out == "a"
+    assert parser.parse_args([*base, "--out", "a"]).out == "a"  # hidden alias: commands written before still run
+    with pytest.raises(SystemExit):
+        main(base)
+    assert "the following arguments are required: --out-dir" in capsys.readouterr().err
+
+
+def test_warnings_are_one_formatted_line(capsys):
+    import warnings
+
+    from dymu.tools.console import one_line_warnings, warning_line
+    from dymu.tools.calibration import CalibrationWarning
+
+    with one_line_warnings("calibrate"):
+        warnings.warn("calibrating on only 6 images:\nthresholds are noisy", CalibrationWarning)
+        warnings.warn("dymu: VTU keeps the full-length KV cache", UserWarning)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["dymu calibrate: warning: calibrating on only 6 images: thresholds are noisy",
+                                "dymu calibrate: warning: VTU keeps the full-length KV cache"]
+    assert warning_line("report", "dymu report: a and b differ") == "dymu report: warning: a and b differ"

@@ -184,7 +184,7 @@ def test_6_a_prompt_with_the_image_token_is_explained_or_used_raw(llava, capsys)
     assert main([*base, "--prompt", full_prompt]) == 1
     err = one_error_line(capsys)
     assert "already contains the image token '<image>'" in err and "--raw-prompt" in err
-    assert main([*base, "--prompt", full_prompt, "--raw-prompt", "--json"]) == 0
+    assert main([*base, "--prompt", full_prompt, "--raw-prompt", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 2
     assert main([*base, "--prompt", "What is this?", "--raw-prompt"]) == 1
     assert "has 0 image token(s)" in capsys.readouterr().err
@@ -350,7 +350,7 @@ def test_10_readme_quick_start_and_the_offline_walkthrough(llava, tmp_path, monk
     finally:
         dymu.remove(model)
 
-    # "## Try it offline": its first block is the three commands to a working run; tests/test_readme.py runs
+    # "## Try it offline": its first block is the three commands to a working run; tests/test_docs.py runs
     # every block of the section as written, in a shell.
     section = readme_section("## Try it offline")
     first = re.findall(r"```bash\n(.*?)```", section, re.S)[0]

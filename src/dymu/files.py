@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+STDOUT = "-"  # `--json -`: print to stdout instead of writing a file
 
 
 def check_output_file(path: str | Path, what: str = "output file", inputs=()) -> Path:
@@ -25,6 +29,23 @@ def check_output_file(path: str | Path, what: str = "output file", inputs=()) ->
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: folder {parent} is not writable")
     return path
+
+
+def check_json_output(path: str | Path, what: str = "--json", inputs=()) -> Path | None:
+    """`check_output_file` for a ``--json FILE`` option, where ``-`` means stdout (returns None)."""
+    if str(path) == STDOUT:
+        return None
+    return check_output_file(path, what, inputs=inputs)
+
+
+def write_json(path: str | Path, data, **dumps) -> Path | None:
+    """Write ``data`` as JSON to ``path`` atomically (`atomic_write_text`), or to stdout for ``-``."""
+    text = json.dumps(data, **dumps) + "\n"
+    if str(path) == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return None
+    return atomic_write_text(path, text)
 
 
 def check_not_an_input(out: str | Path, inputs, what: str, out_is_folder: bool = False) -> None:

@@ -113,7 +113,7 @@ def test_cli_generate_with_budget_and_focus(demo_llava_dir, saved_thresholds, tm
     image = IMAGES / CLUTTERED
     w, h = Image.open(image).size
     base = ["generate", "--model", str(demo_llava_dir), "--thresholds", str(saved_thresholds), "--image", str(image),
-            "--prompt", "hi", "--max-new-tokens", "1", "--json"]
+            "--prompt", "hi", "--max-new-tokens", "1", "--json", "-"]
     assert main(base + ["--max-tokens", "40"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["visual_tokens"][0][0] == 40 < out["visual_tokens_without_budget_or_focus"][0][0]

@@ -255,7 +255,7 @@ def test_every_tool_gives_the_same_three_counts(anyres_dirs, post_thresholds, tm
 
     capsys.readouterr()
     assert main(["generate", "--model", model_dir, "--thresholds", str(th), "--images", str(path), "--prompt", "?",
-                 "--max-new-tokens", "1", "--json"]) == 0
+                 "--max-new-tokens", "1", "--json", "-"]) == 0
     generated = json.loads(capsys.readouterr().out)
     assert {name: generated[name][0][0] for name in COUNTS} == expected
     assert main(["generate", "--model", model_dir, "--thresholds", str(th), "--images", str(path), "--prompt", "?",

@@ -39,7 +39,7 @@ def test_demo_runs_fast_and_counts_rise_with_clutter(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
                  str(IMAGES / "skimage_coffee.png"), "--prompt", "What is this?", "--max-new-tokens", "3",
-                 "--json"]) == 0
+                 "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "dymu" and report["visual_tokens"][0][0] < report["full_tokens"][0][0] == 256
     assert report["new_tokens"] == 3
@@ -78,7 +78,7 @@ def test_onevision_demo_and_its_saved_model_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", model, "--thresholds", str(thresholds), "--image",
                  str(IMAGES / "skimage_coffee.png"), "--video", str(frames), "--prompt", "What?",
-                 "--max-new-tokens", "2", "--json"]) == 0
+                 "--max-new-tokens", "2", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stock_tokens"][0][1] == 3 * 25 + 1  # 3 frames pooled to 5x5, one newline
     assert all(n <= s for n, s in zip(report["visual_tokens"][0], report["stock_tokens"][0]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from .console import loading
@@ -15,13 +14,13 @@ def cmd_encode(args) -> int:
     from ..api import apply, vision_tower_of
     from ..families import vlm_family_of
     from ..families.tower_vlm import tower_records
-    from ..files import check_output_file
+    from ..files import check_json_output
     from ..images import open_images, resolve_images
     from ..loading import load_vision_model, resolve_device_dtype
     from ..thresholds import Thresholds
 
     # before any work: the results are written at the end, and never over an input
-    check_output_file(args.json, "--json", inputs=[*args.images, args.thresholds, args.model])
+    check_json_output(args.json, "--json", inputs=[*args.images, args.thresholds, args.model])
     paths = resolve_images(args.images, args.image_root)
     thresholds = Thresholds.from_ref(args.thresholds)
     model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
@@ -42,15 +41,16 @@ def cmd_encode(args) -> int:
 
 
 def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
-    """`dymu encode`'s output: the --json file (written atomically), one line per image, the skipped files."""
-    from ..files import atomic_write_text
+    """`dymu encode`'s output: the --json file (written atomically; `-`: stdout), one line per image (on
+    stderr when the JSON goes to stdout), the skipped files."""
+    from ..files import STDOUT, write_json
     from ..images import print_skipped
 
-    atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
-                                             "skipped": skipped}) + "\n")
+    write_json(args.json, {"model": args.model, "thresholds": args.thresholds, "images": records, "skipped": skipped})
+    lines = sys.stderr if args.json == STDOUT else sys.stdout
     for r in records:
         rows = f"  LLM rows {r['llm_rows']}/{r['stock_positions']}" if "llm_rows" in r else ""
-        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}{rows}")
+        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}{rows}", file=lines)
     print_skipped(skipped, file=sys.stderr)
     if not records:
         raise ValueError("no readable images")

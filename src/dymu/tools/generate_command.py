@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from .console import loading
@@ -49,6 +48,10 @@ def cmd_generate(args) -> int:
 
     if not args.images and not args.video:
         raise ValueError("give at least one --images or --video")
+    if args.json is not None:  # before the model loads: a bad path must not lose the run
+        from ..files import check_json_output
+
+        check_json_output(args.json, "--json", inputs=[*(args.images or []), *(args.video or []), args.model])
     paths = resolve_images(args.images, args.image_root) if args.images else []
     images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
     focus = _generate_focus(args, len(images))
@@ -61,10 +64,13 @@ def cmd_generate(args) -> int:
     result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
                       chat_template=not args.raw_prompt, focus=None if focus is None else [focus], fill=args.fill)
     rep = result.report
-    if args.json:
-        print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
-                          **rep.to_json()}, indent=1))
-        return 0
+    if args.json is not None:  # a file (written atomically), or stdout for `--json -`
+        from ..files import STDOUT, write_json
+
+        write_json(args.json, {"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
+                               **rep.to_json()}, indent=1)
+        if args.json == STDOUT:
+            return 0
     print(result.answers[0])
     print(f"[mode {rep.mode}] {count_summary(rep)}; one cold run "
           f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "

@@ -233,8 +233,10 @@ def cmd_report(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReportWarning)
         rows, shown = collect(args.results, metrics)
+    from .console import warning_line
+
     for warning in caught:  # one line each, not Python's two-line warning format
-        print(str(warning.message), file=sys.stderr)
+        print(warning_line("report", warning.message), file=sys.stderr)
     table = markdown_table(rows, shown)
     if args.out:
         atomic_write_text(args.out, table + "\n")

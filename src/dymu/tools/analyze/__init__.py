@@ -215,7 +215,7 @@ def cmd_analyze(args) -> int:
     from ...files import check_not_an_input
 
     _matplotlib()
-    check_not_an_input(args.out, [*args.images, args.thresholds], "--out", out_is_folder=True)  # never reads its own charts
+    check_not_an_input(args.out, [*args.images, args.thresholds], "--out-dir", out_is_folder=True)  # never reads its own charts
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)

@@ -31,7 +31,6 @@ sizes, common.py what sections share (models, inputs, the prefill timing).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -137,10 +136,11 @@ def _encoder_thresholds(ctx: Context, thresholds: dict[str, str], Thresholds) ->
 def cmd_bench(args) -> int:
     from .qwen import QWEN_SECTIONS, bench_qwen, qwen_markdown
 
-    from ...files import atomic_write_text, check_output_file
+    from ...files import STDOUT, check_json_output, write_json
 
     if args.json:  # before the minutes of measuring: a bad path must not lose them, nor make folders
-        check_output_file(args.json, "--json", inputs=[path for _, path in args.thresholds or []])
+        check_json_output(args.json, "--json", inputs=[path for _, path in args.thresholds or []])
+    report = sys.stderr if args.json == STDOUT else sys.stdout  # `--json -`: the JSON alone on stdout
     sections = tuple(args.only.split(",")) if args.only else SECTIONS
     qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
     sections = tuple(s for s in sections if s not in QWEN_SECTIONS)
@@ -148,12 +148,13 @@ def cmd_bench(args) -> int:
     if sections:
         result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
                            thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
-        print(markdown(result))
+        print(markdown(result), file=report)
     if qwen:
         log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
         result["qwen"] = bench_qwen(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
-        print(qwen_markdown(result["qwen"]))
+        print(qwen_markdown(result["qwen"]), file=report)
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, result, indent=1, default=str)
+        if args.json != STDOUT:
+            print(f"\nwrote {args.json}")
     return 0

@@ -46,7 +46,8 @@ def bench_calibration(plan: Plan, tower, sync, log) -> dict:
 
     def calib():
         result["thresholds"] = calibrate(tower, images, r=r_mid, batch_size=plan.cal_batch,
-                                         feature_layer=feature_layer, processor=processor, progress=False)
+                                         feature_layer=feature_layer, processor=processor, progress=False,
+                                         warn=lambda message: None)  # timing only: its sample sizes are the plan's
 
     log(f"calibration: {len(images)} images in batches of {plan.cal_batch}, {layers} layers, r = {r_mid}, "
         f"{plan.warmup} warm-up + {plan.runs} rounds of plain, calibrate")

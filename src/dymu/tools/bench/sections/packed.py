@@ -40,7 +40,7 @@ def bench_packed(plan: Plan, tower, sync, log) -> dict:
     batch_images = diverse_images(max(plan.packed_batches))
     t0 = time.perf_counter()
     mid = calibrate(tower, batch_images, preset="mid", batch_size=len(batch_images), feature_layer=plan.feature_layer,
-                    processor=processor, progress=False)
+                    processor=processor, progress=False, warn=lambda message: None)  # a bench batch: few images by design
     log(f"packed: mid thresholds calibrated on {len(batch_images)} images in {time.perf_counter() - t0:.0f} s")
 
     def flops_of(enc) -> float:  # Σ over images of each image's own FLOPs (its tokens per layer)
@@ -103,7 +103,7 @@ def bench_packed(plan: Plan, tower, sync, log) -> dict:
     def cal_side(packed):
         def run_once():
             got[packed] = calibrate(tower, cal_images, r=r, batch_size=plan.packed_cal_batch, feature_layer=cal_layer,
-                                    processor=processor, progress=False, packed=packed)
+                                    processor=processor, progress=False, packed=packed, warn=lambda message: None)
         return Side("packed" if packed else "padded", run_once)
 
     log(f"packed: calibration of {len(cal_images)} images in batches of {plan.packed_cal_batch}, {cal_run} layers, "
