@@ -235,3 +235,16 @@ def test_compact_kv_cache_and_exact_attention_are_refused_in_one_line(stock):
     dymu.apply(model, 0.6, mode="dtome", kv_cache="compact")  # no VTU, no KV cache of dymu's: not refused
     family = dymu.families.vlm_family_of(model)
     assert family.name == "qwen3_5" and family.default_kv_cache == "full"
+
+
+def test_demo_saves_a_model_that_dymu_load_reloads(tmp_path, capsys):
+    from dymu.cli import main
+
+    assert main(["demo", "--family", "qwen3_5", "--save-model", str(tmp_path / "q35"), "--max-new-tokens", "2"]) == 0
+    assert "tokens per temporal patch" in capsys.readouterr().out
+    model, processor = dymu.load(tmp_path / "q35", device="cpu", dtype="float32")
+    assert dymu.families.vlm_family_of(model).name == "qwen3_5"
+    dymu.apply(model, 0.6)
+    report = dymu.generate(model, processor, ["What is this?"], [[load_image("darknet_eagle.jpg")]],
+                           max_new_tokens=2).report
+    assert report.llm_rows[0][0] < report.stock_positions[0][0]
