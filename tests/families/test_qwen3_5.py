@@ -221,7 +221,7 @@ def test_a_token_mixer_vtu_does_not_cover_is_refused_in_one_line(stock):
                                          r"linear_attn \(ShortConvMixer\)") as err:
         dymu.apply(model, 0.6)
     assert "\n" not in str(err.value)
-    assert type(model.model).__name__ == "Qwen3_5Model"  # nothing was patched
+    assert type(model.model).__name__ == "Qwen3_5Model" and dymu.families.vlm_family_of(model).mode_of(model) == "full"
 
 
 def test_compact_kv_cache_and_exact_attention_are_refused_in_one_line(stock):

@@ -44,7 +44,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 
 from .. import compat, vtu
 from ..patching import PatchedClasses
-from ..decoders.llama import apply_vtu, check_kv_cache, remove_vtu, vtu_groups
+from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
 from .base import PreparedInputs, VLMFamily, register_vlm_family
@@ -267,6 +267,8 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         values, merge_point, r = None, "vit", check_r(r, len(inner.visual.blocks))
     elif mode != "full":
         values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
+    if mode != "full" and not direct:  # refuse before anything changes (all or nothing)
+        check_vtu(inner.language_model, vtu_attention, kv_cache)
     remove_qwen_vl(model)
     model._dymu_mode = mode
     if mode == "full":
