@@ -27,7 +27,7 @@ def tiny_llama(seed: int = 0):
 
 
 @pytest.mark.parametrize("kv_cache", ["full", "compact"])
-def test_issue_reproduction_identity_groups_generate_equals_stock(kv_cache):
+def test_identity_groups_generate_equals_stock(kv_cache):
     """The issue's reproduction: on transformers 5.24+ the VTU layer read the cache under its old name
     and every token after the first was wrong. Here every step's logits equal stock: exactly with the
     stock cache (decode steps are the stock forward), to rounding with the compact one (its decode

@@ -1,4 +1,4 @@
-"""First use without surprises (issue 14): each test is one item of the issue, through the CLI."""
+"""First use without surprises: each test is one thing a new user does, through the CLI."""
 
 import json
 import math

@@ -4,9 +4,7 @@ and the problem. The table below is the one in docs/reliability.md (a test keeps
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import pickle
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""One-line errors for misuse of the command line (issue 13), and files that are never lost or clobbered."""
+"""One-line errors for misuse of the command line , and files that are never lost or clobbered."""
 
 import json
 import os

@@ -8,10 +8,22 @@ import torch
 from torch import nn
 
 from . import towers as _towers  # noqa: F401  (registers the CLIP and SigLIP families)
+from .families.tower_vlm import (
+    default_feature_layer,
+    encode_tower_images,
+    settings_budget,
+    threshold_values,
+)
 from .locks import model_lock
-from .families.tower_vlm import default_feature_layer, encode_tower_images, settings_budget, threshold_values
 from .settings import Settings
-from .towers.encoder import FAMILIES, EncodedImages, TowerFamily, apply_dtome, encode_with_tower, find_towers, remove_dtome
+from .towers.encoder import (
+    FAMILIES,
+    EncodedImages,
+    TowerFamily,
+    apply_dtome,
+    find_towers,
+    remove_dtome,
+)
 
 
 def vision_tower_of(model: nn.Module) -> tuple[nn.Module, TowerFamily]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from .token_order import DEFAULT_ORDER, ORDERS
 from .tools.bench import SECTIONS
+from .tools.console import loading  # noqa: F401  (commands import it from here too)
 from .version import __version__
 
 
@@ -23,12 +22,6 @@ def add_images(p, help_extra: str = "") -> None:
     p.add_argument("--images", nargs="+", action="extend", required=True, metavar="PATH",
                    help=IMAGES_HELP + help_extra)
     p.add_argument("--image-root", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
-
-
-def loading(what: str) -> None:
-    """Say what is loading before the seconds of silence it takes (imports, weights); rank 0 only."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"loading {what}…", file=sys.stderr, flush=True)
 
 
 def _parse_r(text: str) -> list[float]:
@@ -117,145 +110,6 @@ def add_focus_args(p, masks_help: str, repeat_mask: bool = False) -> None:
                                   "mean colour), #rrggbb or a colour name")
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, nccl on GPU."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.distributed.get_rank()
-    return 0
-
-
-def cmd_calibrate(args) -> int:
-    loading(args.model)
-    rank = _init_distributed()
-    import torch
-
-    try:
-        code = _calibrate(args, rank)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # leave together: an early exit can abort a peer mid-teardown
-        return code
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _calibrate(args, rank: int) -> int:
-    from .tools.calibration import calibrate, target_report
-    from .images import print_skipped, resolve_images
-    from .loading import load_vision_model, resolve_device_dtype
-
-    from .files import check_output_file
-
-    # before any work: a bad --out must not lose the run, nor overwrite an image list or the model
-    out = check_output_file(args.out, "--out", inputs=[*args.images, args.model])
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    images = resolve_images(args.images, args.image_root)
-    model, processor = load_vision_model(args.model, device, dtype)
-    args.checkpoint_path = out.with_name(out.name + ".partial")  # named by main() on Ctrl-C
-    from .families import vlm_family_of
-
-    warn = lambda message: print(f"dymu calibrate: warning: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    family = vlm_family_of(model)
-    if family is not None and family.calibration == "units":  # units per image vary: presets, --r are fractions
-        for given, option, why in ((args.target_tokens, "--target-tokens", "images keep their native size: use "
-                                    "--preset or --r (fractions of each image's units)"),
-                                   (args.order, "--order", "it merges whole units in its own layout"),
-                                   (args.max_tokens, "--max-tokens", family.options["budget"]),
-                                   (args.rounds if args.merge_point in (None, "vit") else None, "--rounds",
-                                    "rounds are for --merge-point post")):
-            if given is not None:
-                raise ValueError(f"{option} does not apply to a {family.title}: {why}")
-        thresholds = calibrate(model, images, preset=args.preset, r=args.r, schedule=args.schedule or "constant",
-                               batch_size=args.batch_size, max_images=args.max_images, processor=processor,
-                               checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
-                               progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
-                               merge_point=args.merge_point, rounds=args.rounds)
-        if rank == 0:
-            kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-            print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
-                  f"{kept:.1f} units "
-                  f"(LLM tokens) kept on average per image; wrote {out}")
-            print_skipped(thresholds.skipped)
-        return 0
-    thresholds = calibrate(
-        model,
-        images,
-        preset=args.preset,
-        target_tokens=args.target_tokens,
-        r=args.r,
-        schedule=args.schedule or "constant",
-        batch_size=args.batch_size,
-        max_images=args.max_images,
-        processor=processor,
-        checkpoint=args.checkpoint_path,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.quiet,
-        model_ref=args.model,
-        order=args.order or DEFAULT_ORDER,
-        out=out,  # written before the checkpoint is removed
-        warn=warn,
-        merge_point=args.merge_point,
-        rounds=args.rounds,
-    )
-    if args.max_tokens is not None and rank == 0:
-        from .tools.calibration import clip_fraction
-
-        limit = None if args.max_tokens == float("inf") else args.max_tokens
-        thresholds.max_tokens = limit
-        if limit is not None:
-            over, total = clip_fraction(model, thresholds, images[: args.max_images] if args.max_images else images,
-                                        limit, processor=processor, batch_size=args.batch_size)
-            print(f"max_tokens={limit} would clip {over} of {total} calibration images ({100 * over / max(total, 1):.1f}%)"
-                  " (they keep more tokens with these thresholds alone); recorded as the file's default budget")
-        thresholds.save(out)  # calibrate() wrote it before the budget was known: again, with it (atomic)
-    if rank == 0:
-        unit = family.calibration_unit if family is not None else "images"
-        line, _ = target_report(thresholds)
-        if thresholds.post_thresholds is not None:
-            line += (f"; post rounds: {thresholds.post_rows_kept_mean[-1]:.1f} LLM rows per image on average "
-                     f"({len(thresholds.post_thresholds)} rounds, merge_point {thresholds.encoder['merge_point']})")
-        print(f"calibrated on {thresholds.images_seen} {unit}: {line} at layer {thresholds.feature_layer} "
-              f"(of {thresholds.encoder['patches_per_image']} patches); wrote {out}")
-        print_skipped(thresholds.skipped)
-    return 0
-
-
-def cmd_thresholds_import(args) -> int:
-    from .api import vision_tower_of, default_feature_layer
-    from .loading import load_vision_model, resolve_device_dtype
-    from .thresholds import Thresholds, encoder_identity, read_paper_thresholds
-
-    from .files import check_output_file
-
-    check_output_file(args.out, "--out", inputs=[args.file, args.model])
-    values = read_paper_thresholds(args.file)
-    loading(args.model)
-    model, _ = load_vision_model(args.model, *resolve_device_dtype("cpu", "float32"))
-    tower, family = vision_tower_of(model)
-    layers = len(tower.encoder.layers)
-    if len(values) != layers:
-        raise ValueError(f"{args.file} has thresholds for {len(values)} layers but {args.model} has {layers}.")
-    thresholds = Thresholds(
-        thresholds=values,
-        encoder=encoder_identity(tower, family, args.model),
-        feature_layer=default_feature_layer(model, family)[0],
-        schedule=f"imported from {Path(args.file).name}",
-        # The layout the paper's code uses at inference: class token => A survivors by slot (its
-        # CLIP path), none => A survivors by score (its batch-1 SigLIP path). README, "Fidelity".
-        order="ab" if family.has_class_token else "ab-score",
-    )
-    thresholds.validate(f"checkpoint {args.file}")  # NaN or negative thresholds are refused here
-    thresholds.save(args.out)
-    print(f"imported {layers} thresholds from {args.file}; wrote {args.out}")
-    return 0
-
-
 def cmd_demo(args) -> int:
     if args.family.startswith("qwen"):
         from .tools.demo_qwen import run_qwen_demo
@@ -267,131 +121,6 @@ def cmd_demo(args) -> int:
     from .tools.demo import run_demo
 
     run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
-    return 0
-
-
-def _load_patched_vlm(args):
-    """The VLM of --model, patched for --mode with --thresholds / --r (the settings checked before the load)."""
-    from .api import apply_settings
-    from .generation import load_vlm
-    from .settings import Settings
-
-    settings = Settings(mode=args.mode, thresholds=args.thresholds or None, r=args.r,
-                        tome_vtu=not getattr(args, "no_vtu", False), max_tokens=args.max_tokens,
-                        min_tokens=args.min_tokens, cross_frame=getattr(args, "cross_frame", False))
-    if args.mode in ("dymu", "dtome", "downsample") and settings.thresholds is None:
-        raise ValueError(f"mode {args.mode!r} needs --thresholds FILE (make one with `dymu calibrate`)")
-    if args.mode == "tome" and args.r is None:
-        raise ValueError("mode 'tome' needs --r (merges per layer)")
-    model, processor = load_vlm(args.model, args.device, args.dtype)
-    apply_settings(model, settings)
-    return model, processor
-
-
-def _generate_focus(args, count: int):
-    """Per image: --focus boxes (each image), or --focus-mask (one for all images, or one per --image)."""
-    if args.focus and args.focus_mask:
-        raise ValueError("give --focus boxes or --focus-mask, not both")
-    if args.focus:
-        return [list(args.focus)] * count
-    if not args.focus_mask:
-        return None
-    from .images import open_image
-
-    masks = [open_image(m) for m in args.focus_mask]
-    if len(masks) not in (1, count):
-        raise ValueError(f"--focus-mask is given {len(masks)} times for {count} images: give one, or one per --image")
-    return masks * count if len(masks) == 1 else masks
-
-
-def cmd_generate(args) -> int:
-    loading(args.model)  # before the imports: they are part of the silence
-    from .generation import generate
-    from .images import load_video, open_image, resolve_images
-
-    if not args.images and not args.video:
-        raise ValueError("give at least one --images or --video")
-    paths = resolve_images(args.images, args.image_root) if args.images else []
-    images = [open_image(p) for p in paths]  # fail fast, naming the file, before loading a model
-    focus = _generate_focus(args, len(images))
-    if focus is not None:  # check boxes and mask sizes before loading a model
-        from .focus import apply_focus_all
-
-        apply_focus_all(images, focus, args.fill or "white")
-    videos = [load_video(v, args.frames) for v in args.video or []]
-    model, processor = _load_patched_vlm(args)
-    result = generate(model, processor, [args.prompt], [images], videos=[videos], max_new_tokens=args.max_new_tokens,
-                      chat_template=not args.raw_prompt, focus=None if focus is None else [focus], fill=args.fill)
-    rep = result.report
-    if args.json:
-        print(json.dumps({"answer": result.answers[0], "images": [str(p) for p in paths], "videos": args.video,
-                          **rep.to_json()}, indent=1))
-        return 0
-    print(result.answers[0])
-    print(f"[mode {rep.mode}] {count_summary(rep)}; one cold run "
-          f"(not a benchmark: see `dymu bench`): encoder {rep.encoder_s * 1e3:.1f} ms, prefill "
-          f"{rep.prefill_s * 1e3:.1f} ms, decode {rep.decode_s * 1e3:.1f} ms ({rep.new_tokens} tokens)", file=sys.stderr)
-    return 0
-
-
-def count_summary(rep) -> str:
-    """Per image (then video) of the first prompt, the three counts under the names every tool uses:
-    encoder_tokens (the tower kept), llm_rows (distinct rows the LLM runs), stock_positions (placeholders)."""
-    encoder = rep.encoder_tokens[0] if rep.encoder_tokens else [None] * len(rep.llm_rows[0])
-    items = [f"encoder_tokens {e if e is not None else '-'}, llm_rows {r}, stock_positions {p}"
-             for e, r, p in zip(encoder, rep.llm_rows[0], rep.stock_positions[0])]
-    text = "per image/video: " + "; ".join(items)
-    if rep.visual_tokens_without_budget_or_focus is not None:
-        text += " (llm_rows without budget/focus: " + ", ".join(map(str, rep.visual_tokens_without_budget_or_focus[0])) + ")"
-    return text
-
-
-def cmd_encode(args) -> int:
-    loading(args.model)
-    from functools import partial
-
-    from .api import apply, vision_tower_of
-    from .families import vlm_family_of
-    from .families.tower_vlm import tower_records
-    from .files import check_output_file
-    from .images import open_images, resolve_images
-    from .loading import load_vision_model, resolve_device_dtype
-    from .thresholds import Thresholds
-
-    # before any work: the results are written at the end, and never over an input
-    check_output_file(args.json, "--json", inputs=[*args.images, args.thresholds, args.model])
-    paths = resolve_images(args.images, args.image_root)
-    thresholds = Thresholds.from_ref(args.thresholds)
-    model, processor = load_vision_model(args.model, *resolve_device_dtype(args.device, args.dtype))
-    apply(model, thresholds, max_tokens=args.max_tokens, min_tokens=args.min_tokens)  # the LLM is not run
-    family = vlm_family_of(model)
-    if family is not None:
-        encode_records = partial(family.encode_records, model, processor)
-    else:  # a bare CLIP / SigLIP vision model
-        tower, tower_family = vision_tower_of(model)
-        encode_records = partial(tower_records, model, tower, tower_family, processor,
-                                 encoder_pixels=lambda processed: (processed["pixel_values"], [1] * len(processed["pixel_values"])))
-    records, skipped = [], []
-    for start in range(0, len(paths), args.batch_size):
-        opened, bad = open_images(paths[start : start + args.batch_size])
-        batch_records, skipped = encode_records(opened, skipped + bad)
-        records += batch_records
-    return _write_encoded(args, records, skipped)
-
-
-def _write_encoded(args, records: list[dict], skipped: list[dict]) -> int:
-    """`dymu encode`'s output: the --json file (written atomically), one line per image, the skipped files."""
-    from .files import atomic_write_text
-    from .images import print_skipped
-
-    atomic_write_text(args.json, json.dumps({"model": args.model, "thresholds": args.thresholds, "images": records,
-                                             "skipped": skipped}) + "\n")
-    for r in records:
-        rows = f"  LLM rows {r['llm_rows']}/{r['stock_positions']}" if "llm_rows" in r else ""
-        print(f"{r['tokens']:5d}/{r['full_tokens']}  {r['path']}{rows}")
-    print_skipped(skipped, file=sys.stderr)
-    if not records:
-        raise ValueError("no readable images")
     return 0
 
 
@@ -540,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_args(p)
     add_focus_args(p, "focus mask image (white = keep, same size as the image): once for every image or once "
                       "per --image, in order", repeat_mask=True)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=_lazy("dymu.tools.generate_command", "cmd_generate"))
 
     p = sub.add_parser("encode", help="write per-image token counts, sizes and group maps as JSON")
     model_args(p, thresholds_required=True)
@@ -548,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--json", required=True, help="output JSON file")
     add_budget_args(p)
-    p.set_defaults(func=cmd_encode)
+    p.set_defaults(func=_lazy("dymu.tools.encode_command", "cmd_encode"))
 
     p = sub.add_parser(
         "calibrate", help="find per-layer merge thresholds on a set of images (paper Eq. 4)",
@@ -593,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_parse_max_tokens, metavar="K",
                    help="also report the fraction of calibration images a budget of K tokens would clip, and "
                         "record K as the file's default budget")
-    p.set_defaults(func=cmd_calibrate)
+    p.set_defaults(func=_lazy("dymu.tools.calibrate_command", "cmd_calibrate"))
 
     p = sub.add_parser("thresholds", help="thresholds files")
     tsub = p.add_subparsers(dest="thresholds_command", metavar="ACTION", required=True)
@@ -601,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", help="torch checkpoint from the paper's code")
     q.add_argument("--model", required=True, help="the encoder the thresholds are for (id or folder)")
     q.add_argument("--out", required=True)
-    q.set_defaults(func=cmd_thresholds_import)
+    q.set_defaults(func=_lazy("dymu.tools.calibrate_command", "cmd_thresholds_import"))
 
     add_analyze(sub)
     add_bench(sub)

@@ -1,4 +1,4 @@
-"""A compact KV cache for VTU: one unrotated key and one value per merged group (DESIGN.md §7, issue 29).
+"""A compact KV cache for VTU: one unrotated key and one value per merged group.
 
 Rows of a VTU group are identical entering every decoder layer, so their keys before RoPE and their
 values are identical too. A cache layer therefore needs, per group, one unrotated key and one value,

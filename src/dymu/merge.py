@@ -4,8 +4,8 @@ Pure torch, model-agnostic. A batch is held padded: every image keeps its live t
 contiguous prefix ``[0, n_i)`` of the token axis, in an order that depends on the image alone
 (the merge order, token_order.py), and padded slots carry size 0. Padded slots never take part
 in matching, and get -inf in the attention mask built from the sizes. That is what makes merging a
-function of the image alone, whatever batch it is in (the reference code's two code paths are not:
-DESIGN.md §4.2).
+function of the image alone, whatever batch it is in (the reference code's padded and unpadded
+code paths are not).
 
 Shapes: B images, N token slots (live + padding), D features, C metric dims, P original patches
 (tokens) per image before any merge.

@@ -1,4 +1,4 @@
-"""Virtual Token Unmerging (VTU) math: pure torch, no model code (DESIGN.md §1 "VTU").
+"""Virtual Token Unmerging (VTU) math: pure torch, no model code.
 
 A batch of B sequences of N positions is described by a *group map*: a LongTensor (B, N) giving,
 for every position, the id of the group (unique row) it belongs to. Ids are local to each

@@ -227,7 +227,7 @@ OPTION_USES = {
     "merge_point": ({"merge_point": "vit"}, {}),
     "cross_frame": ({"cross_frame": True}, {}),
     "budget": ({"max_tokens": 10_000}, {}),
-    "focus": ({}, {"focus": [[(0, 0, 100, 100)]]}),
+    "focus": ({}, {"focus": [[(300, 150, 500, 350)]]}),  # the eagle image's centre (773x512)
     "video": ({}, {"videos": [[frames(2)]]}),
     "raw_prompt": ({}, {"chat_template": False}),
 }

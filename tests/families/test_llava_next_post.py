@@ -185,7 +185,7 @@ def test_merge_point_errors(anyres_dirs, post_thresholds, demo_llava_dir, tmp_pa
     with pytest.raises(ValueError, match="merge_point must be one of vit, post, both"):
         dymu.apply(model, post, merge_point="llm")
     llava = LlavaForConditionalGeneration.from_pretrained(demo_llava_dir)
-    with pytest.raises(ValueError, match="merge_point is for the Qwen VLs, LLaVA-NeXT and LLaVA-OneVision, not Llava"):
+    with pytest.raises(ValueError, match="merge_point is not available for LlavaForConditionalGeneration: merges in the vision tower only"):
         dymu.apply(llava, [0.9] * 6, merge_point="post")
     # A post_r list of the wrong length is named by its rounds, not by encoder layers.
     bad = post.to_json()

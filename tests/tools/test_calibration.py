@@ -156,7 +156,7 @@ def test_presets_keep_the_papers_fractions(tower):
         resolve_r(tower, -1, preset="low", r=3)
 
 
-# ---- reliability (issue 13) ----
+# ---- reliability ----
 
 def _processor_of(tower):
     return processor_for("clip" if tower.config.model_type.startswith("clip") else "siglip")
@@ -314,3 +314,32 @@ def test_qwen_calibration_resumes_from_its_checkpoint(qwen_dirs, tmp_path):
     assert out.exists() and not ckpt.exists()
     with pytest.raises(ValueError, match="does not take packed"):
         dymu.calibrate(model, images, processor=processor, packed=False, **settings)
+
+
+def test_batches_of_unequal_size_weigh_by_their_images():
+    records = [BatchRecord(index=0, tau=[0.9], images=32, kept_sum=[32 * 10.0], kept_sqsum=[32 * 100.0], skipped=[]),
+               BatchRecord(index=1, tau=[0.5], images=5, kept_sum=[5 * 10.0], kept_sqsum=[5 * 100.0], skipped=[])]
+    result = summarize(records, [1.0], {}, -1, "constant", run=1)
+    assert result.thresholds == [pytest.approx((32 * 0.9 + 5 * 0.5) / 37, abs=1e-15)]
+
+
+def test_the_reported_per_image_mean_is_what_inference_keeps(tower, family, tmp_path):
+    """The 37 test images at batch 32 (a short last batch): the file's per-image figure is the mean
+    tokens each image keeps when the thresholds are applied per image, as `dymu analyze` measures."""
+    from dymu.images import find_images, open_image
+
+    images = find_images(IMAGES)
+    processor = processor_for(family)
+    thresholds = dymu.calibrate(tower, images, preset="mid", batch_size=32, processor=processor, progress=False,
+                                out=tmp_path / "t.json", warn=lambda message: None)
+    stats = thresholds.per_image_tokens
+    assert stats["images"] == len(images) == 37 and stats["measured_on"] == "the calibration images"
+    assert dymu.Thresholds.load(tmp_path / "t.json").per_image_tokens == stats
+    dymu.apply(tower, thresholds)
+    counts = []
+    for path in images:
+        pixels = processor(images=[open_image(path)], return_tensors="pt")["pixel_values"]
+        counts += dymu.encode(tower, pixels, feature_layer=thresholds.feature_layer).num_tokens.tolist()
+    dymu.remove(tower)
+    assert stats["mean"] == pytest.approx(sum(counts) / len(counts), rel=1e-12)
+    assert (stats["min"], stats["max"]) == (min(counts), max(counts))

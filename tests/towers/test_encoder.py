@@ -175,7 +175,7 @@ def test_equals_the_papers_batch1_rule_per_image(odd_tower, family, order):
         assert (counts[:, 1] == (counts[:, 0] + 1) // 2).all() and (counts[:, 0] % 2 == 1).any()
 
 
-def test_the_issue_reproduction_keeps_13_tokens(tmp_path):
+def test_merging_every_edge_of_25_tokens_keeps_13(tmp_path):
     """1-layer SigLIP, 25 tokens, every edge above the threshold: the cap (25 // 2 = 12) leaves 13."""
     tower = build_tiny_tower("siglip", tmp_path, num_hidden_layers=1, image_size=80, patch_size=16)
     for order in ORDERS:

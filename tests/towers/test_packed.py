@@ -1,4 +1,4 @@
-"""Packed batches (issue 17): after the first merge a batch runs as rows (Σ n_i, D) with per-image
+"""Packed batches: after the first merge a batch runs as rows (Σ n_i, D) with per-image
 offsets. Oracle: the padded path (the reference) and each image encoded alone give the same tokens,
 group maps and sizes, and features within 1e-5."""
 

@@ -1,4 +1,4 @@
-"""VTU decoder layers for Llama, Mistral and Qwen2 (DESIGN.md §1 "VTU", §3), per-instance and reversible.
+"""VTU decoder layers for Llama, Mistral and Qwen2, per-instance and reversible.
 
 `apply_vtu(model)` swaps the class of every supported decoder layer found in `model` (a causal LM
 or a VLM holding one) for a subclass whose forward runs the norms, the q/k/v/o projections and the
@@ -8,7 +8,7 @@ KV cache to the stock attention function; its output is averaged over each group
 full-length sequence, positions, masks, cache and `generate` stay stock, and decode steps (one new
 token, no groups) take the stock forward unchanged.
 
-KV cache (``kv_cache``, issue 29): "compact" (default) swaps a `dymu.kv_cache.CompactLayer` into the
+KV cache (``kv_cache``): "compact" (default) swaps a `dymu.kv_cache.CompactLayer` into the
 stock `DynamicCache` at a VTU prefill: one unrotated key and one value per group, singletons as stock;
 every later forward on that cache (decode steps, a next turn) runs its attention here, exactly. "full"
 keeps the stock full-length cache (decode steps are then the stock forward). The compact cache is

@@ -1,4 +1,4 @@
-"""VTU for the text decoders of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (design: qwen_vl.md §2).
+"""VTU for the text decoders of Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 In transformers 5.x the M-RoPE recomposition (the mrope sections, Qwen3-VL's interleaving) happens
 inside the text model's rotary module: every decoder layer receives per-position (B, N, head_dim)

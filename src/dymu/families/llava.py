@@ -3,7 +3,7 @@ virtual unmerge to the stock placeholders, VTU in the language model.
 
 The inner `LlavaModel` is class-swapped per instance. Its `get_image_features` encodes with the
 merging tower up to the feature layer and runs the projector on the n_i merged tokens only. With
-VTU ("design A", DESIGN.md §2) each image's features are then gathered back to its P patch
+VTU each image's features are then gathered back to its P patch
 positions, so the prompt keeps the processor's stock placeholder count and `generate` stays stock.
 Its `forward` turns the group map of every image into a group map over the whole prompt and hands
 it to the VTU decoder layers for that (prefill) forward only; decode steps carry no image and take
@@ -23,15 +23,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
+from transformers.models.llava.modeling_llava import (
+    LlavaForConditionalGeneration,
+    LlavaModel,
+)
 
 from .. import compat, vtu
-from ..towers.encoder import EncodedImages, apply_dtome, dtome_settings, encode_with_tower, family_of, remove_dtome
-from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
+from ..decoders.llama import (
+    apply_vtu,
+    check_kv_cache,
+    check_vtu,
+    remove_vtu,
+    vtu_groups,
+)
 from ..settings import MODES
+from ..towers.encoder import (
+    EncodedImages,
+    apply_dtome,
+    dtome_settings,
+    encode_with_tower,
+    family_of,
+    remove_dtome,
+)
 from .base import PreparedInputs, register_vlm_family, timed
-from .prompting import (call_budget, downsample_side, focused_images, per_prompt, prompt_texts,
-                        set_placeholder_counts)
+from .prompting import (
+    call_budget,
+    downsample_side,
+    focused_images,
+    per_prompt,
+    prompt_texts,
+    set_placeholder_counts,
+)
 from .tower_vlm import TowerVLMFamily
 
 # Names only public functions (tests check that each named dymu.X exists).

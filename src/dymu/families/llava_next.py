@@ -1,6 +1,6 @@
 """DyMU in LLaVA-NeXT and LLaVA-OneVision (AnyRes crops, multi-image prompts, OneVision video).
 
-Data flow (design note anyres.md), per forward:
+Data flow, per forward:
 1. All crops of all images of the batch (and all video frames) go through the DToMe tower as one
    batch; each crop merges on its own (merge.py keeps a crop's tokens a function of that crop).
 2. The projector runs on the merged tokens only; every crop is virtually unmerged back to its full
@@ -48,7 +48,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next import modeling_llava_next as stock_next
-from transformers.models.llava_next.modeling_llava_next import LlavaNextForConditionalGeneration, LlavaNextModel
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+)
 from transformers.models.llava_onevision import modeling_llava_onevision as stock_ov
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionForConditionalGeneration,
@@ -57,12 +60,28 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from .. import merge as M
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, vtu_groups
-from ..towers.encoder import EncodedImages, apply_dtome, budget_set, dtome_settings, encode_with_tower, family_of
+from ..towers.encoder import (
+    EncodedImages,
+    apply_dtome,
+    budget_set,
+    dtome_settings,
+    encode_with_tower,
+    family_of,
+)
+from .anyres_groups import (
+    NEWLINE_PROBE,
+    _canvas_labels,
+    _label_grid,
+    _probe,
+    groups_from_keys,
+    position_keys,
+    post_merge,
+    snap_to_groups,
+)
 from .base import PreparedInputs, register_vlm_family, timed
+from .llava import labels_to_group_map, project_merged, remove_llava
 from .prompting import call_budget, focused_images, prompt_texts
 from .tower_vlm import TowerVLMFamily
-from .anyres_groups import NEWLINE_PROBE, _canvas_labels, _label_grid, _probe, groups_from_keys, position_keys, post_merge, snap_to_groups
-from .llava import labels_to_group_map, project_merged, remove_llava
 
 SUPPORTED_VLMS = (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
 MODES = ("full", "dymu", "tome")
@@ -318,7 +337,9 @@ def resolve_merge_point(thresholds, merge_point: str | None, mode: str):
         tower, post = thresholds
     else:
         tower, post = None, thresholds
-    from ..towers.encoder import _threshold_floats  # None = +inf, NaN refused: the rule of every threshold
+    from ..towers.encoder import (
+        _threshold_floats,  # None = +inf, NaN refused: the rule of every threshold
+    )
 
     post = _threshold_floats([post] if isinstance(post, (int, float)) else
                              post.tolist() if isinstance(post, torch.Tensor) else list(post))

@@ -21,7 +21,9 @@ def onevision_processor(tokenizer, crop: int, pinpoints, num_image_tokens: int, 
                   vision_aspect_ratio=aspect, chat_template=chat_template)
     if is_torchvision_available():
         from transformers import LlavaOnevisionProcessor
-        from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor,
+        )
 
         video = LlavaOnevisionVideoProcessor(size={"height": crop, "width": crop})
         return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
@@ -57,8 +59,14 @@ def load_onevision_processor(model_ref: str):
 
 def frames_to_pixels(frames, crop: int) -> torch.Tensor:
     """(F, 3, crop, crop) pixels of a list of PIL frames, as LlavaOnevisionVideoProcessor makes them."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers.image_utils import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        PILImageResampling,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import (
+        SiglipImageProcessorPil,
+    )
 
     frame_processor = SiglipImageProcessorPil(size={"height": crop, "width": crop}, resample=PILImageResampling.BICUBIC,
                                               image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)

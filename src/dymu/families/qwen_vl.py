@@ -34,19 +34,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     BaseModelOutputWithDeepstackFeatures,
     Qwen3VLForConditionalGeneration,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel as _QWEN3_INNER,
 )
 
 from .. import compat, vtu
-from ..patching import PatchedClasses
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
+from ..patching import PatchedClasses
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
-from ..towers.qwen_vit import MERGE_POINTS, QwenEncoded, check_thresholds, check_thresholds_file, encode_qwen
+from ..towers.qwen_vit import (
+    MERGE_POINTS,
+    QwenEncoded,
+    check_thresholds,
+    check_thresholds_file,
+    encode_qwen,
+)
 from .base import PreparedInputs, VLMFamily, register_vlm_family
 from .prompting import video_frames, viewed
 from .qwen_positions import direct_rope_index, kept_units

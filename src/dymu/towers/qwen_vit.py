@@ -1,4 +1,4 @@
-"""DToMe for the Qwen VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on 2x2 units (design: qwen_vl.md §1).
+"""DToMe for the Qwen VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on 2x2 units.
 
 A *unit* is the 4 consecutive ViT rows that the PatchMerger turns into one LLM token (the processor
 lays patches out 2x2-block-major). The PatchMerger needs all 4 rows of a unit, so DToMe merges whole
@@ -19,7 +19,7 @@ Two merge points:
   keeps the destination unit's segment, window and rotary (cos/sin): the destination's rotation is a
   real rotation of a real position of the group, while a size-weighted mean of cos/sin is not a
   rotation at all, and a centroid position would place the unit where no patch of it is (differences
-  between the two are below what random weights can show: qwen_vl.md §1.2). Qwen3-VL's deepstack
+  between the two are below what random weights can show). Qwen3-VL's deepstack
   features are computed on the units alive at their block and then carried through later merges as
   extra payload, so they end up constant within each final group.
 - ``"post"`` (cheap): `encode_post` runs the stock tower (flash-attention varlen intact), then merges
@@ -37,7 +37,6 @@ processor's placeholders, `get_rope_index` and `generate` stay stock) and the gr
 
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 from dataclasses import dataclass, field

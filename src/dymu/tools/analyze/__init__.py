@@ -207,7 +207,7 @@ def _default_processor(model):
 
 
 def cmd_analyze(args) -> int:
-    from ...cli import loading
+    from ..console import loading
     from ...images import print_skipped
     from ...loading import load_vision_model, resolve_device_dtype
     from ...thresholds import Thresholds

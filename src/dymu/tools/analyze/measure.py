@@ -458,15 +458,21 @@ def _merges_units(model) -> bool:
 
 
 def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
-    """Token budgets and focus regions, where the model's family does not take them: one-line error."""
+    """Token budgets and focus regions analyze does not apply: one-line error, before any folder is made.
+    A tower that merges units (Qwen VLs) is measured with its thresholds alone; a family that refuses
+    either says why."""
     from ...families import vlm_family_of
 
     family = vlm_family_of(model)
-    if family is not None:
-        if max_tokens is not None or min_tokens is not None:
-            family.refuse_unsupported("budget", model)
-        if focus is not None:
-            family.refuse_unsupported("focus", model)
+    if family is None or (max_tokens is None and min_tokens is None and focus is None):
+        return
+    if family.calibration == "units":
+        raise ValueError(f"dymu analyze measures a {family.title} with its thresholds alone: token budgets and focus "
+                         "regions are applied by dymu generate / dymu encode / dymu.apply")
+    if max_tokens is not None or min_tokens is not None:
+        family.refuse_unsupported("budget", model)
+    if focus is not None:
+        family.refuse_unsupported("focus", model)
 
 
 def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
@@ -477,11 +483,11 @@ def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each
     from ...thresholds import Thresholds
     from ...towers.qwen_vit import encode_qwen
 
+    family = vlm_family_of(model)
     refuse_cost_control(model, max_tokens, min_tokens, focus)
     if processor is None:
         raise ValueError(f"analyzing a {type(model).__name__} needs its image processor (processor=...)")
     processor = getattr(processor, "image_processor", processor)
-    family = vlm_family_of(model)
     visual = family.vision_tower(model)
     if isinstance(thresholds, (str, Path)):
         thresholds = Thresholds.load(thresholds)

@@ -15,7 +15,7 @@ from ..timing import Side, interleaved, median, paired_ratio
 
 @torch.no_grad()
 def bench_packed(plan: Plan, tower, sync, log) -> dict:
-    """Packed vs padded batches with calibrated mid thresholds on diverse images (issue 17).
+    """Packed vs padded batches with calibrated mid thresholds on diverse images.
 
     Rows: full / padded / packed encoder at each of `plan.packed_batches` (all layers to the feature
     layer) with the FLOP-ideal from the tokens each image actually kept per layer (Σ n_i); batch-1
