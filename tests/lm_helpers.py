@@ -68,11 +68,12 @@ def average_within_groups(group_map):
     """
 
     def hook(module, args, output):
-        out = output[0].clone()
+        full = output[0] if isinstance(output, tuple) else output  # attention: (out, weights); other mixers: out
+        out = full.clone()
         for b in range(group_map.shape[0]):
             for gid in group_map[b].unique():
                 members = group_map[b] == gid
-                out[b, members] = output[0][b, members].mean(0)
-        return (out, *output[1:])
+                out[b, members] = full[b, members].mean(0)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return hook

@@ -65,7 +65,7 @@ def apply(
     order: str | None = None,
     mode: str = "dymu",
     vtu_attention: str = "fast",
-    kv_cache: str = "compact",
+    kv_cache: str | None = None,
     tome_vtu: bool = True,
     merge_point: str | None = None,
     max_tokens: int | None = None,
@@ -100,7 +100,8 @@ def apply(
     default: the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
     ``kv_cache``: with VTU, "compact" (one key and value per merged token in every layer's KV cache,
-    exact; `dymu.kv_cache`) or "full" (the stock full-length cache).
+    exact; `dymu.kv_cache`) or "full" (the stock full-length cache); default: the family's (the first of
+    these it supports: every family but Qwen3.5, which refuses "compact" with its reason, takes "compact").
     ``max_tokens`` / ``min_tokens``: a per-image token budget at the feature layer (class token not
     counted), on top of the thresholds (or r): an image over ``max_tokens`` merges its best remaining
     edges in the last layers before the feature layer, within the per-layer cap; an image stops
@@ -119,7 +120,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
     family = _family_or_none(model)
     if family is not None:
         with model_lock(model):
-            family.apply(model, settings)
+            family.apply(model, family.with_defaults(settings))
         return model
     if _is_vlm(model):
         from .families import supported_vlm_names
@@ -133,7 +134,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
         raise ValueError(f"a causal LM takes only vtu_attention and kv_cache (VTU decoder layers), not "
                          f"{', '.join(settings.used_options()) or 'mode ' + repr(settings.mode)}")
     try:
-        apply_vtu(model, vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache)
+        apply_vtu(model, vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache or "compact")
     except ValueError:
         from .families import supported_vlm_names
 
@@ -147,7 +148,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
 
 def _apply_to_tower(model: nn.Module, settings: Settings) -> nn.Module:
     """A bare CLIP / SigLIP vision model: DToMe with thresholds, or ToMe with r."""
-    if settings.kv_cache != "compact":
+    if settings.kv_cache not in (None, "compact"):
         raise ValueError("kv_cache is a setting of VTU in a language model; a vision model has no KV cache")
     wrong = [name for name in ("merge_point", "cross_frame", "tome_vtu") if name in settings.used_options()]
     if wrong or settings.mode not in ("dymu", "tome"):

@@ -36,7 +36,7 @@ class Settings:
     r: int | Sequence[int] | None = None
     order: str | None = None
     vtu_attention: str = "fast"
-    kv_cache: str = "compact"
+    kv_cache: str | None = None  # None: the family's default (the first it supports: "compact", else "full")
     tome_vtu: bool = True
     merge_point: str | None = None
     max_tokens: int | float | None = None
@@ -48,7 +48,7 @@ class Settings:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.vtu_attention not in VTU_ATTENTION:
             raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {self.vtu_attention!r}")
-        if self.kv_cache not in KV_CACHE:
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE:
             raise ValueError(f"kv_cache must be 'compact' or 'full', got {self.kv_cache!r}")
         if self.merge_point is not None and self.merge_point not in MERGE_POINTS:
             raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {self.merge_point!r}")

@@ -6,7 +6,8 @@ Models: each family's tiny random demo model, saved and reloaded through `dymu.l
 - merge off (thresholds +inf) ⇒ prefill logits and 6 generated tokens equal the stock model's, for a
   left-padded batch holding one image, two images and (where the family takes video) a video;
 - real merges ⇒ the prefill logits equal a slow reference: the stock model fed the same (virtually
-  unmerged) features with every layer's attention output averaged over each group of the group map
+  unmerged) features with every layer's token mixer output (attention, linear attention) averaged over
+  each group of the group map
   the patched model handed its decoder (paper Eq. 11, `lm_helpers.average_within_groups`);
 - an image alone and in a batch gets the same LLM rows (batch invariance);
 - apply / remove / apply restores the stock model, then the same patched one;
@@ -64,6 +65,7 @@ CONTRACT_MODELS = {
     "qwen2_vl": ("qwen_vl", _qwen("qwen2_vl")),
     "qwen2_5_vl": ("qwen_vl", _qwen("qwen2_5_vl")),
     "qwen3_vl": ("qwen_vl", _qwen("qwen3_vl")),
+    "qwen3_5": ("qwen3_5", _qwen("qwen3_5")),
 }
 
 
@@ -169,8 +171,9 @@ def test_real_merges_equal_the_slow_reference(saved, thresholds, monkeypatch):
     groups = sum(len(row.unique()) for row in group_map)
     assert groups < group_map.numel() and positions > 0  # real merging happened
     dymu.remove(model)
-    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-               for layer in model.model.language_model.layers]
+    # Every layer's token mixer: attention, or (hybrid decoders) a linear-attention layer.
+    handles = [(getattr(layer, "self_attn", None) or layer.linear_attn).register_forward_hook(
+               average_within_groups(group_map)) for layer in model.model.language_model.layers]
     try:
         with torch.no_grad():
             reference = model(**inputs).logits

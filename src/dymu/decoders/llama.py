@@ -62,6 +62,12 @@ _ATTENTION_KWARGS = {
     Qwen2DecoderLayer: lambda attn: {"sliding_window": attn.sliding_window},
 }
 _HEAD_NORMS: set[type] = set()  # decoder layers whose attention has per-head q_norm / k_norm
+# Attention whose q_proj makes a (query, gate) pair per head and whose output is multiplied by
+# sigmoid(gate) before o_proj (Qwen3.5): the gate is row-wise and constant in a group, so it scales
+# the group-averaged output.
+_OUTPUT_GATES: set[type] = set()
+_MIXERS: dict[type, tuple] = {}  # token mixers other than self-attention, per layer class (decoders/mixers.py)
+_NO_COMPACT: dict[type, str] = {}  # layer class -> why kv_cache="compact" cannot serve it
 _SUPPORTED_MODELS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
 # Debug check (on in the tests): rows of one group must be bitwise equal entering every VTU layer.
 # A model that adds per-position inputs between layers (Qwen3-VL deepstack) would otherwise silently
@@ -69,11 +75,20 @@ _SUPPORTED_MODELS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM
 CHECK_GROUP_ROWS_ENV = "DYMU_CHECK_GROUP_ROWS"
 
 
-def register_decoder(stock: type, attention_kwargs, head_norms: bool = False, models: str | None = None) -> None:
-    """Make VTU support another decoder-layer class (one line per family: see decoders/qwen_vl.py)."""
+def register_decoder(stock: type, attention_kwargs, head_norms: bool = False, models: str | None = None, *,
+                     output_gate: bool = False, mixers: tuple = (), compact: str | None = None) -> None:
+    """Make VTU support another decoder-layer class (one line per family: see decoders/qwen_vl.py).
+    ``mixers``: `dymu.decoders.mixers.RowWiseMixer` descriptions of the layer's token mixers other than
+    self-attention (decoders/qwen3_5.py); ``compact``: why kv_cache="compact" cannot serve the layer."""
     _ATTENTION_KWARGS[stock] = attention_kwargs
     if head_norms:
         _HEAD_NORMS.add(stock)
+    if output_gate:
+        _OUTPUT_GATES.add(stock)
+    if mixers:
+        _MIXERS[stock] = tuple(mixers)
+    if compact:
+        _NO_COMPACT[stock] = compact
     if models and models not in _SUPPORTED_MODELS:
         _SUPPORTED_MODELS.append(models)
 
@@ -108,6 +123,7 @@ class VTUState:
         self._workspace: Tensor | None = None  # the rotated grouped keys of one layer, reused (kv_cache.py)
         self.rotation_checked = False  # the compact rotation was compared with the stock one on a prompt
         self.group_map: Tensor | None = None  # (B, N) long
+        self.mixer_groups: vtu.Groups | None = None  # the running mixer layer's plan (decoders/mixers.py)
         self._plans: dict = {}  # (batch, device) -> vtu.Groups, valid for the current map
         # layer key (its _dymu_vtu_key, stable under copy.deepcopy, unlike id()) -> rows seen by each
         # counted module in the last forward
@@ -181,11 +197,14 @@ class _VTUDecoderLayer:
     _dymu_vtu: VTUState  # per instance
     _dymu_stock: type  # per class: the stock class to restore
     _dymu_rope = None  # per class: the family's own stock apply_rotary_pos_emb
+    _dymu_mixer = None  # per instance: a token mixer other than self-attention (decoders/mixers.py), or None
 
     def forward(self, *args, **kwargs) -> Tensor:
         # The stock call is forwarded untouched (positional or keyword, the cache under whatever name
         # this transformers uses); only a VTU prefill, or a forward over a compact cache, reads its
         # arguments, bound to the stock signature.
+        if self._dymu_mixer is not None:  # a token mixer other than self-attention (decoders/mixers.py)
+            return self._dymu_mixer.forward(self, args, kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]
         state = self._dymu_vtu
         state.rows[self._dymu_vtu_key] = Counter()  # the counting hooks fill it during this forward
@@ -204,7 +223,9 @@ class _VTUDecoderLayer:
                     raise compat.refuse(f"{self._dymu_stock.__name__}.forward() was handed a KV cache as {name!r}")
                 cache = extra.pop(name)  # the other transformers name of the same argument (deprecated alias)
         attention_mask, position_ids = arguments["attention_mask"], arguments["position_ids"]
-        use_cache, position_embeddings = arguments["use_cache"], arguments["position_embeddings"]
+        position_embeddings = arguments["position_embeddings"]
+        # A named parameter of most layers; others (Qwen3.5) get it in **kwargs, forwarded as stock does.
+        use_cache = arguments["use_cache"] if "use_cache" in arguments else extra.pop("use_cache", None)
 
         collector = _active_collector.get() if _active_collector is not None else None
         if collector is not None and "attentions" in collector:
@@ -229,7 +250,12 @@ class _VTUDecoderLayer:
                                      "VTU would silently use the first row of each group")
         x = self.input_layernorm(residual)
         rows = x.shape[0]
-        q_rows = attn.q_proj(x).view(rows, -1, attn.head_dim)  # (U, Hq, d)
+        gate_rows = None
+        if self._dymu_stock in _OUTPUT_GATES:  # (query, gate) per head, as the stock attention splits them
+            q_rows, gate_rows = attn.q_proj(x).view(rows, -1, 2 * attn.head_dim).chunk(2, dim=-1)
+            gate_rows = gate_rows.reshape(rows, -1)
+        else:
+            q_rows = attn.q_proj(x).view(rows, -1, attn.head_dim)  # (U, Hq, d)
         k_rows = attn.k_proj(x).view(rows, -1, attn.head_dim)  # (U, Hkv, d)
         v_rows = attn.v_proj(x).view(rows, -1, attn.head_dim)
         if self._dymu_stock in _HEAD_NORMS:  # per-head RMSNorm: row-wise, so on the unique rows
@@ -281,6 +307,8 @@ class _VTUDecoderLayer:
         # out: (B, N, Hq, d). Re-merge (Eq. 11) before o_proj: the mean commutes with the linear map.
         out = out.reshape(batch, length, -1)
         out = out.flatten(0, 1) if groups is None else vtu.merge_mean(out, groups)  # (U, Hq*d)
+        if gate_rows is not None:
+            out = out * torch.sigmoid(gate_rows)
         hidden = residual + attn.o_proj(out)
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return full(hidden)  # (B, N, D): rows of a group stay exactly equal
@@ -381,22 +409,35 @@ def __getattr__(name: str):  # pickle finds the VTU layer classes here (dymu/pat
 
 # What the VTU forward reads from the stock layer: its call's arguments, its submodules, the attention
 # module's projections and settings, and the family's own apply_rotary_pos_emb.
-_LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_ids", "use_cache", "position_embeddings")
+_LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
 _LAYER_ATTRIBUTES = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
 _ATTENTION_ATTRIBUTES = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config",
                          "attention_dropout")
 
 
-def check_stock_layer(stock: type, layer: nn.Module | None = None) -> None:
-    """Refuse (one line) a stock decoder layer whose forward or modules are not what the VTU layer expects."""
+def check_stock_layer(stock: type, layer: nn.Module | None = None, name: str = "") -> None:
+    """Refuse (one line) a stock decoder layer whose forward or modules are not what the VTU layer expects,
+    or whose token mixer VTU does not cover."""
     compat.require_forward(stock, _LAYER_ARGUMENTS)
     compat.cache_parameter(stock)
     if not hasattr(sys.modules[stock.__module__], "apply_rotary_pos_emb"):
         raise compat.refuse(f"{stock.__module__} has no apply_rotary_pos_emb")
-    if layer is not None:
+    mixer = _mixer_of(layer) if layer is not None else None
+    if mixer is not None:
+        mixer.check(layer)
+    elif layer is not None and stock in _MIXERS and not hasattr(layer, "self_attn"):
+        from .mixers import uncovered
+
+        raise uncovered(layer, name, _MIXERS[stock])
+    elif layer is not None:
         compat.require_attributes(layer, _LAYER_ATTRIBUTES, stock.__name__)
         attention = (*_ATTENTION_ATTRIBUTES, *(("q_norm", "k_norm") if stock in _HEAD_NORMS else ()))
         compat.require_attributes(layer.self_attn, attention, f"{stock.__name__}.self_attn")
+
+
+def _mixer_of(layer: nn.Module):
+    """The description of ``layer``'s token mixer when it is not self-attention (decoders/mixers.py), else None."""
+    return next((m for m in _MIXERS.get(getattr(layer, "_dymu_stock", type(layer)), ()) if m.covers(layer)), None)
 
 
 def _patched_layers(model: nn.Module) -> list[nn.Module]:
@@ -436,12 +477,15 @@ def apply_vtu(model: nn.Module, vtu_attention: str = "fast", kv_cache: str = "co
             state.rotary = rotary
             state.hooks.append(rotary.register_forward_hook(_PositionRecorder(state, rotary), with_kwargs=True))
     for layer in stock:
+        mixer = _mixer_of(layer)
         layer.__class__ = _vtu_class(type(layer))
-        layer._dymu_vtu = state
+        layer._dymu_vtu, layer._dymu_mixer = state, mixer
         layer._dymu_vtu_key = len(state.rows_keys)
         state.rows_keys.append(layer._dymu_vtu_key)
-        for name in _COUNTED:
-            hook = _RowCounter(state, layer._dymu_vtu_key, name.removeprefix("self_attn."))
+        if mixer is not None:  # its row-wise modules run on the unique rows (hooks, decoders/mixers.py)
+            state.hooks.extend(mixer.attach(layer, state))
+        for name in _COUNTED if mixer is None else mixer.counted():
+            hook = _RowCounter(state, layer._dymu_vtu_key, name.split(".")[-1])
             state.hooks.append(layer.get_submodule(name).register_forward_hook(hook))
 
 
@@ -451,16 +495,26 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast",
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     check_kv_cache(kv_cache)
-    stock = [m for m in model.modules() if type(m) in _ATTENTION_KWARGS]
-    for layer in stock:
-        check_stock_layer(type(layer), layer)
+    named = [(n, m) for n, m in model.named_modules() if type(m) in _ATTENTION_KWARGS]
+    for name, layer in named:
+        check_stock_layer(type(layer), layer, name)
+    stock = [m for _, m in named]
     patched = _patched_layers(model)
+    if kv_cache == "compact":
+        for layer in stock + patched:
+            kind = getattr(layer, "_dymu_stock", type(layer))
+            if kind in _NO_COMPACT:
+                raise ValueError(f"kv_cache='compact' is not available for {kind.__name__}: {_NO_COMPACT[kind]}; "
+                                 "use kv_cache='full'")
     if not stock and not patched:
         raise ValueError(
             f"VTU supports only {', '.join(supported_decoders())} decoder layers ({', '.join(_SUPPORTED_MODELS)}, or a VLM "
             f"whose language model is one of them); found none in {type(model).__name__}."
         )
     if vtu_attention == "exact":
+        if any(_mixer_of(m) is not None for m in stock + patched):
+            raise ValueError("vtu_attention='exact' is the paper's Eq. 10 for attention layers; this decoder also has "
+                             "other token mixers: use vtu_attention='fast'")
         impls = {m.self_attn.config._attn_implementation for m in stock + patched}
         if impls != {"eager"}:
             raise ValueError(f"vtu_attention='exact' is eager only, the model uses {sorted(impls)}: "
@@ -524,6 +578,7 @@ def remove_vtu(model: nn.Module) -> None:
         state.rows_keys.clear()
         layer.__class__ = layer._dymu_stock
         del layer._dymu_vtu, layer._dymu_vtu_key
+        layer.__dict__.pop("_dymu_mixer", None)
 
 
 def set_groups(model: nn.Module, group_map: Tensor | None) -> None:
@@ -558,4 +613,5 @@ def rows_processed(model: nn.Module) -> dict[str, int]:
     total = Counter()
     for layer in _patched_layers(model):
         total.update(layer._dymu_vtu.rows.get(layer._dymu_vtu_key, Counter()))
-    return {key: total[key] for key in ("positions", *(n.removeprefix("self_attn.") for n in _COUNTED))}
+    keys = ("positions", *(n.removeprefix("self_attn.") for n in _COUNTED))
+    return {key: total[key] for key in (*keys, *sorted(set(total) - set(keys)))}  # then other mixers' modules

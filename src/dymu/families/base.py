@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..settings import MODES, OPTIONS, Settings
+from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -85,6 +85,9 @@ class VLMFamily:
     post_rounds: int | None = None  # default merge rounds after the stock steps (merge_point post / both)
     calibration_unit = "images"  # what a calibration image counts as (AnyRes: every crop)
     crops_images = False  # the processor cuts an image into several tower inputs (`encoder_pixels`)
+    # The KV caches a VTU prefill may leave (`dymu.settings.KV_CACHE`): None (supported) or why not. The
+    # first supported one is what `kv_cache=None` (the default) means for this family.
+    kv_caches: Mapping[str, str | None] = {"compact": None, "full": None}
 
     # -- what it is -----------------------------------------------------------------------------
     def model_classes(self) -> tuple[type, ...]:
@@ -110,10 +113,21 @@ class VLMFamily:
             raise ValueError(f"{what} is not available for {type(model).__name__}: {reason}")
 
     def check(self, model: nn.Module, settings: Settings) -> None:
-        """Refuse, with the declared reason, a mode or option this family does not support."""
+        """Refuse, with the declared reason, a mode, option or (with VTU) KV cache this family does not support."""
         self.refuse_unsupported(settings.mode, model)
         for option in settings.used_options():
             self.refuse_unsupported(option, model)
+        reason = self.kv_caches.get(settings.kv_cache or self.default_kv_cache)
+        if settings.uses_vtu and reason is not None:
+            raise ValueError(f"kv_cache={settings.kv_cache!r} is not available for {type(model).__name__}: {reason}")
+
+    @property
+    def default_kv_cache(self) -> str:
+        return next(k for k in KV_CACHE if self.kv_caches.get(k, "") is None)
+
+    def with_defaults(self, settings: Settings) -> Settings:
+        """``settings`` with this family's default for what was left unset (``kv_cache``)."""
+        return settings if settings.kv_cache else settings.replace(kv_cache=self.default_kv_cache)
 
     # -- patching -------------------------------------------------------------------------------
     def apply(self, model: nn.Module, settings: Settings) -> None:
@@ -232,8 +246,9 @@ def feature_matrix() -> str:
     rows = []
     for family in vlm_families():
         cells = []
-        for feature in features:
-            reason = (family.modes if feature in MODES else family.options)[feature]
+        for feature in (*features, "kv_cache='compact'"):
+            reason = family.kv_caches["compact"] if feature.startswith("kv_cache") else \
+                (family.modes if feature in MODES else family.options)[feature]
             if reason is None:
                 cells.append("yes")
                 continue
@@ -241,7 +256,7 @@ def feature_matrix() -> str:
                 reasons.append(reason)
             cells.append(f"no [{reasons.index(reason) + 1}]")
         rows.append(f"| {family.title} | " + " | ".join(cells) + " |")
-    header = "| family | " + " | ".join(f"`{f}`" for f in features) + " |"
-    lines = [header, "|---" * (len(features) + 1) + "|", *rows, ""]
+    header = "| family | " + " | ".join(f"`{f}`" for f in (*features, "kv_cache='compact'")) + " |"
+    lines = [header, "|---" * (len(features) + 2) + "|", *rows, ""]
     lines += [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)]
     return "\n".join(lines)

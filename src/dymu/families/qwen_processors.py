@@ -87,7 +87,8 @@ def processor_class(model_type: str) -> type:
     """
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
-    stocks = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
+    stocks = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor,
+              "qwen3_5": Qwen3VLProcessor}  # Qwen3.5 uses Qwen3-VL's processor
     if model_type not in stocks:
         raise ValueError(f"{model_type!r} is not a Qwen VL model type ({', '.join(stocks)})")
     stock = stocks[model_type]

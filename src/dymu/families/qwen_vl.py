@@ -49,7 +49,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from .. import compat, vtu
-from ..decoders.llama import apply_vtu, check_kv_cache, remove_vtu, vtu_groups
+from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..patching import PatchedClasses
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.qwen_vit import (
@@ -90,6 +90,7 @@ class DyMUQwenVLModel:
 
     _dymu: QwenSettings
     _dymu_stock_class: type
+    _dymu_split_temporal = False  # the stock get_rope_index positions a video per temporal patch (Qwen3-VL, Qwen3.5)
 
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
                            **kwargs):
@@ -140,7 +141,7 @@ class DyMUQwenVLModel:
         extra = {k: v for k, v in kwargs.items() if k == "second_per_grid_ts"}
         return direct_rope_index(stock, input_ids, mm_token_type_ids, attention_mask, grids, kept,
                                  {1: self.config.image_token_id, 2: self.config.video_token_id},
-                                 split_temporal=isinstance(self, _QWEN3_INNER),
+                                 split_temporal=isinstance(self, _QWEN3_INNER) or self._dymu_split_temporal,
                                  vision_start=getattr(self.config, "vision_start_token_id", None), **extra)
 
     def _dymu_direct_outputs(self, kwargs: dict, image_grid_thw, video_grid_thw) -> dict:
@@ -256,11 +257,12 @@ def _check_mode(mode: str, thresholds, r, merge_point: str | None, tome_vtu: boo
 
 def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
                   vtu_attention: str = "fast", kv_cache: str = "compact", cross_frame: bool = False, *,
-                  r=None, budget: QwenBudget | None = None, tome_vtu: bool = True) -> None:
+                  r=None, budget: QwenBudget | None = None, tome_vtu: bool = True, swapped=None) -> None:
     """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place (modes: see the module docstring).
     ``thresholds``: one per vision block (merge_point="vit"), or one per merge round after the
     PatchMerger (merge_point="post"); ``merge_point`` default: the thresholds file's, else "vit".
-    ``r`` (mode tome): unit merges per ViT block and segment. ``budget``: a `QwenBudget` (`qwen_budget`)."""
+    ``r`` (mode tome): unit merges per ViT block and segment. ``budget``: a `QwenBudget` (`qwen_budget`).
+    ``swapped``: the `PatchedClasses` that makes the inner model's class (another family reusing this one)."""
     _check_mode(mode, thresholds, r, merge_point, tome_vtu, cross_frame)
     check_kv_cache(kv_cache)
     # What the swapped inner model overrides and calls of the stock one.
@@ -277,6 +279,8 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         values, merge_point, r = None, "vit", check_r(r, len(inner.visual.blocks))
     elif mode != "full":
         values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
+    if mode != "full" and not direct:  # refuse before anything changes (all or nothing)
+        check_vtu(inner.language_model, vtu_attention, kv_cache)
     remove_qwen_vl(model)
     model._dymu_mode = mode
     if mode == "full":
@@ -286,7 +290,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame),
                                r=r, budget=budget, direct=direct)
     inner._dymu_stock_class = type(inner)
-    inner.__class__ = _swapped_class(type(inner))
+    inner.__class__ = (swapped or _swapped_class)(type(inner))
 
 
 @torch.no_grad()
@@ -348,6 +352,7 @@ class QwenVLFamily(VLMFamily):
     options = {"r": None, "tome_vtu": None, "merge_point": None, "cross_frame": None, "budget": None, "focus": None,
                "video": None, "order": "it merges whole 2x2 units in the stock unit order",
                "raw_prompt": "prompts are questions, wrapped in the chat template"}
+    swapped = None  # the PatchedClasses of the inner model (None: this module's); a family reusing this one sets its own
 
     def model_classes(self):
         return SUPPORTED_QWEN_VLMS
@@ -364,7 +369,8 @@ class QwenVLFamily(VLMFamily):
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,
                       vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache,
                       cross_frame=settings.cross_frame, r=settings.r, tome_vtu=settings.tome_vtu,
-                      budget=qwen_budget(settings.thresholds, settings.max_tokens, settings.min_tokens))
+                      budget=qwen_budget(settings.thresholds, settings.max_tokens, settings.min_tokens),
+                      swapped=self.swapped)
 
     def remove(self, model):
         remove_qwen_vl(model)

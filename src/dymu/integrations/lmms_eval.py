@@ -196,7 +196,7 @@ class DyMU(lmms):
                  batch_size: int | str = 1, device: str | None = None, dtype: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch_size=None, max_tokens=None,
                  min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, cross_frame=None, order=None,
-                 merge_point=None, vtu_attention="fast", kv_cache="compact", tome_vtu=None, **unknown) -> None:
+                 merge_point=None, vtu_attention="fast", kv_cache=None, tome_vtu=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "

@@ -1,7 +1,8 @@
-"""Small Qwen2-VL / Qwen2.5-VL / Qwen3-VL models with RANDOM weights and a real processor, built offline.
+"""Small Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 models with RANDOM weights and a real processor, built offline.
 
 Every code path is the real one: the stock `*ForConditionalGeneration` classes at small dimensions
-(Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers), a real
+(Qwen2.5-VL with windowed and full-attention ViT blocks, Qwen3-VL with deepstack mergers, Qwen3.5 with
+a hybrid decoder: Gated DeltaNet linear-attention layers around one gated full-attention layer), a real
 byte-level BPE tokenizer trained here with the Qwen vision special tokens, the stock Qwen2-VL image
 processor (PIL backend) and the family's stock processor class. There is no video processor (it
 needs torchvision): `dymu.families.qwen_vl.qwen_inputs` builds video tensors and placeholders the way the
@@ -15,6 +16,7 @@ import torch
 from ..families.qwen_processors import processor_class, video_pixels
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEMO_FAMILIES = (*QWEN_FAMILIES, "qwen3_5")  # `dymu demo --family`; Qwen3.5 is its own dymu family
 IMAGE_MAX_PIXELS = 224 * 224  # 16x16 patches of 14 px = 64 units (LLM tokens) per square image
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
              "<|image_pad|>", "<|video_pad|>"]
@@ -55,7 +57,7 @@ def _text_dims(vocab: int, tokenizer) -> dict:
 
 def qwen_config(family: str, tokenizer):
     """The tiny config of a family; image/video/vision-start token ids taken from ``tokenizer``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
 
     special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -79,7 +81,18 @@ def qwen_config(family: str, tokenizer):
                       deepstack_visual_indexes=[1, 2])
         text = dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True))
         return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
-    raise ValueError(f"unknown Qwen VL family {family!r}; choose one of {', '.join(QWEN_FAMILIES)}")
+    if family == "qwen3_5":
+        vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=text["hidden_size"],
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+        # Hybrid decoder: Gated DeltaNet layers around one gated full-attention layer (the released models
+        # have one in four). Partial rotary as released (a quarter there, half here): head_dim 32 rotates
+        # 16 dims = 8 frequencies = the (t, h, w) mrope sections.
+        text = dict(text, num_hidden_layers=4, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+                    rope_parameters=dict(rope, mrope_interleaved=True, partial_rotary_factor=0.5))
+        return Qwen3_5Config(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown Qwen VL family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
 
 
 def build_qwen_processor(family: str, tokenizer=None):
@@ -95,12 +108,12 @@ def build_qwen_processor(family: str, tokenizer=None):
 def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
     """(model, processor): the family's stock ForConditionalGeneration at small dims, random weights."""
     from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                              Qwen3VLForConditionalGeneration)
+                              Qwen3_5ForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
     tokenizer = build_qwen_tokenizer()
     config = qwen_config(family, tokenizer)
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-           "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
+           "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_5": Qwen3_5ForConditionalGeneration}[family]
     torch.manual_seed(seed)
     model = cls(config).eval()
     # HF's random init is tiny (std 0.02): scale q/k up so that attention is not near-uniform and a
