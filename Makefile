@@ -19,7 +19,7 @@ LMMS_EVAL := lmms-eval>=0.7.3,<0.8
 # what `make test-oldest` runs again on the oldest supported versions.
 INTERNALS_TESTS := tests/towers tests/decoders tests/families tests/integrations tests/test_env.py
 
-.PHONY: demo test install clean lock test-latest test-oldest docs docs-oldest
+.PHONY: demo test install clean lock test-latest test-oldest docs docs-oldest wheel-check
 
 # $(1): venv folder, $(2): pip constraint arguments (empty: the newest versions the ranges allow).
 # torch goes first, pinned by the range, so pip takes the local CPU build instead of the CUDA wheels.
@@ -78,5 +78,21 @@ lock:
 	.venv-lock/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(OLDEST_LOCK)
 	rm -rf .venv-lock .lower-bounds.txt
 
+# What a user of the package index will get: `python -m build` makes the wheel and sdist, the wheel goes
+# into a fresh venv (torch first, then the wheel's own dependencies, from the lock), and `dymu demo` runs
+# from it in an empty folder (the bundled images and the entry point come from the wheel, not the clone).
+BUILD := build==1.6.1
+wheel-check:
+	rm -rf dist .venv-build .venv-wheel
+	$(PYTHON) -m venv .venv-build
+	.venv-build/bin/pip install -q "$(BUILD)"
+	.venv-build/bin/python -m build -q --outdir dist .
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/pip install -q --upgrade pip
+	.venv-wheel/bin/pip install -q -c $(LOCK) "torch>=2.13,<2.14"
+	.venv-wheel/bin/pip install -q -c $(LOCK) dist/*.whl
+	cd "$$(mktemp -d)" && $(CURDIR)/.venv-wheel/bin/dymu demo --max-new-tokens 2 && $(CURDIR)/.venv-wheel/bin/dymu --version
+	rm -rf .venv-build .venv-wheel
+
 clean:
-	rm -rf $(VENV) .venv-oldest .venv-latest .venv-lock build src/*.egg-info site .site-oldest
+	rm -rf $(VENV) .venv-oldest .venv-latest .venv-lock .venv-build .venv-wheel build dist src/*.egg-info site .site-oldest

@@ -135,16 +135,15 @@ def add_focus_args(p, masks_help: str, repeat_mask: bool = False) -> None:
 
 
 def cmd_demo(args) -> int:
-    if args.family.startswith("qwen"):
-        from .tools.demo_qwen import run_qwen_demo
+    from .tools.demo_models import DEMO_MODELS
 
+    demo = DEMO_MODELS[args.family]
+    if demo.walkthrough != "dymu.tools.demo:run_demo":
         if args.model:
-            raise ValueError("--model is for the LLaVA demo; the Qwen demos build their own random-weight model")
-        run_qwen_demo(args.family, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
+            raise ValueError(f"--model is for the LLaVA demos; --family {args.family} builds its own random-weight model")
+        demo.run()(args.family, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
         return 0
-    from .tools.demo import run_demo
-
-    run_demo(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
+    demo.run()(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 import dymu
 from dymu.families import vlm_families
 from dymu.settings import MODES
+from dymu.tools.demo_models import DEMO_MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
@@ -38,40 +39,22 @@ ATOL = 1e-4
 NEW_TOKENS = 6
 
 
-def _llava():
-    from dymu.tools.demo import build_demo_model
-
-    return build_demo_model()
-
-
-def _anyres(kind):
-    from dymu.tools.demo import build_demo_anyres_model
-
-    return lambda: build_demo_anyres_model(kind)
-
-
-def _qwen(kind):
-    from dymu.tools.demo_qwen import build_qwen_demo_model
-
-    return lambda: build_qwen_demo_model(kind)
-
-
-# contract model -> (registered family name, builder of (model, processor)). A new family adds one line.
-CONTRACT_MODELS = {
-    "llava": ("llava", _llava),
-    "llava_next": ("llava_next", _anyres("next")),
-    "llava_onevision": ("llava_onevision", _anyres("onevision")),
-    "llava_next_video": ("llava_next_video", _anyres("next_video")),
-    "qwen2_vl": ("qwen_vl", _qwen("qwen2_vl")),
-    "qwen2_5_vl": ("qwen_vl", _qwen("qwen2_5_vl")),
-    "qwen3_vl": ("qwen_vl", _qwen("qwen3_vl")),
-    "qwen3_5": ("qwen3_5", _qwen("qwen3_5")),
-}
+# contract model -> (registered family name, builder of (model, processor)): every demo model
+# (`dymu.tools.demo_models`); a new family adds its demo model there and runs every contract here.
+CONTRACT_MODELS = {name: (demo.family, demo.build) for name, demo in DEMO_MODELS.items()}
 
 
 def test_every_registered_family_has_a_contract_model():
     covered = {family for family, _ in CONTRACT_MODELS.values()}
     assert {f.name for f in vlm_families()} <= covered
+
+
+def test_the_demo_command_offers_every_demo_model():
+    from dymu.cli import build_parser
+
+    demo = next(a for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions
+                if a.dest == "family")
+    assert list(demo.choices) == list(DEMO_MODELS)  # the parser's list is literal: `dymu --help` imports nothing
 
 
 @pytest.fixture(scope="module", params=list(CONTRACT_MODELS))

@@ -70,20 +70,10 @@ class CheckResult:
 
 
 def _families():
-    """name -> builder of (model, processor), the tiny random demo models."""
-    from .demo import build_demo_anyres_model, build_demo_model
-    from .demo_qwen import build_qwen_demo_model
+    """demo name -> builder of (model, processor): every tiny random demo model (`dymu.tools.demo_models`)."""
+    from .demo_models import DEMO_MODELS
 
-    return {
-        "llava": build_demo_model,
-        "llava_next": lambda: build_demo_anyres_model("next"),
-        "llava_onevision": lambda: build_demo_anyres_model("onevision"),
-        "llava_next_video": lambda: build_demo_anyres_model("next_video"),
-        "qwen2_vl": lambda: build_qwen_demo_model("qwen2_vl"),
-        "qwen2_5_vl": lambda: build_qwen_demo_model("qwen2_5_vl"),
-        "qwen3_vl": lambda: build_qwen_demo_model("qwen3_vl"),
-        "qwen3_5": lambda: build_qwen_demo_model("qwen3_5"),
-    }
+    return {name: demo.build for name, demo in DEMO_MODELS.items()}
 
 
 def _tolerance(dtype) -> float:
