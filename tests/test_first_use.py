@@ -41,9 +41,10 @@ def test_1_calibration_reports_target_vs_reached_and_warns(tower_dir, tmp_path, 
     th = Thresholds.load(out)
     assert th.target_tokens == 5 and th.reached_tokens == th.tokens_kept_mean[-1] > 5.5
     assert th.capped_layers, "a target of 5 of 196 tokens must hit the at-most-half-per-layer cap"
-    assert "target 5.0, reached" in captured.out
+    assert "target 5.0; per image, as inference runs them," in captured.out
+    assert th.per_image_tokens["images"] == 6 and th.per_image_tokens["mean"] > 5.5
     err = captured.err
-    assert "warning: calibration reached" in err and "not the target 5.0" in err
+    assert "warning: the thresholds keep" in err and "not the target 5.0" in err
     assert f"layer{'s' if len(th.capped_layers) > 1 else ''} {', '.join(map(str, th.capped_layers))} hit the " \
            "per-layer cap" in err
     assert "warning: calibrating on only 6 images" in err and "warning: batches of 3 images" in err

@@ -44,5 +44,8 @@ def one_line_warnings(command: str, raw: bool = False):
             print(text, file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
+        # every user-facing warning of this run shows (deduplicated above), also one an earlier run in the
+        # same process already showed: Python's per-location registry would hide it
+        warnings.simplefilter("default", UserWarning)
         warnings.showwarning = show
         yield
