@@ -7,25 +7,15 @@ import pytest
 
 import dymu
 from conftest import load_image
-from dymu.tools.demo import build_demo_anyres_model, build_demo_model
-from dymu.tools.demo_qwen import build_qwen_demo_model
-
-FAMILIES = {
-    "llava": (build_demo_model, False),
-    "llava_next": (lambda: build_demo_anyres_model("next"), False),
-    "llava_onevision": (lambda: build_demo_anyres_model("onevision"), True),
-    "llava_next_video": (lambda: build_demo_anyres_model("next_video"), True),
-    "qwen2_vl": (lambda: build_qwen_demo_model("qwen2_vl"), True),
-    "qwen2_5_vl": (lambda: build_qwen_demo_model("qwen2_5_vl"), True),
-    "qwen3_vl": (lambda: build_qwen_demo_model("qwen3_vl"), True),
-}
+from dymu.families import get_vlm_family
+from dymu.tools.demo_models import DEMO_MODELS
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_load_gives_a_working_processor_without_torchvision(family, tmp_path):
+@pytest.mark.parametrize("demo", DEMO_MODELS)
+def test_load_gives_a_working_processor_without_torchvision(demo, tmp_path):
     assert importlib.util.find_spec("torchvision") is None  # what a CPU-only install has
-    build, takes_video = FAMILIES[family]
-    model, processor = build()
+    takes_video = get_vlm_family(DEMO_MODELS[demo].family).supports("video")
+    model, processor = DEMO_MODELS[demo].build()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded, loaded_processor = dymu.load(tmp_path, device="cpu", dtype="float32")

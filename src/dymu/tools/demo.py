@@ -197,6 +197,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     from ..generation import generate, load_vlm
     from ..images import open_image
     from ..api import apply, encoder_pixels
+    from ..families import vlm_family_of
 
     random_weights = model_ref is None
     if random_weights:
@@ -219,7 +220,8 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     else:
         model, processor = load_vlm(model_ref)
         out(f"dymu demo on {model_ref}")
-    anyres = type(model).__name__ != "LlavaForConditionalGeneration"
+    vlm = vlm_family_of(model)
+    anyres = vlm.crops_images  # every crop of an image counts
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
 
@@ -255,7 +257,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
 
     pick = len(images) - 1  # the cluttered scene
     cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
-    if family in ("onevision", "next_video") and random_weights:  # a multi-image prompt, a video of the images
+    if random_weights and vlm.supports("video"):  # a multi-image prompt, a video of the images
         cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
         frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
         cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))
