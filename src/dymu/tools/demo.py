@@ -232,7 +232,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     patches = thresholds.encoder["patches_per_image"]
     unit = "crop" if anyres else "image"
     out(f"calibrated thresholds (preset mid) on {len(images)} bundled images in {time.perf_counter() - start:.1f}s "
-        f"(a demo: real calibrations use hundreds): {target_report(thresholds)[0]} of {patches} per {unit}")
+        f"(a demo: real calibrations use hundreds), of {patches} tokens per {unit}: {target_report(thresholds)[0]}")
 
     apply(model, thresholds, mode="dymu")
     pixels, crops = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))

@@ -53,7 +53,7 @@ def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | N
         return f"{reached if reached is not None else float('nan'):.1f} visual tokens on average", None
     if per_image:
         line = (f"target {target:.1f}; per image, as inference runs them, {reached:.1f} visual tokens on average "
-                f"(min {per_image['min']}, max {per_image['max']}, on {per_image['images']} of "
+                f"(min {per_image['min']}, max {per_image['max']}, over {per_image['images']} of "
                 f"{per_image['measured_on']}; batch-level {batch_level:.1f})")
     else:
         line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
