@@ -164,7 +164,7 @@ def add_analyze(subparsers) -> None:
         help="tokens kept vs image complexity, min/median/max grids and merge maps for folders of images",
         description="Run the DToMe encoder over folders of images and write OUT/tokens.csv, "
         "OUT/complexity_vs_tokens.png (JPEG quality-75 bytes per pixel vs tokens, Spearman rho), "
-        "OUT/min_median_max.png and OUT/merge_maps/NAME.png. Needs matplotlib: pip install 'dymu[viz]'.",
+        "OUT/min_median_max.png and OUT/merge_maps/NAME.png. Needs matplotlib (dymu's viz extra: pip install 'matplotlib>=3.9').",
     )
     p.add_argument("--model", required=True, metavar="ID_OR_DIR", help="VLM (LLaVA or Qwen VL) or CLIP/SigLIP vision model: hub id or "
                                                   "local folder")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hidden_alias(p, "--image", dest="images", nargs="+", action="extend")  # the one-image spelling
     p.add_argument("--image-root", metavar="DIR", help="folder the JSON lists' paths are relative to (default: each JSON's folder)")
     p.add_argument("--video", action="append", metavar="PATH", help="OneVision or a Qwen VL: a folder of frame images, or a video "
-                                                    "file (needs PyAV: pip install 'dymu[video]'); repeatable")
+                                                    "file (needs PyAV, dymu's video extra: pip install 'av>=12,<16'); repeatable")
     p.add_argument("--frames", type=_frames, default=8, metavar="N",
                    help="frames taken evenly from each --video (default 8, at most 256; decoded at most 1024 px a side)")
     p.add_argument("--cross-frame", action="store_true",

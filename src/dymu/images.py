@@ -381,7 +381,7 @@ def _shrunk(image: Image.Image, max_side: int | None) -> Image.Image:
 
 def load_video(source, num_frames: int = DEFAULT_FRAMES, max_side: int | None = FRAME_MAX_SIDE) -> list[Image.Image]:
     """``num_frames`` evenly spaced frames (RGB PIL images, all of one size) of a video: a video file
-    (decoded with PyAV: ``pip install 'dymu[video]'``) or a folder of frame images (sorted by name).
+    (decoded with PyAV, dymu's video extra: ``pip install 'av>=12,<16'``) or a folder of frame images (sorted by name).
 
     A file is decoded once, keeping only the chosen frames (a long video never sits in memory whole),
     each shrunk to at most ``max_side`` pixels a side (`FRAME_MAX_SIDE`; None: full size) as it is
@@ -416,7 +416,7 @@ def _decode_video(path: Path, num_frames: int, max_side: int | None) -> list[Ima
     try:
         import av
     except ImportError:
-        raise ValueError(f"{path}: reading video files needs PyAV (pip install 'dymu[video]'); or pass the frames "
+        raise ValueError(f"{path}: reading video files needs PyAV, dymu's video extra (pip install 'av>=12,<16'); or pass the frames "
                          "as a list of PIL images (or a folder of frame images)") from None
 
     def decode(total: int | None) -> tuple[list[Image.Image], int, int]:

@@ -30,7 +30,7 @@ if importlib.util.find_spec("lmms_eval") is None:
     if os.environ.get("CI"):  # make test installs it; CI must never skip these
         raise ImportError("lmms-eval is not installed, but CI needs it: `make test` installs it "
                           "(pip install --no-deps lmms-eval==0.7.3 next to dymu[test])")
-    pytest.skip("lmms-eval is not installed (pip install 'dymu[eval]', or the CPU set in the README)",
+    pytest.skip("lmms-eval is not installed (pip install -e '.[eval]', or the CPU set in docs/install.md)",
                 allow_module_level=True)
 
 from dymu.integrations.lmms_eval import (

@@ -234,4 +234,4 @@ def test_missing_matplotlib_names_the_extra(calibrated, tmp_path, monkeypatch, c
     code = main(["analyze", "--model", str(tower), "--thresholds", str(thresholds), "--images", str(IMAGES),
                  "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and "\n" not in err and "pip install 'dymu[viz]'" in err
+    assert code == 1 and "\n" not in err and "pip install 'matplotlib>=3.9'" in err

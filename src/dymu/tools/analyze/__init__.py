@@ -38,7 +38,7 @@ merge map without, and its merge map with the budget/focus.
 Python API (for notebooks): `analyze` (everything above), `measure` (rows only, no pictures, no
 matplotlib), the pure helpers `jpeg_complexity`, `spearman`, `merge_map`, `model_view`, and
 `merge_map_figure` (the merge-map PNG as a PIL image).
-The pictures need matplotlib: ``pip install 'dymu[viz]'``.
+The pictures need matplotlib, dymu's viz extra: ``pip install 'matplotlib>=3.9'``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pictures for `dymu analyze` (matplotlib, imported lazily: `pip install 'dymu[viz]'`)."""
+"""Pictures for `dymu analyze` (matplotlib, imported lazily: the viz extra, `pip install 'matplotlib>=3.9'`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _matplotlib():
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
-            "the analyze pictures need matplotlib, which is an optional extra: pip install 'dymu[viz]'"
+            "the analyze pictures need matplotlib, dymu's optional viz extra: pip install 'matplotlib>=3.9'"
         ) from None
     return Figure
 
