@@ -22,7 +22,6 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ... import merge as M
 from ...api import default_feature_layer, encoder_pixels, vision_tower_of
 from ...files import check_output_file
 from ...images import open_images, pixel_values_of
@@ -36,6 +35,7 @@ from .loop import (  # noqa: F401  (the public names of dymu.tools.calibration)
     _batches,
     _distributed,
     _settings_key,
+    batch_top_edges,
     few_images_warning,
     image_identity,
     run_batches,
@@ -59,13 +59,7 @@ def _record_batch(tower, family, pixel_values, r, run, feature_layer, index, ski
     state = tower._dymu_state
     bsz = pixel_values.shape[0]
     tau = [math.nan] * len(r)
-
-    def batch_top_edges(layer_index: int, matches: M.Matches) -> torch.Tensor:
-        chosen, threshold = M.top_edges_of_batch(matches, round(bsz * r[layer_index]))
-        tau[layer_index] = float(threshold)
-        return chosen
-
-    state.edge_chooser = batch_top_edges
+    state.edge_chooser = batch_top_edges(r, bsz, tau)  # r: merges per image, so B·r per layer
     try:
         encoded = encode_with_tower(tower, family, pixel_values, feature_layer, drop_class_token=False)
     finally:

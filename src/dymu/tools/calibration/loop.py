@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from ... import merge as M
 from ...files import atomic_write_text, exclusive_lock
 from ...thresholds import Thresholds
 from ...token_order import DEFAULT_ORDER
@@ -288,3 +289,16 @@ def summarize(records, per_layer_r, identity, feature_layer, schedule, run, orde
         skipped=[s for rec in records for s in rec.skipped],
         order=order,
     )
+
+
+def batch_top_edges(fractions, units: int, tau: list):
+    """The edge chooser of batch-level Eq. 4: at step i the best round(fractions[i] · units) edges of the
+    whole batch merge (units: the batch's images, or units entering a tower block / merge round), and
+    τ_i, the score of the first edge not merged, goes to ``tau[i]``."""
+
+    def choose(step: int, matches: M.Matches) -> torch.Tensor:
+        chosen, threshold = M.top_edges_of_batch(matches, round(fractions[step] * units))
+        tau[step] = float(threshold)
+        return chosen
+
+    return choose

@@ -12,12 +12,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ... import merge as M
 from ...api import default_feature_layer, vision_tower_of
 from ...images import open_images
 from ...thresholds import Thresholds, encoder_identity
 from ...token_order import DEFAULT_ORDER
-from .loop import BatchRecord, _settings_key, run_batches, summarize, warn_caller
+from .loop import (
+    BatchRecord,
+    _settings_key,
+    batch_top_edges,
+    run_batches,
+    summarize,
+    warn_caller,
+)
 from .schedules import round_fractions
 
 
@@ -60,14 +66,8 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
         grid = inputs["image_grid_thw"]
         units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
         tau = [math.nan] * steps
-
-        def batch_top_edges(step: int, matches: M.Matches) -> torch.Tensor:
-            chosen, threshold = M.top_edges_of_batch(matches, round(fractions[step] * units))
-            tau[step] = float(threshold)
-            return chosen
-
         encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [math.inf] * steps,
-                              merge_point, edge_chooser=batch_top_edges)
+                              merge_point, edge_chooser=batch_top_edges(fractions, units, tau))
         kept = encoded.kept_per_step
         return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
                            images=len(loaded), kept_sum=kept.sum(0).tolist(), kept_sqsum=(kept * kept).sum(0).tolist(),
@@ -135,11 +135,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
         tau = [math.nan] * rounds
 
         def chooser(units: int):  # the units entering the rounds, of the whole batch
-            def batch_top_edges(step: int, matches: M.Matches) -> torch.Tensor:
-                chosen, threshold = M.top_edges_of_batch(matches, round(fractions[step] * units))
-                tau[step] = float(threshold)
-                return chosen
-            return batch_top_edges
+            return batch_top_edges(fractions, units, tau)
 
         rows = vlm.post_round_rows(model, processed, chooser, device)  # (images, rounds) LLM rows
         return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
