@@ -54,7 +54,7 @@ from .prompting import (
     prompt_texts,
     set_placeholder_counts,
 )
-from .tower_vlm import TowerVLMFamily
+from .tower_vlm import TowerVLMFamily, encode_tower_images
 
 # Names only public functions (tests check that each named dymu.X exists).
 USE_PROMPT_INPUTS = ("use dymu.generate(model, processor, prompts, images), or "
@@ -281,9 +281,11 @@ class LlavaFamily(TowerVLMFamily):
     def remove(self, model):
         remove_llava(model)
 
-    def llm_counts(self, model, processed, encoded):
+    def encode_counted(self, model, processed, pixels):
+        tower = self.vision_tower(model)
+        encoded = encode_tower_images(model, tower, family_of(tower), pixels, None, None, None, None, None)
         # the LLM runs one row per kept token (VTU groups, or placeholders without VTU)
-        return encoded.num_tokens.tolist(), [model.config.image_seq_length] * len(encoded.num_tokens)
+        return encoded, (encoded.num_tokens.tolist(), [model.config.image_seq_length] * len(encoded.num_tokens))
 
     def prepare(self, model, processor, request):
         return llava_inputs(model, processor, request)

@@ -456,12 +456,13 @@ class AnyResFamily(TowerVLMFamily):
         return encoder_pixels(model, processed)
 
     @torch.no_grad()
-    def llm_counts(self, model, processed, encoded):
-        # the model's own image path: the tower again, then the packing (and post rounds) the LLM sees
+    def encode_counted(self, model, processed, pixels):
+        # the model's own image path, once: every crop through the tower (kept as last_encoded, in the
+        # order of `encoder_pixels`), then the packing (and post rounds) the LLM sees
         device, dtype = next(model.parameters()).device, model.dtype
         features = model.model.get_image_features(processed["pixel_values"].to(device, dtype),
                                                   processed["image_sizes"].to(device)).pooler_output
-        return unique_rows_per_item(features), [len(f) for f in features]
+        return model.model._dymu.last_encoded, (unique_rows_per_item(features), [len(f) for f in features])
 
     @torch.no_grad()
     def post_round_rows(self, model, processed, chooser, device) -> torch.Tensor:

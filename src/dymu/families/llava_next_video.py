@@ -115,7 +115,11 @@ _PATCHED[LlavaNextVideoModel] = DyMULlavaNextVideoModel  # what `llava_next.appl
 def video_frames_to_pixels(frames, image_processor) -> torch.Tensor:
     """(F, 3, S, S) pixels of a list of PIL frames as `LlavaNextVideoVideoProcessor` makes them: the shortest
     edge resized to S (bicubic), a centre crop of S x S, rescale, CLIP mean / std; S = the image crop size."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+    from transformers.image_utils import (
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        PILImageResampling,
+    )
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     crop = image_processor.crop_size["height"]

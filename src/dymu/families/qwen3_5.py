@@ -27,7 +27,10 @@ one fixed-size state per layer, with nothing to compact.
 
 from __future__ import annotations
 
-from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForConditionalGeneration, Qwen3_5Model
+from transformers.models.qwen3_5.modeling_qwen3_5 import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5Model,
+)
 
 from ..decoders.qwen3_5 import NO_COMPACT
 from ..patching import PatchedClasses

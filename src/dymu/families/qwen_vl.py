@@ -49,7 +49,13 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from .. import compat, vtu
-from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
+from ..decoders.llama import (
+    apply_vtu,
+    check_kv_cache,
+    check_vtu,
+    remove_vtu,
+    vtu_groups,
+)
 from ..patching import PatchedClasses
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.qwen_vit import (

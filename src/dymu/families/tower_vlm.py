@@ -56,10 +56,11 @@ class TowerVLMFamily(VLMFamily):
         tower = self.vision_tower(model)
         return tower_records(model, tower, family_of(tower), processor, opened, skipped,
                              lambda processed: self.encoder_pixels(model, processed),
-                             lambda processed, encoded: self.llm_counts(model, processed, encoded))
+                             lambda processed, pixels: self.encode_counted(model, processed, pixels))
 
-    def llm_counts(self, model, processed, encoded) -> tuple[list[int], list[int]]:
-        """(LLM rows, stock positions) per image of one processor output the tower just encoded."""
+    def encode_counted(self, model, processed, pixels) -> tuple:
+        """One processor output through the model's image path, once: (the tower's `EncodedImages` of
+        ``pixels``, its crops / images in order; (LLM rows, stock positions) per image)."""
         raise NotImplementedError
 
     def encode(self, model, pixel_values, *, feature_layer=None, drop_class_token=None, grid_thw=None, focus=None,
@@ -95,10 +96,11 @@ def encode_tower_images(model, tower, family: TowerFamily, pixel_values, feature
 
 
 @torch.no_grad()
-def tower_records(model, tower, family: TowerFamily, processor, opened, skipped, encoder_pixels, llm_counts=None):
+def tower_records(model, tower, family: TowerFamily, processor, opened, skipped, encoder_pixels, encode_counted=None):
     """Per image of ``opened`` [(path, image)]: tokens kept, stock tokens, and per crop the sizes, the
-    group of every patch and the tokens kept after every layer; with ``llm_counts``, the LLM rows and
-    stock positions too. (records, skipped + images the processor rejects)."""
+    group of every patch and the tokens kept after every layer; with ``encode_counted`` (a VLM's own
+    image path, run instead of the bare tower), the LLM rows and stock positions too. (records,
+    skipped + images the processor rejects)."""
     from ..images import pixel_values_of
 
     processor = processor or family.default_processor(tower.config)
@@ -115,8 +117,11 @@ def tower_records(model, tower, family: TowerFamily, processor, opened, skipped,
     device, dtype = next(tower.parameters()).device, next(tower.parameters()).dtype
     records, item = [], iter(items)
     for processed, pixels, crops in parts:
-        encoded = encode_tower_images(model, tower, family, pixels.to(device, dtype), None, None, None, None, None)
-        rows = llm_counts(processed, encoded) if llm_counts is not None else None
+        pixels = pixels.to(device, dtype)
+        if encode_counted is None:
+            encoded, rows = encode_tower_images(model, tower, family, pixels, None, None, None, None, None), None
+        else:
+            encoded, rows = encode_counted(processed, pixels)
         first = 0
         for i, n in enumerate(crops):
             per_crop = [{"tokens": len(one["tokens"]), "sizes": one["sizes"].tolist(),
