@@ -43,7 +43,7 @@ def test_analyze_with_focus_masks_and_budget(tower_dir, tower, folder_with_masks
         assert int(row["tokens"]) <= 40
         assert int(row["tokens"]) <= int(row["tokens_without_budget_or_focus"])
         picture = Image.open(out / "merge_maps" / row["merge_map"])
-        assert picture.width > 2.5 * picture.height  # image, map without, map with focus
+        assert picture.width > 2.4 * picture.height  # three panels (two would be about 2x): image, map without, with focus
     assert any(int(r["tokens"]) < int(r["tokens_without_budget_or_focus"]) for r in rows)
 
     # the Python path gives the same numbers

@@ -276,7 +276,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
                                                              "video frames" if len(cases) > 1 else "")
         + f"; times are medians of {TIMED_RUNS} interleaved runs after 1 warm-up round")
     out(f"  {'input':8s} {'mode':6s} {'LLM rows/stock':>15s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  "
-        "answer (random weights: noise)")
+        + ("answer (random weights: noise)" if random_weights else "answer"))
     for (name, mode), record in runs.items():
         timed = [r.report for r in record[1:]]  # record[0] is the warm-up
         rep = timed[0]

@@ -44,6 +44,7 @@ The pictures need matplotlib, dymu's viz extra: ``pip install 'matplotlib>=3.9'`
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -281,7 +282,7 @@ def _spread(values, fmt: str = "{}", mean_fmt: str | None = "{:.1f}") -> str:
     """'min A / median B / max C (mean D)' of ``values`` (no mean when ``mean_fmt`` is None)."""
     ordered = sorted(values)
     text = " / ".join(f"{which} {fmt.format(v)}" for which, v in
-                      (("min", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("max", ordered[-1])))
+                      (("min", ordered[0]), ("median", statistics.median(ordered)), ("max", ordered[-1])))
     return text if mean_fmt is None else text + f" (mean {mean_fmt.format(sum(ordered) / len(ordered))})"
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
 
 from .measure import JPEG_QUALITY, Analysis, fraction_kept, merge_map
+
+MAX_LABELLED_POINTS = 60  # scatter points get their file names up to this many images
+# A token is a group of patches matched by similarity, not by place: it can span separate regions.
+MERGE_MAP_NOTE = "one token may cover patches that are not adjacent: a map can show more regions than tokens"
 
 # ---------------------------------------------------------------------------------------------
 # Pictures (matplotlib, imported lazily).
@@ -66,6 +71,11 @@ def _scatter(ax, analysis: Analysis, kept_fraction: bool, ylabel: str) -> None:
             s=28, alpha=0.8, color=colour, edgecolors="none",
             label=f"{label} (n={len(rows)}, ρ={_fmt_rho(by_folder[label])})",
         )
+        if len(analysis.rows) <= MAX_LABELLED_POINTS:  # beyond that the names hide the points
+            for r in rows:
+                ax.annotate(Path(r["path"]).stem[:18], (r["complexity_jpeg_q75"], fraction_kept(r) if kept_fraction
+                                                         else r["tokens"]),
+                            xytext=(3, 2), textcoords="offset points", fontsize=6, color=colour, alpha=0.9)
     values = [r["complexity_jpeg_q75"] for r in analysis.rows]
     if values and min(values) > 0 and max(values) / min(values) > 20:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -77,7 +87,8 @@ def _scatter(ax, analysis: Analysis, kept_fraction: bool, ylabel: str) -> None:
     ax.set_xlabel(f"JPEG complexity: bytes per pixel at quality {JPEG_QUALITY}")
     ax.set_ylabel(ylabel)
     rho = analysis.spearman_kept_fraction if kept_fraction else analysis.spearman
-    ax.set_title(f"Spearman ρ = {_fmt_rho(rho)} over {len(analysis.rows)} images")
+    what = "Kept fraction" if kept_fraction else "Tokens kept"
+    ax.set_title(f"{what} vs complexity: Spearman ρ = {_fmt_rho(rho)} over {len(analysis.rows)} images")
     ax.grid(alpha=0.3)
     if analysis.rows:
         ax.legend(loc="best", fontsize=8)
@@ -87,7 +98,11 @@ def _min_median_max(rows: list[dict]) -> list[tuple[str, dict]]:
     # By kept fraction: the same order as by tokens when every image has the same stock count, and
     # the meaningful one when not (Qwen VLs: a small image has few tokens whatever it shows).
     ordered = sorted(rows, key=lambda r: (fraction_kept(r), r["path"]))
-    return [("fewest", ordered[0]), ("median", ordered[(len(ordered) - 1) // 2]), ("most", ordered[-1])]
+    # With an even count the median lies between two images: show the one nearest to it (the lower on a tie).
+    middle = statistics.median(fraction_kept(r) for r in ordered)
+    nearest = min(ordered, key=lambda r: abs(fraction_kept(r) - middle))
+    which = "median" if len(ordered) % 2 else "nearest the median"
+    return [("fewest", ordered[0]), (which, nearest), ("most", ordered[-1])]
 
 
 def plot_min_median_max(analysis: Analysis, path: str | Path, view: Callable[[dict], Image.Image]) -> Path:
@@ -135,14 +150,16 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _panels(title: str, panels: list[tuple[Image.Image, str]]) -> Image.Image:
-    """Same-size pictures side by side, each framed with a caption, ``title`` above (Pillow only)."""
+def _panels(title: str, panels: list[tuple[Image.Image, str]], note: str | None = None) -> Image.Image:
+    """Same-size pictures side by side, each framed with a caption, ``title`` above and ``note`` (one
+    small line) below (Pillow only)."""
     from PIL import ImageDraw
 
     w, h = panels[0][0].size
     gap, top, caption = 12, 34, 20
+    footer = 18 if note else 0
     width = len(panels) * (w + gap) + gap
-    height = top + caption + h + gap
+    height = top + caption + h + gap + footer
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
 
@@ -158,6 +175,8 @@ def _panels(title: str, panels: list[tuple[Image.Image, str]]) -> Image.Image:
         draw.rectangle((x - 1, top + caption - 1, x + w, top + caption + h), outline=(150, 150, 150))
         centred(x + w / 2, top + caption / 2, text, small, (60, 60, 60))
     centred(width / 2, top / 2 + 2, title, _font(18), "black")
+    if note:
+        centred(width / 2, height - footer / 2 - 2, note, _font(11), (90, 90, 90))
     return canvas
 
 
@@ -191,7 +210,8 @@ def merge_map_figure(
     cell = max(1, math.ceil(panel / max(rows, cols)))
     picture = merge_map(view, group_of_patch, grid, cell=cell)
     left = view.convert("RGB").resize(picture.size, Image.BICUBIC)
-    return _panels(title, [(left, "as the model sees it"), (picture, f"merge map ({rows}x{cols} {cells})")])
+    return _panels(title, [(left, "as the model sees it"), (picture, f"merge map ({rows}x{cols} {cells})")],
+                   MERGE_MAP_NOTE)
 
 
 def before_after_figure(
@@ -221,7 +241,8 @@ def before_after_figure(
         left, after = _outline(left, region), _outline(after, region)
     return _panels(title, [(left, "as the model sees it" + (", focus outlined" if region is not None else "")),
                            (before, f"merge map: {tokens_before} tokens"),
-                           (after, f"with {'focus' if region is not None else 'budget'}: {tokens_after} tokens")])
+                           (after, f"with {'focus' if region is not None else 'budget'}: {tokens_after} tokens")],
+                   MERGE_MAP_NOTE)
 
 
 def save_merge_map(
