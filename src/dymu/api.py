@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -121,6 +122,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
     if family is not None:
         with model_lock(model):
             family.apply(model, family.with_defaults(settings))
+            model._dymu_settings = settings  # what `settings_of` returns, and `applied` restores
         return model
     if _is_vlm(model):
         from .families import supported_vlm_names
@@ -170,10 +172,31 @@ def remove(model: nn.Module) -> nn.Module:
     family = _family_or_none(model)
     if family is not None:
         family.remove(model)
+        model.__dict__.pop("_dymu_settings", None)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
     remove_vtu(model)
     return model
+
+
+def settings_of(model: nn.Module) -> Settings | None:
+    """The `Settings` a supported VLM was last patched with by `apply` (None: stock)."""
+    return model.__dict__.get("_dymu_settings")
+
+
+@contextmanager
+def applied(model: nn.Module, settings: Settings):
+    """``model`` patched with ``settings`` inside the block, and as it was before after it (stock, or
+    the settings it had), also when the block raises."""
+    before = settings_of(model)
+    apply_settings(model, settings)
+    try:
+        yield model
+    finally:
+        if before is None:
+            remove(model)
+        else:
+            apply_settings(model, before)
 
 
 @torch.no_grad()

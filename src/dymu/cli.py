@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=positive_int, metavar="N", help="calibrate on at most this many of the images")
     p.add_argument("--checkpoint-every", type=positive_int, default=5, metavar="N",
                    help="batches between progress checkpoints (default: %(default)s); the same command resumes")
+    p.add_argument("--check-images", type=nonnegative_int, default=512, metavar="N",  # calibration.PER_IMAGE_CHECK
+                   help="after calibrating, apply the thresholds per image, as inference does, to N of the images "
+                        "(an even spread) and report what they keep (default: %(default)s; 0: skip that pass)")
     p.add_argument("--merge-point", choices=["vit", "post", "both"],
                    help="where to merge (default vit, the paper: in the vision tower). post: after the stock steps "
                         "that follow the tower (Qwen VLs: the PatchMerger; LLaVA-NeXT / OneVision: the AnyRes packing "

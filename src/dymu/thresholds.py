@@ -117,7 +117,8 @@ class Thresholds:
     reached_tokens: float | None = None  # what calibration reached on its images
     capped_layers: list[int] = field(default_factory=list)  # layers whose r was cut by the per-layer cap
     # The thresholds applied per image after calibration, as inference runs them (reached_tokens is the
-    # calibration's batch-level merging): {"mean", "min", "max", "images", "measured_on"}.
+    # calibration's batch-level merging): {"mean", "min", "max", "images", "measured_on", "counts"}, counts
+    # naming what is counted: encoder tokens per image / per crop (a tower), LLM rows per image (units, post).
     per_image_tokens: dict | None = None
     # Default per-image token budget at the feature layer (class token not counted); None = none.
     # `dymu.apply(max_tokens=..., min_tokens=...)` and the CLI's --max-tokens/--min-tokens override it.
@@ -222,9 +223,10 @@ class Thresholds:
             stats = self.per_image_tokens
             if not isinstance(stats, dict) or not all(
                     isinstance(stats.get(k), (int, float)) and not isinstance(stats.get(k), bool) and stats[k] >= 0
-                    for k in ("mean", "min", "max", "images")) or not isinstance(stats.get("measured_on"), str):
+                    for k in ("mean", "min", "max", "images")) or not isinstance(stats.get("measured_on"), str) \
+                    or not isinstance(stats.get("counts", ""), str):
                 bad("per_image_tokens", "must be null or {'mean', 'min', 'max', 'images': numbers >= 0, "
-                                        "'measured_on': str}")
+                                        "'measured_on': str, optionally 'counts': str}")
         if not isinstance(self.dymu_version, str):
             bad("dymu_version", f"must be a string, not {self.dymu_version!r}")
         return self

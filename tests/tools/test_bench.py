@@ -130,7 +130,7 @@ def test_bench_quick_json_and_markdown(tmp_path, capsys):
     assert result["packed"]["calibration"]["thresholds_identical"]
 
     cal = result["calibration"]
-    assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0
+    assert cal["plain_images_per_s"] > 0 and cal["calibrate_images_per_s"] > 0 and cal["checked_images_per_s"] > 0
     off = result["merge_off"]
     assert len(off["stock_times_s"]) == len(off["patched_times_s"]) == 1
     assert result["targets"] is None  # toy sizes: no target can be judged

@@ -308,8 +308,9 @@ def test_qwen_calibration_resumes_from_its_checkpoint(qwen_dirs, tmp_path):
             dymu.calibrate(model, images, processor=_dies_after(processor.image_processor, 2), checkpoint=ckpt,
                            checkpoint_every=1, out=out, **settings)
         assert ckpt.exists() and not out.exists()
+        # 2 of 4 batches were saved: only 2 are left to run (no per-image check: it calls the processor again)
         resumed = dymu.calibrate(model, images, processor=_dies_after(processor.image_processor, 2), checkpoint=ckpt,
-                                 out=out, **settings)  # 2 of 4 batches were saved: only 2 are left to run
+                                 out=out, check_images=0, **settings)
     assert resumed.thresholds == plain.thresholds and resumed.images_seen == 8
     assert resumed.tokens_kept_mean == plain.tokens_kept_mean
     assert out.exists() and not ckpt.exists()
@@ -344,3 +345,34 @@ def test_the_reported_per_image_mean_is_what_inference_keeps(tower, family, tmp_
     dymu.remove(tower)
     assert stats["mean"] == pytest.approx(sum(counts) / len(counts), rel=1e-12)
     assert (stats["min"], stats["max"]) == (min(counts), max(counts))
+
+
+@pytest.mark.parametrize("merge_point", ["vit", "post"])
+def test_unit_calibration_reports_the_llm_rows_inference_keeps(qwen_dirs, merge_point):
+    """Units ("vit") and post rounds: the per-image figure is the LLM rows each image gets from the
+    thresholds applied per image; the model comes back as it was (here: patched with other settings)."""
+    import sys
+
+    from conftest import REPO
+    from dymu.api import settings_of
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from qwen_helpers import load_qwen
+
+    model, processor = load_qwen("qwen2_vl", qwen_dirs["qwen2_vl"])
+    images = [load_image(n) for n in MIXED_IMAGES[:5]]
+    dymu.apply(model, None, mode="full")
+    before = settings_of(model)
+    thresholds = dymu.calibrate(model, images, preset="mid", batch_size=2, processor=processor, progress=False,
+                                merge_point=merge_point, check_images=3, warn=lambda message: None)
+    assert settings_of(model) is before
+    stats = thresholds.per_image_tokens
+    assert stats["counts"] == "LLM rows per image" and stats["images"] == 3
+    assert stats["measured_on"] == "an even spread of the calibration images"
+    checked = [images[i] for i in (0, 1, 3)]  # i * 5 // 3: spread over the list
+    dymu.apply(model, thresholds)
+    rows = [dymu.encode(model, [image], processor=processor).per_item(
+        processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"])[0][0] for image in checked]
+    dymu.remove(model)
+    assert stats["mean"] == pytest.approx(sum(rows) / 3, rel=1e-12) and (stats["min"], stats["max"]) == (min(rows), max(rows))
+    assert min(rows) < max(rows)  # the images differ: a figure that cannot be a constant

@@ -66,15 +66,15 @@ def _calibrate(args, rank: int) -> int:
                                batch_size=args.batch_size, max_images=args.max_images, processor=processor,
                                checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
                                progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
-                               merge_point=args.merge_point, rounds=args.rounds)
+                               merge_point=args.merge_point, rounds=args.rounds, check_images=args.check_images)
         if args.max_tokens is not None and rank == 0:  # the file's default budget (in LLM tokens per image)
             thresholds.max_tokens = None if args.max_tokens == float("inf") else args.max_tokens
             thresholds.save(out)
         if rank == 0:
-            kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
+            line = (target_report(thresholds)[0] if thresholds.per_image_tokens else
+                    f"{thresholds.tokens_kept_mean[-1]:.1f} LLM tokens kept on average per image (batch-level)")
             print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
-                  f"{kept:.1f} units "
-                  f"(LLM tokens) kept on average per image; wrote {out}")
+                  f"{line}; wrote {out}")
             print_skipped(thresholds.skipped)
         return 0
     thresholds = calibrate(
@@ -96,6 +96,7 @@ def _calibrate(args, rank: int) -> int:
         warn=warn,
         merge_point=args.merge_point,
         rounds=args.rounds,
+        check_images=args.check_images,
     )
     if args.max_tokens is not None and rank == 0:
         from .calibration import clip_fraction

@@ -55,6 +55,10 @@ from .schedules import (  # noqa: F401
 )
 
 
+# Images the thresholds are applied to, per image, after calibration (the default of check_images).
+PER_IMAGE_CHECK = 512
+
+
 def _record_batch(tower, family, pixel_values, r, run, feature_layer, index, skipped) -> BatchRecord:
     state = tower._dymu_state
     bsz = pixel_values.shape[0]
@@ -98,6 +102,7 @@ def calibrate(
     merge_point: str | None = None,
     rounds: int | None = None,
     packed: bool | None = None,
+    check_images: int = PER_IMAGE_CHECK,
 ) -> Thresholds:
     """Find per-layer thresholds for the vision tower of ``model`` (a VLM or a CLIP/SigLIP model).
 
@@ -123,8 +128,15 @@ def calibrate(
     under 8, and a target missed by more than 10% (default: `warnings.warn` with CalibrationWarning).
     ``packed``: run each batch as packed rows after the first merge (default: the encoder's
     DEFAULT_PACKED) or padded (False); the thresholds are the same.
+    ``check_images``: after calibration, the thresholds are applied per image, as inference runs them,
+    to ``check_images`` calibration images (all, or an even spread of them), and records what they keep
+    (``per_image_tokens``: encoder tokens per image or crop for a tower calibration, LLM rows per image
+    for units and post rounds); 0 skips that pass (it costs about one inference-speed tower pass over
+    those images).
     """
     check_order(order)
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
+        raise ValueError(f"check_images must be a whole number >= 0 (0: no per-image check), not {check_images!r}")
     for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
@@ -156,16 +168,49 @@ def calibrate(
                              "fractions of each image's units; its tower packs images natively)")
         if order != DEFAULT_ORDER:
             raise ValueError(f"a {vlm.title} merges whole units in its own layout: order does not apply")
-        return calibrate_units(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
-                               processor=processor, progress=progress, model_ref=model_ref,
-                               checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
-                               merge_point=merge_point or "vit", rounds=rounds or vlm.post_rounds)
-    if merge_point in ("post", "both"):
-        return calibrate_post(model, images, merge_point=merge_point, rounds=rounds or vlm.post_rounds,
-                              preset=preset, target_tokens=target_tokens, r=r, schedule=schedule,
-                              batch_size=batch_size, feature_layer=feature_layer, processor=processor,
-                              checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
-                              model_ref=model_ref, order=order, out=out, warn=warn, packed=packed)
+        result = calibrate_units(model, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
+                                 processor=processor, progress=progress, model_ref=model_ref,
+                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, out=out, warn=warn,
+                                 merge_point=merge_point or "vit", rounds=rounds or vlm.post_rounds)
+    elif merge_point in ("post", "both"):
+        result = calibrate_post(model, images, merge_point=merge_point, rounds=rounds or vlm.post_rounds,
+                                preset=preset, target_tokens=target_tokens, r=r, schedule=schedule,
+                                batch_size=batch_size, feature_layer=feature_layer, processor=processor,
+                                checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
+                                model_ref=model_ref, order=order, out=out, warn=warn, packed=packed,
+                                check_images=check_images)
+        if merge_point == "both":  # the tower part checked its own target (encoder tokens per tower input)
+            return result
+    else:
+        result = _calibrate_tower(model, images, preset, target_tokens, r, schedule, batch_size, feature_layer,
+                                  processor, checkpoint, checkpoint_every, progress, model_ref, order, out, warn,
+                                  packed)
+    if _distributed()[0] == 0 and check_images:
+        # What inference will deliver: the thresholds applied per image (the calibration's own merging
+        # is batch-level), on at most check_images calibration images spread evenly over the list (its
+        # first ones could be one folder's).
+        checked = [images[i * len(images) // check_images] for i in range(check_images)] \
+            if len(images) > check_images else images
+        if vlm is None or vlm.calibration == "tower" and merge_point not in ("post", "both"):
+            counts, what = _kept_per_tower_input(model, result, checked, processor, batch_size)
+        else:
+            counts, what = _llm_rows_per_image(model, vlm, result, checked, processor, batch_size), "LLM rows per image"
+        if counts:
+            result.per_image_tokens = {"mean": math.fsum(counts) / len(counts), "min": min(counts),
+                                       "max": max(counts), "images": len(counts), "counts": what,
+                                       "measured_on": "an even spread of the calibration images" if len(images) > len(checked)
+                                       else "the calibration images"}
+            if out is not None:
+                result.save(out)
+        _, missed = target_report(result)
+        if missed:
+            warn(missed)
+    return result
+
+
+def _calibrate_tower(model, images, preset, target_tokens, r, schedule, batch_size, feature_layer, processor,
+                     checkpoint, checkpoint_every, progress, model_ref, order, out, warn, packed) -> Thresholds:
+    """Eq. 4 on a CLIP / SigLIP tower: every batch merges the batch's top r_i edges per layer."""
     tower, family = vision_tower_of(model)
     default_layer, _ = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
@@ -188,31 +233,44 @@ def calibrate(
 
     explicit = r is not None and not isinstance(r, (int, float)) and len(list(r)) > 1
     with dtome_patched(tower, family, thresholds=math.inf, order=order, packed=packed):
-        result = run_batches(
+        return run_batches(
             images, batch_size, record,
             lambda records: summarize(records, per_layer_r, identity, feature_layer,
                                       "explicit" if explicit else schedule, run, order=order),
             key=_settings_key(identity, per_layer_r, feature_layer, batch_size, images, order),
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
-    if _distributed()[0] == 0:
-        # What inference will deliver: the thresholds applied per image (the calibration's own merging
-        # is batch-level), on the calibration images (at most PER_IMAGE_CHECK of them).
-        counts = _kept_per_image(model, tower, family, result, images[:PER_IMAGE_CHECK], processor, batch_size)
-        if counts:
-            result.per_image_tokens = {"mean": math.fsum(counts) / len(counts), "min": min(counts),
-                                       "max": max(counts), "images": len(counts),
-                                       "measured_on": "the first calibration images" if len(images) > PER_IMAGE_CHECK
-                                       else "the calibration images"}
-            if out is not None:
-                result.save(out)
-        _, missed = target_report(result)
-        if missed:
-            warn(missed)
-    return result
 
 
-# Images (or AnyRes crops: what the tower sees) the thresholds are applied to, per image, after calibration.
-PER_IMAGE_CHECK = 512
+def _kept_per_tower_input(model, thresholds: Thresholds, images: Sequence, processor, batch_size: int):
+    """(counts, what they count): tokens kept at the feature layer per tower input (image, or AnyRes
+    crop) with ``thresholds`` alone, as at inference (merging is per image: the batch does not change a
+    count)."""
+    tower, family = vision_tower_of(model)
+    processor = processor or family.default_processor(tower.config)
+    crops = getattr(_family_of(model), "crops_images", False)
+    return _kept_per_image(model, tower, family, thresholds, images, processor, batch_size), \
+        "encoder tokens per crop" if crops else "encoder tokens per image"
+
+
+def _llm_rows_per_image(model, vlm, thresholds: Thresholds, images: Sequence, processor, batch_size: int):
+    """LLM rows per image with ``thresholds`` applied as `dymu.apply` does (mode dymu), through the
+    family's `encode_records`; the model is left as it was."""
+    from ...api import applied
+    from ...settings import Settings
+
+    counts: list[int] = []
+    with applied(model, Settings(thresholds=thresholds)), torch.no_grad():
+        for batch in _batches(list(images), batch_size):
+            opened, skipped = open_images(batch)
+            records, _ = vlm.encode_records(model, processor, opened, skipped)
+            counts += [record["llm_rows"] for record in records]
+    return counts
+
+
+def _family_of(model):
+    from ...families import vlm_family_of
+
+    return vlm_family_of(model)
 
 
 def _kept_per_image(model, tower, family, thresholds: Thresholds, images: Sequence, processor, batch_size: int):

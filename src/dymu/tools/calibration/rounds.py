@@ -85,14 +85,15 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
                    preset: str | None = None, target_tokens=None, r=None, schedule: str = "constant",
                    batch_size: int = 32, feature_layer=None, processor=None, checkpoint=None, checkpoint_every: int = 5,
                    progress: bool = True, model_ref: str | None = None, order: str = DEFAULT_ORDER, out=None,
-                   warn=None, packed=None) -> Thresholds:
+                   warn=None, packed=None, check_images: int = 0) -> Thresholds:
     """The post rounds (``merge_point`` "post" or "both", e.g. LLaVA-NeXT / OneVision): every batch of B
     images runs the model's own image path (stock tower for "post", the tower calibrated first for
     "both"; stock packing), and at every round the edges of all images of the batch are ranked
     together and the best round(r_i · units) merged, units = the packed units entering the rounds (one
     per VTU group, newlines apart) of the batch; τ_i = the score of the first edge not merged, averaged
     exactly over batches. ``preset`` (both parts of "both") / ``r`` (the rounds only): fractions of those
-    units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only."""
+    units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only;
+    ``check_images``: the per-image check of that tower part (`calibrate`)."""
     from ...api import apply, remove
     from ...families import vlm_family_of
     from . import calibrate
@@ -114,7 +115,7 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
         vit = calibrate(model, images, preset=preset, target_tokens=target_tokens, schedule=schedule, batch_size=batch_size, feature_layer=feature_layer, processor=processor,
                         checkpoint=None if checkpoint is None else f"{checkpoint}.vit",
                         checkpoint_every=checkpoint_every, progress=progress, model_ref=model_ref, order=order,
-                        warn=warn, packed=packed)
+                        warn=warn, packed=packed, check_images=check_images)
     else:
         layer, _ = default_feature_layer(model, family)
         vit = Thresholds(thresholds=[math.inf] * len(tower.encoder.layers), feature_layer=layer,

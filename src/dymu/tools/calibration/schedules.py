@@ -49,14 +49,19 @@ def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | N
     target, batch_level = th.target_tokens, th.reached_tokens
     per_image = th.per_image_tokens
     reached = per_image["mean"] if per_image else batch_level
-    if target is None or reached is None:
-        return f"{reached if reached is not None else float('nan'):.1f} visual tokens on average", None
     if per_image:
-        line = (f"target {target:.1f}; per image, as inference runs them, {reached:.1f} visual tokens on average "
-                f"(min {per_image['min']}, max {per_image['max']}, over {per_image['images']} of "
-                f"{per_image['measured_on']}; batch-level {batch_level:.1f})")
+        what = per_image.get("counts", "visual tokens per image")  # files written before the key existed
+        line = (f"per image, as inference runs them, {reached:.1f} {what} on average (min {per_image['min']}, "
+                f"max {per_image['max']}, over {per_image['images']} of {per_image['measured_on']}"
+                + (f"; batch-level {batch_level:.1f})" if batch_level is not None else ")"))
+        if target is not None:
+            line = f"target {target:.1f}; {line}"
+    elif reached is not None:
+        line = (f"target {target:.1f}, reached " if target is not None else "") + f"{reached:.1f} visual tokens on average"
     else:
-        line = f"target {target:.1f}, reached {reached:.1f} visual tokens on average"
+        line = "nothing measured"
+    if target is None or reached is None:
+        return line, None
     if abs(reached - target) <= tolerance * max(target, 1.0):
         return line, None
     layers = ("layers " if len(th.capped_layers) > 1 else "layer ") + ", ".join(map(str, th.capped_layers))

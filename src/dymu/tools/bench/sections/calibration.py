@@ -44,21 +44,29 @@ def bench_calibration(plan: Plan, tower, sync, log) -> dict:
                 pixels = processor(images=loaded, return_tensors="pt")["pixel_values"].to(device)
                 encode_with_tower(tower, CLIP, pixels, feature_layer, False)
 
-    def calib():
-        result["thresholds"] = calibrate(tower, images, r=r_mid, batch_size=plan.cal_batch,
-                                         feature_layer=feature_layer, processor=processor, progress=False,
-                                         warn=lambda message: None)  # timing only: its sample sizes are the plan's
+    def calib(check_images: int):
+        def run():
+            result["thresholds"] = calibrate(tower, images, r=r_mid, batch_size=plan.cal_batch,
+                                             feature_layer=feature_layer, processor=processor, progress=False,
+                                             check_images=check_images,
+                                             warn=lambda message: None)  # timing only: sample sizes are the plan's
+        return run
 
+    # The calibration loop alone (check_images=0), and with its default per-image check on every image
+    # (one more pass that applies the thresholds per image, as inference does).
     log(f"calibration: {len(images)} images in batches of {plan.cal_batch}, {layers} layers, r = {r_mid}, "
-        f"{plan.warmup} warm-up + {plan.runs} rounds of plain, calibrate")
-    times = interleaved([Side("plain", plain), Side("calibrate", calib)], plan.runs, plan.warmup, sync)
-    plain_t, cal_t = median(times["plain"]), median(times["calibrate"])
+        f"{plan.warmup} warm-up + {plan.runs} rounds of plain, calibrate (loop), calibrate + per-image check")
+    times = interleaved([Side("plain", plain), Side("calibrate", calib(0)), Side("checked", calib(len(images)))],
+                        plan.runs, plan.warmup, sync)
+    plain_t, cal_t, checked_t = median(times["plain"]), median(times["calibrate"]), median(times["checked"])
     th = result["thresholds"]
     return dict(images=len(images), batch_size=plan.cal_batch, layers=layers, r_per_layer=r_mid,
                 tokens_kept_mean_at_last_layer=th.tokens_kept_mean[-1] if th.tokens_kept_mean else None,
-                plain_times_s=times["plain"], calibrate_times_s=times["calibrate"],
+                plain_times_s=times["plain"], calibrate_times_s=times["calibrate"], checked_times_s=times["checked"],
                 plain_images_per_s=len(images) / plain_t, calibrate_images_per_s=len(images) / cal_t,
-                ratio=plain_t / cal_t, ratio_paired=paired_ratio(times["plain"], times["calibrate"]))
+                checked_images_per_s=len(images) / checked_t,
+                ratio=plain_t / cal_t, ratio_paired=paired_ratio(times["plain"], times["calibrate"]),
+                ratio_checked=plain_t / checked_t, ratio_checked_paired=paired_ratio(times["plain"], times["checked"]))
 
 
 
