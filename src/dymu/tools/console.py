@@ -49,3 +49,63 @@ def one_line_warnings(command: str, raw: bool = False):
         warnings.simplefilter("default", UserWarning)
         warnings.showwarning = show
         yield
+
+
+def show_progress() -> bool:
+    """Bars only on a terminal (stderr) and never under --quiet: a log file or pipe gets no bar lines."""
+    return not QUIET and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+
+
+def progress(total: int, desc: str, unit: str = "img", quiet: bool = False):
+    """A tqdm bar with an ETA over ``total`` items on stderr (off under --quiet / ``quiet`` and when not
+    a terminal). Use as a context manager; ``bar.update(n)``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet or not show_progress())
+
+
+class Steps:
+    """A bar over the steps of a command that runs a few long steps (`dymu demo`, `dymu bench`): the
+    current step's name and an ETA from the steps done so far. ``say`` prints a line of the command's
+    own output above the bar, so the two do not garble each other."""
+
+    def __init__(self, total: int, desc: str, out=print):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=not show_progress(),
+                         bar_format="{desc}: {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}]{postfix}")
+        self._out = out
+        self._started = False
+
+    def next(self, name: str) -> None:
+        """The previous step is done; ``name`` runs now."""
+        if self._started:
+            self._bar.update(1)
+        self._started = True
+        self._bar.set_postfix_str(name)
+
+    def set_total(self, total: int) -> None:
+        """Once the command knows how many steps it runs."""
+        self._bar.total = total
+        self._bar.refresh()
+
+    def say(self, text: str = "", file=None) -> None:
+        """One line of output: to ``file``, else through the command's ``out`` (stdout by default)."""
+        if self._bar.disable or (file is None and self._out is not print):
+            if file is None:
+                self._out(text)
+            else:
+                print(text, file=file, flush=True)
+        else:
+            self._bar.write(text, file=file or sys.stdout)
+
+    def close(self) -> None:
+        if self._started:
+            self._bar.update(1)
+        self._bar.close()
+
+    def __enter__(self) -> "Steps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -192,13 +192,23 @@ def save_demo_model(model, processor, folder: str | Path) -> Path:
 
 def run_demo(model_ref: str | None = None, save_model: str | None = None, max_new_tokens: int = 12,
              out=print, family: str = "llava") -> dict:
-    """The README's main command. Returns what it printed, as data (used by the tests)."""
+    """The README's main command. Returns what it printed, as data (used by the tests). A bar with the
+    step and an ETA on a terminal (stderr)."""
+    from .console import Steps
+
+    with Steps(4, "demo", out) as steps:  # building, calibrating, encoding, timing (one step per prompt)
+        return _walkthrough(model_ref, save_model, max_new_tokens, steps, family)
+
+
+def _walkthrough(model_ref, save_model, max_new_tokens, steps, family):
     from .calibration import calibrate, target_report
     from ..generation import generate, load_vlm
     from ..images import open_image
     from ..api import apply, encoder_pixels
     from ..families import vlm_family_of
 
+    out = steps.say
+    steps.next("building the model" if model_ref is None else f"loading {model_ref}")
     random_weights = model_ref is None
     if random_weights:
         if family == "llava":
@@ -225,6 +235,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
 
+    steps.next("calibrating")
     start = time.perf_counter()
     thresholds = calibrate(model, images, preset="mid", batch_size=len(images), progress=False,
                            processor=processor.image_processor, model_ref=model_ref or f"dymu-demo-{family}-random",
@@ -234,6 +245,7 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
     out(f"calibrated thresholds (preset mid) on {len(images)} bundled images in {time.perf_counter() - start:.1f}s "
         f"(a demo: real calibrations use hundreds), of {patches} tokens per {unit}: {target_report(thresholds)[0]}")
 
+    steps.next("encoding")
     apply(model, thresholds, mode="dymu")
     pixels, crops = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))
     with torch.no_grad():
@@ -269,8 +281,10 @@ def run_demo(model_ref: str | None = None, save_model: str | None = None, max_ne
                     run=lambda: record.append(generate(model, processor, prompts, ims, videos=videos,
                                                        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)))
 
+    steps.set_total(3 + len(cases))
     with torch.no_grad():
         for case in cases:
+            steps.next(f"timing: {case[0]}")
             interleaved([side(*case, "full"), side(*case, "dymu")], runs=TIMED_RUNS, warmup=1, sync=lambda: None)
     out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}" + ("; then 2 images; then the 6 images as "
                                                              "video frames" if len(cases) > 1 else "")

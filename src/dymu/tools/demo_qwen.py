@@ -130,7 +130,15 @@ def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
 def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max_new_tokens: int = 8,
                   out=print) -> dict:
     """`dymu demo --family F`: calibrate, tokens per image, a video's tokens per temporal patch, and
-    generate in full vs dymu mode (merge_point vit and post). Returns what it printed, as data."""
+    generate in full vs dymu mode (merge_point vit and post). Returns what it printed, as data. A bar with
+    the step and an ETA on a terminal (stderr)."""
+    from .console import Steps
+
+    with Steps(8, "demo", out) as steps:  # building; per merge point calibrate, generate, cross_frame; full
+        return _walkthrough(family, save_model, max_new_tokens, steps)
+
+
+def _walkthrough(family, save_model, max_new_tokens, steps) -> dict:
     import math
     import time
 
@@ -141,6 +149,8 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
     from ..images import sample_images
     from .demo import DEMO_PROMPT, demo_image_paths, save_demo_model
 
+    out = steps.say
+    steps.next("building the model")
     model, processor = build_qwen_demo_model(family)
     out(f"dymu demo: a small {family} model ({len(model.model.visual.blocks)} ViT blocks on 2x2 units, "
         f"{len(model.model.language_model.layers)} decoder layers with M-RoPE) with RANDOM weights, built offline.")
@@ -155,6 +165,7 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
     images = [open_image(p) for p in paths]
     results: dict = {"counts": {}, "results": {}}
     for merge_point in ("vit", "post"):
+        steps.next(f"merge_point {merge_point}: calibrating")
         start = time.perf_counter()
         thresholds = calibrate(model, images, preset="mid", batch_size=len(images), processor=processor,
                                progress=False, merge_point=merge_point,
@@ -172,12 +183,14 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
         out("LLM tokens kept per image (simplest to most cluttered):")
         for path, (kept, units) in zip(paths, per_image):
             out(f"  {path.name:34s} {kept:4d} / {units:<4d} {'#' * math.ceil(40 * kept / units)}")
+        steps.next(f"merge_point {merge_point}: generating")
         frames = [images[-1].resize((224, 168)).crop((4 * k, 0, 4 * k + 196, 168)) for k in range(4)]
         result = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]], max_new_tokens=max_new_tokens)
         video = model.model._dymu.last_encoded["video"]
         out(f"a 4-frame video (2 temporal patches): tokens per temporal patch {video.kept_per_segment.tolist()} "
             f"of {video.units_per_segment.tolist()}")
         results["results"][merge_point] = result
+        steps.next(f"merge_point {merge_point}: cross_frame")
         apply(model, thresholds, mode="dymu", cross_frame=True)  # the same video, frames merging with each other
         pixels = video_pixels(processor.image_processor, frames)
         with torch.no_grad():
@@ -186,6 +199,7 @@ def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max
         out(f"  with cross_frame=True (units may also join their twins in the other temporal patch): "
             f"{across.kept_per_segment.tolist()} ({int(across.kept_per_segment.sum())} tokens instead of "
             f"{int(video.kept_per_segment.sum())})")
+    steps.next("full model")
     apply(model, None, mode="full")
     results["results"]["full"] = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]],
                                           max_new_tokens=max_new_tokens)

@@ -32,11 +32,10 @@ def cmd_encode(args) -> int:
         tower, tower_family = vision_tower_of(model)
         encode_records = partial(tower_records, model, tower, tower_family, processor,
                                  encoder_pixels=lambda processed: (processed["pixel_values"], [1] * len(processed["pixel_values"])))
-    from tqdm.auto import tqdm
+    from .console import progress
 
     records, skipped = [], []
-    # a bar with an ETA on a terminal (stderr), none under --quiet or when stderr is a file or pipe
-    with tqdm(total=len(paths), unit="img", desc="encoding", disable=args.quiet or not sys.stderr.isatty()) as bar:
+    with progress(len(paths), "encoding", quiet=args.quiet) as bar:
         for start in range(0, len(paths), args.batch_size):
             opened, bad = open_images(paths[start : start + args.batch_size])
             batch_records, skipped = encode_records(opened, skipped + bad)

@@ -57,11 +57,21 @@ def run_bench(
     runs: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run the benchmark's ``sections`` (in the registry's order) and return the result dict (what `--json` writes)."""
+    """Run the benchmark's ``sections`` (in the registry's order) and return the result dict (what `--json`
+    writes). A bar with the current section and an ETA on a terminal (not under --quiet)."""
+    from ..console import Steps
+
+    chosen = [name for name in REGISTRY if name in sections]
+    steps = Steps(len(chosen) + any(REGISTRY[name].needs_tower for name in chosen), "bench")
+    log = log or (lambda msg: steps.say(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr))
+    with steps:
+        return _run_bench(quick, device, dtype, thresholds, sections, runs, log, steps)
+
+
+def _run_bench(quick, device, dtype, thresholds, sections, runs, log, steps) -> dict:
     from ...loading import resolve_device_dtype
     from ...thresholds import Thresholds
 
-    log = log or (lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     dev, dt = resolve_device_dtype(device, dtype)
     plan = quick_plan(dev) if quick else full_plan(dev)
@@ -97,6 +107,7 @@ def run_bench(
     ctx = Context(plan=plan, device=dev, dtype=dt, sync=device_sync(dev), log=log, quick=quick, runs=runs,
                   sections=tuple(sections), result=result)
     if any(REGISTRY[name].needs_tower for name in sections):
+        steps.next("building the CLIP tower")
         with ctx.timed("build_encoder"):
             ctx.tower = build_clip(plan, dev, dt)
         log(f"built CLIP tower ({sum(p.numel() for p in ctx.tower.parameters()) / 1e6:.0f}M parameters) in "
@@ -104,6 +115,7 @@ def run_bench(
     _encoder_thresholds(ctx, thresholds or {}, Thresholds)
     for name, section in REGISTRY.items():
         if name in sections:
+            steps.next(name)
             section.run(ctx)
     result["targets"] = None if quick else evaluate_targets(result)  # toy sizes: no target can be judged
     result["loadavg_after"] = loadavg()
