@@ -135,15 +135,13 @@ def add_focus_args(p, masks_help: str, repeat_mask: bool = False) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .tools.demo_models import DEMO_MODELS
+    from .tools.walkthrough import run_walkthrough
 
-    demo = DEMO_MODELS[args.family]
-    if demo.walkthrough != "dymu.tools.demo:run_demo":
-        if args.model:
-            raise ValueError(f"--model is for the LLaVA demos; --family {args.family} builds its own random-weight model")
-        demo.run()(args.family, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
-        return 0
-    demo.run()(args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens, family=args.family)
+    if args.model and args.family:
+        raise ValueError("give --family (a random-weight demo model) or --model (yours), not both")
+    if args.model and args.save_model:
+        raise ValueError("--save-model saves the random-weight demo model; --model is already saved")
+    run_walkthrough(args.family or "llava", args.model, save_model=args.save_model, max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -257,13 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA or Qwen VL (or --model) with "
+    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight model of any family (or --model) with "
                                     "bundled images")
-    p.add_argument("--family", default="llava", choices=["llava", "onevision", "next", "next_video", "qwen2_vl",
+    p.add_argument("--family", choices=["llava", "onevision", "next", "next_video", "qwen2_vl",
                                                         "qwen2_5_vl", "qwen3_vl", "qwen3_5"],
-                   help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT, LLaVA-NeXT-Video, "
-                        "a Qwen VL or Qwen3.5 (hybrid linear-attention decoder)")
-    p.add_argument("--model", metavar="ID_OR_DIR", help="a LLaVA / LLaVA-NeXT / OneVision / Qwen VL hub id or folder instead of the demo model")
+                   help="the random-weight demo model's shape (default llava): LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT, "
+                        "LLaVA-NeXT-Video, a Qwen VL or Qwen3.5 (hybrid linear-attention decoder)")
+    p.add_argument("--model", metavar="ID_OR_DIR", help="a hub id or folder of any supported VLM instead of the demo model")
     p.add_argument("--save-model", metavar="DIR", help="also save the demo model (weights, config, tokenizer, "
                                                        "processor) to this folder, and its sample images to DIR/images")
     p.add_argument("--max-new-tokens", type=positive_int, default=12, metavar="N",

@@ -22,7 +22,7 @@ def test_demo_runs_fast_and_counts_rise_with_clutter(tmp_path, capsys):
     assert "full" in out and "dymu" in out
     # Times are the bench's way (tools/bench/timing.py): a warm-up round, then interleaved runs, medians.
     assert "times are medians of 3 interleaved runs after 1 warm-up round" in out
-    assert "(a demo: real calibrations use hundreds), of 256 tokens per image: target" in out
+    assert "(a demo: real calibrations use hundreds): target 92.0; per image, as inference runs them" in out
 
     # The saved model works offline with the other commands.
     model = str(tmp_path / "tiny-llava")

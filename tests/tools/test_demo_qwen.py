@@ -12,7 +12,7 @@ def test_qwen_demo_counts_rise_with_clutter(tmp_path, capsys):
     captured = capsys.readouterr()
     out = captured.out
     assert "Warning:" not in captured.err, captured.err  # never Python's raw "file:line: CalibrationWarning: ..."
-    assert "RANDOM weights" in out and "tokens per temporal patch" in out
+    assert "RANDOM weights" in out and "video    dymu, cross_frame" in out
     lines = [line for line in out.splitlines() if line.strip().endswith("#") and "/" in line]
     assert len(lines) == 12  # 6 images, merge_point vit and post
     kept = [int(line.split()[1]) / int(line.split()[3]) for line in lines]

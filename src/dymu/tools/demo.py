@@ -1,6 +1,7 @@
-"""`dymu demo`: DyMU end to end on a small LLaVA-shaped model with RANDOM weights, fully offline.
+"""The LLaVA demo models (`dymu demo`'s default, and LLaVA-NeXT, OneVision, NeXT-Video): small, with RANDOM
+weights, built offline; tools/walkthrough.py runs the demo on them.
 
-The model is LLaVA-1.5's architecture at small dimensions (CLIP ViT tower read at layer -2 without
+The LLaVA-1.5 model is LLaVA-1.5's architecture at small dimensions (CLIP ViT tower read at layer -2 without
 the class token, 2-layer GELU projector, Llama decoder) with a real byte-level BPE tokenizer trained
 here on a few sentences and the stock `LlavaProcessor`, so every code path is the real one. The
 weights are random, so the answers are noise; token counts and timings are real.
@@ -8,9 +9,7 @@ weights are random, so the answers are noise; token counts and timings are real.
 
 from __future__ import annotations
 
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +24,6 @@ DEMO_IMAGES = [  # simplest to most cluttered (see assets/images/SOURCES.md)
     "darknet_eagle.jpg",
     "darknet_dog_bicycle_truck.jpg",
 ]
-DEMO_PROMPT = "What is in this image?"
-TIMED_RUNS = 3
 _CORPUS = [
     "USER: What is in this image? ASSISTANT: The image shows a dog, a bicycle and a truck on a street.",
     "A white page with one red circle. An eagle flying over a field. A chessboard of black and white squares.",
@@ -188,118 +185,3 @@ def save_demo_model(model, processor, folder: str | Path) -> Path:
     for path in sample_images() + [sample_images()[0].with_name("SOURCES.md")]:
         shutil.copyfile(path, images / path.name)
     return folder
-
-
-def run_demo(model_ref: str | None = None, save_model: str | None = None, max_new_tokens: int = 12,
-             out=print, family: str = "llava") -> dict:
-    """The README's main command. Returns what it printed, as data (used by the tests). A bar with the
-    step and an ETA on a terminal (stderr)."""
-    from .console import Steps
-
-    with Steps(4, "demo", out) as steps:  # building, calibrating, encoding, timing (one step per prompt)
-        return _walkthrough(model_ref, save_model, max_new_tokens, steps, family)
-
-
-def _walkthrough(model_ref, save_model, max_new_tokens, steps, family):
-    from .calibration import calibrate, target_report
-    from ..generation import generate, load_vlm
-    from ..images import open_image
-    from ..api import apply, encoder_pixels
-    from ..families import vlm_family_of
-
-    out = steps.say
-    steps.next("building the model" if model_ref is None else f"loading {model_ref}")
-    random_weights = model_ref is None
-    if random_weights:
-        if family == "llava":
-            model, processor = build_demo_model()
-            out("dymu demo: a small LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder) with RANDOM weights,")
-        else:
-            model, processor = build_demo_anyres_model(family)
-            shape = {"onevision": "LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, AnyRes crops of 126px/14, "
-                                  f"{ONEVISION_ASPECT}, video)",
-                     "next": "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)",
-                     "next_video": "LLaVA-NeXT-Video-shaped model (CLIP, Llama decoder, AnyRes crops of 112px/14, "
-                                   "video frames pooled 2x2)"}[family]
-            out(f"dymu demo: a small {shape} with RANDOM weights,")
-        out("built offline. Token counts and timings are real; the answers are noise.")
-        if save_model:
-            save_demo_model(model, processor, save_model)
-            out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}, "
-                f"and {len(sample_images())} sample images to {Path(save_model) / 'images'}")
-    else:
-        model, processor = load_vlm(model_ref)
-        out(f"dymu demo on {model_ref}")
-    vlm = vlm_family_of(model)
-    anyres = vlm.crops_images  # every crop of an image counts
-    paths = demo_image_paths()
-    images = [open_image(p) for p in paths]
-
-    steps.next("calibrating")
-    start = time.perf_counter()
-    thresholds = calibrate(model, images, preset="mid", batch_size=len(images), progress=False,
-                           processor=processor.image_processor, model_ref=model_ref or f"dymu-demo-{family}-random",
-                           warn=lambda message: None)  # 6 images are too few for real use: said below
-    patches = thresholds.encoder["patches_per_image"]
-    unit = "crop" if anyres else "image"
-    out(f"calibrated thresholds (preset mid) on {len(images)} bundled images in {time.perf_counter() - start:.1f}s "
-        f"(a demo: real calibrations use hundreds), of {patches} tokens per {unit}: {target_report(thresholds)[0]}")
-
-    steps.next("encoding")
-    apply(model, thresholds, mode="dymu")
-    pixels, crops = encoder_pixels(model, processor.image_processor(images=images, return_tensors="pt"))
-    with torch.no_grad():
-        from ..api import encode
-
-        kept = encode(model, pixels).num_tokens.tolist()
-    counts, first = [], 0
-    for n in crops:
-        counts.append(sum(kept[first:first + n]))
-        first += n
-    every = ", all its crops" if anyres else ""
-    out(f"\nvisual tokens kept per image{every} (simplest to most cluttered):")
-    for path, n, c in zip(paths, counts, crops):
-        full = c * patches
-        extra = f" ({c} crops)" if anyres else ""
-        out(f"  {path.name:34s} {n:5d} / {full}{extra:11s} {'#' * math.ceil(40 * n / full)}")
-
-    # Timed the bench's way (shared code): a warm-up round, then full and dymu interleaved round-robin,
-    # medians of the timed rounds. min_new_tokens: both sides decode the same number of tokens.
-    from .bench.timing import Side, interleaved, median
-
-    pick = len(images) - 1  # the cluttered scene
-    cases = [("image", [DEMO_PROMPT], [[images[pick]]], None)]
-    if random_weights and vlm.supports("video"):  # a multi-image prompt, a video of the images
-        cases.append(("2 images", ["Compare the two pictures."], [[images[0], images[pick]]], None))
-        frames = [im.resize((160, 120)) for im in images]  # a video's frames share one size
-        cases.append(("video", ["What happens in the video?"], [[]], [[frames]]))
-    runs: dict[tuple[str, str], list] = {}
-
-    def side(name, prompts, ims, videos, mode: str) -> Side:
-        record = runs.setdefault((name, mode), [])
-        return Side(mode, setup=lambda: apply(model, thresholds, mode=mode),
-                    run=lambda: record.append(generate(model, processor, prompts, ims, videos=videos,
-                                                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)))
-
-    steps.set_total(3 + len(cases))
-    with torch.no_grad():
-        for case in cases:
-            steps.next(f"timing: {case[0]}")
-            interleaved([side(*case, "full"), side(*case, "dymu")], runs=TIMED_RUNS, warmup=1, sync=lambda: None)
-    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[pick].name}" + ("; then 2 images; then the 6 images as "
-                                                             "video frames" if len(cases) > 1 else "")
-        + f"; times are medians of {TIMED_RUNS} interleaved runs after 1 warm-up round")
-    out(f"  {'input':8s} {'mode':6s} {'LLM rows/stock':>15s} {'encoder':>9s} {'prefill':>9s} {'decode':>9s}  "
-        + ("answer (random weights: noise)" if random_weights else "answer"))
-    for (name, mode), record in runs.items():
-        timed = [r.report for r in record[1:]]  # record[0] is the warm-up
-        rep = timed[0]
-        ms = {k: median([getattr(t, k) for t in timed]) * 1e3 for k in ("encoder_s", "prefill_s", "decode_s")}
-        rows = f"{sum(rep.visual_tokens[0])}/{sum(rep.stock_tokens[0])}"
-        out(f"  {name:8s} {mode:6s} {rows:>15s} {ms['encoder_s']:7.1f}ms "
-            f"{ms['prefill_s']:7.1f}ms {ms['decode_s']:7.1f}ms  {record[-1].answers[0]!r}")
-    if random_weights:
-        out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench` measures "
-            "the speedup at real model dimensions.")
-    return {"counts": dict(zip([p.name for p in paths], counts)), "results": {k: r[-1] for k, r in runs.items()},
-            "runs": runs, "thresholds": thresholds}

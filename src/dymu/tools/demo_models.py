@@ -1,43 +1,44 @@
-"""The tiny random demo models, one entry per `dymu demo --family` name: what `dymu demo`, `dymu env
---check` and the family contract suite (tests/families/test_contract.py) build. A new family adds one
-entry here (its builder: random weights, a real processor, built offline) and nothing else in tools."""
+"""The tiny random demo models, one entry per `dymu demo --family` name: what `dymu demo` (one walkthrough for
+every family, tools/walkthrough.py), `dymu env --check` and the family contract suite
+(tests/families/test_contract.py) build. A new family adds one entry here (its builder: random weights, a
+real processor, built offline) and nothing else in tools."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable
 
 
 @dataclass(frozen=True)
 class DemoModel:
     family: str  # the VLM family registry name (dymu.families) of the model it builds
     builder: str  # "module:function" building (model, processor); lazy, so `dymu --help` stays fast
+    shape: str  # what it is, for `dymu demo`'s first line: "LLaVA-1.5-shaped model (...)"
     args: tuple = ()  # the builder's arguments
-    walkthrough: str = "dymu.tools.demo:run_demo"  # what `dymu demo --family NAME` runs
 
     def build(self):
         """(model, processor): the family's tiny model with random weights (seeded)."""
-        return _resolve(self.builder)(*self.args)
-
-    def run(self) -> Callable:
-        return _resolve(self.walkthrough)
+        module, name = self.builder.split(":")
+        return getattr(import_module(module), name)(*self.args)
 
 
-def _resolve(ref: str) -> Callable:
-    module, name = ref.split(":")
-    return getattr(import_module(module), name)
-
-
-_UNITS = "dymu.tools.demo_qwen:run_qwen_demo"  # the walkthrough of towers that merge units (merge points, video)
+_ANYRES = "dymu.tools.demo:build_demo_anyres_model"
+_QWEN = "dymu.tools.demo_qwen:build_qwen_demo_model"
 
 DEMO_MODELS = {
-    "llava": DemoModel("llava", "dymu.tools.demo:build_demo_model"),
-    "onevision": DemoModel("llava_onevision", "dymu.tools.demo:build_demo_anyres_model", ("onevision",)),
-    "next": DemoModel("llava_next", "dymu.tools.demo:build_demo_anyres_model", ("next",)),
-    "next_video": DemoModel("llava_next_video", "dymu.tools.demo:build_demo_anyres_model", ("next_video",)),
-    "qwen2_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen2_vl",), _UNITS),
-    "qwen2_5_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen2_5_vl",), _UNITS),
-    "qwen3_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_vl",), _UNITS),
-    "qwen3_5": DemoModel("qwen3_5", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_5",), _UNITS),
+    "llava": DemoModel("llava", "dymu.tools.demo:build_demo_model",
+                       "LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder)"),
+    "onevision": DemoModel("llava_onevision", _ANYRES, "LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, "
+                           "AnyRes crops of 126px/14, anyres_max_4, video)", ("onevision",)),
+    "next": DemoModel("llava_next", _ANYRES, "LLaVA-NeXT-shaped model (CLIP, Llama decoder, AnyRes crops of 126px/14)",
+                      ("next",)),
+    "next_video": DemoModel("llava_next_video", _ANYRES, "LLaVA-NeXT-Video-shaped model (CLIP, Llama decoder, AnyRes "
+                            "crops of 112px/14, video frames pooled 2x2)", ("next_video",)),
+    "qwen2_vl": DemoModel("qwen_vl", _QWEN, "Qwen2-VL-shaped model (ViT on 2x2 units, M-RoPE decoder)", ("qwen2_vl",)),
+    "qwen2_5_vl": DemoModel("qwen_vl", _QWEN, "Qwen2.5-VL-shaped model (windowed ViT on 2x2 units, M-RoPE decoder)",
+                            ("qwen2_5_vl",)),
+    "qwen3_vl": DemoModel("qwen_vl", _QWEN, "Qwen3-VL-shaped model (ViT on 2x2 units with deepstack, M-RoPE decoder)",
+                          ("qwen3_vl",)),
+    "qwen3_5": DemoModel("qwen3_5", _QWEN, "Qwen3.5-shaped model (ViT on 2x2 units, hybrid Gated DeltaNet / "
+                         "attention decoder)", ("qwen3_5",)),
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.qwen_processors import processor_class, video_pixels
+from ..families.qwen_processors import processor_class
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEMO_FAMILIES = (*QWEN_FAMILIES, "qwen3_5")  # `dymu demo --family`; Qwen3.5 is its own dymu family
@@ -125,92 +125,3 @@ def build_qwen_demo_model(family: str = "qwen2_5_vl", seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return model, build_qwen_processor(family, tokenizer)
-
-
-def run_qwen_demo(family: str = "qwen2_5_vl", save_model: str | None = None, max_new_tokens: int = 8,
-                  out=print) -> dict:
-    """`dymu demo --family F`: calibrate, tokens per image, a video's tokens per temporal patch, and
-    generate in full vs dymu mode (merge_point vit and post). Returns what it printed, as data. A bar with
-    the step and an ETA on a terminal (stderr)."""
-    from .console import Steps
-
-    with Steps(8, "demo", out) as steps:  # building; per merge point calibrate, generate, cross_frame; full
-        return _walkthrough(family, save_model, max_new_tokens, steps)
-
-
-def _walkthrough(family, save_model, max_new_tokens, steps) -> dict:
-    import math
-    import time
-
-    from ..api import apply
-    from ..images import open_image
-    from ..generation import generate
-    from .calibration import calibrate
-    from ..images import sample_images
-    from .demo import DEMO_PROMPT, demo_image_paths, save_demo_model
-
-    out = steps.say
-    steps.next("building the model")
-    model, processor = build_qwen_demo_model(family)
-    out(f"dymu demo: a small {family} model ({len(model.model.visual.blocks)} ViT blocks on 2x2 units, "
-        f"{len(model.model.language_model.layers)} decoder layers with M-RoPE) with RANDOM weights, built offline.")
-    out("Token counts and timings are real; the answers are noise.")
-    if save_model:
-        from pathlib import Path
-
-        save_demo_model(model, processor, save_model)  # the walkthrough's images too, as for LLaVA
-        out(f"saved the demo model (weights, config, tokenizer, processor) to {save_model}, "
-            f"and {len(sample_images())} sample images to {Path(save_model) / 'images'}")
-    paths = demo_image_paths()
-    images = [open_image(p) for p in paths]
-    results: dict = {"counts": {}, "results": {}}
-    for merge_point in ("vit", "post"):
-        steps.next(f"merge_point {merge_point}: calibrating")
-        start = time.perf_counter()
-        thresholds = calibrate(model, images, preset="mid", batch_size=len(images), processor=processor,
-                               progress=False, merge_point=merge_point,
-                               warn=lambda message: None)  # 6 images are too few for real use: said below
-        out(f"\n[merge_point {merge_point}] calibrated (preset mid: keep ~{208 / 576:.0%} of each image's units) "
-            f"on {len(images)} bundled images in {time.perf_counter() - start:.1f}s (a demo: real calibrations use "
-            "hundreds)")
-        apply(model, thresholds, mode="dymu")
-        inputs = processor.image_processor(images=images, return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        with torch.no_grad():
-            model.model.get_image_features(inputs["pixel_values"], grid)
-        per_image = model.model._dymu.last_encoded["image"].per_item(grid)
-        results["counts"][merge_point] = dict(zip([p.name for p in paths], per_image))
-        out("LLM tokens kept per image (simplest to most cluttered):")
-        for path, (kept, units) in zip(paths, per_image):
-            out(f"  {path.name:34s} {kept:4d} / {units:<4d} {'#' * math.ceil(40 * kept / units)}")
-        steps.next(f"merge_point {merge_point}: generating")
-        frames = [images[-1].resize((224, 168)).crop((4 * k, 0, 4 * k + 196, 168)) for k in range(4)]
-        result = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]], max_new_tokens=max_new_tokens)
-        video = model.model._dymu.last_encoded["video"]
-        out(f"a 4-frame video (2 temporal patches): tokens per temporal patch {video.kept_per_segment.tolist()} "
-            f"of {video.units_per_segment.tolist()}")
-        results["results"][merge_point] = result
-        steps.next(f"merge_point {merge_point}: cross_frame")
-        apply(model, thresholds, mode="dymu", cross_frame=True)  # the same video, frames merging with each other
-        pixels = video_pixels(processor.image_processor, frames)
-        with torch.no_grad():
-            model.model.get_video_features(pixels["pixel_values_videos"], pixels["video_grid_thw"])
-        across = model.model._dymu.last_encoded["video"]
-        out(f"  with cross_frame=True (units may also join their twins in the other temporal patch): "
-            f"{across.kept_per_segment.tolist()} ({int(across.kept_per_segment.sum())} tokens instead of "
-            f"{int(video.kept_per_segment.sum())})")
-    steps.next("full model")
-    apply(model, None, mode="full")
-    results["results"]["full"] = generate(model, processor, [DEMO_PROMPT], [[images[-1], frames]],
-                                          max_new_tokens=max_new_tokens)
-    out(f"\nprompt: {DEMO_PROMPT!r} on {paths[-1].name} and the video")
-    out(f"  {'mode':10s} {'tokens':>16s} {'encoder':>9s} {'prefill':>9s}  answer (random weights: noise)")
-    for name, result in (("full", results["results"]["full"]), ("dymu vit", results["results"]["vit"]),
-                         ("dymu post", results["results"]["post"])):
-        rep = result.report
-        tokens = "+".join(str(n) for n in rep.visual_tokens[0]) + "/" + "+".join(str(n) for n in rep.full_tokens[0])
-        out(f"  {name:10s} {tokens:>16s} {rep.encoder_s * 1e3:7.1f}ms {rep.prefill_s * 1e3:7.1f}ms  "
-            f"{result.answers[0]!r}")
-    out("\nAt these toy dimensions the merge bookkeeping costs about what it saves; `dymu bench --only qwen_vit,"
-        "qwen_prefill` measures Qwen2.5-VL-7B dimensions.")
-    return results
