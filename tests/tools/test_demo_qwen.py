@@ -62,6 +62,17 @@ def test_qwen_bench_rows_quick(capsys):
     assert "Qwen2.5-VL vision tower" in out and "| DToMe mid (vit) |" in out and "| VTU mid |" in out
 
 
+def test_qwen3_5_bench_rows_quick(tmp_path, capsys):
+    """The Qwen3.5 rows: the tower at the presets and a linear-attention + full-attention prefill with VTU."""
+    assert main(["bench", "--quick", "--only", "qwen3_5", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3.5 vision tower" in out and "linear_attention, full_attention layers" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["qwen3_5"]["prefill"]
+    assert [r["variant"] for r in rows] == ["stock", "VTU low", "VTU mid", "VTU high"]
+    assert rows[0]["rows"] == rows[0]["positions"] and all(r["rows"] < r["positions"] for r in rows[1:])
+    assert all(r["flop_ideal"] > 1 for r in rows[1:])
+
+
 def test_qwen_calibration_under_torchrun_equals_one_process(qwen_dirs, tmp_path):
     from test_cli import run_cli
 

@@ -146,7 +146,7 @@ def _encoder_thresholds(ctx: Context, thresholds: dict[str, str], Thresholds) ->
 
 
 def cmd_bench(args) -> int:
-    from .qwen import QWEN_SECTIONS, bench_qwen, qwen_markdown
+    from .qwen import QWEN_SECTIONS, bench_qwen, bench_qwen3_5, qwen3_5_markdown, qwen_markdown
 
     from ...files import STDOUT, check_json_output, write_json
 
@@ -161,10 +161,13 @@ def cmd_bench(args) -> int:
         result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
                            thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
         print(markdown(result), file=report)
-    if qwen:
-        log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if set(qwen) & {"qwen_vit", "qwen_prefill"}:
         result["qwen"] = bench_qwen(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
         print(qwen_markdown(result["qwen"]), file=report)
+    if "qwen3_5" in qwen:
+        result["qwen3_5"] = bench_qwen3_5(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
+        print(qwen3_5_markdown(result["qwen3_5"]), file=report)
     if args.json:
         write_json(args.json, result, indent=1, default=str)
         if args.json != STDOUT:
