@@ -21,7 +21,7 @@ from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "smolvlm")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -165,6 +165,22 @@ class VLMFamily:
 
     def unit_thresholds(self, model: nn.Module, thresholds) -> tuple[list[float], str]:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_steps(self, model: nn.Module, merge_point: str, rounds: int | None) -> int:
+        """Families with calibration "units": the merge steps at ``merge_point`` (tower blocks, or ``rounds``)."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_identity(self, model: nn.Module, merge_point: str, steps: int, model_ref: str | None) -> dict:
+        """Families with calibration "units": what a thresholds file records about the tower (``encoder``)."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_calibration_batch(self, model: nn.Module, image_processor, images: list, merge_point: str, steps: int,
+                               chooser: Callable[[int], Callable]) -> torch.Tensor:
+        """Families with calibration "units": one calibration batch of PIL ``images`` through the tower, every
+        step's edges chosen by ``chooser(units of the batch)`` (the batch-level Eq. 4). Returns the units
+        kept after every step, (segments, steps): one row per image, or per tower input (tile / crop)
+        where the family ``crops_images``."""
         raise NotImplementedError(f"{self.title} merges no units")
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:

@@ -64,6 +64,7 @@ from ..towers.qwen_vit import (
     check_thresholds,
     check_thresholds_file,
     encode_qwen,
+    qwen_identity,
 )
 from .base import PreparedInputs, VLMFamily, register_vlm_family
 from .prompting import video_frames, viewed
@@ -369,6 +370,21 @@ class QwenVLFamily(VLMFamily):
     def unit_thresholds(self, model, thresholds) -> tuple[list[float], str]:
         """(threshold values, merge point) of a thresholds file or values, checked against the tower."""
         return qwen_thresholds(self.vision_tower(model), thresholds)
+
+    def unit_steps(self, model, merge_point, rounds):
+        return len(self.vision_tower(model).blocks) if merge_point == "vit" else int(rounds)
+
+    def unit_identity(self, model, merge_point, steps, model_ref):
+        return qwen_identity(self.vision_tower(model), merge_point, steps, model_ref)
+
+    def unit_calibration_batch(self, model, image_processor, images, merge_point, steps, chooser):
+        visual = self.vision_tower(model)
+        inputs = image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
+        device = next(visual.parameters()).device
+        return encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [float("inf")] * steps,
+                           merge_point, edge_chooser=chooser(units)).kept_per_step
 
     def apply(self, model, settings):
         self.check(model, settings)

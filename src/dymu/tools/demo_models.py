@@ -40,4 +40,8 @@ DEMO_MODELS = {
     "qwen2_5_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen2_5_vl",), _UNITS),
     "qwen3_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_vl",), _UNITS),
     "qwen3_5": DemoModel("qwen3_5", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_5",), _UNITS),
+    "smolvlm": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model", ("smolvlm",),
+                         "dymu.tools.demo_smolvlm:run_smolvlm_demo"),
+    "idefics3": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model", ("idefics3",),
+                          "dymu.tools.demo_smolvlm:run_smolvlm_demo"),
 }
