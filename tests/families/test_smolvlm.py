@@ -103,7 +103,7 @@ def test_a_blank_image_keeps_at_most_15_percent_at_mid(saved, mid):
     dymu.apply(model, mid)
     report = dymu.generate(model, processor, ["What is this?"], [[load_image("synthetic_blank_white.png")]],
                            max_new_tokens=1).report
-    (rows,), (stock,) = report.llm_rows, report.stock_positions
+    ((rows,),), ((stock,),) = report.llm_rows, report.stock_positions
     assert rows <= 0.15 * stock, (rows, stock)
 
 
@@ -130,7 +130,7 @@ def test_the_prompt_layout_gives_the_tiles_of_every_image(saved):
                        padding=True)
     token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert tiles_per_image(inputs["input_ids"], token, global_token_id(processor)) == want
-    assert 1 in want and max(want) > 1  # a small image is its global view alone
+    assert len(set(want)) > 1  # a panorama is cut into fewer tiles than a 3:2 photo
 
 
 def test_thresholds_files_record_the_family(saved, mid, tmp_path):
