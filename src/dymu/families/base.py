@@ -183,6 +183,13 @@ class VLMFamily:
         where the family ``crops_images``."""
         raise NotImplementedError(f"{self.title} merges no units")
 
+    def unit_analysis(self, model: nn.Module, image_processor, images: list, values: list[float],
+                      merge_point: str) -> list[tuple[dict, tuple]]:
+        """Families with calibration "units" (`dymu analyze`): per PIL image, its counts (``tokens``,
+        ``full_tokens``, ``encoder_tokens``, ``llm_rows``, ``stock_positions``) with ``values`` at
+        ``merge_point``, and what its merge map shows: (pixel values (3, H, W), group of every cell, grid)."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""
         pixels = processed["pixel_values"]

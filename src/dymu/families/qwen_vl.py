@@ -386,6 +386,29 @@ class QwenVLFamily(VLMFamily):
         return encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [float("inf")] * steps,
                            merge_point, edge_chooser=chooser(units)).kept_per_step
 
+    @torch.no_grad()
+    def unit_analysis(self, model, image_processor, images, values, merge_point):
+        """All images packed into one tower call; the merge map is drawn on the image's units."""
+        from ..tools.analyze.measure import unpatchify
+
+        visual = self.vision_tower(model)
+        merge = visual.spatial_merge_size
+        out = image_processor(images=list(images), return_tensors="pt")
+        grid, pixels = out["image_grid_thw"], out["pixel_values"]
+        device = next(visual.parameters()).device
+        encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
+        rows = pixels.split(grid.prod(-1).tolist())
+        results = []
+        for image_rows, thw, (kept, units), group in zip(rows, grid, encoded.per_item(grid),
+                                                         encoded.groups_per_item(grid, merge)):
+            # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
+            count = {"tokens": int(kept), "full_tokens": int(units), "llm_rows": int(kept), "stock_positions": int(units),
+                     "encoder_tokens": int(kept) if merge_point == "vit" else int(units)}
+            _, h, w = thw.tolist()
+            view = (unpatchify(image_rows, thw, image_processor.patch_size, merge), group.cpu(), (h // merge, w // merge))
+            results.append((count, view))
+        return results
+
     def apply(self, model, settings):
         self.check(model, settings)
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,

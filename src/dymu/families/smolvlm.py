@@ -262,6 +262,26 @@ class SmolVLMFamily(VLMFamily):
         units = len(tiles) * int(patch_mask[0].numel()) // side**2
         return encode_tiles(model.model, tiles, patch_mask, edge_chooser=chooser(units)).encoded.kept_per_block
 
+    @torch.no_grad()
+    def unit_analysis(self, model, image_processor, images, values, merge_point):
+        """Every tile of the batch in one tower call; the merge map is drawn on the image's global view."""
+        out = image_processor(images=[[im] for im in images], return_tensors="pt")
+        device = next(model.parameters()).device
+        mask = out.get("pixel_attention_mask")
+        tiles, patch_mask, tiles_of = real_tiles(out["pixel_values"].to(device), None if mask is None else
+                                                 mask.to(device), model.config.vision_config.patch_size)
+        encoded = encode_tiles(model.model, tiles, patch_mask, values)
+        kept, groups, side = encoded.kept_per_tile, encoded.groups_per_tile(), int(model.model.connector.scale_factor)
+        results, first = [], 0
+        for n in tiles_of:
+            rows, stock = sum(kept[first : first + n]), n * encoded.units_per_tile
+            last = first + n - 1  # the global view: the whole image
+            grid = tuple(s // side for s in patch_mask.shape[1:])
+            results.append(({"tokens": rows, "full_tokens": stock, "encoder_tokens": rows, "llm_rows": rows,
+                             "stock_positions": stock}, (tiles[last].float().cpu(), groups[last].cpu(), grid)))
+            first += n
+        return results
+
     def apply(self, model, settings):
         self.check(model, settings)
         budget = make_qwen_budget(settings.file_default("max_tokens"), settings.file_default("min_tokens"))
