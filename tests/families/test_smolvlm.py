@@ -165,3 +165,35 @@ def test_the_budget_counts_llm_tokens_per_tile(saved, mid):
     out = dymu.generate(model, processor, ["What is this?"], [[image]], max_new_tokens=1, max_tokens=2)
     assert all(k <= 2 for k in model.model._dymu.last_encoded.kept_per_tile)
     assert out.report.llm_rows[0][0] <= 2 * 5 < out.report.visual_tokens_without_budget_or_focus[0][0]
+
+
+def test_the_lmms_eval_plugin_answers_and_counts_per_image(saved, mid, tmp_path):
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("accelerate")
+    from lmms_eval.api.instance import Instance
+
+    from dymu.integrations.lmms_eval import DyMU
+
+    mid.save(tmp_path / "mid.json")
+    docs = [{"image": load_image(n)} for n in ("synthetic_blank_white.png", "darknet_dog_bicycle_truck.jpg")]
+
+    def request(kind, arguments, doc_id):
+        return Instance(request_type=kind, arguments=arguments, idx=0,
+                        metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    runs = {}
+    for mode, thresholds in (("full", None), ("dymu", str(tmp_path / "mid.json"))):
+        lm = DyMU(pretrained=str(saved), mode=mode, thresholds=thresholds, batch_size=2)
+        lm.task_dict = {"t": {"test": docs}}
+        answers = lm.generate_until([request("generate_until", ("What is this?", {"max_new_tokens": 3}, visual, d,
+                                                                 "t", "test"), d) for d in range(2)])
+        scores = lm.loglikelihood([request("loglikelihood", ("What is this?", " a dog", visual, 1, "t", "test"), 1)])
+        runs[mode] = (answers, scores, [(a.token_counts.visual_tokens, a.token_counts.full_visual_tokens)
+                                        for a in answers])
+    assert all(isinstance(a.text, str) for a in runs["dymu"][0]) and math.isfinite(runs["dymu"][1][0].text[0])
+    full_counts, dymu_counts = runs["full"][2], runs["dymu"][2]
+    assert [rows for rows, _ in full_counts] == [stock for _, stock in full_counts]  # full: every stock position
+    (blank,), _ = dymu_counts[0]
+    (busy,), (busy_stock,) = dymu_counts[1]
+    assert blank < busy <= busy_stock  # per image: a blank image keeps fewer rows
