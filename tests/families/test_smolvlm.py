@@ -197,3 +197,14 @@ def test_the_lmms_eval_plugin_answers_and_counts_per_image(saved, mid, tmp_path)
     (blank,), _ = dymu_counts[0]
     (busy,), (busy_stock,) = dymu_counts[1]
     assert blank < busy <= busy_stock  # per image: a blank image keeps fewer rows
+
+
+def test_a_connector_that_lays_units_out_otherwise_is_refused(saved, mid):
+    model, _ = load(saved)
+    connector = model.model.connector
+    side = connector.scale_factor
+    # Groups of s² consecutive raster patches: what a pixel shuffle reading rows of patches would make.
+    connector.pixel_shuffle = lambda x, scale_factor=2: x.reshape(x.shape[0], -1, x.shape[-1] * side * side)
+    with pytest.raises(Exception, match="pixel_shuffle lays out units differently"):
+        dymu.apply(model, mid)
+    assert dymu.families.vlm_family_of(model).mode_of(model) == "full"  # all or nothing: nothing changed

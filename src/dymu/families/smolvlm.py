@@ -86,7 +86,7 @@ class DyMUSmolVLMModel:
         pooled, first = [], 0
         for n in tiles_per_prompt:  # the stock output: one tensor per prompt, its tiles in order
             prompt_rows = torch.cat(rows[first : first + n]) if n else rows[0][:0]
-            offsets = torch.tensor([0] + [len(g.unique()) for g in groups[first : first + n]]).cumsum(0).tolist()
+            offsets = torch.tensor([0] + encoded.kept_per_tile[first : first + n]).cumsum(0).tolist()  # groups per tile
             prompt_rows.dymu_group_of_unit = torch.cat([g + o for g, o in zip(groups[first : first + n], offsets)]) \
                 if n else torch.zeros(0, dtype=torch.long)
             pooled.append(prompt_rows)

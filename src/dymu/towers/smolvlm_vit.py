@@ -28,7 +28,7 @@ from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer
 
 from .. import compat
-from .unit_vit import BlockDescription, UnitEncoded, blocks_of, encode_units
+from .unit_vit import BlockDescription, UnitEncoded, blocks_of, encode_units, unit_order
 
 # The stock blocks: pre-norm SigLIP layers (layer_norm1, self_attn q/k/v/out_proj, layer_norm2, mlp), post_layernorm.
 DESCRIPTION = BlockDescription(layer_classes=(SmolVLMEncoderLayer, Idefics3EncoderLayer))
@@ -62,6 +62,18 @@ def check_smolvlm_tower(inner: nn.Module) -> None:
                               type(inner).__name__)
     embeddings = inner.vision_model.embeddings
     compat.require_forward(type(embeddings), ("pixel_values", "patch_attention_mask"), var_keyword=False)
+    check_pixel_shuffle(inner.connector)
+
+
+def check_pixel_shuffle(connector: nn.Module) -> None:
+    """Refuse (one line) a connector whose pixel shuffle does not lay each s x s unit's patches side by side
+    in raster order, the layout `encode_tiles` projects merged units in: checked on patch indices."""
+    side = int(connector.scale_factor)
+    grid = 2 * side  # a 2x2-unit grid of patch indices
+    index = torch.arange(grid * grid, dtype=torch.float32).view(1, -1, 1)
+    shuffled = connector.pixel_shuffle(index, side).view(-1, side * side)  # (units, s²)
+    if not torch.equal(shuffled.long(), unit_order(grid, grid, side).view(-1, side * side)):
+        raise compat.refuse(f"{type(connector).__name__}.pixel_shuffle lays out units differently")
 
 
 def real_tiles(pixel_values: Tensor, pixel_attention_mask: Tensor | None, patch_size: int):
