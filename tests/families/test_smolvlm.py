@@ -208,3 +208,16 @@ def test_a_connector_that_lays_units_out_otherwise_is_refused(saved, mid):
     with pytest.raises(Exception, match="pixel_shuffle lays out units differently"):
         dymu.apply(model, mid)
     assert dymu.families.vlm_family_of(model).mode_of(model) == "full"  # all or nothing: nothing changed
+
+
+def test_the_demo_walkthrough_counts_rows_per_image_and_saves_a_loadable_model(tmp_path):
+    from dymu.tools.demo_smolvlm import run_smolvlm_demo
+
+    lines: list[str] = []
+    result = run_smolvlm_demo("smolvlm", save_model=str(tmp_path / "tiny"), max_new_tokens=2, out=lines.append)
+    counts = result["counts"]
+    assert counts["synthetic_blank_white.png"][0] < counts["darknet_dog_bicycle_truck.jpg"][0]
+    assert all(rows <= stock == 80 for rows, stock in counts.values())
+    assert result["results"]["full"].report.llm_rows == [[80]]
+    model, processor = load(tmp_path / "tiny")
+    assert type(model).__name__ == "SmolVLMForConditionalGeneration" and (tmp_path / "tiny" / "images").is_dir()
