@@ -167,27 +167,22 @@ class VLMFamily:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
         raise NotImplementedError(f"{self.title} merges no units")
 
-    def unit_steps(self, model: nn.Module, merge_point: str, rounds: int | None) -> int:
-        """Families with calibration "units": the merge steps at ``merge_point`` (tower blocks, or ``rounds``)."""
-        raise NotImplementedError(f"{self.title} merges no units")
-
-    def unit_identity(self, model: nn.Module, merge_point: str, steps: int, model_ref: str | None) -> dict:
-        """Families with calibration "units": what a thresholds file records about the tower (``encoder``)."""
+    def unit_calibration(self, model: nn.Module, merge_point: str, rounds: int | None,
+                         model_ref: str | None) -> tuple[int, dict]:
+        """Families with calibration "units": (merge steps at ``merge_point``, the tower identity a
+        thresholds file records)."""
         raise NotImplementedError(f"{self.title} merges no units")
 
     def unit_calibration_batch(self, model: nn.Module, image_processor, images: list, merge_point: str, steps: int,
                                chooser: Callable[[int], Callable]) -> torch.Tensor:
-        """Families with calibration "units": one calibration batch of PIL ``images`` through the tower, every
-        step's edges chosen by ``chooser(units of the batch)`` (the batch-level Eq. 4). Returns the units
-        kept after every step, (segments, steps): one row per image, or per tower input (tile / crop)
-        where the family ``crops_images``."""
+        """Families with calibration "units": encode one batch of PIL ``images`` with the edge chooser
+        ``chooser(units of the batch)`` (batch-level Eq. 4) at every step; (images, steps) units alive."""
         raise NotImplementedError(f"{self.title} merges no units")
 
-    def unit_analysis(self, model: nn.Module, image_processor, images: list, values: list[float],
-                      merge_point: str) -> list[tuple[dict, tuple]]:
-        """Families with calibration "units" (`dymu analyze`): per PIL image, its counts (``tokens``,
-        ``full_tokens``, ``encoder_tokens``, ``llm_rows``, ``stock_positions``) with ``values`` at
-        ``merge_point``, and what its merge map shows: (pixel values (3, H, W), group of every cell, grid)."""
+    def analyze_units(self, model: nn.Module, image_processor, thresholds) -> tuple[Callable, Callable]:
+        """`dymu analyze` for calibration "units": (prepare(PIL image, path) -> (pixels, extra), encode(pending
+        [(row, pixels, extra)]) -> per image (row fields, (3, H, W) pixels as the model sees them, the group
+        of every unit, the unit grid (h, w))) with ``thresholds``."""
         raise NotImplementedError(f"{self.title} merges no units")
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:

@@ -224,7 +224,7 @@ def encode_smolvlm(model: nn.Module, pixel_values, pixel_attention_mask=None, *,
 class SmolVLMFamily(VLMFamily):
     name, title = "smolvlm", "SmolVLM / Idefics3"
     model_types = ("smolvlm", "idefics3")
-    calibration, calibration_unit, crops_images = "units", "tiles", True
+    calibration, crops_images = "units", True
     modes = {"full": None, "dymu": None, "dtome": None, "tome": None,
              "downsample": "its tiles have a fixed size: fewer tokens means fewer tiles, which the processor's size "
                            "(longest_edge) sets"}
@@ -245,42 +245,40 @@ class SmolVLMFamily(VLMFamily):
     def unit_thresholds(self, model, thresholds) -> tuple[list[float], str]:
         return smolvlm_thresholds(model, thresholds), "vit"
 
-    def unit_steps(self, model, merge_point, rounds):
-        return tower_depth(model.model)
-
-    def unit_identity(self, model, merge_point, steps, model_ref):
-        return unit_identity(model.model, family_name(model), model_ref)
+    def unit_calibration(self, model, merge_point, rounds, model_ref):
+        return tower_depth(model.model), unit_identity(model.model, family_name(model), model_ref)
 
     def unit_calibration_batch(self, model, image_processor, images, merge_point, steps, chooser):
-        """Every tile of every image is a segment; the batch's units are its tiles' units."""
-        out = image_processor(images=[[im] for im in images], return_tensors="pt")
-        device = next(model.parameters()).device
-        mask = out.get("pixel_attention_mask")
-        tiles, patch_mask, _ = real_tiles(out["pixel_values"].to(device), None if mask is None else mask.to(device),
-                                          model.config.vision_config.patch_size)
-        side = int(model.model.connector.scale_factor)
-        units = len(tiles) * int(patch_mask[0].numel()) // side**2
-        return encode_tiles(model.model, tiles, patch_mask, edge_chooser=chooser(units)).encoded.kept_per_block
+        """Every tile of the batch merges on its own; the edges of all of them are ranked together.
+        Returns the units alive after every block per image (summed over its tiles)."""
+        processed = image_processor(images=[[im] for im in images], return_tensors="pt")
+        tiles, patch_mask, tiles_of = _real_tiles(model, [processed])
+        units = len(tiles) * int(patch_mask[0].numel()) // int(model.model.connector.scale_factor) ** 2
+        kept = encode_tiles(model.model, tiles, patch_mask, edge_chooser=chooser(units)).encoded.kept_per_block
+        return torch.stack([part.sum(0) for part in kept.split(tiles_of)])
 
-    @torch.no_grad()
-    def unit_analysis(self, model, image_processor, images, values, merge_point):
-        """Every tile of the batch in one tower call; the merge map is drawn on the image's global view."""
-        out = image_processor(images=[[im] for im in images], return_tensors="pt")
-        device = next(model.parameters()).device
-        mask = out.get("pixel_attention_mask")
-        tiles, patch_mask, tiles_of = real_tiles(out["pixel_values"].to(device), None if mask is None else
-                                                 mask.to(device), model.config.vision_config.patch_size)
-        encoded = encode_tiles(model.model, tiles, patch_mask, values)
-        kept, groups, side = encoded.kept_per_tile, encoded.groups_per_tile(), int(model.model.connector.scale_factor)
-        results, first = [], 0
-        for n in tiles_of:
-            rows, stock = sum(kept[first : first + n]), n * encoded.units_per_tile
-            last = first + n - 1  # the global view: the whole image
-            grid = tuple(s // side for s in patch_mask.shape[1:])
-            results.append(({"tokens": rows, "full_tokens": stock, "encoder_tokens": rows, "llm_rows": rows,
-                             "stock_positions": stock}, (tiles[last].float().cpu(), groups[last].cpu(), grid)))
-            first += n
-        return results
+    def analyze_units(self, model, image_processor, thresholds):
+        """`dymu analyze`: the tiles of a batch of images in one tower call; the merge map is drawn on each
+        image's global view (its last tile: the whole image)."""
+        values, _ = self.unit_thresholds(model, thresholds)
+        side = int(model.model.connector.scale_factor)
+
+        def prepare(image, path):  # an image's pixels: its processor output (tiles), no extra
+            return image_processor(images=[[image]], return_tensors="pt"), None
+
+        @torch.no_grad()
+        def encode(pending):
+            tiles, patch_mask, tiles_of = _real_tiles(model, [processed for _, processed, _ in pending])
+            encoded = encode_tiles(model.model, tiles, patch_mask, values)
+            kept, groups, out, first = encoded.kept_per_tile, encoded.groups_per_tile(), [], 0
+            grid = tuple(n // side for n in patch_mask.shape[1:])
+            for n in tiles_of:
+                rows, stock = sum(kept[first : first + n]), n * encoded.units_per_tile
+                fields = dict(tokens=rows, full_tokens=stock, encoder_tokens=rows, llm_rows=rows, stock_positions=stock)
+                out.append((fields, tiles[first + n - 1].float().cpu(), groups[first + n - 1], grid))
+                first += n
+            return out
+        return prepare, encode
 
     def apply(self, model, settings):
         self.check(model, settings)
@@ -414,6 +412,17 @@ def tiles_per_image(input_ids: torch.Tensor, image_token_id: int, global_id: int
                     out.append(tiles)
                     tiles = 0
     return out
+
+
+def _real_tiles(model, processed: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(tiles, patch mask, tiles per image) of image-processor outputs, each of one prompt's images, in order."""
+    device, patch = next(model.parameters()).device, model.config.vision_config.patch_size
+    parts = []
+    for out in processed:
+        mask = out.get("pixel_attention_mask")
+        parts.append(real_tiles(out["pixel_values"].to(device), None if mask is None else mask.to(device), patch))
+    tiles_of = [n for *_, per_prompt in parts for n in per_prompt]
+    return torch.cat([t for t, _, _ in parts]), torch.cat([m for _, m, _ in parts]), tiles_of
 
 
 def _per_image(per_tile: list[int], tiles_of: list[int]) -> list[int]:

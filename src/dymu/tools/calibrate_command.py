@@ -67,14 +67,14 @@ def _calibrate(args, rank: int) -> int:
                                checkpoint=args.checkpoint_path, checkpoint_every=args.checkpoint_every,
                                progress=not args.quiet, model_ref=args.model, out=out, warn=warn,
                                merge_point=args.merge_point, rounds=args.rounds)
-        if args.max_tokens is not None and rank == 0:  # the file's default budget (LLM tokens per image, or tile)
+        if args.max_tokens is not None and rank == 0:  # the file's default budget (in LLM tokens per image)
             thresholds.max_tokens = None if args.max_tokens == float("inf") else args.max_tokens
             thresholds.save(out)
         if rank == 0:
             kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-            each = family.calibration_unit.removesuffix("s")  # "image", or "tile" (SmolVLM / Idefics3)
-            print(f"calibrated on {thresholds.images_seen} {each}s (merge_point {thresholds.encoder['merge_point']}): "
-                  f"{kept:.1f} units (LLM tokens) kept on average per {each}; wrote {out}")
+            print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
+                  f"{kept:.1f} units "
+                  f"(LLM tokens) kept on average per image; wrote {out}")
             print_skipped(thresholds.skipped)
         return 0
     thresholds = calibrate(

@@ -476,9 +476,8 @@ def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
 
 
 def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
-    """A tower that merges units (Qwen VLs, SmolVLM / Idefics3): the images of a batch through the family's
-    own tower call (`VLMFamily.unit_analysis`, with the thresholds file's merge point); tokens = LLM
-    tokens (merged units), full_tokens = the image's stock units."""
+    """A tower that merges units (Qwen VLs, Gemma 3): the family's `analyze_units` prepares every image and
+    encodes a batch with the thresholds; tokens = LLM tokens (units), full_tokens = the image's stock units."""
     from ...families import vlm_family_of
     from ...thresholds import Thresholds
 
@@ -489,17 +488,12 @@ def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each
     processor = getattr(processor, "image_processor", processor)
     if isinstance(thresholds, (str, Path)):
         thresholds = Thresholds.load(thresholds)
-    values, merge_point = family.unit_thresholds(model, thresholds)
-
-    def prepare(image, path):  # the family's processor runs on the whole batch in flush
-        processor(images=[image], return_tensors="pt")  # an image the processor rejects is skipped here
-        return image, None
+    prepare, encode = family.analyze_units(model, processor, thresholds)
 
     def flush(pending):
-        counts = family.unit_analysis(model, processor, [image for _, image, _ in pending], values, merge_point)
-        for (row, _, _), (count, view) in zip(pending, counts):
-            row.update(count)
+        for (row, _, _), (fields, view, group, grid) in zip(pending, encode(pending)):
+            row.update(fields)
             if each is not None:
-                each(row, *view)
+                each(row, view, group.cpu(), grid)
 
     return _Run(prepare, lambda pixels: None, flush, contextlib.nullcontext(), one_size=False)

@@ -33,7 +33,8 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
                     rounds: int | None = None,
                    progress: bool = True, model_ref: str | None = None, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 5, out: str | Path | None = None, warn=None) -> Thresholds:
-    """Eq. 4 for a VLM whose tower merges units (a Qwen VL): at every block ("vit") or round ("post") the unit edges of all segments
+    """Eq. 4 for a VLM whose tower merges units (Qwen VLs, Gemma 3): at every block ("vit") or round ("post") the unit
+    edges of all segments
     (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
     τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
     model's processor or its image processor (images keep their native resolution). ``images``,
@@ -49,9 +50,8 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
         raise ValueError(f"calibrating a {vlm.title} needs its processor (processor=...)")
     image_processor = getattr(processor, "image_processor", processor)
     rounds = vlm.post_rounds if rounds is None else rounds
-    steps = vlm.unit_steps(model, merge_point, rounds)
+    steps, identity = vlm.unit_calibration(model, merge_point, rounds, model_ref)
     fractions = round_fractions(steps, preset=preset, r=r, schedule=schedule)
-    identity = vlm.unit_identity(model, merge_point, steps, model_ref)
     warn = warn or warn_caller
 
     def record(index: int, batch: list) -> BatchRecord:
@@ -63,8 +63,8 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
         kept = vlm.unit_calibration_batch(model, image_processor, loaded, merge_point, steps,
                                           lambda units: batch_top_edges(fractions, units, tau))
         return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
-                           images=len(kept) if vlm.crops_images else len(loaded), kept_sum=kept.sum(0).tolist(),
-                           kept_sqsum=(kept * kept).sum(0).tolist(), skipped=skipped)
+                           images=len(loaded), kept_sum=kept.sum(0).tolist(), kept_sqsum=(kept * kept).sum(0).tolist(),
+                           skipped=skipped)
 
     return run_batches(images, batch_size, record,
                        lambda records: summarize(records, fractions, identity, -1, schedule if r is None else "explicit",
