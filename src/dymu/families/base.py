@@ -210,8 +210,11 @@ def _load_builtin() -> None:
 
 
 def vlm_families() -> list[VLMFamily]:
+    """Every registered family: the built-in ones in `BUILTIN_FAMILIES` order (whichever adapter module was
+    imported first: the README's table must not depend on it), then the others as registered."""
     _load_builtin()
-    return list(_REGISTRY.values())
+    order = {f"{__package__}.{name}": k for k, name in enumerate(BUILTIN_FAMILIES)}
+    return sorted(_REGISTRY.values(), key=lambda family: order.get(type(family).__module__, len(order)))
 
 
 def get_vlm_family(name: str) -> VLMFamily:
