@@ -221,3 +221,19 @@ def test_the_demo_walkthrough_counts_rows_per_image_and_saves_a_loadable_model(t
     assert result["results"]["full"].report.llm_rows == [[80]]
     model, processor = load(tmp_path / "tiny")
     assert type(model).__name__ == "SmolVLMForConditionalGeneration" and (tmp_path / "tiny" / "images").is_dir()
+
+
+def test_the_opt_in_bench_section_runs_at_toy_sizes(tmp_path, capsys):
+    import json
+
+    from dymu.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "smolvlm", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["smolvlm"]
+    assert [r["variant"] for r in result["tower"]] == ["full (stock tower + connector)", "DToMe low", "DToMe mid",
+                                                     "DToMe high"]
+    kept = [r["llm_rows"] for r in result["tower"]]
+    assert kept[0] == result["tower"][0]["stock_positions"] and kept[1] <= kept[2] <= kept[3] <= kept[0]
+    assert [r["n_un"] for r in result["prefill"][1:]] == kept[1:]  # the prefill's groups are the tower's
+    assert all(r["flop_ideal"] >= 1.0 for r in result["tower"] + result["prefill"])
