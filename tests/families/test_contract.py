@@ -154,9 +154,10 @@ def test_real_merges_equal_the_slow_reference(saved, thresholds, monkeypatch):
     groups = sum(len(row.unique()) for row in group_map)
     assert groups < group_map.numel() and positions > 0  # real merging happened
     dymu.remove(model)
-    # Every layer's token mixer: attention, or (hybrid decoders) a linear-attention layer.
+    # Every layer's token mixer: attention, or (hybrid decoders) a linear-attention layer. The decoder is
+    # transformers' own accessor (`language_model` on most VLMs, `text_model` on SmolVLM / Idefics3).
     handles = [(getattr(layer, "self_attn", None) or layer.linear_attn).register_forward_hook(
-               average_within_groups(group_map)) for layer in model.model.language_model.layers]
+               average_within_groups(group_map)) for layer in model.get_decoder().layers]
     try:
         with torch.no_grad():
             reference = model(**inputs).logits

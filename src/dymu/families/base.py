@@ -21,7 +21,7 @@ from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "smolvlm")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -167,6 +167,24 @@ class VLMFamily:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
         raise NotImplementedError(f"{self.title} merges no units")
 
+    def unit_calibration(self, model: nn.Module, merge_point: str, rounds: int | None,
+                         model_ref: str | None) -> tuple[int, dict]:
+        """Families with calibration "units": (merge steps at ``merge_point``, the tower identity a
+        thresholds file records)."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_calibration_batch(self, model: nn.Module, image_processor, images: list, merge_point: str, steps: int,
+                               chooser: Callable[[int], Callable]) -> torch.Tensor:
+        """Families with calibration "units": encode one batch of PIL ``images`` with the edge chooser
+        ``chooser(units of the batch)`` (batch-level Eq. 4) at every step; (images, steps) units alive."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def analyze_units(self, model: nn.Module, image_processor, thresholds) -> tuple[Callable, Callable]:
+        """`dymu analyze` for calibration "units": (prepare(PIL image, path) -> (pixels, extra), encode(pending
+        [(row, pixels, extra)]) -> per image (row fields, (3, H, W) pixels as the model sees them, the group
+        of every unit, the unit grid (h, w))) with ``thresholds``."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""
         pixels = processed["pixel_values"]
@@ -192,8 +210,11 @@ def _load_builtin() -> None:
 
 
 def vlm_families() -> list[VLMFamily]:
+    """Every registered family: the built-in ones in `BUILTIN_FAMILIES` order (whichever adapter module was
+    imported first: the README's table must not depend on it), then the others as registered."""
     _load_builtin()
-    return list(_REGISTRY.values())
+    order = {f"{__package__}.{name}": k for k, name in enumerate(BUILTIN_FAMILIES)}
+    return sorted(_REGISTRY.values(), key=lambda family: order.get(type(family).__module__, len(order)))
 
 
 def get_vlm_family(name: str) -> VLMFamily:

@@ -41,4 +41,10 @@ DEMO_MODELS = {
                           ("qwen3_vl",)),
     "qwen3_5": DemoModel("qwen3_5", _QWEN, "Qwen3.5-shaped model (ViT on 2x2 units, hybrid Gated DeltaNet / "
                          "attention decoder)", ("qwen3_5",)),
+    "smolvlm": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
+                         "SmolVLM-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
+                         ("smolvlm",)),
+    "idefics3": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
+                          "Idefics3-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
+                          ("idefics3",)),
 }

@@ -36,7 +36,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import PRESET_NAMES, SECTIONS
+from . import OPT_IN, PRESET_NAMES, SECTIONS
 from .common import build_clip, loadavg, machine, preset_r
 from .plan import full_plan, quick_plan
 from .report import evaluate_targets, markdown
@@ -80,9 +80,9 @@ def _run_bench(quick, device, dtype, thresholds, sections, runs, log, steps) -> 
             raise ValueError(f"--runs must be at least 1, not {runs}")
         plan.runs, plan.merge_off_runs, plan.exact_runs = runs, 2 * runs, min(plan.exact_runs, runs)
         plan.onevision_runs = runs
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS + OPT_IN)
     if unknown:
-        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS + OPT_IN)}")
     result: dict = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(dev),

@@ -235,6 +235,10 @@ def markdown(result: dict) -> str:
     ov = result.get("onevision")
     if ov:
         lines += [onevision_markdown(ov, s), ""]
+    if result.get("smolvlm"):
+        from .sections.smolvlm import markdown as smolvlm_markdown
+
+        lines += [smolvlm_markdown(result["smolvlm"]), ""]
     if result.get("decode"):
         from .decode import decode_markdown
 

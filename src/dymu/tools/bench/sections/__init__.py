@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import SECTIONS
-from . import calibration, encoder, onevision, packed, prefill
+from .. import OPT_IN, SECTIONS
+from . import calibration, encoder, onevision, packed, prefill, smolvlm
 from .context import Context
 
 
@@ -46,7 +46,8 @@ REGISTRY: dict[str, Section] = {
     "merge_off": Section(calibration.run_merge_off, needs_tower=True),
     "onevision": Section(onevision.run),
     "decode": Section(_decode),
+    "smolvlm": Section(smolvlm.run),
 }
-assert tuple(REGISTRY) == SECTIONS, "bench/__init__.py's SECTIONS names the registry's sections, in its order"
+assert tuple(REGISTRY) == SECTIONS + OPT_IN, "bench/__init__.py's SECTIONS + OPT_IN name the registry's sections, in order"
 
 __all__ = ["Context", "REGISTRY", "Section"]
