@@ -21,7 +21,7 @@ from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "internvl")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -166,6 +166,11 @@ class VLMFamily:
     def unit_thresholds(self, model: nn.Module, thresholds) -> tuple[list[float], str]:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
         raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_calibration(self, model: nn.Module, processor, model_ref: str | None = None):
+        """Families with calibration "units" whose tower is not a Qwen VL's: what `dymu.calibrate` runs
+        per batch (`dymu.families.internvl.UnitCalibration`); None: the Qwen VL tower path."""
+        return None
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""

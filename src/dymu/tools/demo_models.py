@@ -40,4 +40,6 @@ DEMO_MODELS = {
     "qwen2_5_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen2_5_vl",), _UNITS),
     "qwen3_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_vl",), _UNITS),
     "qwen3_5": DemoModel("qwen3_5", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_5",), _UNITS),
+    "internvl": DemoModel("internvl", "dymu.tools.demo_internvl:build_internvl_demo_model",
+                          walkthrough="dymu.tools.demo_internvl:run_internvl_demo"),
 }

@@ -48,6 +48,13 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
         raise ValueError(f"{type(model).__name__} does not merge units in its tower: use dymu.calibrate")
     if processor is None:
         raise ValueError(f"calibrating a {vlm.title} needs its processor (processor=...)")
+    custom = vlm.unit_calibration(model, processor, model_ref)  # a family's own tower (InternVL); None: Qwen VLs
+    if custom is not None:
+        if merge_point != "vit":
+            vlm.refuse_unsupported("merge_point", model)
+        return _calibrate_family_units(custom, images, preset=preset, r=r, schedule=schedule, batch_size=batch_size,
+                                       progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                       out=out, warn=warn or warn_caller)
     image_processor = getattr(processor, "image_processor", processor)
     visual = vlm.vision_tower(model)
     rounds = vlm.post_rounds if rounds is None else rounds
@@ -77,6 +84,29 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
                        lambda records: summarize(records, fractions, identity, -1, schedule if r is None else "explicit",
                                                  steps),
                        key=_settings_key(identity, fractions, -1, batch_size, images, merge_point),
+                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
+
+
+def _calibrate_family_units(custom, images, *, preset, r, schedule, batch_size, progress, checkpoint,
+                            checkpoint_every, out, warn) -> Thresholds:
+    """`calibrate_units` through a family's `unit_calibration`: every segment (a tile) of the batch counts."""
+    fractions = round_fractions(custom.steps, preset=preset, r=r, schedule=schedule)
+
+    def record(index: int, batch: list) -> BatchRecord:
+        opened, skipped = open_images(batch)
+        loaded = [image for _, image in opened]
+        if not loaded:
+            return BatchRecord.unread(index, custom.steps, custom.steps, skipped)
+        tau = [math.nan] * custom.steps
+        kept, segments = custom.encode(loaded, lambda units: batch_top_edges(fractions, units, tau))
+        return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
+                           images=segments, kept_sum=kept.sum(0).tolist(), kept_sqsum=(kept * kept).sum(0).tolist(),
+                           skipped=skipped)
+
+    return run_batches(images, batch_size, record,
+                       lambda records: summarize(records, fractions, custom.identity, custom.feature_layer,
+                                                 schedule if r is None else "explicit", custom.steps),
+                       key=_settings_key(custom.identity, fractions, custom.feature_layer, batch_size, images, "vit"),
                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress, out=out, warn=warn)
 
 
