@@ -75,17 +75,38 @@ def encode_internvl(inner: nn.Module, pixel_values: torch.Tensor, settings: Inte
     return encoded, projected
 
 
-def tile_features(encoded: UnitEncoded, projected: torch.Tensor, direct: bool) -> list[torch.Tensor]:
-    """One (U, D_llm) tensor per tile, every unit its group's row (VTU), or (``direct``) the (K_t, D_llm)
-    kept tokens of each tile; each carries ``dymu_group_of_unit`` (U,) local to its tile."""
+def tile_features(encoded: UnitEncoded, projected: torch.Tensor, direct: bool):
+    """With VTU: (T, U, D_llm), every unit its group's row, with ``dymu_group_of_unit`` (T, U) (groups local
+    to each tile): the stock model's shape, so the stock forward takes it as is. ``direct``: a list of the
+    (K_t, D_llm) kept tokens of each tile (`generate` re-lists a list's tensors as they are)."""
     groups = encoded.groups_per_image()
     rows = projected.split(encoded.kept_per_image.tolist())
-    features = []
-    for tile_rows, group in zip(rows, groups):
-        out = tile_rows if direct else tile_rows[group]
-        out.dymu_group_of_unit = group
-        features.append(out)
+    if direct:
+        return list(rows)
+    features = torch.stack([tile_rows[group] for tile_rows, group in zip(rows, groups)])
+    features.dymu_group_of_unit = torch.stack(groups)
     return features
+
+
+def tile_groups(image) -> torch.Tensor:
+    """(T, U) group of every unit of every tile of an image output (None: not made by DyMU, every unit its
+    own group). `generate` with beams / num_return_sequences restacks the tiles into a new tensor, without
+    the attribute: each of its tiles is then a copy of one tile DyMU made (``dymu_tiles``), found by value;
+    merging is a function of the tile alone, so equal tiles have equal groups."""
+    features = image.pooler_output
+    groups = getattr(features, "dymu_group_of_unit", None)
+    if groups is not None:
+        return groups
+    made = getattr(image, "dymu_tiles", None)
+    units = torch.arange(features.shape[1], device=features.device)
+    if made is None:
+        return units.expand(features.shape[0], -1)
+    original, original_groups = made
+    found = []
+    for tile in features:
+        match = next((k for k, known in enumerate(original) if torch.equal(known, tile)), None)
+        found.append(units if match is None else original_groups[match])
+    return torch.stack(found)
 
 
 class DyMUInternVLModel:
@@ -103,8 +124,11 @@ class DyMUInternVLModel:
         settings = self._dymu
         encoded, projected = encode_internvl(self, pixel_values, settings, vision_feature_layer)
         settings.last_encoded = encoded
-        return BaseModelOutputWithPooling(last_hidden_state=encoded.features,
-                                          pooler_output=tile_features(encoded, projected, settings.direct))
+        features = tile_features(encoded, projected, settings.direct)
+        out = BaseModelOutputWithPooling(last_hidden_state=encoded.features, pooler_output=features)
+        if not settings.direct:
+            out.dymu_tiles = (features, features.dymu_group_of_unit)  # survives generate's re-stacking
+        return out
 
     def forward(self, input_ids=None, pixel_values=None, mm_encoder_outputs=None, vision_feature_layer=None,
                 vision_feature_select_strategy=None, **kwargs):
@@ -116,24 +140,22 @@ class DyMUInternVLModel:
         stock = super().forward
         if image is None:  # text only, or a decode step
             return stock(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
-        tiles = list(image.pooler_output)
         if input_ids is None:
             raise ValueError("DyMU needs input_ids to find the image placeholders (got inputs_embeds)")
-        have, need = int((input_ids == self.config.image_token_id).sum()), sum(len(t) for t in tiles)
+        features = image.pooler_output
+        have, need = int((input_ids == self.config.image_token_id).sum()), sum(len(t) for t in features)
         if have != need:
             raise ValueError(f"the prompt has {have} image placeholders but the tiles make {need} tokens: "
                              + ("without VTU the prompt needs one placeholder per kept token; use "
                                 "dymu.prompt_inputs" if self._dymu.direct else
                                 "DyMU keeps the processor's stock placeholder count, build the prompt with it"))
-        # The stock forward scatters one (N, D) tensor into the placeholders in reading order.
-        flat = {**outputs, "image": BaseModelOutputWithPooling(last_hidden_state=image.last_hidden_state,
-                                                               pooler_output=torch.cat(tiles))}
-        if self._dymu.direct:
-            return stock(input_ids=input_ids, mm_encoder_outputs=flat, **kwargs)
-        labels = [getattr(t, "dymu_group_of_unit", None) for t in tiles]
-        labels = [torch.arange(len(t), device=t.device) if g is None else g for g, t in zip(labels, tiles)]
-        with vtu_groups(self.language_model, labels_to_group_map(input_ids, [(self.config.image_token_id, labels)])):
-            return stock(input_ids=input_ids, mm_encoder_outputs=flat, **kwargs)
+        if self._dymu.direct:  # the stock forward scatters one (N, D) tensor into the placeholders in reading order
+            flat = BaseModelOutputWithPooling(last_hidden_state=image.last_hidden_state,
+                                              pooler_output=torch.cat(list(features)))
+            return stock(input_ids=input_ids, mm_encoder_outputs={**outputs, "image": flat}, **kwargs)
+        group_map = labels_to_group_map(input_ids, [(self.config.image_token_id, list(tile_groups(image)))])
+        with vtu_groups(self.language_model, group_map):
+            return stock(input_ids=input_ids, mm_encoder_outputs=outputs, **kwargs)
 
 
 _swapped_class = PatchedClasses(__name__, "DyMU", DyMUInternVLModel, lambda: [InternVLModel])
