@@ -1,0 +1,202 @@
+"""InternVL 3 / 3.5 beyond the family contract (tests/families/test_contract.py runs the common oracles on
+the InternVL 3 demo model): the Qwen3 decoder of InternVL 3.5, another feature layer, tiles merging on
+their own, calibration's exact B·r merges per block, token counts against image complexity, beams with
+real merges, budgets, the thresholds file and the processor without torchvision."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import dymu
+from dymu.tools.analyze.measure import jpeg_complexity, spearman
+from dymu.tools.demo import save_demo_model
+from dymu.tools.demo_internvl import build_internvl_demo_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import IMAGES, load_image  # noqa: E402
+from lm_helpers import average_within_groups  # noqa: E402
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Saved tiny models: InternVL 3 (Qwen2 decoder), InternVL 3.5 (Qwen3), and InternVL 3 read at layer -2."""
+    out = {}
+    for name, text in (("qwen2", "qwen2"), ("qwen3", "qwen3"), ("layer-2", "qwen2")):
+        model, processor = build_internvl_demo_model(text)
+        if name == "layer-2":
+            model.config.vision_feature_layer = -2
+        out[name] = save_demo_model(model, processor, tmp_path_factory.mktemp(name))
+    return out
+
+
+def load(folder):
+    return dymu.load(str(folder), device="cpu", dtype="float32")
+
+
+def calibrated(model, processor, images=None, **kwargs):
+    from dymu.images import sample_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few images
+        return dymu.calibrate(model, images or sample_images(), processor=processor.image_processor, batch_size=4,
+                              progress=False, **kwargs)
+
+
+def batch():
+    frames = [load_image("darknet_dog_bicycle_truck.jpg").resize((320, 240)).crop((8 * k, 0, 8 * k + 224, 168))
+              for k in range(3)]
+    return (["What is this?", "Compare the two pictures, please."],
+            [[load_image("darknet_eagle.jpg")], [load_image("synthetic_gradient.png"), load_image("skimage_chelsea_cat.png")]],
+            [[], [frames]])
+
+
+def spy_maps(monkeypatch) -> list:
+    from dymu.decoders.llama import VTUState
+
+    maps, original = [], VTUState.set_group_map
+
+    def spy(state, group_map):
+        if group_map is not None:
+            maps.append(group_map.clone())
+        return original(state, group_map)
+
+    monkeypatch.setattr(VTUState, "set_group_map", spy)
+    return maps
+
+
+@pytest.mark.parametrize("name", ["qwen3", "layer-2"])
+def test_other_decoder_and_feature_layer_merge_off_and_slow_reference(folders, name, monkeypatch):
+    model, processor = load(folders[name])
+    prompts, images, videos = batch()
+    inputs = dymu.prompt_inputs(model, processor, prompts, images, videos=videos)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    thresholds = calibrated(model, processor)
+    assert len(thresholds.thresholds) == (3 if name == "layer-2" else 4)  # blocks run up to the feature layer
+    dymu.apply(model, math.inf)
+    with torch.no_grad():
+        assert (model(**dymu.prompt_inputs(model, processor, prompts, images, videos=videos)).logits
+                - stock).abs().max().item() <= ATOL
+    dymu.apply(model, thresholds)
+    inputs = dymu.prompt_inputs(model, processor, prompts, images, videos=videos)
+    maps = spy_maps(monkeypatch)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    (group_map,) = maps
+    assert sum(len(row.unique()) for row in group_map) < group_map.numel()  # real merging
+    dymu.remove(model)
+    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
+               for layer in model.model.language_model.layers]
+    try:
+        with torch.no_grad():
+            reference = model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (logits - reference).abs().max().item() <= ATOL
+
+
+def test_a_tile_merges_on_its_own(folders):
+    model, processor = load(folders["qwen2"])
+    dymu.apply(model, calibrated(model, processor))
+    family = dymu.families.vlm_family_of(model)
+    ip = processor.image_processor
+    alone = ip(images=[load_image("darknet_eagle.jpg")], return_tensors="pt")["pixel_values"]
+    other = ip(images=[load_image("skimage_chelsea_cat.png")], return_tensors="pt")["pixel_values"]
+    one = family.encode(model, alone)
+    both = family.encode(model, torch.cat([other, alone, other[:1]]))
+    tiles = len(alone)
+    assert one.kept_per_image.tolist() == both.kept_per_image[len(other):len(other) + tiles].tolist()
+    for a, b in zip(one.groups_per_image(), both.groups_per_image()[len(other):len(other) + tiles]):
+        assert torch.equal(a, b)
+    assert len(set(one.kept_per_image.tolist())) > 1  # the tiles and the thumbnail differ
+
+
+def test_calibration_merges_exactly_b_r_units_per_block(folders):
+    model, processor = load(folders["qwen2"])
+    images = [load_image(n) for n in ("darknet_eagle.jpg", "synthetic_gradient.png", "skimage_chelsea_cat.png",
+                                      "synthetic_blank_white.png")]
+    family = dymu.families.vlm_family_of(model)
+    calibration = family.unit_calibration(model, processor)
+    from dymu.tools.calibration.loop import batch_top_edges
+
+    fractions, tau, seen = [0.1, 0.05, 0.2, 0.0], [math.nan] * 4, []
+
+    def chooser(units):
+        seen.append(units)
+        return batch_top_edges(fractions, units, tau)
+
+    kept, tiles = calibration.encode(images, chooser)
+    units = seen[0]
+    assert units == tiles * 36
+    alive = [units] + kept.sum(0).tolist()
+    assert [a - b for a, b in zip(alive, alive[1:])] == [round(f * units) for f in fractions]
+    assert all(t >= 0 for t, f in zip(tau, fractions) if f > 0)
+    thresholds = calibrated(model, processor, images, r=0.1)
+    assert thresholds.encoder["family"] == "internvl" and thresholds.images_seen == tiles  # every tile counts
+
+
+def test_token_counts_rise_with_image_complexity(folders):
+    model, processor = load(folders["qwen2"])
+    paths = sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg"))[:16]
+    images = [load_image(p.name) for p in paths]
+    dymu.apply(model, calibrated(model, processor, images))
+    records, _ = dymu.families.vlm_family_of(model).encode_records(model, processor, list(zip(paths, images)), [])
+    fraction = [r["llm_rows"] / r["stock_positions"] for r in records]
+    rho = spearman([jpeg_complexity(im) for im in images], fraction)
+    assert rho > 0.5, rho
+
+
+def test_beams_with_real_merges_keep_each_tiles_groups(folders, monkeypatch):
+    model, processor = load(folders["qwen2"])
+    dymu.apply(model, calibrated(model, processor))
+    prompts, images, videos = batch()
+    maps = spy_maps(monkeypatch)
+    dymu.generate(model, processor, prompts, images, videos=videos, max_new_tokens=2)
+    dymu.generate(model, processor, prompts, images, videos=videos, max_new_tokens=2, num_beams=2,
+                  num_return_sequences=2)
+    single, expanded = maps
+    assert sum(len(row.unique()) for row in single) < single.numel()
+    assert torch.equal(expanded, single.repeat_interleave(2, dim=0))  # generate re-stacked the tiles
+
+
+def test_budget_counts_llm_tokens_per_tile(folders):
+    model, processor = load(folders["qwen2"])
+    dymu.apply(model, calibrated(model, processor), max_tokens=8)
+    family = dymu.families.vlm_family_of(model)
+    pixels = processor.image_processor(images=[load_image("darknet_dog_bicycle_truck.jpg")],
+                                       return_tensors="pt")["pixel_values"]
+    assert max(family.encode(model, pixels).kept_per_image.tolist()) <= 8
+    report = dymu.generate(model, processor, ["What is this?"], [[load_image("darknet_dog_bicycle_truck.jpg")]],
+                           max_new_tokens=1, max_tokens=4).report
+    assert report.llm_rows[0][0] <= 4 * len(pixels)
+
+
+def test_thresholds_file_records_the_family_and_is_checked(folders, tmp_path):
+    model, processor = load(folders["qwen2"])
+    thresholds = calibrated(model, processor)
+    thresholds.save(tmp_path / "t.json")
+    loaded = dymu.Thresholds.load(tmp_path / "t.json")
+    assert loaded.encoder["family"] == "internvl" and loaded.thresholds == thresholds.thresholds
+    other, _ = load(folders["layer-2"])  # reads its tower after 3 blocks, not 4
+    with pytest.raises(ValueError, match="reads its tower after 3"):
+        dymu.apply(other, loaded)
+    with pytest.raises(ValueError, match="needs 4 thresholds"):
+        dymu.apply(model, [0.5] * 3)
+
+
+def test_processor_without_torchvision_expands_video_frames(folders):
+    _, processor = load(folders["qwen2"])
+    frames = batch()[2][1][0]
+    out = processor(videos=[frames], text=["<video>\nWhat happens?"], return_tensors="pt")
+    assert len(out["pixel_values"]) == len(frames)  # one tile per frame
+    assert int((out["input_ids"] == processor.image_token_id).sum()) == len(frames) * processor.image_seq_length
+    assert processor.decode(out["input_ids"][0]).startswith("Frame1: <img>")
