@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .token_order import DEFAULT_ORDER, ORDERS
-from .tools.bench import SECTIONS
+from .tools.bench import DEFAULT_SECTIONS
 from .tools.console import loading  # noqa: F401  (commands import it from here too)
 from .version import __version__
 
@@ -225,8 +225,9 @@ def add_bench(subparsers) -> None:
     p.add_argument("--thresholds", action="append", type=_parse_thresholds, metavar="PRESET=FILE",
                    help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
                         "fixed r per layer; repeatable")
-    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}; opt-in: "
-                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill)")
+    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(DEFAULT_SECTIONS)}; opt-in: "
+                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill), internvl (InternVL3-8B-shaped "
+                   "tower on a tile and its thumbnail, 2 decoder layers)")
     p.add_argument("--runs", type=positive_int, metavar="N", help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     add_common(p)
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))

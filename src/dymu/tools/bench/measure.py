@@ -36,7 +36,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import PRESET_NAMES, SECTIONS
+from . import DEFAULT_SECTIONS, PRESET_NAMES, SECTIONS
 from .common import build_clip, loadavg, machine, preset_r
 from .plan import full_plan, quick_plan
 from .report import evaluate_targets, markdown
@@ -53,7 +53,7 @@ def run_bench(
     device: str | None = "cpu",
     dtype: str | None = None,
     thresholds: dict[str, str] | None = None,
-    sections: tuple[str, ...] = SECTIONS,
+    sections: tuple[str, ...] = DEFAULT_SECTIONS,
     runs: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -141,7 +141,7 @@ def cmd_bench(args) -> int:
     if args.json:  # before the minutes of measuring: a bad path must not lose them, nor make folders
         check_json_output(args.json, "--json", inputs=[path for _, path in args.thresholds or []])
     report = sys.stderr if args.json == STDOUT else sys.stdout  # `--json -`: the JSON alone on stdout
-    sections = tuple(args.only.split(",")) if args.only else SECTIONS
+    sections = tuple(args.only.split(",")) if args.only else DEFAULT_SECTIONS
     qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
     sections = tuple(s for s in sections if s not in QWEN_SECTIONS)
     result = {}

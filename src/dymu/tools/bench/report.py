@@ -96,7 +96,7 @@ def _ms(seconds: float) -> str:
 
 SECTION_TITLES = {"encoder": "encoder", "packed": "packed vs padded", "prefill": "prefill", "exact": "exact Eq. 10",
                   "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off",
-                  "onevision": "OneVision prefill", "decode": "decode"}
+                  "onevision": "OneVision prefill", "decode": "decode", "internvl": "InternVL"}
 
 
 def smoke_markdown(result: dict) -> str:
@@ -232,6 +232,10 @@ def markdown(result: dict) -> str:
     ov = result.get("onevision")
     if ov:
         lines += [onevision_markdown(ov, s), ""]
+    if result.get("internvl"):
+        from .sections.internvl import internvl_markdown
+
+        lines += [internvl_markdown(result["internvl"]), ""]
     if result.get("decode"):
         from .decode import decode_markdown
 

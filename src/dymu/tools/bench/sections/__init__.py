@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import SECTIONS
-from . import calibration, encoder, onevision, packed, prefill
+from . import calibration, encoder, internvl, onevision, packed, prefill
 from .context import Context
 
 
@@ -46,6 +46,7 @@ REGISTRY: dict[str, Section] = {
     "merge_off": Section(calibration.run_merge_off, needs_tower=True),
     "onevision": Section(onevision.run),
     "decode": Section(_decode),
+    "internvl": Section(internvl.run),
 }
 assert tuple(REGISTRY) == SECTIONS, "bench/__init__.py's SECTIONS names the registry's sections, in its order"
 
