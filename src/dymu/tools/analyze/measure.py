@@ -307,7 +307,14 @@ def measure(
     labels = _folder_labels(folders)
     from .anyres import anyres_run, is_anyres
 
-    if _merges_units(model):
+    from ...families import vlm_family_of
+
+    family = vlm_family_of(model)
+    custom = None if family is None else family.analyze_run(model, thresholds, processor, max_tokens, min_tokens,
+                                                            focus, each)
+    if custom is not None:  # a family's own image path (InternVL's tiles)
+        run = custom
+    elif _merges_units(model):
         run = _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     elif is_anyres(model):
         run = anyres_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
