@@ -200,3 +200,28 @@ def test_processor_without_torchvision_expands_video_frames(folders):
     assert len(out["pixel_values"]) == len(frames)  # one tile per frame
     assert int((out["input_ids"] == processor.image_token_id).sum()) == len(frames) * processor.image_seq_length
     assert processor.decode(out["input_ids"][0]).startswith("Frame1: <img>")
+
+
+def test_lmms_eval_plugin_answers_as_dymu_generate(folders, tmp_path):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from dymu.integrations.lmms_eval import DyMU
+
+    model, processor = load(folders["qwen2"])
+    calibrated(model, processor).save(tmp_path / "mid.json")
+    docs = [{"image": load_image(n)} for n in ("skimage_chelsea_cat.png", "darknet_dog_bicycle_truck.jpg")]
+    gen = {"max_new_tokens": 3, "until": ["\n"], "do_sample": False}
+    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": "t", "doc_id": d, "repeats": 1},
+                         arguments=(q, dict(gen), lambda doc: [doc["image"]], d, "t", "test"))
+                for d, q in enumerate(["What is in this image?", "Count the objects."])]
+    lm = DyMU(pretrained=str(folders["qwen2"]), mode="dymu", thresholds=str(tmp_path / "mid.json"), batch_size=2)
+    lm.task_dict = {"t": {"test": docs}}
+    out = lm.generate_until(requests)
+    dymu.apply(model, dymu.Thresholds.load(tmp_path / "mid.json"))
+    for request, doc, got in zip(requests, docs, out):
+        ref = dymu.generate(model, processor, [request.arguments[0]], [[doc["image"]]], max_new_tokens=3).report
+        sample = got.token_counts.to_dict()
+        for name in ("encoder_tokens", "llm_rows", "stock_positions"):
+            assert sample[name] == getattr(ref, name)[0], name
+        assert sample["llm_rows"][0] < sample["stock_positions"][0]
