@@ -225,3 +225,26 @@ def test_lmms_eval_plugin_answers_as_dymu_generate(folders, tmp_path):
         for name in ("encoder_tokens", "llm_rows", "stock_positions"):
             assert sample[name] == getattr(ref, name)[0], name
         assert sample["llm_rows"][0] < sample["stock_positions"][0]
+
+
+def test_analyze_counts_every_tile_of_an_image(folders, tmp_path):
+    import csv
+    import shutil
+
+    from dymu.cli import main
+
+    model, processor = load(folders["qwen2"])
+    calibrated(model, processor).save(tmp_path / "mid.json")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("synthetic_blank_white.png", "darknet_dog_bicycle_truck.jpg", "skimage_chessboard.png"):
+        shutil.copyfile(IMAGES / name, images / name)  # the same bytes (re-saving a JPEG changes its pixels)
+    assert main(["analyze", "--model", str(folders["qwen2"]), "--thresholds", str(tmp_path / "mid.json"),
+                 "--images", str(images), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    with open(tmp_path / "out" / "tokens.csv") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    dymu.apply(model, dymu.Thresholds.load(tmp_path / "mid.json"))
+    for name, row in rows.items():
+        report = dymu.generate(model, processor, ["What is this?"], [[load_image(name)]], max_new_tokens=1).report
+        assert int(row["llm_rows"]) == report.llm_rows[0][0] and int(row["stock_positions"]) == report.stock_positions[0][0]
+    assert int(rows["synthetic_blank_white.png"]["llm_rows"]) < int(rows["darknet_dog_bicycle_truck.jpg"]["llm_rows"])

@@ -172,10 +172,10 @@ class VLMFamily:
         per batch (`dymu.families.internvl.UnitCalibration`); None: the Qwen VL tower path."""
         return None
 
-    def analyze_run(self, model: nn.Module, thresholds, processor, max_tokens, min_tokens, focus, each):
-        """`dymu analyze`'s run over this family's own image path (a `dymu.tools.analyze.measure._Run`), or None
-        (default) for the shared paths: CLIP / SigLIP towers, AnyRes crops, Qwen VL units."""
-        return None
+    # `dymu analyze`'s run over this family's own image path: "module:function" of the tools layer taking
+    # (family, model, thresholds, processor, max_tokens, min_tokens, focus, each) and returning its `_Run`;
+    # None: the shared paths (CLIP / SigLIP towers, AnyRes crops, Qwen VL units).
+    analyze_run: str | None = None
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""

@@ -310,10 +310,12 @@ def measure(
     from ...families import vlm_family_of
 
     family = vlm_family_of(model)
-    custom = None if family is None else family.analyze_run(model, thresholds, processor, max_tokens, min_tokens,
-                                                            focus, each)
-    if custom is not None:  # a family's own image path (InternVL's tiles)
-        run = custom
+    if family is not None and family.analyze_run:  # a family's own image path (InternVL's tiles)
+        from importlib import import_module
+
+        module, name = family.analyze_run.split(":")
+        run = getattr(import_module(module), name)(family, model, thresholds, processor, max_tokens, min_tokens,
+                                                   focus, each)
     elif _merges_units(model):
         run = _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each)
     elif is_anyres(model):

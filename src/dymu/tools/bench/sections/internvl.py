@@ -119,7 +119,8 @@ def bench_internvl(plan: dict, device, dtype, sync, log, runs: int | None = None
     for row in prefill_rows:
         row["stock_positions"] = units * len(pixels)
     del model
-    return {"tower": tower_rows, "prefill": prefill_rows, "tiles": len(pixels), "units_per_tile": units, "r": r}
+    return {"tower": tower_rows, "prefill": prefill_rows, "tiles": len(pixels), "units_per_tile": units, "r": r,
+            "runs": runs, "warmup": plan["warmup"]}
 
 
 def run(ctx) -> None:
@@ -136,7 +137,8 @@ def run(ctx) -> None:
 
 def internvl_markdown(iv: dict) -> str:
     lines = [f"### InternVL (InternVL3-8B-shaped tower, {iv['tiles']} tiles of {iv['units_per_tile']} units; "
-             "2 decoder layers)", "",
+             f"2 decoder layers; medians of {iv['runs']} runs after {iv['warmup']} warm-up, this section's own "
+             "count)", "",
              "| tower | units kept | time (ms) | speedup | FLOP-ideal |", "|---|---:|---:|---:|---:|"]
     for row in iv["tower"]:
         lines.append(f"| {row['variant']} | {row['units_kept']} | {row['median_s'] * 1e3:,.0f} | "
