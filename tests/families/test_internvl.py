@@ -248,3 +248,30 @@ def test_analyze_counts_every_tile_of_an_image(folders, tmp_path):
         report = dymu.generate(model, processor, ["What is this?"], [[load_image(name)]], max_new_tokens=1).report
         assert int(row["llm_rows"]) == report.llm_rows[0][0] and int(row["stock_positions"]) == report.stock_positions[0][0]
     assert int(rows["synthetic_blank_white.png"]["llm_rows"]) < int(rows["darknet_dog_bicycle_truck.jpg"]["llm_rows"])
+
+
+@pytest.mark.parametrize("layer", [-1, -2, 2])
+def test_tower_variants_merge_off_equal_the_stock_features(layer):
+    """InternViT-6B-style options (RMS q/k norms, RMS block norms, a real final norm: use_mean_pooling off),
+    read at several feature layers: thresholds +inf give the stock features exactly."""
+    from transformers import InternVLForConditionalGeneration
+
+    from dymu.families.internvl import encode_internvl
+    from dymu.tools.demo_internvl import build_internvl_tokenizer, internvl_config
+
+    config = internvl_config(build_internvl_tokenizer())
+    config.vision_config.use_qk_norm, config.vision_config.norm_type = True, "rms_norm"
+    config.vision_config.use_mean_pooling = False
+    config.vision_feature_layer = layer
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lambda_1", "lambda_2", "norm.weight", "layernorm.weight")):
+                p.uniform_(0.5, 1.5)
+        pixels = torch.randn(3, 3, 168, 168)
+        stock = model.model.get_image_features(pixels).pooler_output  # (tiles, units, D)
+        encoded, projected = encode_internvl(model.model, pixels, None)
+    assert encoded.kept_per_image.tolist() == [36] * 3
+    ours = projected[encoded.group_of_unit].view_as(stock)
+    assert (ours - stock).abs().max().item() <= 1e-5
