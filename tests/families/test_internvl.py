@@ -275,3 +275,26 @@ def test_tower_variants_merge_off_equal_the_stock_features(layer):
     assert encoded.kept_per_image.tolist() == [36] * 3
     ours = projected[encoded.group_of_unit].view_as(stock)
     assert (ours - stock).abs().max().item() <= 1e-5
+
+
+def test_encode_with_focus_and_the_encode_command(folders, tmp_path, capsys):
+    import json
+    import shutil
+
+    from dymu.cli import main
+
+    model, processor = load(folders["qwen2"])
+    thresholds = calibrated(model, processor)
+    thresholds.save(tmp_path / "mid.json")
+    dymu.apply(model, thresholds)
+    photo = load_image("darknet_dog_bicycle_truck.jpg")
+    whole = dymu.encode(model, [photo], processor=processor)
+    focused = dymu.encode(model, [photo], processor=processor, focus=[(0, 0, 100, 100)])
+    assert whole.units_per_image.tolist() == focused.units_per_image.tolist()  # the same tiles
+    assert int(focused.kept_per_image.sum()) < int(whole.kept_per_image.sum())  # white outside the box merges
+    shutil.copyfile(IMAGES / "darknet_dog_bicycle_truck.jpg", tmp_path / "photo.jpg")
+    assert main(["encode", "--model", str(folders["qwen2"]), "--thresholds", str(tmp_path / "mid.json"),
+                 "--images", str(tmp_path / "photo.jpg"), "--json", "-", "--quiet"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)["images"]
+    assert record["llm_rows"] == int(whole.kept_per_image.sum()) and record["tiles"] == len(whole.kept_per_image)
+    assert record["stock_positions"] == 36 * record["tiles"] and len(record["group_of_unit"]) == record["tiles"]
