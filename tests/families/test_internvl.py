@@ -298,3 +298,19 @@ def test_encode_with_focus_and_the_encode_command(folders, tmp_path, capsys):
     (record,) = json.loads(capsys.readouterr().out)["images"]
     assert record["llm_rows"] == int(whole.kept_per_image.sum()) and record["tiles"] == len(whole.kept_per_image)
     assert record["stock_positions"] == 36 * record["tiles"] and len(record["group_of_unit"]) == record["tiles"]
+
+
+def test_demo_walkthrough_saves_a_loadable_model_with_images(tmp_path):
+    from dymu.cli import main
+    from dymu.tools.demo_internvl import run_internvl_demo
+
+    lines = []
+    results = run_internvl_demo(save_model=str(tmp_path / "tiny"), max_new_tokens=2, out=lines.append)
+    counts = results["counts"]
+    assert counts["synthetic_blank_white.png"][0] < counts["darknet_dog_bicycle_truck.jpg"][0]
+    assert results["results"]["full"].report.llm_rows == results["results"]["full"].report.stock_positions
+    assert any("tiles" in line for line in lines)
+    assert (tmp_path / "tiny" / "images" / "SOURCES.md").exists()
+    model, processor = dymu.load(str(tmp_path / "tiny"))
+    assert dymu.families.vlm_family_of(model).name == "internvl" and processor.image_seq_length == 36
+    assert main(["demo", "--family", "internvl", "--max-new-tokens", "1"]) == 0
