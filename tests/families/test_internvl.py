@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dymu
+from dymu.families.internvl_processor import tile_images
 from dymu.tools.analyze.measure import jpeg_complexity, spearman
 from dymu.tools.demo import save_demo_model
 from dymu.tools.demo_internvl import build_internvl_demo_model
@@ -108,9 +109,8 @@ def test_a_tile_merges_on_its_own(folders):
     model, processor = load(folders["qwen2"])
     dymu.apply(model, calibrated(model, processor))
     family = dymu.families.vlm_family_of(model)
-    ip = processor.image_processor
-    alone = ip(images=[load_image("darknet_eagle.jpg")], return_tensors="pt")["pixel_values"]
-    other = ip(images=[load_image("skimage_chelsea_cat.png")], return_tensors="pt")["pixel_values"]
+    alone = tile_images(processor, [load_image("darknet_eagle.jpg")])["pixel_values"]
+    other = tile_images(processor, [load_image("skimage_chelsea_cat.png")])["pixel_values"]
     one = family.encode(model, alone)
     both = family.encode(model, torch.cat([other, alone, other[:1]]))
     tiles = len(alone)
@@ -172,8 +172,7 @@ def test_budget_counts_llm_tokens_per_tile(folders):
     model, processor = load(folders["qwen2"])
     dymu.apply(model, calibrated(model, processor), max_tokens=8)
     family = dymu.families.vlm_family_of(model)
-    pixels = processor.image_processor(images=[load_image("darknet_dog_bicycle_truck.jpg")],
-                                       return_tensors="pt")["pixel_values"]
+    pixels = tile_images(processor, [load_image("darknet_dog_bicycle_truck.jpg")])["pixel_values"]
     assert max(family.encode(model, pixels).kept_per_image.tolist()) <= 8
     report = dymu.generate(model, processor, ["What is this?"], [[load_image("darknet_dog_bicycle_truck.jpg")]],
                            max_new_tokens=1, max_tokens=4).report

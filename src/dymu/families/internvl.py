@@ -36,6 +36,7 @@ from ..towers import internvit
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.unit_vit import UnitEncoded
 from .base import VLMFamily, register_vlm_family
+from .internvl_processor import tile_images
 from .llava import labels_to_group_map
 
 INTERNVL_MODES = ("full", "dymu", "dtome", "tome")
@@ -301,7 +302,7 @@ class InternVLFamily(VLMFamily):
                 raise ValueError("encoding PIL images with InternVL needs processor= (its processor or image processor)")
             image_processor = getattr(processor, "image_processor", processor)
             _, filled = focused_images(image_processor, [list(pixel_values)], None if focus is None else [focus], fill)
-            pixel_values = image_processor(images=filled[0], return_tensors="pt")["pixel_values"]
+            pixel_values = tile_images(image_processor, filled[0])["pixel_values"]
         elif focus is not None:
             raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=)")
         return encode_internvl(model.model, pixel_values.to(model.device), getattr(model.model, "_dymu", None),
@@ -314,7 +315,7 @@ class InternVLFamily(VLMFamily):
             return [], skipped
         image_processor = getattr(processor, "image_processor", processor)
         paths, images = zip(*opened)
-        pixels, tiles = self.encoder_pixels(model, image_processor(images=list(images), return_tensors="pt"))
+        pixels, tiles = self.encoder_pixels(model, tile_images(image_processor, list(images)))
         encoded = self.encode(model, pixels.to(model.dtype))
         per_tile, groups, records, first = encoded.per_image(), encoded.groups_per_image(), [], 0
         for path, n in zip(paths, tiles):
@@ -335,7 +336,7 @@ class InternVLFamily(VLMFamily):
         steps = internvit.layers_run(inner.vision_tower, layer)
 
         def encode(images, chooser_for):
-            pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+            pixels = tile_images(image_processor, images)["pixel_values"].to(model.device, model.dtype)
             units = len(pixels) * (pixels.shape[-1] // inner.vision_tower.embeddings.patch_size[1]) ** 2 // \
                 internvit.unit_side(inner.config) ** 2
             encoded, _ = encode_internvl(inner, pixels, None, layer, edge_chooser=chooser_for(units))

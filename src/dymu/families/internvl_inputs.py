@@ -15,6 +15,7 @@ import re
 import torch
 
 from .base import PreparedInputs, timed
+from .internvl_processor import tile_images
 from .prompting import focused_images, prompt_texts
 
 
@@ -151,7 +152,7 @@ def _without(model, processor, original, settings, rows) -> list[list[int]]:
     from .internvl import encode_internvl
 
     flat = [im for ims in original for im in ims]
-    processed = processor.image_processor(images=flat, return_tensors="pt")
+    processed = tile_images(processor, flat)
     encoded = encode_internvl(model.model, processed["pixel_values"].to(model.device, model.dtype), settings)[0]
     kept, tiles = encoded.kept_per_image.tolist(), [int(n) for n in processed["num_patches"]]
     per_image, first = [], 0

@@ -15,6 +15,15 @@ def frames_to_tiles(frames, image_processor):
                            return_tensors="pt")["pixel_values"]
 
 
+def tile_images(processor, images: list):
+    """The image processor's output for PIL ``images`` cut into tiles plus a thumbnail, as `InternVLProcessor`
+    asks it (its images_kwargs default ``crop_to_patches=True``; the released image processors' own default is
+    False): ``pixel_values`` (T, 3, S, S) and ``num_patches`` (tiles per image). ``processor``: the processor or
+    its image processor."""
+    image_processor = getattr(processor, "image_processor", processor)
+    return image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+
+
 def _frames_class():
     return frames_processor_class("InternVLProcessor", frames_to_tiles)
 

@@ -73,7 +73,8 @@ def build_internvl_processor(tokenizer=None):
 
     tokenizer = tokenizer or build_internvl_tokenizer()
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": TILE, "width": TILE}, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES,
+        # crop_to_patches False as released: InternVLProcessor asks for the tiles (its images_kwargs default)
+        size={"height": TILE, "width": TILE}, crop_to_patches=False, min_patches=1, max_patches=MAX_TILES,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # InternVL's (ImageNet) mean / std
     return internvl_processor(image_processor, tokenizer, image_seq_length=(TILE // PATCH) ** 2 // 4,
                               chat_template=CHAT_TEMPLATE)

@@ -16,6 +16,7 @@ def tiles_run(family, model, thresholds, processor, max_tokens, min_tokens, focu
     """`dymu analyze` on InternVL: every image's tiles through the model's own image path (patched with
     ``thresholds`` for the run); per image the LLM rows (= encoder tokens: kept units over its tiles) and
     stock positions; the merge map drawn on its thumbnail (its only tile when it has one), per 2x2 unit."""
+    from ...families.internvl_processor import tile_images
     from ...thresholds import Thresholds
     from ...towers.internvit import unit_side
     from .anyres import _patched
@@ -35,7 +36,7 @@ def tiles_run(family, model, thresholds, processor, max_tokens, min_tokens, focu
     side = unit_side(model.config)
 
     def prepare(image, path):  # extra: the image's tile count
-        out = image_processor(images=[image], return_tensors="pt")
+        out = tile_images(image_processor, [image])
         return out["pixel_values"], int(out["num_patches"][0])
 
     def check(pixels):
