@@ -313,3 +313,23 @@ def test_demo_walkthrough_saves_a_loadable_model_with_images(tmp_path):
     model, processor = dymu.load(str(tmp_path / "tiny"))
     assert dymu.families.vlm_family_of(model).name == "internvl" and processor.image_seq_length == 36
     assert main(["demo", "--family", "internvl", "--max-new-tokens", "1"]) == 0
+
+
+@pytest.mark.parametrize("mode", ["dtome", "tome"])
+def test_without_vtu_merge_off_equals_stock_and_merges_shorten_the_prompt(folders, mode):
+    model, processor = load(folders["qwen2"])
+    prompts, images, videos = batch()
+    with torch.no_grad():
+        stock = model(**dymu.prompt_inputs(model, processor, prompts, images, videos=videos)).logits
+    off = dict(thresholds=math.inf) if mode == "dtome" else dict(thresholds=None, r=0, tome_vtu=False)
+    dymu.apply(model, off.pop("thresholds"), mode=mode, **off)
+    with torch.no_grad():
+        got = model(**dymu.prompt_inputs(model, processor, prompts, images, videos=videos)).logits
+    assert got.shape == stock.shape and (got - stock).abs().max().item() <= ATOL  # every unit kept, in stock order
+    on = dict(thresholds=calibrated(model, processor)) if mode == "dtome" else dict(thresholds=None, r=3,
+                                                                                       tome_vtu=False)
+    dymu.apply(model, on.pop("thresholds"), mode=mode, **on)
+    inputs = dymu.prompt_inputs(model, processor, prompts, images, videos=videos)
+    report = dymu.generate(model, processor, prompts, images, videos=videos, max_new_tokens=2).report
+    placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert placeholders == [sum(rows) for rows in report.llm_rows] and placeholders[0] < report.stock_positions[0][0]

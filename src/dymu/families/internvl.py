@@ -90,10 +90,10 @@ def tile_features(encoded: UnitEncoded, projected: torch.Tensor, direct: bool):
 
 
 def tile_groups(image) -> torch.Tensor:
-    """(T, U) group of every unit of every tile of an image output (None: not made by DyMU, every unit its
-    own group). `generate` with beams / num_return_sequences restacks the tiles into a new tensor, without
-    the attribute: each of its tiles is then a copy of one tile DyMU made (``dymu_tiles``), found by value;
-    merging is a function of the tile alone, so equal tiles have equal groups."""
+    """(T, U) group of every unit of every tile of an image output (features not made by DyMU: every unit its
+    own group, which is the stock computation). `generate` with beams / num_return_sequences restacks the
+    tiles into a new tensor, without the attribute: each of its tiles is then a copy of one tile DyMU made
+    (``dymu_tiles``), found by value; merging is a function of the tile alone, so equal tiles have equal groups."""
     features = image.pooler_output
     groups = getattr(features, "dymu_group_of_unit", None)
     if groups is not None:
@@ -328,9 +328,8 @@ class InternVLFamily(VLMFamily):
         return records, skipped
 
     def unit_calibration(self, model, processor, model_ref=None) -> UnitCalibration:
-        """Calibration on tiles: every tile of every image is one segment of the batch."""
-        if self.mode_of(model) != "full" or hasattr(model.model, "_dymu"):
-            raise ValueError("calibrate InternVL on the stock model: dymu.remove(model) first")
+        """Calibration on tiles: every tile of every image is one segment of the batch. It runs the tower
+        itself (not the model's image path), so a model patched by `dymu.apply` calibrates as the stock one."""
         image_processor = getattr(processor, "image_processor", processor)
         inner, layer = model.model, _feature_layer(model.config)
         steps = internvit.layers_run(inner.vision_tower, layer)
