@@ -125,7 +125,8 @@ def test_calibration_merges_exactly_b_r_units_per_block(folders):
     images = [load_image(n) for n in ("darknet_eagle.jpg", "synthetic_gradient.png", "skimage_chelsea_cat.png",
                                       "synthetic_blank_white.png")]
     family = dymu.families.vlm_family_of(model)
-    calibration = family.unit_calibration(model, processor)
+    steps, identity = family.unit_calibration(model, "vit", None, None)
+    assert steps == 4 and identity["family"] == "internvl"
     from dymu.tools.calibration.loop import batch_top_edges
 
     fractions, tau, seen = [0.1, 0.05, 0.2, 0.0], [math.nan] * 4, []
@@ -134,14 +135,14 @@ def test_calibration_merges_exactly_b_r_units_per_block(folders):
         seen.append(units)
         return batch_top_edges(fractions, units, tau)
 
-    kept, tiles = calibration.encode(images, chooser)
-    units = seen[0]
-    assert units == tiles * 36
-    alive = [units] + kept.sum(0).tolist()
-    assert [a - b for a, b in zip(alive, alive[1:])] == [round(f * units) for f in fractions]
+    kept = family.unit_calibration_batch(model, processor.image_processor, images, "vit", steps, chooser)
+    tiles = len(tile_images(processor, images)["pixel_values"])
+    assert kept.shape == (len(images), steps) and seen == [tiles * 36]  # every tile's units of the batch
+    alive = [seen[0]] + kept.sum(0).tolist()
+    assert [a - b for a, b in zip(alive, alive[1:])] == [round(f * seen[0]) for f in fractions]
     assert all(t >= 0 for t, f in zip(tau, fractions) if f > 0)
     thresholds = calibrated(model, processor, images, r=0.1)
-    assert thresholds.encoder["family"] == "internvl" and thresholds.images_seen == tiles  # every tile counts
+    assert thresholds.encoder["family"] == "internvl" and thresholds.images_seen == len(images)
 
 
 def test_token_counts_rise_with_image_complexity(folders):

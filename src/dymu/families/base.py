@@ -167,15 +167,23 @@ class VLMFamily:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
         raise NotImplementedError(f"{self.title} merges no units")
 
-    def unit_calibration(self, model: nn.Module, processor, model_ref: str | None = None):
-        """Families with calibration "units" whose tower is not a Qwen VL's: what `dymu.calibrate` runs
-        per batch (`dymu.families.internvl.UnitCalibration`); None: the Qwen VL tower path."""
-        return None
+    def unit_calibration(self, model: nn.Module, merge_point: str, rounds: int | None,
+                         model_ref: str | None) -> tuple[int, dict]:
+        """Families with calibration "units": (merge steps at ``merge_point``, the tower identity a
+        thresholds file records)."""
+        raise NotImplementedError(f"{self.title} merges no units")
 
-    # `dymu analyze`'s run over this family's own image path: "module:function" of the tools layer taking
-    # (family, model, thresholds, processor, max_tokens, min_tokens, focus, each) and returning its `_Run`;
-    # None: the shared paths (CLIP / SigLIP towers, AnyRes crops, Qwen VL units).
-    analyze_run: str | None = None
+    def unit_calibration_batch(self, model: nn.Module, image_processor, images: list, merge_point: str, steps: int,
+                               chooser: Callable[[int], Callable]) -> torch.Tensor:
+        """Families with calibration "units": encode one batch of PIL ``images`` with the edge chooser
+        ``chooser(units of the batch)`` (batch-level Eq. 4) at every step; (images, steps) units alive."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def analyze_units(self, model: nn.Module, image_processor, thresholds) -> tuple[Callable, Callable]:
+        """`dymu analyze` for calibration "units": (prepare(PIL image, path) -> (pixels, extra), encode(pending
+        [(row, pixels, extra)]) -> per image (row fields, (3, H, W) pixels as the model sees them, the group
+        of every unit, the unit grid (h, w))) with ``thresholds``."""
+        raise NotImplementedError(f"{self.title} merges no units")
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""

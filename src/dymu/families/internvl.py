@@ -234,23 +234,10 @@ def remove_internvl(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # The family adapter.
 
-@dataclass
-class UnitCalibration:
-    """What `dymu.calibrate` needs of a family whose tower merges units (calibration "units") beyond the
-    Qwen VLs' native-resolution path: merge steps, the thresholds file's identity and feature layer, and
-    ``encode(images, chooser_for)`` -> ((S, steps) units alive after every step per segment, segments),
-    ``chooser_for(units of the batch)`` making the batch-level edge chooser (paper Eq. 4)."""
-
-    steps: int
-    identity: dict
-    feature_layer: int
-    encode: object
-
-
 class InternVLFamily(VLMFamily):
     name, title = "internvl", "InternVL 3 / 3.5"
     model_types = ("internvl",)
-    calibration, calibration_unit, crops_images = "units", "tiles", True
+    calibration, crops_images = "units", True
     modes = {"full": None, "dymu": None, "dtome": None, "tome": None,
              "downsample": "its tiles have a fixed size: fewer tokens means fewer tiles, which the image processor's "
                            "max_patches sets"}
@@ -327,28 +314,59 @@ class InternVLFamily(VLMFamily):
             first += n
         return records, skipped
 
-    def unit_calibration(self, model, processor, model_ref=None) -> UnitCalibration:
-        """Calibration on tiles: every tile of every image is one segment of the batch. It runs the tower
-        itself (not the model's image path), so a model patched by `dymu.apply` calibrates as the stock one."""
-        image_processor = getattr(processor, "image_processor", processor)
-        inner, layer = model.model, _feature_layer(model.config)
-        steps = internvit.layers_run(inner.vision_tower, layer)
+    def unit_calibration(self, model, merge_point, rounds, model_ref):
+        """(blocks run up to the feature layer, the tower identity a thresholds file records)."""
+        if merge_point != "vit":
+            self.refuse_unsupported("merge_point", model)
+        tower, layer = self.vision_tower(model), _feature_layer(model.config)
+        return internvit.layers_run(tower, layer), internvit.internvit_identity(tower, layer, model_ref)
 
-        def encode(images, chooser_for):
-            pixels = tile_images(image_processor, images)["pixel_values"].to(model.device, model.dtype)
-            units = len(pixels) * (pixels.shape[-1] // inner.vision_tower.embeddings.patch_size[1]) ** 2 // \
-                internvit.unit_side(inner.config) ** 2
-            encoded, _ = encode_internvl(inner, pixels, None, layer, edge_chooser=chooser_for(units))
-            return encoded.kept_per_block, len(pixels)
+    def unit_calibration_batch(self, model, image_processor, images, merge_point, steps, chooser):
+        """Every tile of every image is one merge segment; edges of all tiles of the batch are ranked together
+        (``chooser(units of the batch)``). Returns (images, steps) units alive, summed over each image's tiles.
+        Runs the tower itself, so a model patched by `dymu.apply` calibrates as the stock one."""
+        inner = model.model
+        processed = tile_images(image_processor, images)
+        pixels = processed["pixel_values"].to(model.device, model.dtype)
+        patch = inner.vision_tower.embeddings.patch_size
+        units = len(pixels) * (pixels.shape[-2] // patch[0]) * (pixels.shape[-1] // patch[1]) // \
+            internvit.unit_side(inner.config) ** 2
+        encoded, _ = encode_internvl(inner, pixels, None, edge_chooser=chooser(units))
+        image_of_tile = torch.repeat_interleave(torch.arange(len(images)), processed["num_patches"].long())
+        kept = encoded.kept_per_block
+        return torch.zeros(len(images), kept.shape[1], dtype=kept.dtype).index_add_(0, image_of_tile, kept.cpu())
 
-        return UnitCalibration(steps, internvit.internvit_identity(inner.vision_tower, layer, model_ref), layer, encode)
+    def analyze_units(self, model, image_processor, thresholds):
+        """`dymu analyze`: every image's tiles through the tower with ``thresholds``; per image the LLM rows
+        (= encoder tokens: units kept over its tiles) and stock positions; the merge map drawn on its last
+        tile (the thumbnail; the only tile of a small image), one cell per 2x2 unit."""
+        values, _ = self.unit_thresholds(model, thresholds)
+        settings = InternVLSettings(mode="dymu", thresholds=values)
+        side = internvit.unit_side(model.config)
+
+        def prepare(image, path):  # extra: the image's tile count
+            out = tile_images(image_processor, [image])
+            return out["pixel_values"], int(out["num_patches"][0])
+
+        def encode(pending):
+            tiles = torch.cat([p for _, p, _ in pending]).to(model.device, model.dtype)
+            encoded = encode_internvl(model.model, tiles, settings)[0]
+            kept, units, groups = encoded.kept_per_image.tolist(), encoded.units_per_image.tolist(), \
+                encoded.groups_per_image()
+            out, first = [], 0
+            for _, pixels, n in pending:
+                rows, stock = sum(kept[first:first + n]), sum(units[first:first + n])
+                fields = dict(tokens=rows, full_tokens=stock, encoder_tokens=rows, llm_rows=rows, stock_positions=stock)
+                grid = pixels.shape[-1] // model.config.vision_config.patch_size[1] // side
+                out.append((fields, pixels[n - 1], groups[first + n - 1], (grid, grid)))
+                first += n
+            return out
+        return prepare, encode
 
     def prepare(self, model, processor, request):
         from .internvl_inputs import internvl_inputs
 
         return internvl_inputs(model, processor, request)
-
-    analyze_run = "dymu.tools.analyze.tiles:tiles_run"  # dymu analyze: every image's tiles, counts per image
 
 
 register_vlm_family(InternVLFamily())

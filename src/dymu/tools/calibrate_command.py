@@ -72,10 +72,9 @@ def _calibrate(args, rank: int) -> int:
             thresholds.save(out)
         if rank == 0:
             kept = thresholds.tokens_kept_mean[-1] if thresholds.tokens_kept_mean else float("nan")
-            each = "tile" if family.calibration_unit == "tiles" else "image"  # InternVL counts every tile
-            print(f"calibrated on {thresholds.images_seen} {each}s (merge_point {thresholds.encoder['merge_point']}): "
+            print(f"calibrated on {thresholds.images_seen} images (merge_point {thresholds.encoder['merge_point']}): "
                   f"{kept:.1f} units "
-                  f"(LLM tokens) kept on average per {each}; wrote {out}")
+                  f"(LLM tokens) kept on average per image; wrote {out}")
             print_skipped(thresholds.skipped)
         return 0
     thresholds = calibrate(

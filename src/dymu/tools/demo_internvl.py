@@ -133,7 +133,7 @@ def run_internvl_demo(family: str = "internvl", save_model: str | None = None, m
     thresholds = calibrate(model, images, preset="mid", batch_size=len(images), processor=processor,
                            progress=False, warn=lambda message: None)  # 6 images are too few for real use: said below
     out(f"calibrated (preset mid: keep ~{208 / 576:.0%} of each tile's units) on {len(images)} bundled images "
-        f"({thresholds.images_seen} tiles) in {time.perf_counter() - start:.1f}s (a demo: real calibrations use "
+        f"(every tile of each) in {time.perf_counter() - start:.1f}s (a demo: real calibrations use "
         "hundreds)")
     apply(model, thresholds, mode="dymu")
     results: dict = {"counts": {}, "results": {}}
