@@ -228,7 +228,9 @@ def encode(
 
     A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
     ``grid_thw`` (``image_grid_thw``), or PIL images with ``processor`` (and ``focus`` / ``fill``), and
-    returns a `dymu.towers.qwen_vit.QwenEncoded` (with the budget set by `apply`).
+    returns a `dymu.towers.qwen_vit.QwenEncoded` (with the budget set by `apply`). An InternVL takes its
+    tiles (T, 3, S, S), or PIL images with ``processor`` (which tiles them, after ``focus`` / ``fill``), and
+    returns a `dymu.towers.unit_vit.UnitEncoded` per tile (units kept, the group of every unit).
     """
     with model_lock(model):  # the patched tower keeps the running forward's state on the model
         return _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor)

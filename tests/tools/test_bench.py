@@ -173,3 +173,17 @@ def test_bench_rejects_bad_thresholds_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--quick", "--thresholds", "low"])
     assert "PRESET=FILE" in capsys.readouterr().err
+
+
+def test_bench_internvl_section_is_opt_in_and_runs(tmp_path, capsys):
+    from dymu.tools.bench import DEFAULT_SECTIONS
+
+    assert "internvl" not in DEFAULT_SECTIONS  # minutes at real dimensions: --only internvl
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "internvl", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["internvl"]
+    assert [r["variant"] for r in result["tower"]][0] == "full (stock tower)" and len(result["tower"]) == 4
+    full = result["tower"][0]["units_kept"]
+    assert all(r["units_kept"] < full and r["flop_ideal"] > 1 for r in result["tower"][1:])
+    assert [r["variant"] for r in result["prefill"]] == ["full", "VTU low", "VTU mid", "VTU high"]
+    assert all(r["n_un"] < r["positions"] for r in result["prefill"][1:])

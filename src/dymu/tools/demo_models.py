@@ -47,4 +47,7 @@ DEMO_MODELS = {
     "idefics3": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
                           "Idefics3-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
                           ("idefics3",)),
+    "internvl": DemoModel("internvl", "dymu.tools.demo_internvl:build_internvl_demo_model",
+                          "InternVL3-shaped model (InternViT on 168px tiles + a thumbnail, pixel shuffle 2x2, Qwen2 "
+                          "decoder, video)"),
 }

@@ -6,5 +6,5 @@ import-free so that the CLI can read the section names without loading torch.
 """
 
 SECTIONS = ("encoder", "packed", "prefill", "exact", "flops", "calibration", "merge_off", "onevision", "decode")
-OPT_IN = ("smolvlm",)  # sections run only when --only names them (minutes at real dimensions on a CPU)
+OPT_IN = ("smolvlm", "internvl")  # sections run only when --only names them (minutes at real dimensions on a CPU)
 PRESET_NAMES = ("low", "mid", "high")

@@ -97,7 +97,7 @@ def _ms(seconds: float) -> str:
 
 SECTION_TITLES = {"encoder": "encoder", "packed": "packed vs padded", "prefill": "prefill", "exact": "exact Eq. 10",
                   "attention_flops": "attention FLOPs", "calibration": "calibration", "merge_off": "merge-off",
-                  "onevision": "OneVision prefill", "decode": "decode"}
+                  "onevision": "OneVision prefill", "decode": "decode", "internvl": "InternVL"}
 
 
 def smoke_markdown(result: dict) -> str:
@@ -239,6 +239,10 @@ def markdown(result: dict) -> str:
         from .sections.smolvlm import markdown as smolvlm_markdown
 
         lines += [smolvlm_markdown(result["smolvlm"]), ""]
+    if result.get("internvl"):
+        from .sections.internvl import internvl_markdown
+
+        lines += [internvl_markdown(result["internvl"]), ""]
     if result.get("decode"):
         from .decode import decode_markdown
 

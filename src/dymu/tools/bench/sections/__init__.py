@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import OPT_IN, SECTIONS
-from . import calibration, encoder, onevision, packed, prefill, smolvlm
+from . import calibration, encoder, internvl, onevision, packed, prefill, smolvlm
 from .context import Context
 
 
@@ -47,6 +47,7 @@ REGISTRY: dict[str, Section] = {
     "onevision": Section(onevision.run),
     "decode": Section(_decode),
     "smolvlm": Section(smolvlm.run),
+    "internvl": Section(internvl.run),
 }
 assert tuple(REGISTRY) == SECTIONS + OPT_IN, "bench/__init__.py's SECTIONS + OPT_IN name the registry's sections, in order"
 
