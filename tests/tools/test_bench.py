@@ -176,9 +176,9 @@ def test_bench_rejects_bad_thresholds_option(capsys):
 
 
 def test_bench_internvl_section_is_opt_in_and_runs(tmp_path, capsys):
-    from dymu.tools.bench import DEFAULT_SECTIONS
+    from dymu.tools.bench import OPT_IN, SECTIONS
 
-    assert "internvl" not in DEFAULT_SECTIONS  # minutes at real dimensions: --only internvl
+    assert "internvl" in OPT_IN and "internvl" not in SECTIONS  # minutes at real dimensions: --only internvl
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--device", "cpu", "--only", "internvl", "--json", str(out)]) == 0
     result = json.loads(out.read_text())["internvl"]
