@@ -257,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA or Qwen VL (or --model) with "
+    p = sub.add_parser("demo", help="DyMU end to end on a small random-weight LLaVA, Qwen VL or Gemma 3 (or --model) with "
                                     "bundled images")
     p.add_argument("--family", default="llava", choices=["llava", "onevision", "next", "next_video", "qwen2_vl",
-                                                        "qwen2_5_vl", "qwen3_vl", "qwen3_5"],
+                                                        "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3"],
                    help="the random-weight demo model's shape: LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT, LLaVA-NeXT-Video, "
-                        "a Qwen VL or Qwen3.5 (hybrid linear-attention decoder)")
+                        "a Qwen VL, Qwen3.5 (hybrid linear-attention decoder) or Gemma 3")
     p.add_argument("--model", metavar="ID_OR_DIR", help="a LLaVA / LLaVA-NeXT / OneVision / Qwen VL hub id or folder instead of the demo model")
     p.add_argument("--save-model", metavar="DIR", help="also save the demo model (weights, config, tokenizer, "
                                                        "processor) to this folder, and its sample images to DIR/images")

@@ -21,7 +21,7 @@ from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "gemma3")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -165,6 +165,18 @@ class VLMFamily:
 
     def unit_thresholds(self, model: nn.Module, thresholds) -> tuple[list[float], str]:
         """Families with calibration "units": (threshold values, merge point), checked against the tower."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_calibration(self, model: nn.Module, merge_point: str, rounds: int | None,
+                         model_ref: str | None) -> tuple[int, dict]:
+        """Families with calibration "units": (merge steps at ``merge_point``, the tower identity a
+        thresholds file records)."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
+    def unit_calibration_batch(self, model: nn.Module, image_processor, images: list, merge_point: str, steps: int,
+                               chooser: Callable[[int], Callable]) -> torch.Tensor:
+        """Families with calibration "units": encode one batch of PIL ``images`` with the edge chooser
+        ``chooser(units of the batch)`` (batch-level Eq. 4) at every step; (images, steps) units alive."""
         raise NotImplementedError(f"{self.title} merges no units")
 
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:

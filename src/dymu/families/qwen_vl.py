@@ -370,6 +370,23 @@ class QwenVLFamily(VLMFamily):
         """(threshold values, merge point) of a thresholds file or values, checked against the tower."""
         return qwen_thresholds(self.vision_tower(model), thresholds)
 
+    def unit_calibration(self, model, merge_point, rounds, model_ref):
+        from ..towers.qwen_vit import qwen_identity
+
+        visual = self.vision_tower(model)
+        steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
+        return steps, qwen_identity(visual, merge_point, steps, model_ref)
+
+    def unit_calibration_batch(self, model, image_processor, images, merge_point, steps, chooser):
+        visual = self.vision_tower(model)
+        device = next(visual.parameters()).device
+        inputs = image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
+        encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [float("inf")] * steps,
+                              merge_point, edge_chooser=chooser(units))
+        return encoded.kept_per_step
+
     def apply(self, model, settings):
         self.check(model, settings)
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,

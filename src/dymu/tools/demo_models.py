@@ -40,4 +40,6 @@ DEMO_MODELS = {
     "qwen2_5_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen2_5_vl",), _UNITS),
     "qwen3_vl": DemoModel("qwen_vl", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_vl",), _UNITS),
     "qwen3_5": DemoModel("qwen3_5", "dymu.tools.demo_qwen:build_qwen_demo_model", ("qwen3_5",), _UNITS),
+    "gemma3": DemoModel("gemma3", "dymu.tools.demo_gemma3:build_gemma3_demo_model", (),
+                        "dymu.tools.demo_gemma3:run_gemma3_demo"),
 }

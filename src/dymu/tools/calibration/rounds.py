@@ -33,28 +33,25 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
                     rounds: int | None = None,
                    progress: bool = True, model_ref: str | None = None, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 5, out: str | Path | None = None, warn=None) -> Thresholds:
-    """Eq. 4 for a VLM whose tower merges units (a Qwen VL): at every block ("vit") or round ("post") the unit edges of all segments
+    """Eq. 4 for a VLM whose tower merges units (Qwen VLs, Gemma 3): at every block ("vit") or round ("post") the unit
+    edges of all segments
     (images) of the batch are ranked together and the best round(r_i · units of the batch) merged;
     τ_i = score of the first edge not merged, averaged (exactly) over batches. ``processor``: the
     model's processor or its image processor (images keep their native resolution). ``images``,
     checkpoints, torch.distributed and ``out`` as `calibrate` gives them (the same loop, `run_batches`)."""
     from ...families import vlm_family_of
-    from ...towers.qwen_vit import MERGE_POINTS, encode_qwen, qwen_identity
 
-    if merge_point not in MERGE_POINTS:
-        raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     vlm = vlm_family_of(model)
     if vlm is None or vlm.calibration != "units":
         raise ValueError(f"{type(model).__name__} does not merge units in its tower: use dymu.calibrate")
+    if merge_point not in vlm.merge_points:
+        raise ValueError(f"merge_point must be one of {', '.join(vlm.merge_points)}, got {merge_point!r}")
     if processor is None:
         raise ValueError(f"calibrating a {vlm.title} needs its processor (processor=...)")
     image_processor = getattr(processor, "image_processor", processor)
-    visual = vlm.vision_tower(model)
     rounds = vlm.post_rounds if rounds is None else rounds
-    steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
+    steps, identity = vlm.unit_calibration(model, merge_point, rounds, model_ref)
     fractions = round_fractions(steps, preset=preset, r=r, schedule=schedule)
-    device = next(visual.parameters()).device
-    identity = qwen_identity(visual, merge_point, steps, model_ref)
     warn = warn or warn_caller
 
     def record(index: int, batch: list) -> BatchRecord:
@@ -62,13 +59,9 @@ def calibrate_units(model: nn.Module, images: Sequence, *, preset: str | None = 
         loaded = [image for _, image in opened]
         if not loaded:
             return BatchRecord.unread(index, steps, steps, skipped)
-        inputs = image_processor(images=loaded, return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
         tau = [math.nan] * steps
-        encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [math.inf] * steps,
-                              merge_point, edge_chooser=batch_top_edges(fractions, units, tau))
-        kept = encoded.kept_per_step
+        kept = vlm.unit_calibration_batch(model, image_processor, loaded, merge_point, steps,
+                                          lambda units: batch_top_edges(fractions, units, tau))
         return BatchRecord(index=index, tau=[t if f > 0 else math.nan for t, f in zip(tau, fractions)],
                            images=len(loaded), kept_sum=kept.sum(0).tolist(), kept_sqsum=(kept * kept).sum(0).tolist(),
                            skipped=skipped)
