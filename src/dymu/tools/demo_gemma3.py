@@ -3,7 +3,7 @@ built offline, and its `dymu demo --family gemma3` walkthrough.
 
 Every code path is the real one at small dimensions: a SigLIP tower of 32x32 patches whose connector
 average-pools 4x4 patches (the released models' pooling block) into each of 64 LLM tokens, and a Gemma 3
-text decoder with one sliding-window layer (window 96, shorter than a prompt) and one global layer, with
+text decoder with one sliding-window layer (window 48, shorter than an image block) and one global layer, with
 their own RoPE bases. The tokenizer is a byte-level BPE trained here with Gemma 3's chat and image
 special tokens; the image processor is the stock PIL one.
 """
@@ -60,7 +60,7 @@ def gemma3_config(tokenizer, vision_layers: int = 4):
         ("pad_token_id", "<pad>"), ("eos_token_id", "<eos>"), ("bos_token_id", "<bos>"))}
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                sliding_window=96, layer_types=["sliding_attention", "full_attention"],
+                sliding_window=48, layer_types=["sliding_attention", "full_attention"],
                 max_position_embeddings=4096, **ids)
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
                   image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
