@@ -179,6 +179,12 @@ class VLMFamily:
         ``chooser(units of the batch)`` (batch-level Eq. 4) at every step; (images, steps) units alive."""
         raise NotImplementedError(f"{self.title} merges no units")
 
+    def analyze_units(self, model: nn.Module, image_processor, thresholds) -> tuple[Callable, Callable]:
+        """`dymu analyze` for calibration "units": (prepare(PIL image, path) -> (pixels, extra), encode(pending
+        [(row, pixels, extra)]) -> per image (row fields, (3, H, W) pixels as the model sees them, the group
+        of every unit, the unit grid (h, w))) with ``thresholds``."""
+        raise NotImplementedError(f"{self.title} merges no units")
+
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""
         pixels = processed["pixel_values"]

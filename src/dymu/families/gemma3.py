@@ -284,6 +284,21 @@ class Gemma3Family(VLMFamily):
         encoded = encode_gemma3(model, pixels.to(model.device), edge_chooser=chooser(len(images) * (patches // side) ** 2))
         return encoded.kept_per_block
 
+    def analyze_units(self, model, image_processor, thresholds):
+        values = gemma3_thresholds(model, thresholds)
+        patches, side = unit_grid(model.config)
+
+        def prepare(image, path):
+            return image_processor(images=[image], return_tensors="pt")["pixel_values"], None
+
+        def encode(pending):
+            pixels = torch.cat([p for _, p, _ in pending])
+            encoded = encode_gemma3(model, pixels.to(model.device), values)
+            return [(dict(tokens=kept, full_tokens=units, llm_rows=kept, stock_positions=units,
+                          encoder_tokens=kept * side * side), view, group, (patches // side, patches // side))
+                    for (kept, units), view, group in zip(encoded.per_image(), pixels, encoded.groups_per_image())]
+        return prepare, encode
+
     def load_processor(self, model_ref, config):
         from .gemma3_inputs import load_gemma3_processor
 

@@ -387,6 +387,34 @@ class QwenVLFamily(VLMFamily):
                               merge_point, edge_chooser=chooser(units))
         return encoded.kept_per_step
 
+    def analyze_units(self, model, image_processor, thresholds):
+        from ..tools.analyze.measure import unpatchify
+
+        visual = self.vision_tower(model)
+        values, merge_point = self.unit_thresholds(model, thresholds)
+        merge = visual.spatial_merge_size
+        device = next(visual.parameters()).device
+
+        def prepare(image, path):  # extra: the image's (1, 3) image_grid_thw
+            out = image_processor(images=[image], return_tensors="pt")
+            return out["pixel_values"], out["image_grid_thw"]
+
+        def encode(pending):
+            grid = torch.cat([g for _, _, g in pending])
+            pixels = torch.cat([p for _, p, _ in pending])
+            encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
+            groups = encoded.groups_per_item(grid, merge)
+            out = []
+            for (_, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
+                # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
+                fields = dict(tokens=int(kept), full_tokens=int(units), llm_rows=int(kept), stock_positions=int(units),
+                              encoder_tokens=int(kept) if merge_point == "vit" else int(units))
+                _, h, w = thw[0].tolist()
+                out.append((fields, unpatchify(rows, thw[0], image_processor.patch_size, merge), group,
+                             (h // merge, w // merge)))
+            return out
+        return prepare, encode
+
     def apply(self, model, settings):
         self.check(model, settings)
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,

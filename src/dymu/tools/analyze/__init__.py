@@ -146,7 +146,7 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
     sources = _folder_labels(folders)
     processor = processor or _default_processor(model)
     pixels_processor = getattr(processor, "image_processor", processor)  # a full VLM processor's image part
-    cells = "units of 2x2 patches" if _merges_units(model) else "patches"  # a Qwen VL's LLM token is a 2x2 unit
+    cells = "units (one LLM token each)" if _merges_units(model) else "patches"  # Qwen VL, Gemma 3: a unit per LLM token
     used: set[str] = set()
     drawn: dict[str, int] = {}
     files: list[Path] = []

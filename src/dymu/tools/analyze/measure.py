@@ -476,41 +476,24 @@ def refuse_cost_control(model, max_tokens, min_tokens, focus) -> None:
 
 
 def _units_run(model, thresholds, processor, max_tokens, min_tokens, focus, each) -> _Run:
-    """A tower that merges units (Qwen VLs): images at native resolution packed into one call of the
-    tower (`encode_qwen`, the thresholds file's merge point); tokens = LLM tokens (units), full_tokens =
-    the image's stock units."""
+    """A tower that merges units (Qwen VLs, Gemma 3): the family's `analyze_units` prepares every image and
+    encodes a batch with the thresholds; tokens = LLM tokens (units), full_tokens = the image's stock units."""
     from ...families import vlm_family_of
     from ...thresholds import Thresholds
-    from ...towers.qwen_vit import encode_qwen
 
     family = vlm_family_of(model)
     refuse_cost_control(model, max_tokens, min_tokens, focus)
     if processor is None:
         raise ValueError(f"analyzing a {type(model).__name__} needs its image processor (processor=...)")
     processor = getattr(processor, "image_processor", processor)
-    visual = family.vision_tower(model)
     if isinstance(thresholds, (str, Path)):
         thresholds = Thresholds.load(thresholds)
-    values, merge_point = family.unit_thresholds(model, thresholds)
-    merge = visual.spatial_merge_size
-    device = next(visual.parameters()).device
-
-    def prepare(image, path):  # extra: the image's (1, 3) image_grid_thw
-        out = processor(images=[image], return_tensors="pt")
-        return out["pixel_values"], out["image_grid_thw"]
+    prepare, encode = family.analyze_units(model, processor, thresholds)
 
     def flush(pending):
-        grid = torch.cat([g for _, _, g in pending])
-        pixels = torch.cat([p for _, p, _ in pending])
-        encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
-        groups = encoded.groups_per_item(grid, merge)
-        for (row, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
-            row["tokens"], row["full_tokens"] = int(kept), int(units)
-            # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
-            row.update(encoder_tokens=int(kept) if merge_point == "vit" else int(units), llm_rows=int(kept),
-                       stock_positions=int(units))
+        for (row, _, _), (fields, view, group, grid) in zip(pending, encode(pending)):
+            row.update(fields)
             if each is not None:
-                _, h, w = thw[0].tolist()
-                each(row, unpatchify(rows, thw[0], processor.patch_size, merge), group.cpu(), (h // merge, w // merge))
+                each(row, view, group.cpu(), grid)
 
     return _Run(prepare, lambda pixels: None, flush, contextlib.nullcontext(), one_size=False)
