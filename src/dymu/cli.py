@@ -226,7 +226,8 @@ def add_bench(subparsers) -> None:
                    help="use calibrated thresholds for an encoder preset (low, mid or high) instead of its "
                         "fixed r per layer; repeatable")
     p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}; opt-in: "
-                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill)")
+                   "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill), gemma3 (Gemma-3-4B-shaped tower "
+                   "and prefill)")
     p.add_argument("--runs", type=positive_int, metavar="N", help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     add_common(p)
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))
