@@ -158,3 +158,14 @@ def test_sandwich_norms_are_a_declared_fact(folder, monkeypatch):
         assert (model(**inputs).logits - stock).abs().max().item() <= 1e-4
         monkeypatch.setattr(llama, "_SANDWICH_NORMS", llama._SANDWICH_NORMS - {Gemma3DecoderLayer})
         assert (model(**inputs).logits - stock).abs().max().item() > 1e-2
+
+
+def test_demo_command_saves_a_model_that_loads(tmp_path, capsys):
+    from dymu.cli import main
+
+    folder = tmp_path / "demo"
+    assert main(["demo", "--family", "gemma3", "--save-model", str(folder), "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "LLM tokens kept per image" in printed and (folder / "images").is_dir()
+    model, processor = dymu.load(str(folder), device="cpu", dtype="float32")
+    assert dymu.families.vlm_family_of(model).name == "gemma3" and processor.image_seq_length == 64
