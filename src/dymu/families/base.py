@@ -262,7 +262,11 @@ def feature_matrix() -> str:
     features = [*MODES, *OPTIONS, *CALL_FEATURES]
     reasons: list[str] = []
     rows = []
-    for family in vlm_families():
+    # Built-in families in BUILTIN_FAMILIES order whatever imported first (a test importing one adapter module
+    # registers it early), then the others in registration order.
+    builtin = {f"{__package__}.{name}": i for i, name in enumerate(BUILTIN_FAMILIES)}
+    ordered = sorted(vlm_families(), key=lambda f: builtin.get(type(f).__module__, len(builtin)))
+    for family in ordered:
         cells = []
         for feature in (*features, "kv_cache='compact'"):
             reason = family.kv_caches["compact"] if feature.startswith("kv_cache") else \
