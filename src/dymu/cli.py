@@ -225,8 +225,9 @@ def add_bench(subparsers) -> None:
                         "fixed r per layer; repeatable")
     p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}; opt-in: "
                    "qwen_vit,qwen_prefill (Qwen2.5-VL-7B-shaped tower and prefill), qwen3_5 (Qwen3.5 tower and a "
-                   "linear + full attention prefill), smolvlm (SmolVLM2-2.2B-shaped tower and prefill), internvl "
-                   "(InternVL3-8B-shaped tower on a tile and its thumbnail, 2 decoder layers)")
+                   "linear + full attention prefill), gemma3 (Gemma-3-4B-shaped tower and prefill), smolvlm "
+                   "(SmolVLM2-2.2B-shaped tower and prefill), internvl (InternVL3-8B-shaped tower on a tile and its "
+                   "thumbnail, 2 decoder layers)")
     p.add_argument("--runs", type=positive_int, metavar="N", help="timed runs per side (default 5, merge-off twice that; --quick 1)")
     add_common(p)
     p.set_defaults(func=_lazy("dymu.tools.bench.measure", "cmd_bench"))
@@ -260,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="DyMU end to end on a small random-weight model of any family (or --model) with "
                                     "bundled images")
     p.add_argument("--family", choices=["llava", "onevision", "next", "next_video", "qwen2_vl",
-                                        "qwen2_5_vl", "qwen3_vl", "qwen3_5", "smolvlm", "idefics3", "internvl"],
+                                        "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "smolvlm", "idefics3",
+                                        "internvl"],
                    help="the random-weight demo model's shape (default llava): LLaVA-1.5, LLaVA-OneVision, LLaVA-NeXT, "
-                        "LLaVA-NeXT-Video, a Qwen VL, Qwen3.5 (hybrid linear-attention decoder), SmolVLM or Idefics3 "
+                        "LLaVA-NeXT-Video, a Qwen VL, Qwen3.5 (hybrid linear-attention decoder), Gemma 3, SmolVLM or Idefics3 "
                         "(image tiles, pixel shuffle), InternVL 3 (tiles, pixel shuffle)")
     p.add_argument("--model", metavar="ID_OR_DIR", help="a hub id or folder of any supported VLM instead of the demo model")
     p.add_argument("--save-model", metavar="DIR", help="also save the demo model (weights, config, tokenizer, "

@@ -306,7 +306,7 @@ def test_demo_walkthrough_saves_a_loadable_model_with_images(tmp_path):
 
     lines = []
     results = run_walkthrough("internvl", save_model=str(tmp_path / "tiny"), max_new_tokens=2, out=lines.append)
-    counts = results["counts"]["vit"]
+    counts = results["counts"]["default"]
     assert counts["synthetic_blank_white.png"][0] < counts["darknet_dog_bicycle_truck.jpg"][0]
     full = results["results"][("image", "full")].report
     assert full.llm_rows == full.stock_positions

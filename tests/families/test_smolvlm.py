@@ -215,7 +215,7 @@ def test_the_demo_walkthrough_counts_rows_per_image_and_saves_a_loadable_model(t
 
     lines: list[str] = []
     result = run_walkthrough("smolvlm", save_model=str(tmp_path / "tiny"), max_new_tokens=2, out=lines.append)
-    counts = result["counts"]["vit"]
+    counts = result["counts"]["default"]
     assert counts["synthetic_blank_white.png"][0] < counts["darknet_dog_bicycle_truck.jpg"][0]
     assert all(rows <= stock == 80 for rows, stock in counts.values())
     assert result["results"][("image", "full")].report.llm_rows == [[80]]

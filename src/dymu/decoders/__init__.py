@@ -5,4 +5,5 @@ Importing this package registers every family with the shared VTU layer (llama.p
 
 from . import qwen_vl  # noqa: F401  (registers the Qwen VL text decoders)
 from . import qwen3_5  # noqa: F401  (registers the Qwen3.5 hybrid decoder)
+from . import gemma3  # noqa: F401  (registers the Gemma 3 text decoder)
 from . import qwen3  # noqa: F401  (registers the Qwen3 decoder: InternVL 3.5)

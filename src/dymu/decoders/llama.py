@@ -78,6 +78,10 @@ _HEAD_NORMS: set[type] = set()  # decoder layers whose attention has per-head q_
 # sigmoid(gate) before o_proj (Qwen3.5): the gate is row-wise and constant in a group, so it scales
 # the group-averaged output.
 _OUTPUT_GATES: set[type] = set()
+# Layers with a norm after each sub-block's output (Gemma 2 / 3: post_attention_layernorm on the attention
+# output before the residual add, and pre_feedforward_layernorm / post_feedforward_layernorm around the MLP).
+# Every norm is row-wise, so all of them run on the unique rows.
+_SANDWICH_NORMS: set[type] = set()
 _MIXERS: dict[type, tuple] = {}  # token mixers other than self-attention, per layer class (decoders/mixers.py)
 _NO_COMPACT: dict[type, str] = {}  # layer class -> why kv_cache="compact" cannot serve it
 _SUPPORTED_MODELS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
@@ -88,15 +92,19 @@ CHECK_GROUP_ROWS_ENV = "DYMU_CHECK_GROUP_ROWS"
 
 
 def register_decoder(stock: type, attention_kwargs, head_norms: bool = False, models: str | None = None, *,
-                     output_gate: bool = False, mixers: tuple = (), compact: str | None = None) -> None:
+                     output_gate: bool = False, mixers: tuple = (), compact: str | None = None,
+                     sandwich_norms: bool = False) -> None:
     """Make VTU support another decoder-layer class (one line per family: see decoders/qwen_vl.py).
-    ``mixers``: `dymu.decoders.mixers.RowWiseMixer` descriptions of the layer's token mixers other than
+    ``sandwich_norms``: the layer normalises each sub-block's output before its residual add and has a
+    norm of its own before the MLP (Gemma 3, decoders/gemma3.py). ``mixers``: `dymu.decoders.mixers.RowWiseMixer` descriptions of the layer's token mixers other than
     self-attention (decoders/qwen3_5.py); ``compact``: why kv_cache="compact" cannot serve the layer."""
     _ATTENTION_KWARGS[stock] = attention_kwargs
     if head_norms:
         _HEAD_NORMS.add(stock)
     if output_gate:
         _OUTPUT_GATES.add(stock)
+    if sandwich_norms:
+        _SANDWICH_NORMS.add(stock)
     if mixers:
         _MIXERS[stock] = tuple(mixers)
     if compact:
@@ -227,8 +235,12 @@ class _VTUDecoderLayer:
         out = out.flatten(0, 1) if groups is None else vtu.merge_mean(out, groups)  # (U, Hq*d)
         if gate_rows is not None:
             out = out * torch.sigmoid(gate_rows)
-        hidden = residual + attn.o_proj(out)
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        if self._dymu_stock in _SANDWICH_NORMS:  # every norm is row-wise: on the unique rows
+            hidden = residual + self.post_attention_layernorm(attn.o_proj(out))
+            hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        else:
+            hidden = residual + attn.o_proj(out)
+            hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return full(hidden)  # (B, N, D): rows of a group stay exactly equal
 
     def _write(self, compact, key, value, k_rows, v_rows, groups, batch, length) -> None:
@@ -348,7 +360,8 @@ def check_stock_layer(stock: type, layer: nn.Module | None = None, name: str = "
 
         raise uncovered(layer, name, _MIXERS[stock])
     elif layer is not None:
-        compat.require_attributes(layer, _LAYER_ATTRIBUTES, stock.__name__)
+        sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if stock in _SANDWICH_NORMS else ()
+        compat.require_attributes(layer, (*_LAYER_ATTRIBUTES, *sandwich), stock.__name__)
         attention = (*_ATTENTION_ATTRIBUTES, *(("q_norm", "k_norm") if stock in _HEAD_NORMS else ()))
         compat.require_attributes(layer.self_attn, attention, f"{stock.__name__}.self_attn")
 

@@ -21,7 +21,7 @@ from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
 # model code, which `import dymu` and `dymu --help` must not pay for).
-BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "smolvlm", "internvl")
+BUILTIN_FAMILIES = ("llava", "llava_next", "llava_next_video", "qwen_vl", "qwen3_5", "gemma3", "smolvlm", "internvl")
 
 # How refusals name the options and call-time features.
 FEATURE_NAMES = {"r": "r (fixed merges per layer)", "order": "order (where merged tokens go)",
@@ -265,7 +265,11 @@ def feature_matrix() -> str:
     features = [*MODES, *OPTIONS, *CALL_FEATURES]
     reasons: list[str] = []
     rows = []
-    for family in vlm_families():
+    # Built-in families in BUILTIN_FAMILIES order whatever imported first (a test importing one adapter module
+    # registers it early), then the others in registration order.
+    builtin = {f"{__package__}.{name}": i for i, name in enumerate(BUILTIN_FAMILIES)}
+    ordered = sorted(vlm_families(), key=lambda f: builtin.get(type(f).__module__, len(builtin)))
+    for family in ordered:
         cells = []
         for feature in (*features, "kv_cache='compact'"):
             reason = family.kv_caches["compact"] if feature.startswith("kv_cache") else \

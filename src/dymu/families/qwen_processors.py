@@ -112,3 +112,16 @@ def load_qwen_processor(model_ref: str, model_type: str):
     except (ImportError, AttributeError, ValueError, OSError, TypeError):
         pass
     return processor_class(model_type).from_pretrained(model_ref)
+
+
+def unpatchify(rows: torch.Tensor, grid_thw, patch_size: int, merge_size: int = 2) -> torch.Tensor:
+    """A Qwen VL image processor's flat patches of one image -> its (3, H, W) pixel values (first frame).
+
+    The processor lays out (t, h/m, w/m, m, m) rows of (C, T, p, p) values (m = merge_size, T =
+    temporal copies); undoing that layout gives back exactly the pixels the model sees, after the
+    processor's own smart_resize, whatever its backend or resampling (H = h·p, W = w·p).
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    m, p = merge_size, patch_size
+    x = rows.reshape(t, h // m, w // m, m, m, 3, -1, p, p)[0, :, :, :, :, :, 0]  # (h/m, w/m, m, m, 3, p, p)
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)

@@ -371,49 +371,19 @@ class QwenVLFamily(VLMFamily):
         return qwen_thresholds(self.vision_tower(model), thresholds)
 
     def unit_calibration(self, model, merge_point, rounds, model_ref):
-        from ..towers.qwen_vit import qwen_identity
+        from .qwen_units import unit_calibration
 
-        visual = self.vision_tower(model)
-        steps = len(visual.blocks) if merge_point == "vit" else int(rounds)
-        return steps, qwen_identity(visual, merge_point, steps, model_ref)
+        return unit_calibration(self.vision_tower(model), merge_point, rounds, model_ref)
 
     def unit_calibration_batch(self, model, image_processor, images, merge_point, steps, chooser):
-        visual = self.vision_tower(model)
-        device = next(visual.parameters()).device
-        inputs = image_processor(images=images, return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        units = int(grid.prod(-1).sum()) // visual.spatial_merge_size**2
-        encoded = encode_qwen(visual, inputs["pixel_values"].to(device), grid.to(device), [float("inf")] * steps,
-                              merge_point, edge_chooser=chooser(units))
-        return encoded.kept_per_step
+        from .qwen_units import unit_calibration_batch
+
+        return unit_calibration_batch(self.vision_tower(model), image_processor, images, merge_point, steps, chooser)
 
     def analyze_units(self, model, image_processor, thresholds):
-        from ..tools.analyze.measure import unpatchify
+        from .qwen_units import analyze_units
 
-        visual = self.vision_tower(model)
-        values, merge_point = self.unit_thresholds(model, thresholds)
-        merge = visual.spatial_merge_size
-        device = next(visual.parameters()).device
-
-        def prepare(image, path):  # extra: the image's (1, 3) image_grid_thw
-            out = image_processor(images=[image], return_tensors="pt")
-            return out["pixel_values"], out["image_grid_thw"]
-
-        def encode(pending):
-            grid = torch.cat([g for _, _, g in pending])
-            pixels = torch.cat([p for _, p, _ in pending])
-            encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
-            groups = encoded.groups_per_item(grid, merge)
-            out = []
-            for (_, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid), groups):
-                # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
-                fields = dict(tokens=int(kept), full_tokens=int(units), llm_rows=int(kept), stock_positions=int(units),
-                              encoder_tokens=int(kept) if merge_point == "vit" else int(units))
-                _, h, w = thw[0].tolist()
-                out.append((fields, unpatchify(rows, thw[0], image_processor.patch_size, merge), group,
-                             (h // merge, w // merge)))
-            return out
-        return prepare, encode
+        return analyze_units(self.vision_tower(model), image_processor, *self.unit_thresholds(model, thresholds))
 
     def apply(self, model, settings):
         self.check(model, settings)

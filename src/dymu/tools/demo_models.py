@@ -41,6 +41,9 @@ DEMO_MODELS = {
                           ("qwen3_vl",)),
     "qwen3_5": DemoModel("qwen3_5", _QWEN, "Qwen3.5-shaped model (ViT on 2x2 units, hybrid Gated DeltaNet / "
                          "attention decoder)", ("qwen3_5",)),
+    "gemma3": DemoModel("gemma3", "dymu.tools.demo_gemma3:build_gemma3_demo_model",
+                        "Gemma 3-shaped model (SigLIP 256px/8, 4x4 average pooling into each LLM token, Gemma 3 decoder with "
+                        "sliding-window and global layers)"),
     "smolvlm": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
                          "SmolVLM-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
                          ("smolvlm",)),

@@ -57,7 +57,8 @@ def _walkthrough(name, model_ref, save_model, max_new_tokens, steps) -> dict:
     vlm = vlm_family_of(model)
     paths = demo_image_paths()
     images = [open_image(p) for p in paths]
-    points = [p for p in vlm.merge_points if p != "both"] if vlm.supports("merge_point") else [None]
+    points = [p for p in vlm.merge_points if p != "both"] if vlm.supports("merge_point") else []
+    points = points if len(points) > 1 else [None]  # one merge point: its default, not named
     cases = _cases(images, vlm.supports("video") and random_weights)
     steps.set_total(1 + len(points) + len(cases))
 
@@ -65,7 +66,7 @@ def _walkthrough(name, model_ref, save_model, max_new_tokens, steps) -> dict:
     for point in points:
         steps.next("calibrating" + (f" (merge_point {point})" if point else ""))
         calibrated[point] = thresholds = _calibrate(model, processor, images, point, model_ref or f"dymu-demo-{name}", out)
-        counts[point or "vit"] = per_image = _llm_rows(model, vlm, processor, thresholds, paths, images)
+        counts[point or "default"] = per_image = _llm_rows(model, vlm, processor, thresholds, paths, images)
         out("LLM rows per image with them, of the stock positions (simplest to most cluttered):")
         for path, (rows, stock) in zip(paths, per_image):
             out(f"  {path.name:34s} {rows:5d} / {stock:<5d} {'#' * math.ceil(40 * rows / max(stock, 1))}")

@@ -226,6 +226,10 @@ def encode_units(tower: nn.Module, description: BlockDescription, embeddings: Te
     key_ok = torch.ones(hidden.shape[0], dtype=torch.bool, device=device)
     blocked = None
     if patch_mask is not None:
+        if tuple(patch_mask.shape) not in ((bsz, height * width), (bsz, height, width)):
+            raise ValueError(f"patch_mask must be (images, {height * width}) or (images, {height}, {width}), "
+                             f"not {tuple(patch_mask.shape)}")
+        patch_mask = patch_mask.reshape(bsz, -1)
         key_ok = patch_mask.to(device=device, dtype=torch.bool)[:, order].reshape(-1)
         if not bool(patch_mask.view(bsz, -1).any(1).all()):
             raise ValueError("patch_mask masks every patch of an image: there is nothing to attend to")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...families.qwen_processors import unpatchify  # noqa: F401  (part of this module's API)
+
 JPEG_QUALITY = 75
 
 CSV_COLUMNS = (
@@ -139,19 +141,6 @@ def model_view(pixel_values: torch.Tensor, processor=None) -> Image.Image:
         x = x * 255.0  # the processor divided by 255 (rescale_factor); values now 0..255
     array = np.rint(x).clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
     return Image.fromarray(array)
-
-
-def unpatchify(rows: torch.Tensor, grid_thw, patch_size: int, merge_size: int = 2) -> torch.Tensor:
-    """A Qwen VL image processor's flat patches of one image -> its (3, H, W) pixel values (first frame).
-
-    The processor lays out (t, h/m, w/m, m, m) rows of (C, T, p, p) values (m = merge_size, T =
-    temporal copies); undoing that layout gives back exactly the pixels the model sees, after the
-    processor's own smart_resize, whatever its backend or resampling (H = h·p, W = w·p).
-    """
-    t, h, w = (int(v) for v in grid_thw)
-    m, p = merge_size, patch_size
-    x = rows.reshape(t, h // m, w // m, m, m, 3, -1, p, p)[0, :, :, :, :, :, 0]  # (h/m, w/m, m, m, 3, p, p)
-    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
 
 
 def processed_pixels(processor, image: Image.Image) -> torch.Tensor:

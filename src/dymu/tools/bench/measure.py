@@ -147,6 +147,7 @@ def _encoder_thresholds(ctx: Context, thresholds: dict[str, str], Thresholds) ->
 
 def cmd_bench(args) -> int:
     from .qwen import QWEN_SECTIONS, bench_qwen, bench_qwen3_5, qwen3_5_markdown, qwen_markdown
+    from .sections.gemma3 import SECTION as GEMMA3_SECTION, bench_gemma3, gemma3_markdown
 
     from ...files import STDOUT, check_json_output, write_json
 
@@ -155,7 +156,8 @@ def cmd_bench(args) -> int:
     report = sys.stderr if args.json == STDOUT else sys.stdout  # `--json -`: the JSON alone on stdout
     sections = tuple(args.only.split(",")) if args.only else SECTIONS
     qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
-    sections = tuple(s for s in sections if s not in QWEN_SECTIONS)
+    gemma3 = GEMMA3_SECTION in sections  # opt-in: the Gemma 3 rows
+    sections = tuple(s for s in sections if s not in (*QWEN_SECTIONS, GEMMA3_SECTION))
     result = {}
     if sections:
         result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
@@ -168,6 +170,9 @@ def cmd_bench(args) -> int:
     if "qwen3_5" in qwen:
         result["qwen3_5"] = bench_qwen3_5(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
         print(qwen3_5_markdown(result["qwen3_5"]), file=report)
+    if gemma3:
+        result["gemma3"] = bench_gemma3(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
+        print(gemma3_markdown(result["gemma3"]), file=report)
     if args.json:
         write_json(args.json, result, indent=1, default=str)
         if args.json != STDOUT:
