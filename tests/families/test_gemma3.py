@@ -166,6 +166,6 @@ def test_demo_command_saves_a_model_that_loads(tmp_path, capsys):
     folder = tmp_path / "demo"
     assert main(["demo", "--family", "gemma3", "--save-model", str(folder), "--max-new-tokens", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "LLM tokens kept per image" in printed and (folder / "images").is_dir()
+    assert "LLM rows per image with them" in printed and (folder / "images").is_dir()
     model, processor = dymu.load(str(folder), device="cpu", dtype="float32")
     assert dymu.families.vlm_family_of(model).name == "gemma3" and processor.image_seq_length == 64

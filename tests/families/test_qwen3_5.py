@@ -241,7 +241,7 @@ def test_demo_saves_a_model_that_dymu_load_reloads(tmp_path, capsys):
     from dymu.cli import main
 
     assert main(["demo", "--family", "qwen3_5", "--save-model", str(tmp_path / "q35"), "--max-new-tokens", "2"]) == 0
-    assert "tokens per temporal patch" in capsys.readouterr().out
+    assert "video    dymu, cross_frame" in capsys.readouterr().out
     model, processor = dymu.load(tmp_path / "q35", device="cpu", dtype="float32")
     assert dymu.families.vlm_family_of(model).name == "qwen3_5"
     dymu.apply(model, 0.6)
