@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import merge as M
+from ..merge_segments import merge_rounds
 
 _ROUNDING = 2.0 ** 32  # group weights are compared after rounding to this grid (float64 sums of 4 products)
 
@@ -126,7 +126,7 @@ def post_merge(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], thr
         offset += int(segment.max()) + 1
     payload = torch.cat(rows_u)
     metric = payload / payload.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    rounds = M.merge_rounds(payload, metric, torch.cat(sizes_u), torch.cat(segment_u), offset, thresholds,
+    rounds = merge_rounds(payload, metric, torch.cat(sizes_u), torch.cat(segment_u), offset, thresholds,
                             None if calibrate is None else calibrate(len(payload)))
     out, start = [], 0
     for (rows, group, _), (units, first, n) in zip(items, parts):

@@ -52,7 +52,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from .. import merge as M
 from ..compat import unwrap_compiled
-from ..merge import Layout, merge_segments, within_segments
+from ..merge_segments import Layout, merge_segments, within_segments
 from .qwen_rules import MergeRule, QwenBudget, check_reachable
 from .. import vtu
 

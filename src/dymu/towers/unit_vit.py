@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import compat
 from .. import merge as M
-from ..merge import merge_segments, within_segments
+from ..merge_segments import Layout, merge_segments, within_segments
 from .qwen_rules import MergeRule, QwenBudget, check_reachable
 
 EdgeChooser = M.EdgeChooser  # (block index, matches over the images of the batch) -> merged edges
@@ -158,7 +158,7 @@ def unit_attention(attn: nn.Module, description: BlockDescription, rows: Tensor,
     if d.k_norm:
         k = _get(attn, d.k_norm)(k)
     heads = int(_get(attn, d.heads))
-    n, n_max = rows.shape[0], int(lengths.max())
+    n_max = int(lengths.max())
     valid = torch.arange(n_max, device=rows.device) < lengths[:, None]  # (B, L)
 
     def pad(x):  # (R, H·d) -> (B, H, L, d)
@@ -174,7 +174,7 @@ def unit_attention(attn: nn.Module, description: BlockDescription, rows: Tensor,
     return _get(attn, d.o)(out), k
 
 
-def _blocked_chooser(choose, blocked: Tensor, layout: M.Layout):
+def _blocked_chooser(choose, blocked: Tensor, layout: Layout):
     """Drop every edge from or to a unit in ``blocked`` (U,) before ``choose`` sees the matches, so a
     batch-level top-k (calibration) still takes exactly its k among the allowed edges."""
     pad = torch.zeros(layout.rows, layout.width, dtype=torch.bool, device=blocked.device)
