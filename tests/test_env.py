@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from dymu.decoders.registry import DECODERS, DecoderFacts
 from dymu import compat, vtu
 from dymu.cli import main
 from dymu.decoders import llama as vtu_layers
@@ -85,7 +86,7 @@ def test_a_stock_layer_dymu_does_not_recognise_is_refused_in_one_line(monkeypatc
     model = tiny_llama()
     for layer in model.model.layers:
         layer.__class__ = layer_class
-    monkeypatch.setitem(vtu_layers._ATTENTION_KWARGS, layer_class, lambda attn: {})
+    monkeypatch.setitem(DECODERS, layer_class, DecoderFacts(lambda attn: {}))
     with pytest.raises(compat.UnsupportedTransformersError) as err:
         apply_vtu(model)
     message = str(err.value)

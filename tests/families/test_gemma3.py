@@ -144,9 +144,11 @@ def test_refusals_name_their_reason(folder, mid):
 def test_sandwich_norms_are_a_declared_fact(folder, monkeypatch):
     """The shared VTU layer computes Gemma 3's post-norms because the registration declares them: without
     the fact the same layer runs as a Llama-style block and the merge-off logits leave the stock ones."""
+    from dataclasses import replace
+
     from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 
-    from dymu.decoders import llama
+    from dymu.decoders.registry import DECODERS
 
     model, processor = load(folder)
     inputs = dymu.prompt_inputs(model, processor, [PROMPT], [[load_image("darknet_eagle.jpg")]])
@@ -156,7 +158,7 @@ def test_sandwich_norms_are_a_declared_fact(folder, monkeypatch):
     inputs = dymu.prompt_inputs(model, processor, [PROMPT], [[load_image("darknet_eagle.jpg")]])
     with torch.no_grad():
         assert (model(**inputs).logits - stock).abs().max().item() <= 1e-4
-        monkeypatch.setattr(llama, "_SANDWICH_NORMS", llama._SANDWICH_NORMS - {Gemma3DecoderLayer})
+        monkeypatch.setitem(DECODERS, Gemma3DecoderLayer, replace(DECODERS[Gemma3DecoderLayer], sandwich_norms=False))
         assert (model(**inputs).logits - stock).abs().max().item() > 1e-2
 
 

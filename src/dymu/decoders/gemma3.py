@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 
-from .llama import register_decoder
+from .registry import register_decoder
 
 NO_COMPACT = ("its sliding-window and global layers rotate with RoPE tables of different bases, and the compact "
               "cache re-rotates cached keys with one table")

@@ -40,15 +40,11 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    eager_attention_forward,
-)
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .. import compat, kv_cache, vtu
 from ..patching import PatchedClasses
+from .registry import DECODERS, SUPPORTED_MODELS, supported_decoders
 from .vtu_state import (  # noqa: F401  (imported from here too)
     _COUNTED,
     KV_CACHES,
@@ -64,57 +60,10 @@ try:  # transformers' output capturing (output_attentions=...) records attention
 except ImportError:  # pragma: no cover - other transformers layouts: no check
     _active_collector = None
 
-# The family adapters: the only per-family differences inside the layer are what the stock attention
-# forward passes to the attention function on top of the common arguments, and whether it normalises
-# every head of q and k (Qwen3: q_norm/k_norm, row-wise, so they run on the unique rows). (Qwen2's
-# per-layer sliding/full mask is already chosen by Qwen2Model and arrives as this layer's attention_mask.)
-_ATTENTION_KWARGS = {
-    LlamaDecoderLayer: lambda attn: {},
-    MistralDecoderLayer: lambda attn: {"sliding_window": getattr(attn.config, "sliding_window", None)},
-    Qwen2DecoderLayer: lambda attn: {"sliding_window": attn.sliding_window},
-}
-_HEAD_NORMS: set[type] = set()  # decoder layers whose attention has per-head q_norm / k_norm
-# Attention whose q_proj makes a (query, gate) pair per head and whose output is multiplied by
-# sigmoid(gate) before o_proj (Qwen3.5): the gate is row-wise and constant in a group, so it scales
-# the group-averaged output.
-_OUTPUT_GATES: set[type] = set()
-# Layers with a norm after each sub-block's output (Gemma 2 / 3: post_attention_layernorm on the attention
-# output before the residual add, and pre_feedforward_layernorm / post_feedforward_layernorm around the MLP).
-# Every norm is row-wise, so all of them run on the unique rows.
-_SANDWICH_NORMS: set[type] = set()
-_MIXERS: dict[type, tuple] = {}  # token mixers other than self-attention, per layer class (decoders/mixers.py)
-_NO_COMPACT: dict[type, str] = {}  # layer class -> why kv_cache="compact" cannot serve it
-_SUPPORTED_MODELS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
 # Debug check (on in the tests): rows of one group must be bitwise equal entering every VTU layer.
 # A model that adds per-position inputs between layers (Qwen3-VL deepstack) would otherwise silently
 # keep only the first row of each group.
 CHECK_GROUP_ROWS_ENV = "DYMU_CHECK_GROUP_ROWS"
-
-
-def register_decoder(stock: type, attention_kwargs, head_norms: bool = False, models: str | None = None, *,
-                     output_gate: bool = False, mixers: tuple = (), compact: str | None = None,
-                     sandwich_norms: bool = False) -> None:
-    """Make VTU support another decoder-layer class (one line per family: see decoders/qwen_vl.py).
-    ``sandwich_norms``: the layer normalises each sub-block's output before its residual add and has a
-    norm of its own before the MLP (Gemma 3, decoders/gemma3.py). ``mixers``: `dymu.decoders.mixers.RowWiseMixer` descriptions of the layer's token mixers other than
-    self-attention (decoders/qwen3_5.py); ``compact``: why kv_cache="compact" cannot serve the layer."""
-    _ATTENTION_KWARGS[stock] = attention_kwargs
-    if head_norms:
-        _HEAD_NORMS.add(stock)
-    if output_gate:
-        _OUTPUT_GATES.add(stock)
-    if sandwich_norms:
-        _SANDWICH_NORMS.add(stock)
-    if mixers:
-        _MIXERS[stock] = tuple(mixers)
-    if compact:
-        _NO_COMPACT[stock] = compact
-    if models and models not in _SUPPORTED_MODELS:
-        _SUPPORTED_MODELS.append(models)
-
-
-def supported_decoders() -> tuple[str, ...]:
-    return tuple(cls.__name__ for cls in _ATTENTION_KWARGS)
 
 
 class _VTUDecoderLayer:
@@ -177,14 +126,14 @@ class _VTUDecoderLayer:
         x = self.input_layernorm(residual)
         rows = x.shape[0]
         gate_rows = None
-        if self._dymu_stock in _OUTPUT_GATES:  # (query, gate) per head, as the stock attention splits them
+        if DECODERS[self._dymu_stock].output_gate:  # (query, gate) per head, as the stock attention splits them
             q_rows, gate_rows = attn.q_proj(x).view(rows, -1, 2 * attn.head_dim).chunk(2, dim=-1)
             gate_rows = gate_rows.reshape(rows, -1)
         else:
             q_rows = attn.q_proj(x).view(rows, -1, attn.head_dim)  # (U, Hq, d)
         k_rows = attn.k_proj(x).view(rows, -1, attn.head_dim)  # (U, Hkv, d)
         v_rows = attn.v_proj(x).view(rows, -1, attn.head_dim)
-        if self._dymu_stock in _HEAD_NORMS:  # per-head RMSNorm: row-wise, so on the unique rows
+        if DECODERS[self._dymu_stock].head_norms:  # per-head RMSNorm: row-wise, so on the unique rows
             q_rows, k_rows = attn.q_norm(q_rows), attn.k_norm(k_rows)
 
         # Stock RoPE at the full positions: every copy of a unique row gets its own angle. V has no
@@ -222,7 +171,7 @@ class _VTUDecoderLayer:
                                                                   eager_attention_forward)
                 out, _ = interface(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling,
                                    position_ids=position_ids, use_cache=use_cache,
-                                   **_ATTENTION_KWARGS[self._dymu_stock](attn), **extra)
+                                   **DECODERS[self._dymu_stock].attention_kwargs(attn), **extra)
         if compact is not None:
             compact.trim()
         if cache is not None and cache.get_seq_length(attn.layer_idx) != before + length:
@@ -235,7 +184,7 @@ class _VTUDecoderLayer:
         out = out.flatten(0, 1) if groups is None else vtu.merge_mean(out, groups)  # (U, Hq*d)
         if gate_rows is not None:
             out = out * torch.sigmoid(gate_rows)
-        if self._dymu_stock in _SANDWICH_NORMS:  # every norm is row-wise: on the unique rows
+        if DECODERS[self._dymu_stock].sandwich_norms:  # every norm is row-wise: on the unique rows
             hidden = residual + self.post_attention_layernorm(attn.o_proj(out))
             hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
         else:
@@ -330,7 +279,7 @@ def _compact_at(value, index: int) -> bool:
 
 # MRO: (VTUX, _VTUDecoderLayer, stock, ...): forward() reaches the stock forward via super(), and
 # isinstance(layer, stock) still holds, so HF output capturing (hidden_states) keeps working.
-_vtu_class = PatchedClasses(__name__, "VTU", _VTUDecoderLayer, lambda: list(_ATTENTION_KWARGS), _vtu_class_attributes)
+_vtu_class = PatchedClasses(__name__, "VTU", _VTUDecoderLayer, lambda: list(DECODERS), _vtu_class_attributes)
 
 
 def __getattr__(name: str):  # pickle finds the VTU layer classes here (dymu/patching.py)
@@ -355,20 +304,21 @@ def check_stock_layer(stock: type, layer: nn.Module | None = None, name: str = "
     mixer = _mixer_of(layer) if layer is not None else None
     if mixer is not None:
         mixer.check(layer)
-    elif layer is not None and stock in _MIXERS and not hasattr(layer, "self_attn"):
+    elif layer is not None and stock in DECODERS and DECODERS[stock].mixers and not hasattr(layer, "self_attn"):
         from .mixers import uncovered
 
-        raise uncovered(layer, name, _MIXERS[stock])
+        raise uncovered(layer, name, DECODERS[stock].mixers)
     elif layer is not None:
-        sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if stock in _SANDWICH_NORMS else ()
+        sandwich = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if DECODERS[stock].sandwich_norms else ()
         compat.require_attributes(layer, (*_LAYER_ATTRIBUTES, *sandwich), stock.__name__)
-        attention = (*_ATTENTION_ATTRIBUTES, *(("q_norm", "k_norm") if stock in _HEAD_NORMS else ()))
+        attention = (*_ATTENTION_ATTRIBUTES, *(("q_norm", "k_norm") if DECODERS[stock].head_norms else ()))
         compat.require_attributes(layer.self_attn, attention, f"{stock.__name__}.self_attn")
 
 
 def _mixer_of(layer: nn.Module):
     """The description of ``layer``'s token mixer when it is not self-attention (decoders/mixers.py), else None."""
-    return next((m for m in _MIXERS.get(getattr(layer, "_dymu_stock", type(layer)), ()) if m.covers(layer)), None)
+    facts = DECODERS.get(getattr(layer, "_dymu_stock", type(layer)))
+    return next((m for m in (facts.mixers if facts else ()) if m.covers(layer)), None)
 
 
 def _patched_layers(model: nn.Module) -> list[nn.Module]:
@@ -426,7 +376,7 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast",
     if vtu_attention not in ("fast", "exact"):
         raise ValueError(f"vtu_attention must be 'fast' or 'exact', got {vtu_attention!r}")
     check_kv_cache(kv_cache)
-    named = [(n, m) for n, m in model.named_modules() if type(m) in _ATTENTION_KWARGS]
+    named = [(n, m) for n, m in model.named_modules() if type(m) in DECODERS]
     for name, layer in named:
         check_stock_layer(type(layer), layer, name)
     stock = [m for _, m in named]
@@ -434,12 +384,12 @@ def check_vtu(model: nn.Module, vtu_attention: str = "fast",
     if kv_cache == "compact":
         for layer in stock + patched:
             kind = getattr(layer, "_dymu_stock", type(layer))
-            if kind in _NO_COMPACT:
-                raise ValueError(f"kv_cache='compact' is not available for {kind.__name__}: {_NO_COMPACT[kind]}; "
+            if DECODERS[kind].no_compact:
+                raise ValueError(f"kv_cache='compact' is not available for {kind.__name__}: {DECODERS[kind].no_compact}; "
                                  "use kv_cache='full'")
     if not stock and not patched:
         raise ValueError(
-            f"VTU supports only {', '.join(supported_decoders())} decoder layers ({', '.join(_SUPPORTED_MODELS)}, or a VLM "
+            f"VTU supports only {', '.join(supported_decoders())} decoder layers ({', '.join(SUPPORTED_MODELS)}, or a VLM "
             f"whose language model is one of them); found none in {type(model).__name__}."
         )
     if vtu_attention == "exact":

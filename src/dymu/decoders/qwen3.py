@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-from .llama import register_decoder
+from .registry import register_decoder
 
 register_decoder(Qwen3DecoderLayer, lambda attn: {"sliding_window": attn.sliding_window}, head_norms=True,
                  models="Qwen3ForCausalLM")

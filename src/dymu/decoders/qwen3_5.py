@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5GatedDeltaNet
 
-from .llama import register_decoder
+from .registry import register_decoder
 from .mixers import RowWiseMixer
 
 GATED_DELTANET = RowWiseMixer("linear_attn", (Qwen3_5GatedDeltaNet,),

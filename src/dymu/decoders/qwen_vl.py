@@ -18,7 +18,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoder
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
 
-from .llama import register_decoder
+from .registry import register_decoder
 
 register_decoder(Qwen2VLDecoderLayer, lambda attn: {"sliding_window": attn.sliding_window},
                  models="Qwen2VLForConditionalGeneration")
