@@ -33,3 +33,25 @@ class PatchedClasses:
             if self.prefix + stock.__name__ == name:
                 return self(stock)
         raise AttributeError(f"module {self.module!r} has no attribute {name!r}")
+
+
+# A VLM family's patch of its inner model (families/): the class swapped for a patched subclass and the
+# family's settings object beside it, both in the instance's own __dict__, so `restore_class` finds
+# and removes exactly what `swap_class` added.
+_SWAP_ATTRIBUTES = ("_dymu_stock_class", "_dymu", "_dymu_running")
+
+
+def swap_class(module, patched: type, state) -> None:
+    """``module`` becomes an instance of ``patched`` (a subclass of its stock class) holding ``state`` as
+    ``module._dymu`` (what the patched forward reads); `restore_class` undoes it."""
+    module._dymu = state
+    module._dymu_stock_class = type(module)
+    module.__class__ = patched
+
+
+def restore_class(module) -> None:
+    """The stock class again, and none of the attributes `swap_class` (or a forward) added."""
+    if "_dymu_stock_class" in module.__dict__:
+        module.__class__ = module._dymu_stock_class
+    for name in _SWAP_ATTRIBUTES:
+        module.__dict__.pop(name, None)

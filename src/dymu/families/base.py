@@ -191,6 +191,22 @@ class VLMFamily:
         return pixels, [1] * len(pixels)
 
 
+def check_mode_arguments(title: str, modes, mode: str, thresholds, r, tome_vtu: bool = True,
+                         needs_thresholds: tuple[str, ...] = ("dymu", "dtome"), r_means: str = "unit merges per block") -> None:
+    """The argument rules the apply functions of the families that merge units share, one line each:
+    a known mode, r with mode tome only, thresholds where the mode needs them, tome_vtu=False with tome only."""
+    if mode not in modes:
+        raise ValueError(f"unknown mode {mode!r} for {title}; choose one of {', '.join(modes)}")
+    if mode == "tome" and r is None:
+        raise ValueError(f"mode 'tome' needs r ({r_means}: one number or one per block)")
+    if mode != "tome" and r is not None:
+        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
+    if mode in needs_thresholds and thresholds is None:
+        raise ValueError(f"mode {mode!r} needs thresholds (dymu calibrate makes them)")
+    if not tome_vtu and mode != "tome":
+        raise ValueError(f"tome_vtu=False is a setting of mode 'tome', not {mode!r}")
+
+
 def register_vlm_family(family: VLMFamily) -> VLMFamily:
     """Make ``family`` known to dymu (every entry point dispatches through the registry)."""
     missing = [m for m in MODES if m not in family.modes]

@@ -39,10 +39,10 @@ from .. import compat, vtu
 from ..compat import unwrap_compiled
 from ..decoders.gemma3 import NO_COMPACT
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses
+from ..patching import PatchedClasses, restore_class, swap_class
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.unit_vit import BlockDescription, UnitEncoded, check_tower, encode_units
-from .base import VLMFamily, register_vlm_family
+from .base import VLMFamily, check_mode_arguments, register_vlm_family
 
 SIGLIP_BLOCKS = BlockDescription(layer_classes=(SiglipEncoderLayer,))  # embeddings, encoder.layers, post_layernorm
 MODES = ("full", "dymu", "tome")
@@ -198,14 +198,8 @@ def gemma3_budget(thresholds, max_tokens=None, min_tokens=None) -> QwenBudget | 
 def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_attention: str = "fast",
                  kv_cache: str = "full", *, r=None, budget: QwenBudget | None = None) -> None:
     """Patch a Gemma3ForConditionalGeneration in place, all or nothing (modes: module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} for Gemma 3; choose one of {', '.join(MODES)}")
-    if mode == "tome" and r is None:
-        raise ValueError("mode 'tome' needs r (unit merges per ViT block: one number or one per block)")
-    if mode != "tome" and r is not None:
-        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
-    if mode == "dymu" and thresholds is None:
-        raise ValueError("mode 'dymu' needs thresholds (dymu calibrate makes them)")
+    check_mode_arguments("Gemma 3", MODES, mode, thresholds, r, needs_thresholds=("dymu",),
+                         r_means="unit merges per ViT block")
     check_kv_cache(kv_cache)
     inner = model.model
     stock = getattr(inner, "_dymu_stock_class", type(inner))
@@ -227,16 +221,12 @@ def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_atte
     if mode == "full":
         return
     apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = Gemma3Settings(mode=mode, thresholds=values, r=r, budget=budget)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = _swapped_class(type(inner))
+    swap_class(inner, _swapped_class(type(inner)), Gemma3Settings(mode=mode, thresholds=values, r=r, budget=budget))
 
 
 def remove_gemma3(model: nn.Module) -> None:
     inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
+    restore_class(inner)
     remove_vtu(inner.language_model)
     model.__dict__.pop("_dymu_mode", None)
 

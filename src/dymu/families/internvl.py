@@ -31,11 +31,11 @@ from transformers.models.internvl.modeling_internvl import InternVLForConditiona
 
 from .. import compat
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses
+from ..patching import PatchedClasses, restore_class, swap_class
 from ..towers import internvit
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.unit_vit import UnitEncoded
-from .base import VLMFamily, register_vlm_family
+from .base import VLMFamily, check_mode_arguments, register_vlm_family
 from .internvl_processor import tile_images
 from .llava import labels_to_group_map
 
@@ -173,25 +173,12 @@ def internvl_thresholds(model: nn.Module, thresholds) -> list[float]:
     return internvit.check_thresholds(tower, getattr(thresholds, "thresholds", thresholds), layer)
 
 
-def _check_mode(mode: str, thresholds, r, tome_vtu: bool) -> None:
-    if mode not in INTERNVL_MODES:
-        raise ValueError(f"unknown mode {mode!r} for InternVL; choose one of {', '.join(INTERNVL_MODES)}")
-    if mode == "tome" and r is None:
-        raise ValueError("mode 'tome' needs r (unit merges per ViT block: one number or one per block)")
-    if mode != "tome" and r is not None:
-        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
-    if mode in ("dymu", "dtome") and thresholds is None:
-        raise ValueError(f"mode {mode!r} needs thresholds (dymu calibrate makes them)")
-    if not tome_vtu and mode != "tome":
-        raise ValueError(f"tome_vtu=False is a setting of mode 'tome', not {mode!r}")
-
-
 def apply_internvl(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_attention: str = "fast",
                    kv_cache: str = "compact", *, r=None, budget: QwenBudget | None = None,
                    tome_vtu: bool = True) -> None:
     """Patch an InternVL model in place, all or nothing (modes: see the module docstring). ``thresholds``:
     one per InternViT block up to the feature layer; ``r`` (mode tome): unit merges per block and tile."""
-    _check_mode(mode, thresholds, r, tome_vtu)
+    check_mode_arguments("InternVL", INTERNVL_MODES, mode, thresholds, r, tome_vtu, r_means="unit merges per ViT block")
     check_kv_cache(kv_cache)
     stock = getattr(model.model, "_dymu_stock_class", type(model.model))
     compat.require_forward(stock, ("input_ids", "pixel_values", "mm_encoder_outputs", "vision_feature_layer",
@@ -215,20 +202,15 @@ def apply_internvl(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_at
         return
     if not direct:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = InternVLSettings(mode=mode, thresholds=values, r=r if mode == "tome" else None, budget=budget,
-                                   direct=direct)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = _swapped_class(type(inner))
+    swap_class(inner, _swapped_class(type(inner)), InternVLSettings(mode=mode, thresholds=values, budget=budget,
+                                                                    r=r if mode == "tome" else None, direct=direct))
 
 
 def remove_internvl(model: nn.Module) -> None:
     inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
+    restore_class(inner)
     remove_vtu(inner.language_model)
-    if hasattr(model, "_dymu_mode"):
-        del model._dymu_mode
+    model.__dict__.pop("_dymu_mode", None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from ..towers.encoder import (
     family_of,
     remove_dtome,
 )
+from ..patching import restore_class, swap_class
 from .base import PreparedInputs, register_vlm_family, timed
 from .prompting import (
     call_budget,
@@ -229,17 +230,13 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = LlavaSettings(mode=mode, vtu=use_vtu)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = DyMULlavaModel
+    swap_class(inner, DyMULlavaModel, LlavaSettings(mode=mode, vtu=use_vtu))
     model._dymu_mode = mode
 
 
 def remove_llava(model: nn.Module) -> None:
     inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
+    restore_class(inner)
     remove_vtu(inner.language_model)
     remove_dtome(inner.vision_tower)
     for name in ("_dymu_mode", "_dymu_downsample_tokens"):

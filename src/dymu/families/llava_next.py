@@ -68,6 +68,7 @@ from ..towers.encoder import (
     encode_with_tower,
     family_of,
 )
+from ..patching import swap_class
 from .anyres_groups import (
     NEWLINE_PROBE,
     _canvas_labels,
@@ -391,9 +392,8 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
     elif merge_in_tower:
         apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = AnyResSettings(mode=mode, merge_point=merge_point, post_thresholds=post_thresholds)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = _PATCHED[type(inner)]
+    swap_class(inner, _PATCHED[type(inner)], AnyResSettings(mode=mode, merge_point=merge_point,
+                                                              post_thresholds=post_thresholds))
 
 
 # ---------------------------------------------------------------------------------------------

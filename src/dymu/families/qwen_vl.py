@@ -56,7 +56,7 @@ from ..decoders.llama import (
     remove_vtu,
     vtu_groups,
 )
-from ..patching import PatchedClasses
+from ..patching import PatchedClasses, restore_class, swap_class
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.qwen_vit import (
     MERGE_POINTS,
@@ -65,7 +65,7 @@ from ..towers.qwen_vit import (
     check_thresholds_file,
     encode_qwen,
 )
-from .base import PreparedInputs, VLMFamily, register_vlm_family
+from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family
 from .prompting import video_frames, viewed
 from .qwen_positions import direct_rope_index, kept_units
 from .qwen_processors import load_qwen_processor
@@ -243,22 +243,13 @@ def qwen_budget(thresholds, max_tokens=None, min_tokens=None) -> QwenBudget | No
 
 
 def _check_mode(mode: str, thresholds, r, merge_point: str | None, tome_vtu: bool, cross_frame: bool) -> None:
-    if mode not in QWEN_MODES:
-        raise ValueError(f"unknown mode {mode!r} for a Qwen VL; choose one of {', '.join(QWEN_MODES)}")
     if merge_point is not None and merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
     if mode == "full" and cross_frame:
         raise ValueError("cross_frame merges video frames: it needs a merging mode, not 'full'")
-    if mode == "tome" and r is None:
-        raise ValueError("mode 'tome' needs r (unit merges per ViT block: one number or one per block)")
+    check_mode_arguments("a Qwen VL", QWEN_MODES, mode, thresholds, r, tome_vtu, r_means="unit merges per ViT block")
     if mode == "tome" and merge_point == "post":
         raise ValueError("mode 'tome' merges r units in every ViT block: it needs merge_point='vit', not 'post'")
-    if mode != "tome" and r is not None:
-        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
-    if mode in ("dymu", "dtome") and thresholds is None:
-        raise ValueError(f"mode {mode!r} needs thresholds (dymu calibrate makes them)")
-    if not tome_vtu and mode != "tome":
-        raise ValueError(f"tome_vtu=False is a setting of mode 'tome', not {mode!r}")
 
 
 def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_point: str | None = None,
@@ -293,10 +284,9 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         return
     if not direct:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame),
-                               r=r, budget=budget, direct=direct)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = (swapped or _swapped_class)(type(inner))
+    swap_class(inner, (swapped or _swapped_class)(type(inner)),
+               QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame), r=r,
+                            budget=budget, direct=direct))
 
 
 @torch.no_grad()
@@ -336,13 +326,9 @@ def focused_pixels(processor, images: list, focus, fill) -> tuple[torch.Tensor, 
 
 def remove_qwen_vl(model: nn.Module) -> None:
     inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
-        inner.__dict__.pop("_dymu_running", None)
+    restore_class(inner)
     remove_vtu(inner.language_model)
-    if hasattr(model, "_dymu_mode"):
-        del model._dymu_mode
+    model.__dict__.pop("_dymu_mode", None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGe
 
 from .. import compat
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses
+from ..patching import PatchedClasses, restore_class, swap_class
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.smolvlm_vit import (
     TilesEncoded,
@@ -46,7 +46,7 @@ from ..towers.smolvlm_vit import (
     tower_depth,
     unit_identity,
 )
-from .base import PreparedInputs, VLMFamily, register_vlm_family, timed
+from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family, timed
 from .llava import labels_to_group_map
 from .prompting import focused_images, per_prompt, prompt_texts, set_placeholder_counts
 from .smolvlm_processor import check_processor_parts, load_smolvlm_processor
@@ -125,19 +125,6 @@ def __getattr__(name: str):  # pickle finds the swapped model classes here (dymu
     return _swapped_class.resolve(name)
 
 
-def _check_mode(mode: str, thresholds, r, tome_vtu: bool) -> None:
-    if mode not in SMOLVLM_MODES:
-        raise ValueError(f"unknown mode {mode!r} for SmolVLM / Idefics3; choose one of {', '.join(SMOLVLM_MODES)}")
-    if mode == "tome" and r is None:
-        raise ValueError("mode 'tome' needs r (unit merges per vision block: one number or one per block)")
-    if mode != "tome" and r is not None:
-        raise ValueError(f"r is for mode 'tome'; mode {mode!r} takes thresholds")
-    if mode in ("dymu", "dtome") and thresholds is None:
-        raise ValueError(f"mode {mode!r} needs thresholds (dymu calibrate makes them)")
-    if not tome_vtu and mode != "tome":
-        raise ValueError(f"tome_vtu=False is a setting of mode 'tome', not {mode!r}")
-
-
 def family_name(model: nn.Module) -> str:
     return model.config.model_type  # "smolvlm" or "idefics3": what thresholds files record
 
@@ -153,7 +140,8 @@ def apply_smolvlm(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_att
     """Patch a SmolVLM / Idefics3 model in place (modes: see the module docstring), all or nothing.
     ``thresholds``: one per vision block; ``r`` (mode tome): unit merges per block and tile;
     ``budget``: a `QwenBudget` of LLM tokens per tile."""
-    _check_mode(mode, thresholds, r, tome_vtu)
+    check_mode_arguments("SmolVLM / Idefics3", SMOLVLM_MODES, mode, thresholds, r, tome_vtu,
+                         r_means="unit merges per vision block")
     check_kv_cache(kv_cache)
     inner = model.model
     stock = getattr(inner, "_dymu_stock_class", type(inner))
@@ -175,20 +163,16 @@ def apply_smolvlm(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_att
         return
     if not direct:
         apply_vtu(inner.text_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    inner._dymu = SmolVLMSettings(mode=mode, thresholds=values, r=r_values, budget=budget, direct=direct)
-    inner._dymu_stock_class = type(inner)
-    inner.__class__ = _swapped_class(type(inner))
+    swap_class(inner, _swapped_class(type(inner)),
+               SmolVLMSettings(mode=mode, thresholds=values, r=r_values, budget=budget, direct=direct))
 
 
 def remove_smolvlm(model: nn.Module) -> None:
     """Undo `apply_smolvlm` (the stock model again)."""
     inner = model.model
-    if hasattr(inner, "_dymu_stock_class"):
-        inner.__class__ = inner._dymu_stock_class
-        del inner._dymu_stock_class, inner._dymu
+    restore_class(inner)
     remove_vtu(inner.text_model)
-    if hasattr(model, "_dymu_mode"):
-        del model._dymu_mode
+    model.__dict__.pop("_dymu_mode", None)
 
 
 @torch.no_grad()
