@@ -110,7 +110,7 @@ def pixels(family):
 @pytest.fixture(scope="session")
 def demo_llava_dir(tmp_path_factory):
     """The demo's small random-weight LLaVA (CLIP 224/14 + Llama), saved with save_pretrained."""
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     folder = tmp_path_factory.mktemp("tiny_llava")
     model, processor = build_demo_model()
@@ -126,7 +126,7 @@ os.environ["DYMU_CHECK_GROUP_ROWS"] = "1"
 
 @pytest.fixture(scope="session")
 def qwen_dirs(tmp_path_factory):
-    """The three tiny random Qwen VLs (dymu.tools.demo_qwen), saved with save_pretrained."""
+    """The three tiny random Qwen VLs (dymu.families.demos.qwen), saved with save_pretrained."""
     import sys
 
     sys.path.insert(0, str(REPO / "tests"))

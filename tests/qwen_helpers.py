@@ -1,10 +1,10 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (dymu.tools.demo_qwen), saved and reloaded, and prompts."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (dymu.families.demos.qwen), saved and reloaded, and prompts."""
 
 from __future__ import annotations
 
 import torch
 
-from dymu.tools.demo_qwen import QWEN_FAMILIES, build_qwen_demo_model  # noqa: F401
+from dymu.families.demos.qwen import QWEN_FAMILIES, build_qwen_demo_model  # noqa: F401
 from dymu.families.qwen_processors import load_qwen_processor
 
 

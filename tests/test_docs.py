@@ -82,7 +82,8 @@ def docs_folder(tmp_path_factory):
     """What the docs' blocks start from: `dymu demo --save-model tiny-llava` (the demo model and its sample
     images) and `tiny-llava/mid.json` (the quick start's calibrate line), made once."""
     folder = tmp_path_factory.mktemp("docs-start")
-    from dymu.tools.demo import build_demo_model, save_demo_model
+    from dymu.families.demos.llava import build_demo_model
+    from dymu.tools.demo import save_demo_model
 
     model, processor = build_demo_model()
     save_demo_model(model, processor, folder / "tiny-llava")

@@ -168,7 +168,7 @@ def test_a_tower_layer_dymu_does_not_recognise_is_refused_in_one_line(tmp_path):
 def test_a_vlm_whose_stock_model_lacks_a_hook_point_is_refused(monkeypatch):
     """A future LlavaModel without mm_encoder_outputs (the hook generate uses) is refused before any change."""
     import dymu
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     model, _ = build_demo_model()
     stock_forward = type(model.model).forward

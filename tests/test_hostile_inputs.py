@@ -72,7 +72,7 @@ def api_error(call) -> str:
 def _qwen_thresholds_on_a_clip_tower(ctx, capsys):
     """A real Qwen2.5-VL thresholds file (as `dymu calibrate` writes one) given to a CLIP tower."""
     from dymu.thresholds import Thresholds
-    from dymu.tools.demo_qwen import build_qwen_demo_model
+    from dymu.families.demos.qwen import build_qwen_demo_model
     from dymu.towers.qwen_vit import qwen_identity
 
     visual = build_qwen_demo_model("qwen2_5_vl")[0].model.visual
@@ -111,7 +111,7 @@ def _bench_json_in_a_missing_folder(ctx, capsys):
 
 
 def _onevision_mixed_frame_counts(ctx):
-    from dymu.tools.demo import build_demo_anyres_model
+    from dymu.families.demos.llava import build_demo_anyres_model
 
     model, processor = build_demo_anyres_model("onevision")
     frames = [load_image("skimage_chelsea_cat.png")] * 4
@@ -120,7 +120,7 @@ def _onevision_mixed_frame_counts(ctx):
 
 
 def _focus_outside_the_centre_crop(ctx):
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     model, processor = build_demo_model()
     wide = load_image("darknet_dog_bicycle_truck.jpg").resize((1024, 576))
@@ -135,7 +135,7 @@ def _lmms_eval_frames(ctx):
 
 
 def _demo_llava():
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     return build_demo_model()
 
@@ -299,7 +299,7 @@ def test_the_docs_table_lists_every_case():
 
 def test_a_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     """torch.save / pickle of a patched model: its classes made on the fly are found again by name."""
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     model, processor = build_demo_model()
     dymu.apply(model, 0.9)
@@ -325,7 +325,7 @@ def test_a_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
 def test_a_torch_compile_wrapped_tower(before_apply):
     """`model.model.vision_tower = torch.compile(...)` before or after apply: the same results as
     without it, and one warning that the wrapper is bypassed while merging."""
-    from dymu.tools.demo import build_demo_model
+    from dymu.families.demos.llava import build_demo_model
 
     model, processor = build_demo_model()
     image = load_image("skimage_chelsea_cat.png")

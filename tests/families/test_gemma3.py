@@ -1,4 +1,4 @@
-"""DyMU in a tiny random Gemma 3 (dymu.tools.demo_gemma3), saved and reloaded: a SigLIP tower of 32x32
+"""DyMU in a tiny random Gemma 3 (dymu.families.demos.gemma3), saved and reloaded: a SigLIP tower of 32x32
 patches pooled 4x4 into 64 LLM tokens, one sliding-window and one global decoder layer.
 
 The family contract (tests/families/test_contract.py) runs the stock / slow-reference / batch oracles on
@@ -21,7 +21,7 @@ from dymu.families.gemma3 import encode_gemma3, unit_grid
 from dymu.images import sample_images
 from dymu.tools.analyze.measure import jpeg_complexity, spearman
 from dymu.tools.demo import save_demo_model
-from dymu.tools.demo_gemma3 import build_gemma3_demo_model
+from dymu.families.demos.gemma3 import build_gemma3_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGES, load_image  # noqa: E402

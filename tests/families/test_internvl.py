@@ -17,7 +17,7 @@ import dymu
 from dymu.families.internvl_processor import tile_images
 from dymu.tools.analyze.measure import jpeg_complexity, spearman
 from dymu.tools.demo import save_demo_model
-from dymu.tools.demo_internvl import build_internvl_demo_model
+from dymu.families.demos.internvl import build_internvl_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGES, load_image  # noqa: E402
@@ -257,7 +257,7 @@ def test_tower_variants_merge_off_equal_the_stock_features(layer):
     from transformers import InternVLForConditionalGeneration
 
     from dymu.families.internvl import encode_internvl
-    from dymu.tools.demo_internvl import build_internvl_tokenizer, internvl_config
+    from dymu.families.demos.internvl import build_internvl_tokenizer, internvl_config
 
     config = internvl_config(build_internvl_tokenizer())
     config.vision_config.use_qk_norm, config.vision_config.norm_type = True, "rms_norm"

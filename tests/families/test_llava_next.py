@@ -23,7 +23,7 @@ CLASSES = {"onevision": LlavaOnevisionForConditionalGeneration, "next": LlavaNex
 
 @pytest.fixture(scope="session")
 def anyres_dirs(tmp_path_factory):
-    from dymu.tools.demo import build_demo_anyres_model
+    from dymu.families.demos.llava import build_demo_anyres_model
 
     folders = {}
     for family in FAMILIES:

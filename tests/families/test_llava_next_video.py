@@ -30,7 +30,7 @@ SIDE, POOLED = 8, 16  # the demo's 112px crops of 14px patches: 8x8 tokens, pool
 
 @pytest.fixture(scope="session")
 def nv_dir(tmp_path_factory):
-    from dymu.tools.demo import build_demo_anyres_model
+    from dymu.families.demos.llava import build_demo_anyres_model
 
     folder = tmp_path_factory.mktemp("tiny_next_video")
     model, processor = build_demo_anyres_model("next_video")
@@ -374,7 +374,7 @@ def test_demo_saves_a_model_that_dymu_load_reloads(tmp_path, capsys):
     assert len([line for line in out.splitlines() if line.strip().startswith(("image", "2 images", "video"))]) == 6
     model, processor = dymu.load(folder, device="cpu", dtype="float32")
     assert type(model) is LlavaNextVideoForConditionalGeneration and processor.patch_size == 14
-    from dymu.tools.demo import build_demo_anyres_model
+    from dymu.families.demos.llava import build_demo_anyres_model
 
     _, built = build_demo_anyres_model("next_video")
     prompts, images, videos = cases()

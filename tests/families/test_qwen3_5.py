@@ -1,4 +1,4 @@
-"""DyMU in a tiny random Qwen3.5 (dymu.tools.demo_qwen): a Qwen3-VL-style tower and a hybrid decoder of
+"""DyMU in a tiny random Qwen3.5 (dymu.families.demos.qwen): a Qwen3-VL-style tower and a hybrid decoder of
 Gated DeltaNet linear-attention layers and one gated full-attention layer.
 
 Oracles: thresholds +inf ⇒ stock logits and generated tokens (one image, two images, a video, left
@@ -24,7 +24,7 @@ import dymu
 from dymu.decoders.llama import rows_processed
 from dymu.families.qwen_processors import qwen_inputs
 from dymu.tools.calibration import calibrate
-from dymu.tools.demo_qwen import build_qwen_demo_model
+from dymu.families.demos.qwen import build_qwen_demo_model
 from dymu.towers.qwen_vit import encode_qwen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -25,7 +25,7 @@ from conftest import IMAGES, load_image  # noqa: E402
 @pytest.fixture(scope="module", params=["smolvlm", "idefics3"])
 def saved(request, tmp_path_factory):
     from dymu.tools.demo import save_demo_model
-    from dymu.tools.demo_smolvlm import build_smolvlm_demo_model
+    from dymu.families.demos.smolvlm import build_smolvlm_demo_model
 
     model, processor = build_smolvlm_demo_model(request.param)
     return save_demo_model(model, processor, tmp_path_factory.mktemp(request.param))

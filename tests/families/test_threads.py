@@ -11,8 +11,8 @@ import torch
 
 import dymu
 from conftest import MIXED_IMAGES, load_image
-from dymu.tools.demo import build_demo_anyres_model, build_demo_model
-from dymu.tools.demo_qwen import build_qwen_demo_model
+from dymu.families.demos.llava import build_demo_anyres_model, build_demo_model
+from dymu.families.demos.qwen import build_qwen_demo_model
 
 ROUNDS = 20
 # One threshold for every layer / block: on these random-weight towers it merges flat images much

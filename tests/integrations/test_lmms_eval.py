@@ -451,8 +451,8 @@ def video_eval(tmp_path_factory):
     and a tiny Qwen2.5-VL saved with save_pretrained, `mid` thresholds calibrated on test images."""
     import datasets
     import dymu
-    from dymu.tools.demo import build_demo_anyres_model
-    from dymu.tools.demo_qwen import build_qwen_demo_model
+    from dymu.families.demos.llava import build_demo_anyres_model
+    from dymu.families.demos.qwen import build_qwen_demo_model
     from dymu.generation import load_vlm
 
     folder = tmp_path_factory.mktemp("lmms_eval_video")

@@ -1,4 +1,4 @@
-"""The lmms-eval plugin on a tiny random Gemma 3 (dymu.tools.demo_gemma3): loglikelihood in mode full
+"""The lmms-eval plugin on a tiny random Gemma 3 (dymu.families.demos.gemma3): loglikelihood in mode full
 equals a plain forward of the stock model, and generate_until in mode dymu answers as `dymu.generate`
 does, with the three token counts per image."""
 
@@ -21,7 +21,7 @@ pytest.importorskip("lmms_eval")
 def gemma3_dir(tmp_path_factory):
     from dymu.images import sample_images
     from dymu.tools.demo import save_demo_model
-    from dymu.tools.demo_gemma3 import build_gemma3_demo_model
+    from dymu.families.demos.gemma3 import build_gemma3_demo_model
 
     model, processor = build_gemma3_demo_model()
     folder = save_demo_model(model, processor, tmp_path_factory.mktemp("gemma3"))

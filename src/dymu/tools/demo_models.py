@@ -22,11 +22,11 @@ class DemoModel:
         return getattr(import_module(module), name)(*self.args)
 
 
-_ANYRES = "dymu.tools.demo:build_demo_anyres_model"
-_QWEN = "dymu.tools.demo_qwen:build_qwen_demo_model"
+_ANYRES = "dymu.families.demos.llava:build_demo_anyres_model"
+_QWEN = "dymu.families.demos.qwen:build_qwen_demo_model"
 
 DEMO_MODELS = {
-    "llava": DemoModel("llava", "dymu.tools.demo:build_demo_model",
+    "llava": DemoModel("llava", "dymu.families.demos.llava:build_demo_model",
                        "LLaVA-1.5-shaped model (CLIP ViT 224px/14, Llama decoder)"),
     "onevision": DemoModel("llava_onevision", _ANYRES, "LLaVA-OneVision-shaped model (SigLIP, Qwen2 decoder, "
                            "AnyRes crops of 126px/14, anyres_max_4, video)", ("onevision",)),
@@ -41,16 +41,16 @@ DEMO_MODELS = {
                           ("qwen3_vl",)),
     "qwen3_5": DemoModel("qwen3_5", _QWEN, "Qwen3.5-shaped model (ViT on 2x2 units, hybrid Gated DeltaNet / "
                          "attention decoder)", ("qwen3_5",)),
-    "gemma3": DemoModel("gemma3", "dymu.tools.demo_gemma3:build_gemma3_demo_model",
+    "gemma3": DemoModel("gemma3", "dymu.families.demos.gemma3:build_gemma3_demo_model",
                         "Gemma 3-shaped model (SigLIP 256px/8, 4x4 average pooling into each LLM token, Gemma 3 decoder with "
                         "sliding-window and global layers)"),
-    "smolvlm": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
+    "smolvlm": DemoModel("smolvlm", "dymu.families.demos.smolvlm:build_smolvlm_demo_model",
                          "SmolVLM-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
                          ("smolvlm",)),
-    "idefics3": DemoModel("smolvlm", "dymu.tools.demo_smolvlm:build_smolvlm_demo_model",
+    "idefics3": DemoModel("smolvlm", "dymu.families.demos.smolvlm:build_smolvlm_demo_model",
                           "Idefics3-shaped model (SigLIP on 168px image tiles + a global view, pixel shuffle 3x3, Llama decoder)",
                           ("idefics3",)),
-    "internvl": DemoModel("internvl", "dymu.tools.demo_internvl:build_internvl_demo_model",
+    "internvl": DemoModel("internvl", "dymu.families.demos.internvl:build_internvl_demo_model",
                           "InternVL3-shaped model (InternViT on 168px tiles + a thumbnail, pixel shuffle 2x2, Qwen2 "
                           "decoder, video)"),
 }

@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
 def build_gemma3_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from .demo import train_byte_bpe
+    from .tokenizer import train_byte_bpe
 
     tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<unk>")
     return PreTrainedTokenizerFast(

@@ -37,7 +37,7 @@ def build_internvl_tokenizer():
     """A real byte-level BPE tokenizer (vocab 384) with InternVL's image and video tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    from .demo import train_byte_bpe
+    from .tokenizer import train_byte_bpe
 
     tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<|endoftext|>")
     return PreTrainedTokenizerFast(
@@ -69,7 +69,7 @@ def build_internvl_processor(tokenizer=None):
     """The stock InternVL processor (GotOcr2 PIL image processor: up to MAX_TILES tiles plus a thumbnail)."""
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from ..families.internvl_processor import internvl_processor
+    from ..internvl_processor import internvl_processor
 
     tokenizer = tokenizer or build_internvl_tokenizer()
     image_processor = GotOcr2ImageProcessorPil(

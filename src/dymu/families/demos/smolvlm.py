@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.smolvlm_processor import processor_class
+from ..smolvlm_processor import processor_class
 
 DEMO_FAMILIES = ("smolvlm", "idefics3")
 TILE, PATCH, SCALE = 168, 14, 3  # 12x12 patches per tile, 3x3 patches per LLM token: 16 LLM tokens per tile
@@ -42,7 +42,7 @@ def build_smolvlm_tokenizer():
     """A real byte-level BPE tokenizer (vocab 448) trained offline, with the SmolVLM / Idefics3 special tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    from .demo import train_byte_bpe
+    from .tokenizer import train_byte_bpe
 
     tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=448, unk_token="<|endoftext|>")
     return PreTrainedTokenizerFast(

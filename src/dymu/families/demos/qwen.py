@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..families.qwen_processors import processor_class
+from ..qwen_processors import processor_class
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEMO_FAMILIES = (*QWEN_FAMILIES, "qwen3_5")  # `dymu demo --family`; Qwen3.5 is its own dymu family
@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
 def build_qwen_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from .demo import train_byte_bpe
+    from .tokenizer import train_byte_bpe
 
     tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<|endoftext|>")
     return PreTrainedTokenizerFast(
