@@ -191,6 +191,19 @@ class VLMFamily:
         return pixels, [1] * len(pixels)
 
 
+def stock_processor(model_ref: str):
+    """``AutoProcessor.from_pretrained(model_ref)`` when it loads a full processor; None where it cannot
+    (its video processor needs torchvision, a dependency is missing, a folder saved by a demo) or where an
+    unknown processor class loads as a bare tokenizer: the caller then loads its images-only class."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_ref)
+    except (ImportError, AttributeError, ValueError, OSError, TypeError):
+        return None
+    return processor if hasattr(processor, "image_processor") else None
+
+
 def check_mode_arguments(title: str, modes, mode: str, thresholds, r, tome_vtu: bool = True,
                          needs_thresholds: tuple[str, ...] = ("dymu", "dtome"), r_means: str = "unit merges per block") -> None:
     """The argument rules the apply functions of the families that merge units share, one line each:

@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+from .base import stock_processor
+
 
 def video_pixels(image_processor, frames: list, fps: float = 2.0) -> dict:
     """pixel_values_videos (T·h·w, C·2·p·p), video_grid_thw (1, 3) and second_per_grid_ts for one video,
@@ -103,15 +105,8 @@ def processor_class(model_type: str) -> type:
 def load_qwen_processor(model_ref: str, model_type: str):
     """The stock processor of a Qwen VL folder/hub id, or, where its video processor cannot load
     (no torchvision, or a folder saved by the demo), the same processor without video processor."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_ref)
-        if hasattr(processor, "image_processor"):  # (an unknown processor class loads as a bare tokenizer)
-            return processor
-    except (ImportError, AttributeError, ValueError, OSError, TypeError):
-        pass
-    return processor_class(model_type).from_pretrained(model_ref)
+    processor = stock_processor(model_ref)
+    return processor if processor is not None else processor_class(model_type).from_pretrained(model_ref)
 
 
 def unpatchify(rows: torch.Tensor, grid_thw, patch_size: int, merge_size: int = 2) -> torch.Tensor:

@@ -10,6 +10,8 @@ token around each tile) and pixels are the stock ones. The image processor is th
 
 from __future__ import annotations
 
+from .base import stock_processor
+
 STOCK_PROCESSORS = {"smolvlm": "SmolVLMProcessor", "idefics3": "Idefics3Processor"}
 _IMAGE_ONLY: dict[str, type] = {}
 
@@ -62,12 +64,5 @@ def load_smolvlm_processor(model_ref: str, model_type: str):
     """The stock processor of a SmolVLM / Idefics3 folder or hub id; where it cannot load (no torchvision
     for SmolVLM's video processor, no num2words, or a folder saved by the demo), the same processor for
     images only (`processor_class`), from the same files."""
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_ref)
-        if hasattr(processor, "image_processor"):  # (an unknown processor class loads as a bare tokenizer)
-            return processor
-    except (ImportError, AttributeError, ValueError, OSError, TypeError):
-        pass
-    return processor_class(model_type).from_pretrained(model_ref)
+    processor = stock_processor(model_ref)
+    return processor if processor is not None else processor_class(model_type).from_pretrained(model_ref)

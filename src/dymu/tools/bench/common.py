@@ -195,3 +195,21 @@ def bench_prefill(plan: Plan, model, visual_maps: dict, sync, log, text: tuple[i
     return out
 
 
+
+
+def preset_fractions(steps: int) -> dict[str, list[float]]:
+    """Per preset (low / mid / high), the fraction of the units merged at each of ``steps`` merge steps:
+    the calibration presets' token fractions, spread evenly (the towers that merge units)."""
+    from ..calibration import PRESETS, schedule_r
+
+    return {name: schedule_r(1.0 - PRESETS[name], steps, steps) for name in PRESET_NAMES}
+
+
+def fixed_fraction(fractions: list[float], units: int):
+    """An edge chooser merging round(fractions[step] · units) edges of the batch at every step: the
+    calibration rule (batch-level top-k) on one image, so a preset's counts are fixed and comparable."""
+    from ... import merge as M
+
+    def choose(step, matches):
+        return M.top_edges_of_batch(matches, round(fractions[step] * units))[0]
+    return choose

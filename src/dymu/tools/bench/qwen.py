@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .common import fixed_fraction, preset_fractions
 from .timing import Side, interleaved, median, paired_ratio
 
 QWEN_SECTIONS = ("qwen_vit", "qwen_prefill", "qwen3_5")
@@ -132,12 +133,10 @@ def bench_unit_vl(plan: dict, device: str = "cpu", runs: int | None = None, log=
     the tower's group maps) of one Qwen VL family's ``plan`` (`qwen_plan`)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ... import merge as M
     from ... import vtu
     from ...decoders.llama import apply_vtu, vtu_groups
     from ...images import open_image, sample_images
     from ...towers.qwen_vit import encode_qwen
-    from ..calibration import PRESETS, schedule_r
 
     VisionConfig, VisionModel, TextConfig, TextModel = _parts(plan["model"])
     section = "qwen3_5" if plan["model"] == "qwen3_5" else "qwen_vit"
@@ -158,18 +157,13 @@ def bench_unit_vl(plan: dict, device: str = "cpu", runs: int | None = None, log=
     depth = len(visual.blocks)
     log(f"{section}: {depth} blocks, hidden {vcfg.hidden_size}, {side}x{side} image = {4 * units} patches, {units} units")
 
-    def fixed_fraction(fractions):
-        def choose(step, matches):
-            return M.top_edges_of_batch(matches, round(fractions[step] * units))[0]
-        return choose
-
-    presets = {name: schedule_r(1.0 - PRESETS[name], depth, depth) for name in ("low", "mid", "high")}
+    presets = preset_fractions(depth)
     encoded: dict = {}
 
     def run_preset(name):
         def go():
             encoded[name] = encode_qwen(visual, pixels, grid, [math.inf] * depth, "vit",
-                                        edge_chooser=fixed_fraction(presets[name]))
+                                        edge_chooser=fixed_fraction(presets[name], units))
         return go
 
     sides = [Side("full", lambda: visual(pixels, grid_thw=grid))]

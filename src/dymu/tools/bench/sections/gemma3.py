@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..common import fixed_fraction, preset_fractions
 from ..timing import Side, interleaved, median, paired_ratio
 
 SECTION = "gemma3"
@@ -60,12 +61,10 @@ def bench_gemma3(quick: bool = False, device: str = "cpu", runs: int | None = No
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.gemma3.modeling_gemma3 import Gemma3Model, Gemma3TextModel
 
-    from .... import merge as M
     from .... import vtu
     from ....decoders.llama import apply_vtu, vtu_groups
     from ....families.gemma3 import encode_gemma3, unit_grid
     from ....images import open_image, sample_images
-    from ...calibration import PRESETS, schedule_r
 
     plan = gemma3_plan(quick)
     runs = runs or plan["runs"]
@@ -88,17 +87,12 @@ def bench_gemma3(quick: bool = False, device: str = "cpu", runs: int | None = No
     log(f"gemma3 tower: {depth} blocks, width {plan['vision']['hidden_size']}, {size} px = {patches}x{patches} "
         f"patches, {units} units of {side}x{side}")
 
-    def fixed_fraction(fractions):
-        def choose(step, matches):
-            return M.top_edges_of_batch(matches, round(fractions[step] * units))[0]
-        return choose
-
-    presets = {name: schedule_r(1.0 - PRESETS[name], depth, depth) for name in ("low", "mid", "high")}
+    presets = preset_fractions(depth)
     encoded: dict = {}
 
     def run_preset(name):
         def go():
-            encoded[name] = encode_gemma3(vision, pixels, edge_chooser=fixed_fraction(presets[name]))
+            encoded[name] = encode_gemma3(vision, pixels, edge_chooser=fixed_fraction(presets[name], units))
             vision.multi_modal_projector(encoded[name].features)
         return go
 

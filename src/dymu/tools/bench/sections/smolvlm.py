@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import PRESET_NAMES
-from ..common import bench_prefill, seeded
+from ..common import bench_prefill, fixed_fraction, preset_fractions, seeded
 from ..flops import vit_layer_flops
 from ..timing import Side, interleaved, median, paired_ratio
 
@@ -69,10 +68,8 @@ def tower_flops(plan: dict, kept: list[list[int]] | None, tiles: int) -> float:
 
 @torch.no_grad()
 def bench_smolvlm(quick: bool, device, dtype, sync, log, runs: int | None = None) -> dict:
-    from .... import merge as M
     from ....images import open_image, sample_images
     from ....towers.smolvlm_vit import encode_tiles, real_tiles
-    from ...calibration import PRESETS, schedule_r
 
     plan = smolvlm_plan(quick)
     runs = runs or (1 if quick else 3)
@@ -87,15 +84,12 @@ def bench_smolvlm(quick: bool, device, dtype, sync, log, runs: int | None = None
     units = len(tiles) * int(patch_mask[0].numel()) // plan["scale_factor"] ** 2
     log(f"smolvlm: {depth} blocks, hidden {plan['vision']['hidden_size']}, 2 tiles of {side}px = {units} units "
         f"(LLM positions)")
-    presets = {name: schedule_r(1.0 - PRESETS[name], depth, depth) for name in PRESET_NAMES}
+    presets = preset_fractions(depth)
     encoded: dict = {}
-
-    def fixed_fraction(fractions):
-        return lambda step, matches: M.top_edges_of_batch(matches, round(fractions[step] * units))[0]
 
     def run_preset(name):
         def go():
-            encoded[name] = encode_tiles(inner, tiles, patch_mask, edge_chooser=fixed_fraction(presets[name]))
+            encoded[name] = encode_tiles(inner, tiles, patch_mask, edge_chooser=fixed_fraction(presets[name], units))
         return go
 
     sides = [Side("full", lambda: inner.get_image_features(pixels, pixel_mask))]
