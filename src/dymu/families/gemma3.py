@@ -40,7 +40,7 @@ from ..compat import unwrap_compiled
 from ..decoders.gemma3 import NO_COMPACT
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..patching import PatchedClasses, restore_class, swap_class
-from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
+from ..towers.qwen_rules import QwenBudget, check_r, override_budget
 from ..towers.unit_vit import BlockDescription, UnitEncoded, check_tower, encode_units
 from .base import VLMFamily, check_mode_arguments, register_vlm_family
 
@@ -186,15 +186,6 @@ def gemma3_thresholds(model: nn.Module, thresholds) -> list[float]:
     return values
 
 
-def gemma3_budget(thresholds, max_tokens=None, min_tokens=None) -> QwenBudget | None:
-    """The budget in LLM tokens per image: the arguments where given, else the thresholds file's."""
-    if max_tokens is None:
-        max_tokens = getattr(thresholds, "max_tokens", None)
-    if min_tokens is None:
-        min_tokens = getattr(thresholds, "min_tokens", None)
-    return make_qwen_budget(max_tokens, min_tokens)
-
-
 def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_attention: str = "fast",
                  kv_cache: str = "full", *, r=None, budget: QwenBudget | None = None) -> None:
     """Patch a Gemma3ForConditionalGeneration in place, all or nothing (modes: module docstring)."""
@@ -257,7 +248,7 @@ class Gemma3Family(VLMFamily):
             raise ValueError(f"merge_point must be 'vit' for Gemma 3 (DToMe in the tower), got {settings.merge_point!r}")
         apply_gemma3(model, settings.thresholds, mode=settings.mode, vtu_attention=settings.vtu_attention,
                      kv_cache=settings.kv_cache, r=settings.r,
-                     budget=gemma3_budget(settings.thresholds, settings.max_tokens, settings.min_tokens))
+                     budget=override_budget(settings.thresholds, settings.max_tokens, settings.min_tokens))
 
     def remove(self, model):
         remove_gemma3(model)

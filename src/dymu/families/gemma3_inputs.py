@@ -67,7 +67,7 @@ def gemma3_pixels(processor, images, focus=None, fill=None) -> torch.Tensor:
 @contextlib.contextmanager
 def budget_set(settings, max_tokens=None, min_tokens=None):
     """The call's budget: each bound given here replaces the one `dymu.apply` set (for this block)."""
-    from .gemma3 import gemma3_budget
+    from ..towers.qwen_rules import override_budget
 
     if max_tokens is None and min_tokens is None:
         yield
@@ -75,7 +75,7 @@ def budget_set(settings, max_tokens=None, min_tokens=None):
     if settings is None:
         raise ValueError("max_tokens/min_tokens need a merging mode (dymu or tome), not the stock model")
     previous = settings.budget
-    settings.budget = gemma3_budget(previous, max_tokens, min_tokens)
+    settings.budget = override_budget(previous, max_tokens, min_tokens)
     try:
         yield
     finally:

@@ -135,15 +135,13 @@ def internvl_inputs(model, processor, request) -> PreparedInputs:
 
 def _call_budget(settings, max_tokens, min_tokens):
     """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
-    from ..towers.qwen_rules import make_qwen_budget
+    from ..towers.qwen_rules import override_budget
 
     if max_tokens is None and min_tokens is None:
         return None if settings is None else settings.budget
     if settings is None:
         raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
-    current = settings.budget
-    return make_qwen_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
-                            min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+    return override_budget(settings.budget, max_tokens, min_tokens)
 
 
 def _without(model, processor, original, settings, rows) -> list[list[int]]:

@@ -17,7 +17,7 @@ import torch
 
 from .qwen_positions import keep_mask, shorten_prompt
 from .qwen_processors import qwen_inputs
-from .qwen_vl import qwen_budget
+from ..towers.qwen_rules import override_budget
 
 
 @dataclass
@@ -41,7 +41,7 @@ def budget_set(model, max_tokens=None, min_tokens=None):
     if settings is None:
         raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
     previous = settings.budget
-    settings.budget = qwen_budget(previous, max_tokens, min_tokens)
+    settings.budget = override_budget(previous, max_tokens, min_tokens)
     try:
         yield
     finally:

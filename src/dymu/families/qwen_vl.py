@@ -57,7 +57,7 @@ from ..decoders.llama import (
     vtu_groups,
 )
 from ..patching import PatchedClasses, restore_class, swap_class
-from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
+from ..towers.qwen_rules import QwenBudget, check_r, override_budget
 from ..towers.qwen_vit import (
     MERGE_POINTS,
     QwenEncoded,
@@ -233,15 +233,6 @@ def qwen_thresholds(visual: nn.Module, thresholds, merge_point: str | None = Non
     return check_thresholds(visual, getattr(thresholds, "thresholds", thresholds), merge_point), merge_point
 
 
-def qwen_budget(thresholds, max_tokens=None, min_tokens=None) -> QwenBudget | None:
-    """The token budget: the arguments where given, else the `Thresholds` file's defaults."""
-    if max_tokens is None:
-        max_tokens = getattr(thresholds, "max_tokens", None)
-    if min_tokens is None:
-        min_tokens = getattr(thresholds, "min_tokens", None)
-    return make_qwen_budget(max_tokens, min_tokens)
-
-
 def _check_mode(mode: str, thresholds, r, merge_point: str | None, tome_vtu: bool, cross_frame: bool) -> None:
     if merge_point is not None and merge_point not in MERGE_POINTS:
         raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
@@ -258,7 +249,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     """Patch a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model in place (modes: see the module docstring).
     ``thresholds``: one per vision block (merge_point="vit"), or one per merge round after the
     PatchMerger (merge_point="post"); ``merge_point`` default: the thresholds file's, else "vit".
-    ``r`` (mode tome): unit merges per ViT block and segment. ``budget``: a `QwenBudget` (`qwen_budget`).
+    ``r`` (mode tome): unit merges per ViT block and segment. ``budget``: a `QwenBudget` (`override_budget`).
     ``swapped``: the `PatchedClasses` that makes the inner model's class (another family reusing this one)."""
     _check_mode(mode, thresholds, r, merge_point, tome_vtu, cross_frame)
     check_kv_cache(kv_cache)
@@ -376,7 +367,7 @@ class QwenVLFamily(VLMFamily):
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,
                       vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache,
                       cross_frame=settings.cross_frame, r=settings.r, tome_vtu=settings.tome_vtu,
-                      budget=qwen_budget(settings.thresholds, settings.max_tokens, settings.min_tokens),
+                      budget=override_budget(settings.thresholds, settings.max_tokens, settings.min_tokens),
                       swapped=self.swapped)
 
     def remove(self, model):

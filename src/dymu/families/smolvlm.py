@@ -35,7 +35,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGe
 from .. import compat
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..patching import PatchedClasses, restore_class, swap_class
-from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
+from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget, override_budget
 from ..towers.smolvlm_vit import (
     TilesEncoded,
     check_smolvlm_tower,
@@ -348,8 +348,7 @@ def smolvlm_inputs(model, processor, request) -> PreparedInputs:
         return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                                "mm_encoder_outputs": {"image": features}}, llm_rows=stock, stock_positions=stock,
                               encoder_tokens=stock, full_tokens=stock, encoder_s=encoder_s)
-    budget = make_qwen_budget(*(getattr(settings.budget, k, None) if v is None else v for k, v in
-                                (("max_tokens", request.max_tokens), ("min_tokens", request.min_tokens))))
+    budget = override_budget(settings.budget, request.max_tokens, request.min_tokens)
     without = None
     if budget is not None or request.focus is not None:  # the same images, whole, without the budget
         plain = processor.image_processor(images=original, return_tensors="pt")

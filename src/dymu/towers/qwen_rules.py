@@ -69,6 +69,13 @@ def make_qwen_budget(max_tokens=None, min_tokens=None) -> QwenBudget | None:
     return QwenBudget(max_tokens=plain.max_tokens, min_tokens=plain.min_tokens)
 
 
+def override_budget(current, max_tokens=None, min_tokens=None) -> QwenBudget | None:
+    """A checked budget: ``max_tokens`` / ``min_tokens`` where given, else ``current``'s (a budget `dymu.apply`
+    set, a `Thresholds` file's defaults, or None for none)."""
+    return make_qwen_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
+                            min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+
+
 def fewest_guaranteed(units: int, rows: int, steps: int) -> int:
     """The smallest max_tokens the budget rule guarantees for an item of ``units`` units in ``rows`` rows
     with ``steps`` budget steps: ceil((units - rows + 1) / 2**steps) + rows - 1 (exact for one row,
