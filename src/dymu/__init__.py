@@ -17,6 +17,7 @@ _PUBLIC = {
     "generate": "dymu.generation",
     "load": "dymu.generation",
     "prompt_inputs": "dymu.generation",
+    "Encoded": "dymu.encoded",
     "EncodedImages": "dymu.towers.encoder",
     "Thresholds": "dymu.thresholds",
 }

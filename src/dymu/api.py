@@ -15,11 +15,12 @@ from .families.tower_vlm import (
     settings_budget,
     threshold_values,
 )
+from .encoded import Encoded
 from .locks import model_lock
+from .patching import forget_settings, record_settings, recorded_settings
 from .settings import Settings
 from .towers.encoder import (
     FAMILIES,
-    EncodedImages,
     TowerFamily,
     apply_dtome,
     find_towers,
@@ -122,7 +123,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
     if family is not None:
         with model_lock(model):
             family.apply(model, family.with_defaults(settings))
-            model._dymu_settings = settings  # what `settings_of` returns, and `applied` restores
+            record_settings(model, settings)  # what `settings_of` returns, and `applied` restores
         return model
     if _is_vlm(model):
         from .families import supported_vlm_names
@@ -172,7 +173,7 @@ def remove(model: nn.Module) -> nn.Module:
     family = _family_or_none(model)
     if family is not None:
         family.remove(model)
-        model.__dict__.pop("_dymu_settings", None)
+        forget_settings(model)
     for tower, _ in find_towers(model):
         remove_dtome(tower)
     remove_vtu(model)
@@ -181,7 +182,7 @@ def remove(model: nn.Module) -> nn.Module:
 
 def settings_of(model: nn.Module) -> Settings | None:
     """The `Settings` a supported VLM was last patched with by `apply` (None: stock)."""
-    return model.__dict__.get("_dymu_settings")
+    return recorded_settings(model)
 
 
 @contextmanager
@@ -210,27 +211,26 @@ def encode(
     focus=None,
     fill=None,
     processor=None,
-) -> EncodedImages:
-    """Encode images with the (patched or stock) vision tower of ``model``.
+) -> Encoded:
+    """Encode images with the (patched or stock) vision side of ``model``; layers after the feature
+    layer are not computed.
 
-    Returns per image the tokens at ``feature_layer`` (``hidden_states[feature_layer]`` in HF
-    terms), their sizes, the group map of the original patches and the tokens kept after every
-    layer. Layers after the feature layer are not computed. Defaults follow the VLM's config
-    (``vision_feature_layer`` / ``vision_feature_select_strategy``) when ``model`` is a VLM, else
-    -2 without the class token for CLIP (LLaVA-1.5) and -1 for SigLIP (LLaVA-OneVision).
+    Returns a `dymu.Encoded` for every family: ``per_item()`` gives (merged tokens kept, stock
+    positions) of every item and ``groups_per_item()`` the merged token every stock position became.
+    An item is what merges on its own: an image, or a crop / tile of one (AnyRes crops, InternVL and
+    SmolVLM tiles), or a video. The subclass carries the tower's own tensors: `EncodedImages` for
+    CLIP / SigLIP towers (padded tokens, sizes, tokens kept per layer), `QwenEncoded` for the Qwen
+    ViTs, `UnitEncoded` for towers that merge whole LLM-token units.
 
-    ``pixel_values``: the processor's (B, 3, H, W) tensor, or a list of PIL images, which
-    ``processor`` (default: the tower family's stock one) turns into it. ``focus``: one entry per
-    image (None: the whole image): a box (x0, y0, x1, y1) in pixels of the image, a list of boxes, a
-    mask image or a boolean (H, W) array. Outside it the pixels are set to ``fill`` (default white,
-    or "mean", or a colour) before the processor (`dymu.focus`), so needs PIL images. The budget set
-    by `apply` applies at ``feature_layer``.
-
-    A Qwen VL (patched by `apply`, or stock: no merging) takes the processor's ``pixel_values`` and
-    ``grid_thw`` (``image_grid_thw``), or PIL images with ``processor`` (and ``focus`` / ``fill``), and
-    returns a `dymu.towers.qwen_vit.QwenEncoded` (with the budget set by `apply`). An InternVL takes its
-    tiles (T, 3, S, S), or PIL images with ``processor`` (which tiles them, after ``focus`` / ``fill``), and
-    returns a `dymu.towers.unit_vit.UnitEncoded` per tile (units kept, the group of every unit).
+    ``pixel_values``: what the model's processor makes, or a list of PIL images, which ``processor``
+    (default: the family's stock one) turns into it; ``grid_thw``: the processor's grid where the family
+    takes one. ``feature_layer`` / ``drop_class_token``: default to the VLM's config
+    (``vision_feature_layer`` / ``vision_feature_select_strategy``), else -2 without the class token
+    for CLIP and -1 for SigLIP. ``focus``: one entry per image (None: the whole image): a box (x0, y0,
+    x1, y1) in pixels, a list of boxes, a mask image or a boolean (H, W) array; outside it the pixels
+    are set to ``fill`` (default white, "mean", or a colour) before the processor (`dymu.focus`), so it
+    needs PIL images. The token budget set by `apply` applies. A family refuses an argument it does not
+    take with a one-line reason.
     """
     with model_lock(model):  # the patched tower keeps the running forward's state on the model
         return _encode(model, pixel_values, feature_layer, drop_class_token, grid_thw, focus, fill, processor)

@@ -55,3 +55,22 @@ def restore_class(module) -> None:
         module.__class__ = module._dymu_stock_class
     for name in _SWAP_ATTRIBUTES:
         module.__dict__.pop(name, None)
+
+
+# The one record of a patched model itself (the object `dymu.apply` was given): the settings it was
+# applied with. Everything a family's patched forward needs lives on the module it swapped (``_dymu``
+# above); the model's mode, `dymu.api.settings_of` and `dymu.api.applied` all read this record.
+_SETTINGS_ATTRIBUTE = "_dymu_settings"
+
+
+def record_settings(model, settings) -> None:
+    model.__dict__[_SETTINGS_ATTRIBUTE] = settings
+
+
+def recorded_settings(model):
+    """The settings ``model`` was patched with (None: stock, or never patched by `dymu.apply`)."""
+    return model.__dict__.get(_SETTINGS_ATTRIBUTE)
+
+
+def forget_settings(model) -> None:
+    model.__dict__.pop(_SETTINGS_ATTRIBUTE, None)

@@ -179,6 +179,26 @@ def test_an_image_alone_and_in_a_batch_gets_the_same_rows(saved, thresholds):
         assert alone.encoder_tokens[0] == together.encoder_tokens[i]
 
 
+def test_encode_returns_one_type(saved, thresholds):
+    """`dymu.encode` gives every family an `Encoded`: per item, kept <= stock, and a group map over the
+    stock positions whose groups are exactly the kept tokens; a patched model keeps one record of its
+    settings, and a stock one none."""
+    model, processor, _ = load(saved)
+    images = [load_image("darknet_eagle.jpg"), load_image("synthetic_gradient.png")]
+    assert dymu.api.settings_of(model) is None
+    dymu.apply(model, thresholds)
+    assert dymu.api.settings_of(model).mode == "dymu"
+    encoded = dymu.encode(model, images, processor=processor)
+    assert isinstance(encoded, dymu.Encoded) and len(encoded) >= len(images)
+    for (kept, stock), groups in zip(encoded.per_item(), encoded.groups_per_item(), strict=True):
+        assert 0 < kept <= stock and groups.shape == (stock,)
+        assert groups.unique().tolist() == list(range(kept))
+    assert any(kept < stock for kept, stock in encoded.per_item())  # thresholds from calibration merge
+    assert repr(encoded).startswith(type(encoded).__name__)  # counts, not tensors
+    dymu.remove(model)
+    assert dymu.api.settings_of(model) is None
+
+
 def test_apply_remove_apply_restores(saved, stock_run, thresholds):
     model, processor, family = load(saved)
     stock_class = type(model.model)

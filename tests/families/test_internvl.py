@@ -115,7 +115,7 @@ def test_a_tile_merges_on_its_own(folders):
     both = family.encode(model, torch.cat([other, alone, other[:1]]))
     tiles = len(alone)
     assert one.kept_per_image.tolist() == both.kept_per_image[len(other):len(other) + tiles].tolist()
-    for a, b in zip(one.groups_per_image(), both.groups_per_image()[len(other):len(other) + tiles]):
+    for a, b in zip(one.groups_per_item(), both.groups_per_item()[len(other):len(other) + tiles]):
         assert torch.equal(a, b)
     assert len(set(one.kept_per_image.tolist())) > 1  # the tiles and the thumbnail differ
 

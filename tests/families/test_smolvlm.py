@@ -66,11 +66,11 @@ def test_every_tile_merges_on_its_own(saved, mid):
     tiles, mask, _ = tiles_of(model, processor, [load_image("darknet_eagle.jpg"), load_image("skimage_coffee.png")])
     values = mid.thresholds
     together = encode_tiles(model.model, tiles, mask, values)
-    groups = together.groups_per_tile()
+    groups = together.groups_per_item()
     for k in range(len(tiles)):
         alone = encode_tiles(model.model, tiles[k : k + 1], mask[k : k + 1], values)
         assert alone.kept_per_tile == [together.kept_per_tile[k]]
-        assert torch.equal(alone.groups_per_tile()[0], groups[k])
+        assert torch.equal(alone.groups_per_item()[0], groups[k])
         rows = together.features().split(together.units_per_tile)[k]
         assert (alone.features() - rows).abs().max().item() <= 1e-5
 

@@ -177,7 +177,7 @@ def test_merges_equal_the_slow_reference(which, request):
     got = _run(tower, description, pixels, 2, thresholds=thresholds)
     cls = int(description.class_token)
     assert got.kept_per_image.min() < got.units_per_image.min(), "the thresholds should merge"
-    assert [_partition(g.tolist()) for g in got.groups_per_image()] == [_partition(g) for g in groups]
+    assert [_partition(g.tolist()) for g in got.groups_per_item()] == [_partition(g) for g in groups]
     assert (got.features - want[:, cls:]).abs().max().item() <= 1e-4
     if cls:
         assert (got.class_tokens - want[:, 0]).abs().max().item() <= 1e-4
@@ -190,14 +190,14 @@ def test_batch_invariance_per_image(siglip):
     for i in range(len(pixels)):
         alone = _run(siglip, SIGLIP, pixels[i : i + 1], 2, thresholds=thresholds)
         assert (alone.features[0] - batch.features[i]).abs().max().item() <= 1e-5
-        assert torch.equal(alone.groups_per_image()[0], batch.groups_per_image()[i])
+        assert torch.equal(alone.groups_per_item()[0], batch.groups_per_item()[i])
         assert alone.kept_per_block[0].tolist() == batch.kept_per_block[i].tolist()
 
 
 def test_tome_r_merges_exactly_r_units_per_block(siglip):
     out = _run(siglip, SIGLIP, _pixels(64), 2, r=[5, 0, 7, 3])
     assert out.kept_per_block.tolist() == [[59, 59, 52, 49]] * 4
-    assert [len(g.unique()) for g in out.groups_per_image()] == [49] * 4
+    assert [len(g.unique()) for g in out.groups_per_item()] == [49] * 4
 
 
 def test_calibration_chooser_takes_exactly_b_times_r(siglip):
@@ -228,7 +228,7 @@ def test_patch_mask_masks_keys_and_blocks_units(siglip):
     assert (out.features - stock).abs().max().item() <= 1e-5
     merged = encode_units(siglip, SIGLIP, embeddings, (16, 16), 2, thresholds=[-INF] * 4, patch_mask=flat)
     padded_units = ~flat[:, unit_order(16, 16, 2)].view(2, -1, 4).all(-1)
-    for groups, padded in zip(merged.groups_per_image(), padded_units):
+    for groups, padded in zip(merged.groups_per_item(), padded_units):
         counts = torch.bincount(groups)
         assert (counts[groups[padded]] == 1).all(), "a unit with padded patches never merges"
         assert counts.max() > 1

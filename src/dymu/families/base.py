@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..patching import recorded_settings
 from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
@@ -137,7 +138,8 @@ class VLMFamily:
         raise NotImplementedError
 
     def mode_of(self, model: nn.Module) -> str:
-        return getattr(model, "_dymu_mode", "full")
+        settings = recorded_settings(model)
+        return "full" if settings is None else settings.mode
 
     # -- loading --------------------------------------------------------------------------------
     def load_processor(self, model_ref: str, config) -> Any:

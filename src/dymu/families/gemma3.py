@@ -98,7 +98,7 @@ class DyMUGemma3Model:
         encoded = encode_gemma3(self, pixel_values, settings.thresholds, settings.r, settings.budget)
         settings.last_encoded = encoded
         stock = self.multi_modal_projector(encoded.features)  # (B, T, D_llm): rows of a group equal in value
-        groups = torch.stack(encoded.groups_per_image())  # (B, T)
+        groups = torch.stack(encoded.groups_per_item())  # (B, T)
         # One row per group, copied: the VTU layers take a group's first row for all of them.
         first = torch.zeros_like(groups).scatter_reduce(1, groups, torch.arange(groups.shape[1], device=groups.device)
                                                         .expand_as(groups), "amin", include_self=False)
@@ -208,7 +208,6 @@ def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_atte
     if mode != "full":
         check_vtu(inner.language_model, vtu_attention, kv_cache)
     remove_gemma3(model)
-    model._dymu_mode = mode
     if mode == "full":
         return
     apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
@@ -219,7 +218,6 @@ def remove_gemma3(model: nn.Module) -> None:
     inner = model.model
     restore_class(inner)
     remove_vtu(inner.language_model)
-    model.__dict__.pop("_dymu_mode", None)
 
 
 class Gemma3Family(VLMFamily):
@@ -277,7 +275,7 @@ class Gemma3Family(VLMFamily):
             encoded = encode_gemma3(model, pixels.to(model.device), values)
             return [(dict(tokens=kept, full_tokens=units, llm_rows=kept, stock_positions=units,
                           encoder_tokens=kept * side * side), view, group, (patches // side, patches // side))
-                    for (kept, units), view, group in zip(encoded.per_image(), pixels, encoded.groups_per_image())]
+                    for (kept, units), view, group in zip(encoded.per_item(), pixels, encoded.groups_per_item())]
         return prepare, encode
 
     def load_processor(self, model_ref, config):
@@ -308,7 +306,7 @@ class Gemma3Family(VLMFamily):
         unit = unit_grid(model.config)[1] ** 2
         return [{"path": str(p), "tokens": kept, "full_tokens": units, "encoder_tokens": kept * unit,
                  "llm_rows": kept, "stock_positions": units, "group_of_unit": g.tolist()}
-                for p, (kept, units), g in zip(paths, encoded.per_image(), encoded.groups_per_image())], skipped
+                for p, (kept, units), g in zip(paths, encoded.per_item(), encoded.groups_per_item())], skipped
 
     def prepare(self, model, processor, request):
         from .gemma3_inputs import gemma3_prompt_inputs

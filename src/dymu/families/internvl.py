@@ -80,7 +80,7 @@ def tile_features(encoded: UnitEncoded, projected: torch.Tensor, direct: bool):
     """With VTU: (T, U, D_llm), every unit its group's row, with ``dymu_group_of_unit`` (T, U) (groups local
     to each tile): the stock model's shape, so the stock forward takes it as is. ``direct``: a list of the
     (K_t, D_llm) kept tokens of each tile (`generate` re-lists a list's tensors as they are)."""
-    groups = encoded.groups_per_image()
+    groups = encoded.groups_per_item()
     rows = projected.split(encoded.kept_per_image.tolist())
     if direct:
         return list(rows)
@@ -197,7 +197,6 @@ def apply_internvl(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_at
     if mode != "full" and not direct:  # refuse before anything changes
         check_vtu(inner.language_model, vtu_attention, kv_cache)
     remove_internvl(model)
-    model._dymu_mode = mode
     if mode == "full":
         return
     if not direct:
@@ -210,7 +209,6 @@ def remove_internvl(model: nn.Module) -> None:
     inner = model.model
     restore_class(inner)
     remove_vtu(inner.language_model)
-    model.__dict__.pop("_dymu_mode", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +284,7 @@ class InternVLFamily(VLMFamily):
         paths, images = zip(*opened)
         pixels, tiles = self.encoder_pixels(model, tile_images(image_processor, list(images)))
         encoded = self.encode(model, pixels.to(model.dtype))
-        per_tile, groups, records, first = encoded.per_image(), encoded.groups_per_image(), [], 0
+        per_tile, groups, records, first = encoded.per_item(), encoded.groups_per_item(), [], 0
         for path, n in zip(paths, tiles):
             kept = sum(k for k, _ in per_tile[first:first + n])
             units = sum(u for _, u in per_tile[first:first + n])
@@ -334,7 +332,7 @@ class InternVLFamily(VLMFamily):
             tiles = torch.cat([p for _, p, _ in pending]).to(model.device, model.dtype)
             encoded = encode_internvl(model.model, tiles, settings)[0]
             kept, units, groups = encoded.kept_per_image.tolist(), encoded.units_per_image.tolist(), \
-                encoded.groups_per_image()
+                encoded.groups_per_item()
             out, first = [], 0
             for _, pixels, n in pending:
                 rows, stock = sum(kept[first:first + n]), sum(units[first:first + n])

@@ -67,6 +67,7 @@ SUPPORTED_VLMS = (LlavaForConditionalGeneration,)
 class LlavaSettings:
     mode: str
     vtu: bool  # virtual unmerge to the stock placeholders + VTU decoder
+    downsample_tokens: float | None = None  # mode "downsample": the image's tokens after resizing
     last_encoded: EncodedImages | None = None  # of the last get_image_features call (for reports)
 
 
@@ -217,10 +218,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         check_vtu(inner.language_model, vtu_attention, kv_cache)
 
     remove_llava(model)
-    if mode == "downsample":
-        model._dymu_downsample_tokens = float(downsample_tokens)
     if mode == "full":
-        model._dymu_mode = mode  # the stock model
         return
     if mode == "tome":
         apply_dtome(tower, family, r=r, order=order, budget=budget, feature_layer=feature_layer)
@@ -230,8 +228,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
         apply_dtome(tower, family, thresholds=thresholds, order=order, budget=budget, feature_layer=feature_layer)
     if use_vtu:
         apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, DyMULlavaModel, LlavaSettings(mode=mode, vtu=use_vtu))
-    model._dymu_mode = mode
+    swap_class(inner, DyMULlavaModel, LlavaSettings(mode=mode, vtu=use_vtu, downsample_tokens=downsample_tokens))
 
 
 def remove_llava(model: nn.Module) -> None:
@@ -239,9 +236,6 @@ def remove_llava(model: nn.Module) -> None:
     restore_class(inner)
     remove_vtu(inner.language_model)
     remove_dtome(inner.vision_tower)
-    for name in ("_dymu_mode", "_dymu_downsample_tokens"):
-        if hasattr(model, name):
-            delattr(model, name)
 
 
 
@@ -310,7 +304,7 @@ def llava_inputs(model, processor, request) -> PreparedInputs:
     if flat:
         pixel_values, kwargs = inputs["pixel_values"], {}
         if mode == "downsample":
-            side = downsample_side(model._dymu_downsample_tokens) * tower.config.patch_size
+            side = downsample_side(inner._dymu.downsample_tokens) * tower.config.patch_size
             small = copy.deepcopy(processor.image_processor)
             small.size, small.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
             pixel_values = small(images=flat, return_tensors="pt")["pixel_values"]

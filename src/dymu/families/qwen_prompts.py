@@ -99,7 +99,7 @@ def _encode_all(model, inputs) -> tuple[dict, dict]:
 
 def _kept_counts(model, inputs, encoded: dict, full: dict) -> dict:
     settings = getattr(model.model, "_dymu", None)
-    return {m: ([k for k, _ in settings.last_encoded[m].per_item(inputs[f"{m}_grid_thw"])]
+    return {m: ([k for k, _ in settings.last_encoded[m].per_item()]
                 if settings is not None else full[m]) for m in encoded}
 
 

@@ -41,8 +41,8 @@ def analyze_units(visual, image_processor, values: list[float], merge_point: str
         pixels = torch.cat([p for _, p, _ in pending])
         encoded = encode_qwen(visual, pixels.to(device), grid.to(device), values, merge_point)
         out = []
-        for (_, rows, thw), (kept, units), group in zip(pending, encoded.per_item(grid),
-                                                         encoded.groups_per_item(grid, merge)):
+        for (_, rows, thw), (kept, units), group in zip(pending, encoded.per_item(),
+                                                         encoded.groups_per_item()):
             # "post": the ViT keeps every unit; the LLM runs the merged ones (as dymu encode --json says)
             fields = dict(tokens=int(kept), full_tokens=int(units), llm_rows=int(kept), stock_positions=int(units),
                           encoder_tokens=int(kept) if merge_point == "vit" else int(units))

@@ -113,7 +113,7 @@ class DyMUQwenVLModel:
         encoded = settings.encode(self.visual, pixels, grid_thw, modality == "video")
         settings.last_encoded[modality] = encoded
         split = (grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
-        groups = encoded.groups_per_item(grid_thw, self.visual.spatial_merge_size)
+        groups = encoded.groups_per_item()
         offsets = torch.tensor([0] + split[:-1], device=encoded.features.device).cumsum(0).tolist()
         # Without VTU: one row per kept token, at its representative unit (qwen_positions.py).
         rows_of = [kept_units(g) + o for g, o in zip(groups, offsets)] if settings.direct else None
@@ -270,7 +270,6 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     if mode != "full" and not direct:  # refuse before anything changes (all or nothing)
         check_vtu(inner.language_model, vtu_attention, kv_cache)
     remove_qwen_vl(model)
-    model._dymu_mode = mode
     if mode == "full":
         return
     if not direct:
@@ -319,7 +318,6 @@ def remove_qwen_vl(model: nn.Module) -> None:
     inner = model.model
     restore_class(inner)
     remove_vtu(inner.language_model)
-    model.__dict__.pop("_dymu_mode", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,13 +387,13 @@ class QwenVLFamily(VLMFamily):
         inputs = processor(images=list(images), return_tensors="pt")
         grid = inputs["image_grid_thw"]
         encoded = encode_qwen_vl(model, inputs["pixel_values"].to(model.dtype), grid)
-        groups = encoded.groups_per_item(grid, model.model.visual.spatial_merge_size)
+        groups = encoded.groups_per_item()
         settings = getattr(model.model, "_dymu", None)
         in_tower = settings is not None and settings.merge_point == "vit"  # "post": the tower keeps every unit
         return [{"path": str(p), "tokens": kept, "full_tokens": units, "grid_thw": thw,
                  "encoder_tokens": kept if in_tower else units, "llm_rows": kept, "stock_positions": units,
                  "group_of_unit": g.tolist()}
-                for p, (kept, units), g, thw in zip(paths, encoded.per_item(grid), groups, grid.tolist())], skipped
+                for p, (kept, units), g, thw in zip(paths, encoded.per_item(), groups, grid.tolist())], skipped
 
     def load_processor(self, model_ref, config):
         return load_qwen_processor(model_ref, config.model_type)

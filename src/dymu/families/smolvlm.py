@@ -78,7 +78,7 @@ class DyMUSmolVLMModel:
                                                           self.config.vision_config.patch_size)
         encoded = encode_tiles(self, tiles, patch_mask, settings.thresholds, settings.r, settings.budget)
         settings.last_encoded = encoded
-        groups = encoded.groups_per_tile()
+        groups = encoded.groups_per_item()
         if settings.direct:  # one row per kept unit, tile after tile
             rows = list(encoded.tokens.split(encoded.kept_per_tile))
         else:
@@ -158,7 +158,6 @@ def apply_smolvlm(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_att
     if mode != "full" and not direct:  # refuse before anything changes
         check_vtu(inner.text_model, vtu_attention, kv_cache)
     remove_smolvlm(model)
-    model._dymu_mode = mode
     if mode == "full":
         return
     if not direct:
@@ -172,7 +171,6 @@ def remove_smolvlm(model: nn.Module) -> None:
     inner = model.model
     restore_class(inner)
     remove_vtu(inner.text_model)
-    model.__dict__.pop("_dymu_mode", None)
 
 
 @torch.no_grad()
@@ -254,7 +252,7 @@ class SmolVLMFamily(VLMFamily):
         def encode(pending):
             tiles, patch_mask, tiles_of = _real_tiles(model, [processed for _, processed, _ in pending])
             encoded = encode_tiles(model.model, tiles, patch_mask, values)
-            kept, groups, out, first = encoded.kept_per_tile, encoded.groups_per_tile(), [], 0
+            kept, groups, out, first = encoded.kept_per_tile, encoded.groups_per_item(), [], 0
             grid = tuple(n // side for n in patch_mask.shape[1:])
             for n in tiles_of:
                 rows, stock = sum(kept[first : first + n]), n * encoded.units_per_tile
@@ -299,7 +297,7 @@ class SmolVLMFamily(VLMFamily):
         out = image_processor(images=[[im] for im in images], return_tensors="pt")
         tiles_of = self.encoder_pixels(model, out)[1]
         encoded = encode_smolvlm(model, out["pixel_values"], out.get("pixel_attention_mask"))
-        kept, groups = encoded.kept_per_tile, encoded.groups_per_tile()
+        kept, groups = encoded.kept_per_tile, encoded.groups_per_item()
         records, first = [], 0
         for path, n in zip(paths, tiles_of):
             rows = sum(kept[first : first + n])

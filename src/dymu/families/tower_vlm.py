@@ -67,15 +67,20 @@ class TowerVLMFamily(VLMFamily):
                fill=None, processor=None):
         if grid_thw is not None:
             raise ValueError(f"grid_thw is for VLMs with native-resolution towers, not {type(model).__name__}")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 4:
+            raise ValueError(f"dymu.encode takes the tower's crops (N, 3, H, W), not pixel values of shape "
+                             f"{tuple(pixel_values.shape)}: pass PIL images with processor= (the processor's padded "
+                             f"crops are then dropped as the model drops them)")
         tower = self.vision_tower(model)
         return encode_tower_images(model, tower, family_of(tower), pixel_values, feature_layer, drop_class_token, focus,
-                                   fill, processor)
+                                   fill, processor, lambda processed: self.encoder_pixels(model, processed)[0])
 
 
 def encode_tower_images(model, tower, family: TowerFamily, pixel_values, feature_layer, drop_class_token, focus, fill,
-                        processor):
+                        processor, encoder_pixels=None):
     """`dymu.encode` with a CLIP / SigLIP tower: pixel values, or PIL images (with focus regions) that
-    ``processor`` (default: the tower family's stock one) turns into them."""
+    ``processor`` (default: the tower family's stock one) turns into them; ``encoder_pixels`` (default: the
+    processor's ``pixel_values``) picks what the tower sees of the processor's output (a VLM's crops)."""
     default_layer, default_drop = default_feature_layer(model, family)
     feature_layer = default_layer if feature_layer is None else feature_layer
     drop_class_token = default_drop if drop_class_token is None else drop_class_token
@@ -86,7 +91,8 @@ def encode_tower_images(model, tower, family: TowerFamily, pixel_values, feature
         images = apply_focus_all(list(pixel_values), focus, fill)
         processor = processor or family.default_processor(tower.config)
         check_focus_survives(processor, list(pixel_values), images, focus, fill)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        processed = processor(images=images, return_tensors="pt")
+        pixel_values = processed["pixel_values"] if encoder_pixels is None else encoder_pixels(processed)
     elif focus is not None:
         raise ValueError("focus is applied to the images before the processor: pass PIL images (with processor=) "
                          "instead of pixel values, or fill them yourself with dymu.focus.apply_focus")

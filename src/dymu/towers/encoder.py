@@ -25,6 +25,7 @@ from torch import nn
 from .. import merge as M
 from .. import compat
 from ..compat import unwrap_compiled
+from ..encoded import Encoded
 from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
 from .budget import TokenBudget, _per_layer, _threshold_floats, make_budget  # noqa: F401  (imported from here too)
@@ -395,9 +396,9 @@ def remove_dtome(tower: nn.Module) -> None:
 # Encoding: run the tower up to the feature layer, return per-image tokens and their groups.
 
 
-@dataclass
-class EncodedImages:
-    """Encoder output for a batch, padded: image i owns ``tokens[i, :num_tokens[i]]``.
+@dataclass(repr=False)
+class EncodedImages(Encoded):
+    """Encoder output for a batch of images (an item each), padded: image i owns ``tokens[i, :num_tokens[i]]``.
 
     ``group_of_patch[i, p]`` is the index of the token that original patch p belongs to (class
     token excluded when it was dropped); ``sizes[i, j]`` the number of patches of token j (0 on
@@ -423,6 +424,12 @@ class EncodedImages:
         return (f"EncodedImages({len(self)} images, tokens kept [{shown}] of {self.group_of_patch.shape[1]}; "
                 f"tokens {tuple(self.tokens.shape)}, sizes {tuple(self.sizes.shape)}, "
                 f"group_of_patch {tuple(self.group_of_patch.shape)}, kept_per_layer {tuple(self.kept_per_layer.shape)})")
+
+    def per_item(self) -> list[tuple[int, int]]:
+        return [(n, self.group_of_patch.shape[1]) for n in self.num_tokens.tolist()]
+
+    def groups_per_item(self) -> list[torch.Tensor]:
+        return list(self.group_of_patch)
 
     def image(self, i: int) -> dict[str, torch.Tensor]:
         """One image's tokens (n_i, D), sizes (n_i), group_of_patch (P), kept_per_layer."""

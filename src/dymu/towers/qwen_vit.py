@@ -52,6 +52,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from .. import merge as M
 from ..compat import unwrap_compiled
+from ..encoded import Encoded
 from ..merge_segments import Layout, merge_segments, within_segments
 from .qwen_rules import MergeRule, QwenBudget, check_reachable
 from .. import vtu
@@ -63,9 +64,10 @@ UNIT = 4  # rows per unit: spatial_merge_size ** 2 (2 in every released Qwen VL)
 EdgeChooser = M.EdgeChooser  # (block or round index, matches over the segments of the batch) -> merged edges
 
 
-@dataclass
-class QwenEncoded:
-    """What one call of the tower produced, for all images (or all videos) of the call."""
+@dataclass(repr=False)
+class QwenEncoded(Encoded):
+    """What one call of the tower produced, for all images (or all videos) of the call: an item is an
+    image or a video (its temporal patches are segments that merge on their own, unless cross_frame)."""
 
     features: Tensor  # (U, D_llm) in stock unit order, virtually unmerged: rows of one group are equal
     group_of_unit: Tensor  # (U,) long: index in [0, K) of the merged token each unit belongs to
@@ -74,18 +76,24 @@ class QwenEncoded:
     kept_per_segment: Tensor  # (S,) merged tokens of every segment
     kept_per_step: Tensor  # (S, steps) units alive after every block ("vit") or round ("post")
     deepstack: list[Tensor] = field(default_factory=list)  # Qwen3-VL: (U, D_llm) per level, group-constant
+    segments_per_item: Tensor | None = None  # (I,) temporal patches of every image / video (grid_thw[:, 0])
 
-    def per_item(self, grid_thw: Tensor) -> list[tuple[int, int]]:
+    def _segments(self, grid_thw: Tensor | None) -> list[int]:
+        # ``grid_thw`` is accepted for callers of the first API; the call's own grid is recorded.
+        source = self.segments_per_item if grid_thw is None else grid_thw[:, 0]
+        return source.tolist()
+
+    def per_item(self, grid_thw: Tensor | None = None) -> list[tuple[int, int]]:
         """(merged tokens, stock tokens) of every image / video of the call."""
         kept, units, out, s = self.kept_per_segment.tolist(), self.units_per_segment.tolist(), [], 0
-        for t in grid_thw[:, 0].tolist():
+        for t in self._segments(grid_thw):
             out.append((sum(kept[s : s + t]), sum(units[s : s + t])))
             s += t
         return out
 
-    def groups_per_item(self, grid_thw: Tensor, merge_size: int = 2) -> list[Tensor]:
+    def groups_per_item(self, grid_thw: Tensor | None = None, merge_size: int | None = None) -> list[Tensor]:
         """The group of every unit of each image / video of the call, numbered from 0 within it."""
-        groups = self.group_of_unit.split((grid_thw.prod(-1) // merge_size**2).tolist())
+        groups = self.group_of_unit.split([units for _, units in self.per_item(grid_thw)])
         return [g - g.min() for g in groups]
 
 
@@ -375,6 +383,12 @@ def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     optional token ``budget`` per image / video (towers/qwen_rules.py)."""
     visual = unwrap_compiled(visual)  # runs the tower's own blocks (torch.compile's wrapper: see compat)
     grid_thw = grid_thw.to(pixel_values.device)
+    encoded = _encode_qwen(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget, r, merge_point)
+    encoded.segments_per_item = grid_thw[:, 0].cpu()
+    return encoded
+
+
+def _encode_qwen(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget, r, merge_point):
     if merge_point == "vit":
         return encode_vit(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget, r)
     if r is not None:

@@ -28,15 +28,17 @@ from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer
 
 from .. import compat
+from ..encoded import Encoded
 from .unit_vit import BlockDescription, UnitEncoded, blocks_of, encode_units, unit_order
 
 # The stock blocks: pre-norm SigLIP layers (layer_norm1, self_attn q/k/v/out_proj, layer_norm2, mlp), post_layernorm.
 DESCRIPTION = BlockDescription(layer_classes=(SmolVLMEncoderLayer, Idefics3EncoderLayer))
 
 
-@dataclass
-class TilesEncoded:
-    """One call's tiles (every tower input of every image of the batch, in the processor's order)."""
+@dataclass(repr=False)
+class TilesEncoded(Encoded):
+    """One call's tiles (every tower input of every image of the batch, in the processor's order): an
+    item is a tile."""
 
     encoded: UnitEncoded  # the tower's: group of every unit, units kept per tile and per block
     tokens: Tensor  # (K, D_llm) the connector's token of every merged unit, tile after tile
@@ -50,8 +52,11 @@ class TilesEncoded:
         """(tiles · units, D_llm): the stock connector output's shape, every unit its merged token's row."""
         return self.tokens[self.encoded.group_of_unit]
 
-    def groups_per_tile(self) -> list[Tensor]:
-        return self.encoded.groups_per_image()
+    def groups_per_item(self) -> list[Tensor]:
+        return self.encoded.groups_per_item()
+
+    def per_item(self) -> list[tuple[int, int]]:
+        return self.encoded.per_item()
 
 
 def check_smolvlm_tower(inner: nn.Module) -> None:

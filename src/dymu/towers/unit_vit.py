@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .. import compat
 from .. import merge as M
+from ..encoded import Encoded
 from ..merge_segments import Layout, merge_segments, within_segments
 from .qwen_rules import MergeRule, QwenBudget, check_reachable
 
@@ -116,9 +117,10 @@ def unit_order(height: int, width: int, side: int, device=None) -> Tensor:
     return grid.permute(0, 2, 1, 3).reshape(-1)
 
 
-@dataclass
-class UnitEncoded:
-    """What one call of `encode_units` produced for a batch of B images of U units of k² patches."""
+@dataclass(repr=False)
+class UnitEncoded(Encoded):
+    """What one call of `encode_units` produced for a batch of B images (or tiles: an item each) of U
+    units of k² patches."""
 
     features: Tensor  # (B, h·w, D) patch rows in stock raster order, virtually unmerged (a unit's rows = its group's)
     units: Tensor  # (K, k², D) the merged units, image after image (rows unit-major within a unit)
@@ -128,12 +130,12 @@ class UnitEncoded:
     kept_per_block: Tensor  # (B, blocks run) units alive after every block
     class_tokens: Tensor | None = None  # (B, D) the class token's row after the last block (never merged)
 
-    def groups_per_image(self) -> list[Tensor]:
+    def groups_per_item(self) -> list[Tensor]:
         """The group of every unit of each image (raster order), numbered from 0 within the image."""
         groups = self.group_of_unit.split(self.units_per_image.tolist())
         return [g - g.min() for g in groups]
 
-    def per_image(self) -> list[tuple[int, int]]:
+    def per_item(self) -> list[tuple[int, int]]:
         """(merged units, stock units) of every image: LLM rows against stock positions."""
         return list(zip(self.kept_per_image.tolist(), self.units_per_image.tolist()))
 

@@ -87,14 +87,14 @@ def calibrate_post(model: nn.Module, images: Sequence, *, merge_point: str, roun
     exactly over batches. ``preset`` (both parts of "both") / ``r`` (the rounds only): fractions of those
     units (`round_fractions`); ``target_tokens`` and ``feature_layer``: the tower part of "both" only;
     ``check_images``: the per-image check of that tower part (`calibrate`)."""
-    from ...api import apply, remove
+    from ...api import apply, remove, settings_of
     from ...families import vlm_family_of
     from . import calibrate
 
     vlm = vlm_family_of(model)
     if vlm is None or vlm.post_rounds is None or "post" not in vlm.merge_points:
         raise ValueError(f"{type(model).__name__} has no merge rounds after the stock steps")
-    if vlm.mode_of(model) != "full" or hasattr(model, "_dymu_mode"):
+    if settings_of(model) is not None:
         raise ValueError("calibrate the post rounds on the stock model: dymu.remove(model) first")
     if processor is None:
         raise ValueError(f"calibrating {vlm.title} post rounds needs the image processor (processor=...)")

@@ -105,7 +105,7 @@ def bench_internvl(plan: dict, device, dtype, sync, log, runs: int | None = None
         tower_rows.append(dict(variant=f"DToMe {name} (r {r[name]})", units_kept=int(e.kept_per_image.sum()),
                                median_s=median(times[name]), speedup=paired_ratio(times["full"], times[name]),
                                flop_ideal=full_flops / flops))
-        groups = e.groups_per_image()  # labels unique over the two tiles, as the prompt's placeholders run
+        groups = e.groups_per_item()  # labels unique over the two tiles, as the prompt's placeholders run
         offsets = [0] + torch.tensor([int(g.max()) + 1 for g in groups[:-1]]).cumsum(0).tolist()
         maps[name] = torch.cat([g + o for g, o in zip(groups, offsets)]).cpu()
     log("internvl tower: " + ", ".join(f"{row['variant']} {row['median_s']:.2f}s" for row in tower_rows))
