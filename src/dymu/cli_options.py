@@ -130,7 +130,7 @@ def parse_r(text: str) -> list[float]:
 
 
 def parse_frames(text: str) -> int:
-    from .images import MAX_FRAMES
+    from .videos import MAX_FRAMES
 
     value = positive_int(text)
     if value > MAX_FRAMES:
