@@ -131,6 +131,17 @@ def test_env_lists_versions_ranges_and_device(capsys):
     assert "eager, sdpa" in out
 
 
+def test_env_families_prints_the_declared_matrix(capsys):
+    """What the CLI help points at for "which family offers which mode and option"."""
+    from dymu.families.base import feature_matrix
+
+    assert main(["env"]) == 0
+    assert "| family |" not in capsys.readouterr().out  # only on request
+    assert main(["env", "--families"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(feature_matrix()) and "| LLaVA-1.5 |" in out
+
+
 def test_env_check_passes_on_every_family(capsys):
     """The self-test a user runs on their own stack: here on CPU float32, every family."""
     assert main(["env", "--check"]) == 0

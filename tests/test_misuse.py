@@ -142,7 +142,6 @@ def test_an_empty_error_message_still_says_something(capsys, monkeypatch):
     def fails(args):
         raise MemoryError()
 
-    monkeypatch.setattr(dymu.cli, "cmd_demo", fails)
     parser = dymu.cli.build_parser
     monkeypatch.setattr(dymu.cli, "build_parser", lambda: _with_func(parser(), "demo", fails))
     assert main(["demo"]) == 1

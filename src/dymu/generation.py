@@ -17,7 +17,7 @@ import torch
 
 from .families import Request, vlm_family_for, vlm_family_of
 from .families.prompting import video_frames
-from .images import DEFAULT_FRAMES
+from .videos import DEFAULT_FRAMES
 from .locks import model_lock
 
 

@@ -79,8 +79,8 @@ def viewed(item, prompt: int, index: int) -> Image.Image:
 
 def video_frames(item, prompt: int, index: int, num_frames: int) -> list[Image.Image]:
     """One video of a prompt as PIL frames: a list of frames (each shown as a viewer shows it), or a video
-    file / folder of frames (`dymu.images.load_video`)."""
-    from ..images import load_video
+    file / folder of frames (`dymu.videos.load_video`)."""
+    from ..videos import load_video
 
     if not isinstance(item, (list, tuple)):
         return load_video(item, num_frames)  # checks frames and sizes itself, naming the file

@@ -10,8 +10,8 @@ processor that forces the continuation's tokens one by one and reads their log-p
 the way (the same prefill as a forward pass; each forced token is one cached decode step).
 
 Visuals: a task's `doc_to_visual` may give PIL images, image files and videos (a video file or a
-folder of frames; ``max_frames_num`` evenly spaced frames each, read with PyAV): videos need a model
-that takes them (LLaVA-OneVision, the Qwen VLs), and follow the images in the prompt.
+folder of frames; ``max_frames_num`` evenly spaced frames each, read with PyAV): videos need a family
+that takes them (one that does not refuses them with its reason), and follow the images in the prompt.
 
 Visual tokens: each logged sample's `token_counts` entry carries, per visual item in prompt order,
 `encoder_tokens` (what the vision tower kept), `llm_rows` (the distinct rows the LLM ran),
@@ -25,26 +25,40 @@ and per task, are logged through lmms-eval's metric log and land in the results 
 Data-parallel: under `accelerate launch`, lmms-eval gives each process its shard of the documents
 (rank / world size); this model only puts itself on its process's device, keeps its own counts,
 and merges them across processes at the end.
+
+This module is the request loop; the model_args and a task's generation kwargs are read in
+`lmms_eval_args`, the visual token counts kept in `lmms_eval_counts`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 from transformers import LogitsProcessor, LogitsProcessorList
 
+# generation_kwargs, load_thresholds, VisualTokenCounts and visual_token_summary are imported from here too
+from .lmms_eval_args import (
+    DEFAULT_FRAMES,
+    DEFAULT_MAX_NEW_TOKENS,
+    generation_kwargs,
+    load_thresholds,
+    positive_int_arg,
+    refuse_unknown,
+    settings_from_model_args,
+)
+from .lmms_eval_counts import VisualTokenCounts, gathered_per_doc, summary_lines, visual_token_summary
+
+__all__ = ["DEFAULT_FRAMES", "DEFAULT_MAX_NEW_TOKENS", "MODEL_ID", "ContinuationScorer", "DyMU", "VisualTokenCounts",
+           "cut_at_stop_strings", "generation_kwargs", "length_sorted_batches", "load_thresholds", "manifest",
+           "visual_token_summary"]
+
 MODEL_ID = "dymu"
-DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_FRAMES = 32  # frames per video, lmms-eval's usual max_frames_num for LLaVA-OneVision and Qwen VLs
-# generation kwargs of lmms-eval tasks that this model honours; others are ignored with a warning
-_SAMPLING_KWARGS = ("temperature", "top_p", "top_k")
 
 
 def manifest():
@@ -76,72 +90,6 @@ def cut_at_stop_strings(text: str, until: list[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     cut = min((text.find(s) for s in until if s and s in text), default=len(text))
     return text[:cut]
-
-
-# (kind of item, key of its mean tokens, key of its mean stock tokens, key of its count)
-_SUMMARY_KEYS = (("image", "visual_tokens", "full_visual_tokens", "images"),
-                 ("video", "video_tokens", "full_video_tokens", "videos"))
-
-
-def visual_token_summary(per_doc: dict) -> dict[str, float]:
-    """Mean visual tokens per image and per video, overall and per task, from {(task, doc_id):
-    [(kind, tokens, stock tokens) per visual item]}. Documents without visuals do not count."""
-    summary: dict[str, float] = {}
-    for kind, tokens_key, full_key, count_key in _SUMMARY_KEYS:
-        per_task: dict[str, list] = {}
-        for (task, _), items in sorted(per_doc.items(), key=lambda kv: str(kv[0])):
-            per_task.setdefault(task, []).extend((n, full) for k, n, full in items if k == kind)
-        everything = [pair for pairs in per_task.values() for pair in pairs]
-        if not everything:
-            continue
-        summary[tokens_key] = sum(n for n, _ in everything) / len(everything)
-        summary[full_key] = sum(f for _, f in everything) / len(everything)
-        summary[count_key] = float(len(everything))
-        for task, pairs in per_task.items():
-            if pairs:
-                summary[f"{tokens_key}/{task}"] = sum(n for n, _ in pairs) / len(pairs)
-                summary[f"{count_key}/{task}"] = float(len(pairs))
-    return summary
-
-
-def generation_kwargs(gen: dict, max_new_tokens: int) -> tuple[dict, list[str]]:
-    """(kwargs for generate, names ignored) from a task's generation kwargs, `until` excluded."""
-    gen = dict(gen)
-    kwargs = {"max_new_tokens": int(gen.pop("max_new_tokens", None) or max_new_tokens)}
-    # The task's do_sample wins; a task that gives only a temperature samples when it is > 0
-    # (lmms-eval's own models' convention).
-    temperature = gen.get("temperature") or 0
-    kwargs["do_sample"] = bool(gen.pop("do_sample")) if "do_sample" in gen else float(temperature) > 0
-    for name in _SAMPLING_KWARGS:
-        value = gen.pop(name, None)
-        if kwargs["do_sample"] and value is not None:
-            kwargs[name] = value
-    num_beams = int(gen.pop("num_beams", 1) or 1)
-    if num_beams > 1:
-        kwargs["num_beams"] = num_beams
-    return kwargs, sorted(gen)
-
-
-@dataclass
-class VisualTokenCounts(TokenCounts):
-    """lmms-eval's per-sample token counts plus, per visual item of the prompt (images, then videos),
-    the tokens the LLM saw, the stock model's count and the item's kind."""
-
-    visual_tokens: list[int] | None = None  # = llm_rows (the older name)
-    full_visual_tokens: list[int] | None = None  # = stock_positions (the older name)
-    visual_kinds: list[str] | None = None
-    encoder_tokens: list[int] | None = None
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if self.visual_tokens is not None:
-            d["visual_tokens"] = list(self.visual_tokens)
-            d["full_visual_tokens"] = list(self.full_visual_tokens)
-            d["visual_kinds"] = list(self.visual_kinds)
-            d["encoder_tokens"] = list(self.encoder_tokens)
-            d["llm_rows"] = list(self.visual_tokens)
-            d["stock_positions"] = list(self.full_visual_tokens)
-        return d
 
 
 class ContinuationScorer(LogitsProcessor):
@@ -198,21 +146,16 @@ class DyMU(lmms):
                  min_tokens=None, max_frames_num: int | str = DEFAULT_FRAMES, cross_frame=None, order=None,
                  merge_point=None, vtu_attention="fast", kv_cache=None, tome_vtu=None, **unknown) -> None:
         super().__init__()
-        if unknown:
-            raise ValueError(f"dymu lmms-eval model: unknown model_args {', '.join(sorted(unknown))} (known: "
-                             "pretrained, thresholds, mode, r, batch_size, device, dtype, max_new_tokens, max_tokens, "
-                             "min_tokens, max_frames_num, order, merge_point, vtu_attention, kv_cache, tome_vtu, "
-                             "cross_frame).")
-        self.batch_size_per_process = _positive_int("batch_size", batch_size)
-        from ..images import check_num_frames
+        refuse_unknown(unknown)
+        self.batch_size_per_process = positive_int_arg("batch_size", batch_size)
+        from ..videos import check_num_frames
 
-        self.max_frames_num = check_num_frames(_positive_int("max_frames_num", max_frames_num),
+        self.max_frames_num = check_num_frames(positive_int_arg("max_frames_num", max_frames_num),
                                                "dymu lmms-eval model: max_frames_num")
         from accelerate import Accelerator
 
         from ..api import apply_settings
         from ..generation import load_vlm
-        from ..settings import Settings
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # one device per process, whatever --device said
@@ -220,20 +163,10 @@ class DyMU(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         # Every model_arg is checked before the model loads: a typo fails in a second, naming the argument.
-        thresholds = load_thresholds(thresholds)  # once per process
-        # The dymu.apply settings, validated here (a family's refusals come at apply, after the load).
-        # Unset: the thresholds file's defaults (token budget, order, merge point).
-        options = {name: _whole(name, value, minimum)
-                   for name, value, minimum in (("max_tokens", max_tokens, 1), ("min_tokens", min_tokens, 0),
-                                                ("r", r, 0)) if value is not None}
-        options.update({name: _boolean(name, value) for name, value in (("cross_frame", cross_frame),
-                                                                         ("tome_vtu", tome_vtu)) if value is not None})
-        try:
-            settings = Settings(mode=mode, thresholds=thresholds, order=order or None, merge_point=merge_point or None,
-                                vtu_attention=vtu_attention, kv_cache=kv_cache, **options)
-        except ValueError as err:
-            raise ValueError(f"dymu lmms-eval model: {err}") from None
-        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        # The thresholds load once per process.
+        settings = settings_from_model_args(thresholds, mode, r, max_tokens, min_tokens, cross_frame, tome_vtu, order,
+                                            merge_point, vtu_attention, kv_cache)
+        self.max_new_tokens = positive_int_arg("max_new_tokens", max_new_tokens)
         self.model, self.processor = load_vlm(str(pretrained), device, dtype)
         apply_settings(self.model, settings)
         self.mode = mode
@@ -269,7 +202,8 @@ class DyMU(lmms):
         folders of frames as they are (dymu.generate reads ``max_frames_num`` frames of each)."""
         from PIL import Image
 
-        from ..images import IMAGE_SUFFIXES, is_video_path, open_image, to_rgb
+        from ..images import IMAGE_SUFFIXES, open_image, to_rgb
+        from ..videos import is_video_path
 
         doc_to_visual, doc_id, task, split = request.args[2:6]
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
@@ -289,8 +223,8 @@ class DyMU(lmms):
 
     def _frame_counts(self, request: Instance) -> tuple[int, ...]:
         """The frame count of each of the request's videos (none for image tasks): a batch keeps to one
-        count, since LLaVA-OneVision stacks a call's videos into one tensor (dymu.generate refuses a mix)."""
-        from ..images import is_video_path, video_frame_count
+        count, since a family may stack a call's videos into one tensor (dymu.generate refuses a mix)."""
+        from ..videos import is_video_path, video_frame_count
 
         doc_to_visual, doc_id, task, split = request.args[2:6]
         if doc_to_visual is None:
@@ -403,18 +337,9 @@ class DyMU(lmms):
     # --- the end of the requests ---------------------------------------------------------------
 
     def visual_token_summary(self) -> dict[str, float]:
-        """Mean visual tokens per image over every process's documents (a collective call under
-        data parallelism: every rank must make it)."""
-        per_doc = dict(self._visual_tokens)
-        dist = torch.distributed
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, per_doc)
-            per_doc = {}
-            for part in gathered:
-                for key, value in part.items():
-                    per_doc.setdefault(key, value)
-        return visual_token_summary(per_doc)
+        """Mean visual tokens per image over every process's documents (a collective call under data
+        parallelism: every rank must make it)."""
+        return visual_token_summary(gathered_per_doc(self._visual_tokens, self.world_size))
 
     def clean(self):
         """lmms-eval calls this on every rank once all requests are answered: report the visual
@@ -424,52 +349,9 @@ class DyMU(lmms):
         summary = self.visual_token_summary()
         if summary and self.rank == 0:
             log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0, additional_metrics=summary)
-            for kind, tokens_key, full_key, _ in _SUMMARY_KEYS:
-                if tokens_key in summary:
-                    tasks = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in summary.items()
-                                      if k.startswith(f"{tokens_key}/"))
-                    print(f"dymu [{self.mode}]: {summary[tokens_key]:.1f} visual tokens per {kind} on average "
-                          f"(stock {summary[full_key]:.0f}; {tasks})", flush=True)
+            for line in summary_lines(self.mode, summary):
+                print(line, flush=True)
         super().clean()
-
-
-def load_thresholds(value):
-    """``thresholds`` model arg: None, one number for every layer (``inf`` = no merge), a file, a
-    folder holding thresholds.json or a Hub repo ``org/name[:file]`` (`Thresholds.from_ref`)."""
-    from ..thresholds import Thresholds
-
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return Thresholds.from_ref(value)
-    if math.isnan(number) or (math.isfinite(number) and number < 0):
-        raise ValueError(f"dymu lmms-eval model: thresholds must be a number >= 0 (a cosine similarity), inf (never "
-                         f"merge), -inf (merge every edge), a file, a folder or a Hub repo, not {value!r}.")
-    return number
-
-
-def _boolean(name: str, value) -> bool:
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise ValueError(f"dymu lmms-eval model: {name} must be true or false, not {value!r}.")
-
-
-def _whole(name: str, value, minimum: int) -> int:
-    text = str(value).strip()
-    if text.isdigit() and int(text) >= minimum:
-        return int(text)
-    raise ValueError(f"dymu lmms-eval model: {name} must be a whole number >= {minimum}, not {value!r}.")
-
-
-def _positive_int(name: str, value) -> int:
-    if str(value).isdigit() and int(value) > 0:
-        return int(value)
-    raise ValueError(f"dymu lmms-eval model: {name} must be a positive whole number, not {value!r}.")
 
 
 def _flatten(visuals) -> list:

@@ -44,7 +44,8 @@ def _generate_focus(args, count: int):
 def cmd_generate(args) -> int:
     loading(args.model)  # before the imports: they are part of the silence
     from ..generation import generate
-    from ..images import load_video, open_image, resolve_images
+    from ..images import open_image, resolve_images
+    from ..videos import load_video
 
     if not args.images and not args.video:
         raise ValueError("give at least one --images or --video")

@@ -1,0 +1,7 @@
+"""`python -m dymu`: the `dymu` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
