@@ -6,7 +6,6 @@ bidirectional image blocks) and the token counts of every image."""
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -64,22 +63,12 @@ def gemma3_pixels(processor, images, focus=None, fill=None) -> torch.Tensor:
     return image_processor(images=filled[0], return_tensors="pt")["pixel_values"]
 
 
-@contextlib.contextmanager
 def budget_set(settings, max_tokens=None, min_tokens=None):
-    """The call's budget: each bound given here replaces the one `dymu.apply` set (for this block)."""
-    from ..towers.qwen_rules import override_budget
+    """The call's budget held on the patch state for the block (each bound given replaces `dymu.apply`'s)."""
+    from ..towers.budget import call_budget, holding_budget
+    from ..towers.qwen_rules import make_qwen_budget
 
-    if max_tokens is None and min_tokens is None:
-        yield
-        return
-    if settings is None:
-        raise ValueError("max_tokens/min_tokens need a merging mode (dymu or tome), not the stock model")
-    previous = settings.budget
-    settings.budget = override_budget(previous, max_tokens, min_tokens)
-    try:
-        yield
-    finally:
-        settings.budget = previous
+    return holding_budget(settings, call_budget(settings, max_tokens, min_tokens, make_qwen_budget))
 
 
 def _cut(flat: list, counts: list[int]) -> list[list[int]]:

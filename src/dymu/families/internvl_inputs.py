@@ -135,13 +135,10 @@ def internvl_inputs(model, processor, request) -> PreparedInputs:
 
 def _call_budget(settings, max_tokens, min_tokens):
     """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
-    from ..towers.qwen_rules import override_budget
+    from ..towers.budget import call_budget
+    from ..towers.qwen_rules import make_qwen_budget
 
-    if max_tokens is None and min_tokens is None:
-        return None if settings is None else settings.budget
-    if settings is None:
-        raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
-    return override_budget(settings.budget, max_tokens, min_tokens)
+    return call_budget(settings, max_tokens, min_tokens, make_qwen_budget)
 
 
 def _without(model, processor, original, settings, rows) -> list[list[int]]:

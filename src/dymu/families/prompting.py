@@ -122,14 +122,7 @@ def focused_images(image_processor, images: list[list], focus, fill) -> tuple[li
 
 
 def call_budget(tower, max_tokens, min_tokens):
-    """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
-    from ..towers.encoder import make_budget
+    """The budget for one call on a CLIP / SigLIP tower: each bound given here replaces the one `dymu.apply` set."""
+    from ..towers.budget import call_budget as budget_for_call, make_budget
 
-    state = getattr(tower, "_dymu_state", None)
-    if max_tokens is None and min_tokens is None:
-        return None if state is None else state.budget
-    if state is None:
-        raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
-    current = state.budget
-    return make_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
-                       min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+    return budget_for_call(getattr(tower, "_dymu_state", None), max_tokens, min_tokens, make_budget)

@@ -17,7 +17,8 @@ import torch
 
 from .qwen_positions import keep_mask, shorten_prompt
 from .qwen_processors import qwen_inputs
-from ..towers.qwen_rules import override_budget
+from ..towers.budget import call_budget, holding_budget
+from ..towers.qwen_rules import make_qwen_budget
 
 
 @dataclass
@@ -31,21 +32,10 @@ class QwenPrepared:
     without: list[list[int]] | None = None  # budget or focus given: the tokens kept without either
 
 
-@contextlib.contextmanager
 def budget_set(model, max_tokens=None, min_tokens=None):
-    """The call's budget: each bound given here replaces the one `dymu.apply` set (for this block)."""
+    """The call's budget held on the patch state for the block (each bound given replaces `dymu.apply`'s)."""
     settings = getattr(model.model, "_dymu", None)
-    if max_tokens is None and min_tokens is None:
-        yield
-        return
-    if settings is None:
-        raise ValueError("max_tokens/min_tokens need a merging mode (dymu, dtome or tome), not the stock model")
-    previous = settings.budget
-    settings.budget = override_budget(previous, max_tokens, min_tokens)
-    try:
-        yield
-    finally:
-        settings.budget = previous
+    return holding_budget(settings, call_budget(settings, max_tokens, min_tokens, make_qwen_budget))
 
 
 def chat_texts(processor, prompts: list[str], media: list[list]) -> list[str]:

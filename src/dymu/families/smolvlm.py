@@ -23,7 +23,6 @@ as LLaVA-NeXT's counts per crop.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGe
 from .. import compat
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..patching import PatchedClasses, restore_class, swap_class
+from ..towers.budget import holding_budget
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget, override_budget
 from ..towers.smolvlm_vit import (
     TilesEncoded,
@@ -350,10 +350,10 @@ def smolvlm_inputs(model, processor, request) -> PreparedInputs:
     without = None
     if budget is not None or request.focus is not None:  # the same images, whole, without the budget
         plain = processor.image_processor(images=original, return_tensors="pt")
-        with _budget(settings, None):
+        with holding_budget(settings, None):
             inner.get_image_features(*pixels_of(plain))
         without = per_prompt(_per_image(settings.last_encoded.kept_per_tile, tiles_of), images)
-    with _budget(settings, budget):
+    with holding_budget(settings, budget):
         features, encoder_s = timed(device, lambda: inner.get_image_features(*pixels_of(inputs)))
     per_tile = settings.last_encoded.kept_per_tile
     if settings.direct:  # each tile's run of placeholders shrinks to its kept units
@@ -363,15 +363,6 @@ def smolvlm_inputs(model, processor, request) -> PreparedInputs:
     return PreparedInputs({"input_ids": input_ids, "attention_mask": attention_mask,
                            "mm_encoder_outputs": {"image": features}}, llm_rows=rows, stock_positions=stock,
                           encoder_tokens=rows, full_tokens=stock, encoder_s=encoder_s, without=without)
-
-
-@contextlib.contextmanager
-def _budget(settings: SmolVLMSettings, budget: QwenBudget | None):
-    previous, settings.budget = settings.budget, budget
-    try:
-        yield
-    finally:
-        settings.budget = previous
 
 
 def global_token_id(processor) -> int:

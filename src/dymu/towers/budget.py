@@ -3,6 +3,7 @@ the per-image token budget (cost control, paper §4.3)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -110,3 +111,35 @@ def _threshold_floats(values: list) -> list[float]:
 
 
 # What the DToMe block reads from a stock encoder layer (a pre-norm ViT block: CLIP, SigLIP).
+
+
+# One call's budget (`dymu.generate(..., max_tokens=...)`, `dymu encode --max-tokens`) on top of the one
+# `dymu.apply` set. ``state`` is whatever patch state holds the apply-time budget as ``state.budget`` (a
+# tower's, a unit family's; None on a stock model); ``make`` checks and builds the family's budget type.
+
+
+def call_budget(state, max_tokens, min_tokens, make):
+    """The budget for one call: each bound given here replaces the one `dymu.apply` set."""
+    if max_tokens is None and min_tokens is None:
+        return None if state is None else state.budget
+    if state is None:
+        raise ValueError("max_tokens/min_tokens need a merging mode, not the stock model")
+    current = state.budget
+    return make(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
+                min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+
+
+@contextlib.contextmanager
+def holding_budget(state, budget):
+    """``state.budget`` is ``budget`` inside the block, and what it was after it (a stock model's None
+    state holds no budget: nothing to do)."""
+    if state is None:
+        if budget is not None:
+            raise ValueError("max_tokens/min_tokens need a merging mode, not the stock model")
+        yield state
+        return
+    previous, state.budget = state.budget, budget
+    try:
+        yield state
+    finally:
+        state.budget = previous

@@ -28,7 +28,7 @@ from ..compat import unwrap_compiled
 from ..encoded import Encoded
 from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
-from .budget import TokenBudget, _per_layer, _threshold_floats, make_budget  # noqa: F401  (imported from here too)
+from .budget import TokenBudget, _per_layer, _threshold_floats, holding_budget, make_budget  # noqa: F401  (imported from here too)
 
 # ---------------------------------------------------------------------------------------------
 # Per-family description of a vision tower.
@@ -364,13 +364,8 @@ def dtome_patched(tower: nn.Module, family: TowerFamily, thresholds=None, r=None
 @contextlib.contextmanager
 def budget_set(tower: nn.Module, budget: TokenBudget | None):
     """Use ``budget`` (None: no budget) on a patched tower for the duration of a block."""
-    state: TowerState = tower._dymu_state
-    previous = state.budget
-    state.budget = budget
-    try:
+    with holding_budget(tower._dymu_state, budget) as state:
         yield state
-    finally:
-        state.budget = previous
 
 
 def _patches_per_image(tower: nn.Module) -> int:
