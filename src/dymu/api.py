@@ -46,7 +46,7 @@ def _family_or_none(model: nn.Module):
 
 def encoder_pixels(model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
     """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image):
-    one crop per image, except for families that cut images into crops (AnyRes)."""
+    one crop per image, except for families that cut images into crops."""
     family = _family_or_none(model)
     if family is not None:
         return family.encoder_pixels(model, processed)
@@ -76,40 +76,37 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place with DyMU and return it. Undo with `remove`.
 
-    - a supported VLM (``LlavaForConditionalGeneration``; ``LlavaNextForConditionalGeneration`` and
-      ``LlavaOnevisionForConditionalGeneration`` take full / dymu / tome only): ``mode`` is one of ``full`` (stock), ``dymu`` (DToMe +
-      VTU, default), ``dtome`` (merged tokens fed directly, no VTU), ``tome`` (fixed ``r`` merges
-      per layer, with VTU unless ``tome_vtu=False``), ``downsample`` (stock model, smaller images:
-      see `dymu.generate`).
-    - a CLIP or SigLIP vision model: DToMe with ``thresholds`` (one number, one per layer, or a
-      `Thresholds` object; +inf or None = no merge at that layer, -inf = merge every edge) or plain
-      ToMe with ``r``. Every layer merges at most (t - protected) // 2 of an image's t tokens.
-    - ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-      ``Qwen3VLForConditionalGeneration``: ``mode`` ``full``, ``dymu``, ``dtome`` (merged tokens fed
-      straight to the LLM, each at its group's first unit's stock (t, h, w) M-RoPE position; the prompt
-      holds one placeholder per kept token: `dymu.prompt_inputs`) or ``tome`` (``r`` unit merges per ViT
-      block, VTU unless ``tome_vtu=False``); ``merge_point`` ``"vit"`` (unit-level DToMe in every ViT
-      block, one threshold per block) or ``"post"`` (stock ViT, merge rounds after the PatchMerger, one
-      threshold per round); default: the thresholds file's, else ``"vit"``. ``cross_frame=True``: a
-      video's merge steps alternate between merging across its frames (a unit can join its twin in the
-      next temporal patch) and within them (default: within each temporal patch only). The token budget
-      counts LLM tokens (2x2 units) per image and per video, over every ViT block ("vit") or over the
-      post rounds ("post": add +inf rounds to make room); whether ``max_tokens`` is reachable depends on
-      each image's size, so every call checks it before the tower runs. See `dymu.families.qwen_vl`.
-    - a Llama / Mistral / Qwen2 causal LM: VTU decoder layers (group maps: `dymu.decoders.llama`).
+    ``model``: a VLM of a registered family (`dymu.families`); a bare vision model of a registered tower family
+    (`dymu.towers`), which takes ``thresholds`` or ``r``, ``order`` and the token budget; or a causal LM whose
+    decoder layers VTU supports (`dymu.decoders.registry`), which takes ``vtu_attention`` and ``kv_cache`` (give
+    it group maps with `dymu.decoders.llama.vtu_groups`).
 
-    ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`);
-    default: the order a `Thresholds` object was calibrated in, else "ab".
+    Each family declares every mode and option below as offered, or refused with a one-line reason; a call
+    that uses one its family refuses raises that reason before anything changes. What each family offers:
+    `dymu.families.base.feature_matrix()` (the README's families table); whether each family runs on your
+    device and versions: `dymu env --check`.
+
+    ``thresholds``: the DToMe thresholds: a `Thresholds` object (`dymu.calibrate`, a file), one number or one
+    per layer (+inf or None: no merge at that layer, -inf: merge every edge); a layer merges at most half
+    of an image's tokens.
+    ``r``: a fixed number of merges per layer or step (ToMe), instead of thresholds.
+    ``mode``: ``full`` (stock), ``dymu`` (merges in the vision encoder, VTU in the LLM: the default), ``dtome``
+    (merged tokens fed straight to the LLM, no VTU), ``tome`` (``r`` merges, VTU unless ``tome_vtu=False``) or
+    ``downsample`` (the stock model on smaller images: see `dymu.generate`).
+    ``order``: where tokens go after a merge: "interleaved", "ab" or "ab-score" (`dymu.token_order`); default:
+    the order a `Thresholds` object was calibrated in, else "ab".
     ``vtu_attention``: "fast" (gather + stock attention) or "exact" (paper Eq. 10, eager only).
-    ``kv_cache``: with VTU, "compact" (one key and value per merged token in every layer's KV cache,
-    exact; `dymu.kv_cache`) or "full" (the stock full-length cache); default: the family's (the first of
-    these it supports: every family but Qwen3.5, which refuses "compact" with its reason, takes "compact").
-    ``max_tokens`` / ``min_tokens``: a per-image token budget at the feature layer (class token not
-    counted), on top of the thresholds (or r): an image over ``max_tokens`` merges its best remaining
-    edges in the last layers before the feature layer, within the per-layer cap; an image stops
-    merging before it would drop under ``min_tokens``. Default: the `Thresholds` file's
-    ``max_tokens`` / ``min_tokens``; ``max_tokens=math.inf`` / ``min_tokens=0`` switch them off.
-    Checked here: a ``max_tokens`` the layers cannot reach is refused.
+    ``kv_cache``: with VTU, "compact" (one key and value per merged token in every layer's KV cache, exact;
+    `dymu.kv_cache`) or "full" (the stock full-length cache); default: the family's.
+    ``merge_point``: where the merges run: "vit" (in the vision tower), "post" (on the LLM-level tokens after
+    the stock steps that follow the tower) or "both", those its family offers; default: the thresholds
+    file's, else "vit".
+    ``max_tokens`` / ``min_tokens``: a token budget per image (per video) on top of the thresholds (or ``r``):
+    an image over ``max_tokens`` merges its best remaining edges in the last merges, within the per-layer cap;
+    one stops merging before it would drop under ``min_tokens``. Default: the `Thresholds` file's;
+    ``max_tokens=math.inf`` / ``min_tokens=0`` switch them off. A ``max_tokens`` the merges cannot reach is
+    refused (here, or at the call for images whose size decides it).
+    ``cross_frame``: a video's merges also join tokens across its frames (default: within each frame).
     """
     settings = Settings(mode=mode, thresholds=thresholds, r=r, order=order, vtu_attention=vtu_attention,
                         kv_cache=kv_cache, tome_vtu=tome_vtu, merge_point=merge_point, max_tokens=max_tokens,
@@ -150,7 +147,7 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
 
 
 def _apply_to_tower(model: nn.Module, settings: Settings) -> nn.Module:
-    """A bare CLIP / SigLIP vision model: DToMe with thresholds, or ToMe with r."""
+    """A bare vision model of a registered tower family: DToMe with thresholds, or ToMe with r."""
     if settings.kv_cache not in (None, "compact"):
         raise ValueError("kv_cache is a setting of VTU in a language model; a vision model has no KV cache")
     wrong = [name for name in ("merge_point", "cross_frame", "tome_vtu") if name in settings.used_options()]

@@ -109,25 +109,21 @@ def from_pretrained_checked(cls, model_ref: str, **kwargs):
 
 
 def load_vision_model(model_ref: str, device: torch.device, dtype: torch.dtype):
-    """A bare CLIP/SigLIP vision model, or a VLM (whose vision tower is then used), plus its
-    image processor. Returns (model, image_processor or None)."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, CLIPVisionModel, SiglipVisionModel
+    """A bare vision model of a registered tower family (`dymu.towers`), or a VLM (whose vision tower is then
+    used), plus its image processor. Returns (model, image_processor or None)."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from .towers import registry
 
     config = _config(model_ref)
-    vision_classes = {
-        "clip_vision_model": CLIPVisionModel,
-        "clip": CLIPVisionModel,
-        "siglip_vision_model": SiglipVisionModel,
-        "siglip": SiglipVisionModel,
-    }
-    if config.model_type in vision_classes:
-        cls = vision_classes[config.model_type]
+    tower_family = registry.family_for_model_type(config.model_type)
+    if tower_family is not None:
+        cls = tower_family.tower_class
     elif hasattr(config, "vision_config") and hasattr(config, "text_config"):
         cls = AutoModelForImageTextToText
     else:
-        raise LoadError(
-            f"{model_ref} is a {config.model_type!r} model, not a CLIP/SigLIP vision model or a VLM with one."
-        )
+        names = "/".join(family.name for family in registry.FAMILIES)
+        raise LoadError(f"{model_ref} is a {config.model_type!r} model, not a {names} vision model or a VLM with one.")
     model = from_pretrained_checked(cls, model_ref, dtype=dtype).to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(model_ref)

@@ -1,6 +1,6 @@
 """Language-model decoder layers with VTU, one file per family of decoder layers.
 
-Importing this package registers every family with the shared VTU layer (llama.py).
+Importing this package registers every family with the shared VTU layer (vtu_layer.py, patched in by llama.py).
 """
 
 from . import qwen_vl  # noqa: F401  (registers the Qwen VL text decoders)

@@ -1,7 +1,7 @@
 """VTU for the Gemma 3 text decoder (`Gemma3DecoderLayer`, the language model of
 `Gemma3ForConditionalGeneration`).
 
-The shared VTU layer (decoders/llama.py) with three declared facts of this family:
+The shared VTU layer (decoders/vtu_layer.py) with three declared facts of this family:
 - *sandwich norms*: the attention output is normalised (``post_attention_layernorm``) before its
   residual add, and the MLP sits between ``pre_feedforward_layernorm`` and
   ``post_feedforward_layernorm``; all of them are row-wise, so they run on the unique rows;

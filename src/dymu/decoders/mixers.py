@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import compat, vtu
+from .vtu_state import CHECK_GROUP_ROWS_ENV, GroupRowsError
 
 # The pre-norm residual block around every token mixer VTU patches: these run row by row.
 LAYER_ROW_WISE = ("input_layernorm", "post_attention_layernorm", "mlp")
@@ -74,8 +75,6 @@ class RowWiseMixer:
 
     def forward(self, layer: nn.Module, args: tuple, kwargs: dict):
         """The patched layer's forward: the stock one, with the hooks on for a VTU prefill."""
-        from .llama import CHECK_GROUP_ROWS_ENV, GroupRowsError
-
         hidden = args[0] if args else kwargs["hidden_states"]
         state = layer._dymu_vtu
         state.rows[layer._dymu_vtu_key] = Counter({"positions": hidden.shape[0] * hidden.shape[1]})

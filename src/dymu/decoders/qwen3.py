@@ -1,4 +1,4 @@
-"""VTU for the Qwen3 text decoder (InternVL 3.5's language model): the shared VTU layer (decoders/llama.py)
+"""VTU for the Qwen3 text decoder (InternVL 3.5's language model): the shared VTU layer (decoders/vtu_layer.py)
 with Qwen3's per-head q/k RMSNorms (row-wise, so they run on the unique rows) and its per-layer
 ``sliding_window``, which the stock attention passes to the attention function as Qwen2 does."""
 

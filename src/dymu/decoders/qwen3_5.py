@@ -1,7 +1,7 @@
 """VTU for the hybrid text decoder of Qwen3.5: Gated DeltaNet linear-attention layers and gated
 full-attention layers (``config.layer_types``), both in the one `Qwen3_5DecoderLayer` class.
 
-- Full attention: the shared VTU layer (decoders/llama.py) with two per-family facts: per-head q/k
+- Full attention: the shared VTU layer (decoders/vtu_layer.py) with two per-family facts: per-head q/k
   RMSNorms (as Qwen3-VL), and an output gate (q_proj makes a (query, gate) pair per head; the output
   is multiplied by sigmoid(gate) before o_proj). Partial rotary (a fraction of each head rotated) is
   the family's own apply_rotary_pos_emb, which the shared layer calls.

@@ -1,6 +1,6 @@
 """What VTU knows about each decoder-layer class it patches: one `DecoderFacts` record per stock class,
 registered with one line per family (decoders/qwen_vl.py, qwen3.py, qwen3_5.py, gemma3.py). The VTU layer
-(decoders/llama.py) reads these facts instead of testing layer types."""
+(decoders/vtu_layer.py) and its checks (decoders/llama.py) read these facts instead of testing layer types."""
 
 from __future__ import annotations
 

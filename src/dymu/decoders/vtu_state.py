@@ -1,6 +1,6 @@
 """The state one model's VTU decoder layers share (`VTUState`: the group map and its plans, the KV cache
 mode, what the compact cache needs from the rotary module, row counts), the hooks that fill it, and the
-errors a VTU forward raises."""
+errors a VTU forward raises (with the switch of its debug check)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ from torch import Tensor, nn
 
 from .. import kv_cache, vtu
 
+# Debug check (on in the tests): rows of one group must be bitwise equal entering every VTU layer.
+# A model that adds per-position inputs between layers (Qwen3-VL deepstack) would otherwise silently
+# keep only the first row of each group.
+CHECK_GROUP_ROWS_ENV = "DYMU_CHECK_GROUP_ROWS"
+
 
 class GroupRowsError(RuntimeError):
     """Rows of one VTU group differ entering a decoder layer (debug check, DYMU_CHECK_GROUP_ROWS=1)."""
+
+
+# The modules whose rows `rows_processed` counts on an attention layer.
 _COUNTED = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
             "self_attn.o_proj", "post_attention_layernorm", "mlp")
 

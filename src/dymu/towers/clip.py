@@ -2,7 +2,7 @@
 
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
 
-from .encoder import TowerFamily, register_family
+from .registry import TowerFamily, register_family
 
 
 def _processor(config):
@@ -25,5 +25,6 @@ CLIP = register_family(
         has_class_token=True,
         embed=_embed,
         default_processor=_processor,
+        model_types=("clip_vision_model", "clip"),
     )
 )

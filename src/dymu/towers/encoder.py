@@ -1,4 +1,4 @@
-"""DToMe inside a stock ViT encoder (CLIP, SigLIP), shared by the per-family adapters.
+"""DToMe inside a stock ViT encoder (CLIP, SigLIP), shared by the per-family adapters (registry.py).
 
 Each encoder layer of the tower is class-swapped, per instance, to a subclass whose forward is the
 stock pre-norm block with one step added between the attention residual and the MLP: merge the
@@ -24,51 +24,11 @@ from torch import nn
 
 from .. import merge as M
 from .. import compat
-from ..compat import unwrap_compiled
 from ..encoded import Encoded
 from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
 from .budget import TokenBudget, _per_layer, _threshold_floats, holding_budget, make_budget  # noqa: F401  (imported from here too)
-
-# ---------------------------------------------------------------------------------------------
-# Per-family description of a vision tower.
-
-
-@dataclass(frozen=True)
-class TowerFamily:
-    name: str
-    tower_class: type  # e.g. CLIPVisionModel
-    layer_class: type  # e.g. CLIPEncoderLayer
-    has_class_token: bool
-    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]  # tower, pixel_values -> (B, N, D)
-    # The stock preprocessing for a config, for towers saved without a preprocessor_config.json.
-    default_processor: Callable[[object], object]
-
-
-FAMILIES: list[TowerFamily] = []  # filled by patch/clip.py and patch/siglip.py
-
-
-def register_family(family: TowerFamily) -> TowerFamily:
-    FAMILIES.append(family)
-    return family
-
-
-def family_of(tower: nn.Module) -> TowerFamily | None:
-    for family in FAMILIES:
-        if isinstance(unwrap_compiled(tower), family.tower_class):
-            return family
-    return None
-
-
-def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
-    """Every supported vision tower in ``model`` (the model itself, or a VLM's vision tower)."""
-    found = []
-    for module in model.modules():
-        family = family_of(module)
-        if family is not None:
-            found.append((module, family))
-    return found
-
+from .registry import FAMILIES, TowerFamily, family_of, find_towers, register_family  # noqa: F401  (imported from here too)
 
 # ---------------------------------------------------------------------------------------------
 # Merge rules and the per-forward state.

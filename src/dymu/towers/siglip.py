@@ -2,7 +2,7 @@
 
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
 
-from .encoder import TowerFamily, register_family
+from .registry import TowerFamily, register_family
 
 
 def _processor(config):
@@ -23,5 +23,6 @@ SIGLIP = register_family(
         has_class_token=False,
         embed=_embed,
         default_processor=_processor,
+        model_types=("siglip_vision_model", "siglip"),
     )
 )
