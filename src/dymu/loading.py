@@ -86,17 +86,20 @@ def _config(model_ref: str):
         raise LoadError(f"cannot load a model config from {model_ref}: {first}") from None
 
 
-def from_pretrained_checked(cls, model_ref: str, **kwargs):
+def from_pretrained_checked(cls, model_ref: str, unused_prefix: str | None = None, **kwargs):
     """``cls.from_pretrained(model_ref, **kwargs)``, refusing a checkpoint that does not fill the model.
 
     transformers only logs missing weights (initialising them at random, e.g. a config declaring more
     layers than the weights hold) and unexpected ones (weights the model has no place for), and dymu
-    silences its logs: a LoadError says it in one line instead.
+    silences its logs: a LoadError says it in one line instead. ``unused_prefix``: the model is one
+    part of the checkpoint (the vision half of a CLIP / SigLIP dual encoder): checkpoint weights outside
+    this prefix are the other part, left unused on purpose.
     """
     model, info = cls.from_pretrained(model_ref, output_loading_info=True, **kwargs)
+    unexpected = [k for k in info.get("unexpected_keys") or () if unused_prefix is None or k.startswith(unused_prefix)]
     problems = []
     for kind, keys in (("missing from the checkpoint (they would be random)", info.get("missing_keys")),
-                       ("in the checkpoint but not in the model", info.get("unexpected_keys")),
+                       ("in the checkpoint but not in the model", unexpected),
                        ("of the wrong shape", [k[0] if isinstance(k, tuple) else k
                                                for k in info.get("mismatched_keys") or ()])):
         keys = sorted(keys or ())
@@ -116,15 +119,17 @@ def load_vision_model(model_ref: str, device: torch.device, dtype: torch.dtype):
     from .towers import registry
 
     config = _config(model_ref)
-    tower_family = registry.family_for_model_type(config.model_type)
+    tower_family, part = registry.family_for_model_type(config.model_type), None
     if tower_family is not None:
         cls = tower_family.tower_class
+        if config.model_type != tower_family.model_types[0]:  # a dual encoder's checkpoint: its vision half
+            part = "vision_model."
     elif hasattr(config, "vision_config") and hasattr(config, "text_config"):
         cls = AutoModelForImageTextToText
     else:
         names = "/".join(family.name for family in registry.FAMILIES)
         raise LoadError(f"{model_ref} is a {config.model_type!r} model, not a {names} vision model or a VLM with one.")
-    model = from_pretrained_checked(cls, model_ref, dtype=dtype).to(device).eval()
+    model = from_pretrained_checked(cls, model_ref, unused_prefix=part, dtype=dtype).to(device).eval()
     try:
         processor = AutoImageProcessor.from_pretrained(model_ref)
     except (OSError, ValueError):
