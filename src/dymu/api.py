@@ -136,12 +136,13 @@ def apply_settings(model: nn.Module, settings: Settings) -> nn.Module:
     try:
         apply_vtu(model, vtu_attention=settings.vtu_attention, kv_cache=settings.kv_cache or "compact")
     except ValueError:
+        from .decoders.registry import SUPPORTED_MODELS
         from .families import supported_vlm_names
 
         names = ", ".join(f.tower_class.__name__ for f in FAMILIES)
         raise ValueError(
             f"{type(model).__name__} is not supported: dymu.apply takes a VLM ({', '.join(supported_vlm_names())}), a vision "
-            f"model ({names}) or a Llama/Mistral/Qwen2 causal LM."
+            f"model ({names}) or a causal LM ({', '.join(m for m in SUPPORTED_MODELS if m.endswith('ForCausalLM'))})."
         ) from None
     return model
 

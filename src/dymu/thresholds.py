@@ -172,9 +172,10 @@ class Thresholds:
                 bad(f"encoder.{key}", f"must be a {kind.__name__}, not {enc.get(key)!r}")
         layers = whole(enc.get("num_layers"), "encoder.num_layers", 1)
         merge_point = enc.get("merge_point")
-        if merge_point is not None and enc.get("patches_per_image") is None:  # a Qwen VL: native resolution
+        if merge_point is not None and enc.get("patches_per_image") is None:  # units: their count varies per image
             if merge_point not in ("vit", "post"):
-                bad("encoder.merge_point", f"is {merge_point!r}; a Qwen VL merges at 'vit' or 'post'")
+                bad("encoder.merge_point", f"is {merge_point!r}; a file without patches_per_image (units) merges "
+                                           "at 'vit' or 'post'")
             patches = math.inf
         else:
             if merge_point not in (None, "vit", "post", "both"):
