@@ -187,10 +187,48 @@ class VLMFamily:
         of every unit, the unit grid (h, w))) with ``thresholds``."""
         raise NotImplementedError(f"{self.title} merges no units")
 
+    def analyze_crops(self, model: nn.Module, image_processor) -> tuple[Callable, Callable, Callable]:
+        """`dymu analyze` for families whose processor cuts an image into crops (``crops_images``), through the
+        model's own image path, ``model`` patched by `dymu.apply` for the run: (prepare(PIL image, path) ->
+        (pixels, extra), check(pixels) raising where ``image_processor`` is not the model's own, encode(pending
+        [(row, pixels, extra)], budget=True) -> per image (row fields ``tokens``, ``full_tokens``,
+        ``encoder_tokens``, ``llm_rows``, ``stock_positions``; the (3, H, W) pixels of the crop its merge map is
+        drawn on, the group of every token of that crop, its grid (h, w))); ``budget=False``: the same images
+        with the tower's token budget lifted. LLaVA-NeXT, LLaVA-NeXT-Video and LLaVA-OneVision."""
+        raise NotImplementedError(f"{self.title} cuts no image into crops")
+
+    def analyze_view(self, model: nn.Module, image_processor, image) -> torch.Tensor:
+        """`dymu analyze`'s pictures: the (3, H, W) pixel values of one PIL ``image`` as ``image_processor``
+        prepares it for the model. Default: its first view (an AnyRes model's base crop, a tiling processor's
+        first tile); the Qwen VLs un-patchify theirs."""
+        return first_view(image_processor, image)
+
+    def encode_packed(self, model: nn.Module, image_processor, item) -> tuple[torch.Tensor, Any]:
+        """One PIL image, or one video (a list of PIL frames), through the patched model's own image / video
+        path: (the VTU group of every position of its placeholders in the stock prompt, the tower's
+        `EncodedImages` of its crops / frames in order). LLaVA-NeXT, LLaVA-NeXT-Video and LLaVA-OneVision
+        (video: the last two)."""
+        raise NotImplementedError(f"{self.title} has no packed group map")
+
+    def post_round_rows(self, model: nn.Module, processed, chooser: Callable[[int], Callable],
+                        device: torch.device) -> torch.Tensor:
+        """Calibration of the merge rounds after the stock steps (merge points "post" / "both") in a family with
+        calibration "tower": (images, rounds) LLM rows of every image of one image-processor output after every
+        round, the rounds' edges chosen by ``chooser(units entering the rounds)`` (batch-level Eq. 4).
+        LLaVA-NeXT, LLaVA-NeXT-Video and LLaVA-OneVision."""
+        raise NotImplementedError(f"{self.title} has no merge rounds after a CLIP / SigLIP tower")
+
     def encoder_pixels(self, model: nn.Module, processed) -> tuple[torch.Tensor, list[int]]:
         """What the vision tower sees for one image-processor output: (crops (C, 3, S, S), crops per image)."""
         pixels = processed["pixel_values"]
         return pixels, [1] * len(pixels)
+
+
+def first_view(image_processor, image) -> torch.Tensor:
+    """(3, H, W) pixel values of the first view ``image_processor`` makes of one PIL ``image`` (its only one,
+    an AnyRes model's base crop, a tiling processor's first tile)."""
+    pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    return pixels[0] if pixels.ndim == 4 else pixels
 
 
 def stock_processor(model_ref: str):

@@ -69,6 +69,7 @@ from ..towers.encoder import (
     family_of,
 )
 from ..patching import swap_class
+from . import anyres_measure
 from .anyres_groups import (
     NEWLINE_PROBE,
     _canvas_labels,
@@ -87,15 +88,15 @@ from .anyres_inputs import (  # noqa: F401  (imported from here too)
     stock_tokens_per_item,
     unique_rows_per_item,
 )
+from .anyres_merge_points import MERGE_POINTS, POST_ROUNDS, resolve_merge_point
 from .base import register_vlm_family
 from .llava import labels_to_group_map, project_merged, remove_llava
+from .onevision_processor import frames_to_pixels, load_onevision_processor
 from .prompting import call_budget, focused_images
 from .tower_vlm import TowerVLMFamily
 
 SUPPORTED_VLMS = (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
 MODES = ("full", "dymu", "tome")
-MERGE_POINTS = ("vit", "post", "both")
-POST_ROUNDS = 5  # default post rounds: each removes at most half a segment's units, so 5 can leave 1/32
 REFUSED_MODES = {
     "dtome": "feeds merged tokens without VTU, but the AnyRes layout needs every crop's full token grid "
              "(unpadding, newlines, downsampling)",
@@ -303,49 +304,6 @@ _PATCHED = {LlavaNextModel: DyMULlavaNextModel, LlavaOnevisionModel: DyMULlavaOn
 # apply / remove (the wiring registered in api.py).
 
 
-def resolve_merge_point(thresholds, merge_point: str | None, mode: str):
-    """(tower thresholds or None, post thresholds or None, merge point) from what `dymu.apply` was given.
-
-    ``merge_point`` default: the one a `Thresholds` file was calibrated at (files without one: "vit").
-    Plain values: one per tower layer ("vit"), one per post round ("post"), or the pair (tower, rounds)
-    ("both"). A file must have been calibrated at the merge point asked for (its post rounds were
-    calibrated on the tokens that merge point makes)."""
-    recorded = (getattr(thresholds, "encoder", None) or {}).get("merge_point")
-    merge_point = merge_point or recorded or "vit"
-    if merge_point not in MERGE_POINTS:
-        raise ValueError(f"merge_point must be one of {', '.join(MERGE_POINTS)}, got {merge_point!r}")
-    if merge_point == "vit":
-        if recorded not in (None, "vit"):
-            raise ValueError(f"these thresholds were calibrated with merge_point={recorded!r}, not 'vit'")
-        return thresholds, None, merge_point
-    if mode != "dymu":
-        raise ValueError(f"merge_point={merge_point!r} needs mode 'dymu' (thresholded post rounds), not {mode!r}")
-    if thresholds is None:
-        raise ValueError(f"merge_point={merge_point!r} needs thresholds (dymu calibrate --merge-point {merge_point})")
-    if hasattr(thresholds, "post_thresholds"):
-        if recorded != merge_point:
-            raise ValueError(f"these thresholds were calibrated with merge_point={recorded or 'vit'!r}, not "
-                             f"{merge_point!r}: make them with dymu calibrate --merge-point {merge_point}")
-        tower, post = thresholds, thresholds.post_thresholds
-    elif merge_point == "both":
-        if not (isinstance(thresholds, (tuple, list)) and len(thresholds) == 2
-                and all(isinstance(t, (list, tuple, torch.Tensor)) for t in thresholds)):
-            raise ValueError("merge_point='both' takes a Thresholds file, or the pair (tower thresholds, post "
-                             "thresholds)")
-        tower, post = thresholds
-    else:
-        tower, post = None, thresholds
-    from ..towers.encoder import (
-        _threshold_floats,  # None = +inf, NaN refused: the rule of every threshold
-    )
-
-    post = _threshold_floats([post] if isinstance(post, (int, float)) else
-                             post.tolist() if isinstance(post, torch.Tensor) else list(post))
-    if not post:
-        raise ValueError(f"merge_point={merge_point!r} needs at least one post threshold (one per round)")
-    return (tower if merge_point == "both" else None), post, merge_point
-
-
 def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu_attention: str = "fast",
               kv_cache: str = "compact", tome_vtu: bool = True, downsample_tokens: float | None = None,
               order: str | None = None, budget=None, merge_point: str = "vit",
@@ -432,8 +390,6 @@ class AnyResFamily(TowerVLMFamily):
 
     def load_processor(self, model_ref, config):
         if self.supports("video"):
-            from .onevision_processor import load_onevision_processor
-
             return load_onevision_processor(model_ref)
         return super().load_processor(model_ref, config)
 
@@ -455,30 +411,23 @@ class AnyResFamily(TowerVLMFamily):
     def encoder_pixels(self, model, processed):
         return encoder_pixels(model, processed)
 
-    @torch.no_grad()
     def encode_counted(self, model, processed, pixels):
-        # the model's own image path, once: every crop through the tower (kept as last_encoded, in the
-        # order of `encoder_pixels`), then the packing (and post rounds) the LLM sees
-        device, dtype = next(model.parameters()).device, model.dtype
-        features = model.model.get_image_features(processed["pixel_values"].to(device, dtype),
-                                                  processed["image_sizes"].to(device)).pooler_output
-        return model.model._dymu.last_encoded, (unique_rows_per_item(features), [len(f) for f in features])
+        return anyres_measure.encode_counted(model, processed)
 
-    @torch.no_grad()
-    def post_round_rows(self, model, processed, chooser, device) -> torch.Tensor:
-        """(images, rounds) LLM rows of every image after every post round, the rounds' edges chosen by
-        ``chooser(units entering the rounds)`` (calibration, batch-level Eq. 4)."""
-        inner = model.model
-        inner._dymu.calibrate_post = chooser
-        try:
-            features = inner.get_image_features(processed["pixel_values"].to(device, model.dtype),
-                                                processed["image_sizes"].to(device)).pooler_output
-        finally:
-            inner._dymu.calibrate_post = None
-        # an image's rows: its units kept, plus its newlines (never merged)
-        kept = inner._dymu.last_post_kept.cpu()
-        newlines = torch.tensor([int(f.dymu_group_of_patch.unique().numel()) for f in features]) - kept[:, -1]
-        return kept + newlines[:, None]
+    def post_round_rows(self, model, processed, chooser, device):
+        return anyres_measure.post_round_rows(model, processed, chooser, device)
+
+    def analyze_crops(self, model, image_processor):
+        return anyres_measure.analyze_crops(model, image_processor)
+
+    def video_pixels(self, model, image_processor, frames) -> torch.Tensor:
+        """(F, 3, S, S) pixels of a list of PIL frames as the family's video processor makes them."""
+        self.refuse_unsupported("video", model)
+        return frames_to_pixels(frames, model.config.vision_config.image_size)  # OneVision's
+
+    def encode_packed(self, model, image_processor, item):
+        return anyres_measure.encode_packed(model, image_processor, item,
+                                            lambda frames: self.video_pixels(model, image_processor, frames))
 
 
 register_vlm_family(AnyResFamily("llava_next", "LLaVA-NeXT", LlavaNextForConditionalGeneration, ("llava_next",),

@@ -166,6 +166,9 @@ class NextVideoFamily(AnyResFamily):
     def load_processor(self, model_ref, config):
         return load_frames_processor(model_ref, frames_processor())
 
+    def video_pixels(self, model, image_processor, frames):
+        return video_frames_to_pixels(frames, image_processor)
+
 
 register_vlm_family(NextVideoFamily("llava_next_video", "LLaVA-NeXT-Video", LlavaNextVideoForConditionalGeneration,
                                     ("llava_next_video",), video=None))

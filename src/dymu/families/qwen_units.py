@@ -1,5 +1,5 @@
 """What calibration and `dymu analyze` run on a Qwen VL's unit-merging tower (the `QwenVLFamily` hooks
-`unit_calibration`, `unit_calibration_batch` and `analyze_units`, see families/base.py)."""
+`unit_calibration`, `unit_calibration_batch`, `analyze_units` and `analyze_view`, see families/base.py)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def analyze_units(visual, image_processor, values: list[float], merge_point: str
                          (h // merge, w // merge)))
         return out
     return prepare, encode
+
+
+def analyze_view(image_processor, image) -> torch.Tensor:
+    """One PIL image's (3, H, W) pixels as the model sees them: the processor's patches un-patchified (exactly
+    the pixels after its own smart_resize)."""
+    out = image_processor(images=[image], return_tensors="pt")
+    return unpatchify(out["pixel_values"], out["image_grid_thw"][0], image_processor.patch_size,
+                      image_processor.merge_size)

@@ -360,6 +360,11 @@ class QwenVLFamily(VLMFamily):
 
         return analyze_units(self.vision_tower(model), image_processor, *self.unit_thresholds(model, thresholds))
 
+    def analyze_view(self, model, image_processor, image):
+        from .qwen_units import analyze_view
+
+        return analyze_view(image_processor, image)
+
     def apply(self, model, settings):
         self.check(model, settings)
         apply_qwen_vl(model, settings.thresholds, mode=settings.mode, merge_point=settings.merge_point,

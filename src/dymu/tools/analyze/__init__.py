@@ -60,25 +60,18 @@ from .figures import (
     plot_min_median_max,
     save_merge_map,
 )
+from ...families import unpatchify  # part of this package's API: a Qwen VL processor's patches -> pixels
+from .complexity import JPEG_QUALITY, jpeg_bytes, jpeg_complexity, spearman
 from .measure import (
     COUNT_COLUMNS,
     CSV_COLUMNS,
-    JPEG_QUALITY,
-    WITHOUT_COLUMN,
     Analysis,
     _folder_labels,
-    _merges_units,
     fraction_kept,
-    jpeg_bytes,
-    jpeg_complexity,
     measure,
-    merge_map,
-    model_view,
-    processed_pixels,
-    refuse_cost_control,
-    spearman,
-    unpatchify,
 )
+from .runs import WITHOUT_COLUMN, refuse_cost_control, run_kind
+from .views import merge_map, model_view, processed_pixels
 
 __all__ = ["analyze", "measure", "Analysis", "jpeg_bytes", "jpeg_complexity", "spearman", "merge_map",
            "model_view", "unpatchify", "merge_map_figure", "write_csv"]
@@ -147,7 +140,7 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
     sources = _folder_labels(folders)
     processor = processor or _default_processor(model)
     pixels_processor = getattr(processor, "image_processor", processor)  # a full VLM processor's image part
-    cells = "units (one LLM token each)" if _merges_units(model) else "patches"  # Qwen VL, Gemma 3: a unit per LLM token
+    cells = "units (one LLM token each)" if run_kind(model) == "units" else "patches"  # a unit per LLM token
     used: set[str] = set()
     drawn: dict[str, int] = {}
     files: list[Path] = []
@@ -176,7 +169,7 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
     def view(row):
         from ...images import open_image
 
-        return model_view(processed_pixels(pixels_processor, open_image(row["path"])), pixels_processor)
+        return model_view(processed_pixels(model, pixels_processor, open_image(row["path"])), pixels_processor)
 
     columns = list(CSV_COLUMNS)
     if analysis.rows and WITHOUT_COLUMN in analysis.rows[0]:
@@ -195,9 +188,8 @@ def _analyze(model, thresholds, folders, out, maps_dir, processor, batch_size, m
 
 def _default_processor(model):
     from ...api import vision_tower_of
-    from .anyres import is_anyres
 
-    if _merges_units(model) or is_anyres(model):
+    if run_kind(model) != "tower":
         return None  # no stock default: `measure` asks for the model's own
     tower, family = vision_tower_of(model)
     return family.default_processor(tower.config)
@@ -221,9 +213,7 @@ def cmd_analyze(args) -> int:
     thresholds = Thresholds.from_ref(args.thresholds)
     loading(args.model)
     model, processor = load_vision_model(args.model, device, dtype)
-    from ...families import vlm_family_of
-
-    if getattr(vlm_family_of(model), "crops_images", False) and processor is None:  # the model's own image path
+    if run_kind(model) == "crops" and processor is None:  # the model's own image path
         raise ValueError(f"{args.model} has no image processor (preprocessor_config.json): analyze of a "
                          f"{type(model).__name__} needs it")
     out = Path(args.out)

@@ -9,7 +9,9 @@ from typing import Callable
 
 from PIL import Image
 
-from .measure import JPEG_QUALITY, Analysis, fraction_kept, merge_map
+from .complexity import JPEG_QUALITY
+from .measure import Analysis, fraction_kept
+from .views import merge_map
 
 MAX_LABELLED_POINTS = 60  # scatter points get their file names up to this many images
 # A token is a group of patches matched by similarity, not by place: it can span separate regions.

@@ -60,32 +60,31 @@ def _photo():
 
 def onevision_group_maps(plan: Plan, log) -> tuple[dict[str, torch.Tensor], dict]:
     """Group maps (one per preset) of one AnyRes image in the stock OneVision packed layout, made by
-    dymu's own OneVision wiring: a small SigLIP tower with the real crop grid and depth (27x27 tokens,
-    26 layers) merges with fixed r per layer, and `get_image_features` unmerges, packs (unpad,
-    newlines, anyres_max_9) and follows the groups. Only the map is used; the features are not."""
+    dymu's own OneVision wiring (the family's `encode_packed`): a small SigLIP tower with the real crop
+    grid and depth (27x27 tokens, 26 layers) merges with fixed r per layer, and the model's image path
+    unmerges, packs (unpad, newlines, anyres_max_9) and follows the groups. Only the map is used; the
+    features are not."""
     from ....api import apply, remove
+    from ....families import vlm_family_of
 
     t = plan.onevision_tower
     model, processor = map_model(plan)
-    size = t["image_size"]
-    inputs = processor(images=[_photo().resize(plan.onevision_image)], return_tensors="pt")
-    grid = (size // t["patch_size"]) ** 2
+    family = vlm_family_of(model)
+    photo = _photo().resize(plan.onevision_image)
+    grid = (t["image_size"] // t["patch_size"]) ** 2
     r = preset_r(grid, t["num_hidden_layers"])
-    maps, info = {}, {"crops": int(inputs["pixel_values"].shape[1]), "tokens_per_crop": grid, "r": r,
-                      "image_size": list(plan.onevision_image)}
+    maps, kept = {}, {}
     for name in PRESET_NAMES:
         apply(model, r=r[name], mode="tome")
-        with torch.no_grad():
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
-        maps[name] = features.dymu_group_of_patch.cpu()
-        info[f"kept_per_crop_{name}"] = model.model._dymu.last_encoded.num_tokens.tolist()
+        group, encoded = family.encode_packed(model, processor, photo)
+        maps[name], kept[name] = group.cpu(), encoded.num_tokens.tolist()
         remove(model)
-    info["positions"] = int(len(maps["mid"]))
+    info = {"crops": len(kept["mid"]), "tokens_per_crop": grid, "r": r, "image_size": list(plan.onevision_image),
+            **{f"kept_per_crop_{name}": per_crop for name, per_crop in kept.items()},
+            "positions": int(len(maps["mid"]))}
     log(f"onevision: {info['crops']} crops of {grid} tokens -> {info['positions']} packed positions; "
         + ", ".join(f"{n}: {int(m.max()) + 1} groups" for n, m in maps.items()))
     return maps, info
-
-
 
 
 def _frames(plan: Plan) -> list:
@@ -130,33 +129,28 @@ def _encoder_flops(plan: Plan, kept: torch.Tensor | None, items: int, grid: int,
 @torch.no_grad()
 def merge_point_maps(plan: Plan, model, processor, thresholds: dict, log) -> dict:
     """Per input ("image": the large photo, "video": the frames): its counts and the (positions,) group
-    map of every merge point, made by dymu's OneVision wiring."""
+    map of every merge point, made by dymu's OneVision wiring (the family's `encode_packed`)."""
     from ....api import apply, remove
-    from ....families.llava_next import encoder_tokens_per_item
-    from ....families.onevision_processor import frames_to_pixels
+    from ....families import vlm_family_of
 
     t = plan.onevision_tower
     grid = (t["image_size"] // t["patch_size"]) ** 2
     layers = t["num_hidden_layers"]
-    photo = processor(images=[_photo().resize(plan.onevision_large_image)], return_tensors="pt")
-    video = frames_to_pixels(_frames(plan), t["image_size"])[None]  # (1, F, 3, S, S)
-    inner = model.model
-    items = {"image": {"size": list(plan.onevision_large_image), "crops": int(photo["pixel_values"].shape[1])},
+    family = vlm_family_of(model)
+    inputs = {"image": _photo().resize(plan.onevision_large_image), "video": _frames(plan)}
+    items = {"image": {"size": list(plan.onevision_large_image), "crops": None},
              "video": {"size": list(plan.onevision_frame_size), "frames": plan.onevision_frames}}
     for info in items.values():
         info.update(maps={}, encoder_tokens={}, encoder_flops={})
     for merge_point in MERGE_POINTS:
         apply(model, thresholds[merge_point])
         for name, info in items.items():
+            group, encoded = family.encode_packed(model, processor, inputs[name])
+            count = len(encoded.num_tokens)  # the image's crops / the video's frames
             if name == "image":
-                features = inner.get_image_features(photo["pixel_values"], photo["image_sizes"]).pooler_output[0]
-                group, count = features.dymu_group_of_patch, info["crops"]
-            else:
-                features = inner.get_video_features(video).pooler_output
-                group, count = features.dymu_group_of_patch[0], info["frames"]
-            encoded = inner._dymu.last_encoded
+                info["crops"] = count
             info["maps"][merge_point] = torch.unique(group.cpu(), return_inverse=True)[1]  # labels 0..U-1
-            info["encoder_tokens"][merge_point] = encoder_tokens_per_item(inner, [count])[0]
+            info["encoder_tokens"][merge_point] = sum(encoded.num_tokens.tolist())
             info["encoder_flops"][merge_point] = _encoder_flops(plan, encoded.kept_per_layer, count, grid, layers)
             info["stock_positions"] = int(len(group))
             info["items"] = count
