@@ -320,7 +320,7 @@ class Thresholds:
             raise ThresholdsError(f"thresholds folder {ref} does not exist.")
         from huggingface_hub import hf_hub_download
 
-        from .loading import hub_unreachable
+        from .hub import hub_unreachable
 
         offline = local_files_only or hub_unreachable() is not None
         try:

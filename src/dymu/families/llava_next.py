@@ -342,7 +342,6 @@ def apply_vlm(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", vtu
         check_vtu(inner.language_model, vtu_attention, kv_cache)
 
     remove_llava(model)
-    model._dymu_mode = mode
     if mode == "full":
         return
     if mode == "tome":
@@ -386,7 +385,7 @@ class AnyResFamily(TowerVLMFamily):
                   merge_point=merge_point, post_thresholds=post)
 
     def remove(self, model):
-        remove_llava(model)  # the same undo: stock inner class, no VTU layers, no DToMe, no mode attributes
+        remove_llava(model)  # the same undo: stock inner class, no VTU layers, no DToMe
 
     def load_processor(self, model_ref, config):
         if self.supports("video"):

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import merge as M
 from .. import compat
-from ..encoded import Encoded
+from ..encoded import EncodedImages  # noqa: F401  (imported from here too)
 from ..patching import PatchedClasses
 from ..token_order import DEFAULT_ORDER, check_order
 from .budget import TokenBudget, _per_layer, _threshold_floats, holding_budget, make_budget  # noqa: F401  (imported from here too)
@@ -328,6 +328,18 @@ def budget_set(tower: nn.Module, budget: TokenBudget | None):
         yield state
 
 
+@contextlib.contextmanager
+def choosing_edges(tower: nn.Module, edge_chooser):
+    """A patched tower merges the edges ``edge_chooser`` picks (calibration's batch-level Eq. 4) inside
+    the block, and by its thresholds (or r) again after it."""
+    state: TowerState = tower._dymu_state
+    state.edge_chooser = edge_chooser
+    try:
+        yield state
+    finally:
+        state.edge_chooser = None
+
+
 def _patches_per_image(tower: nn.Module) -> int:
     """Patches per image of the tower's config (the class token not counted)."""
     config = tower.config
@@ -349,52 +361,6 @@ def remove_dtome(tower: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Encoding: run the tower up to the feature layer, return per-image tokens and their groups.
-
-
-@dataclass(repr=False)
-class EncodedImages(Encoded):
-    """Encoder output for a batch of images (an item each), padded: image i owns ``tokens[i, :num_tokens[i]]``.
-
-    ``group_of_patch[i, p]`` is the index of the token that original patch p belongs to (class
-    token excluded when it was dropped); ``sizes[i, j]`` the number of patches of token j (0 on
-    padding); ``kept_per_layer[i, l]`` the tokens alive after layer l (class token included when
-    the tower has one).
-    """
-
-    tokens: torch.Tensor  # (B, n_max, D)
-    sizes: torch.Tensor  # (B, n_max)
-    group_of_patch: torch.Tensor  # (B, P)
-    kept_per_layer: torch.Tensor  # (B, layers run)
-
-    @property
-    def num_tokens(self) -> torch.Tensor:
-        return (self.sizes > 0).sum(dim=1)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def __repr__(self) -> str:  # shapes and counts, not whole tensors
-        counts = self.num_tokens.tolist()
-        shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")
-        return (f"EncodedImages({len(self)} images, tokens kept [{shown}] of {self.group_of_patch.shape[1]}; "
-                f"tokens {tuple(self.tokens.shape)}, sizes {tuple(self.sizes.shape)}, "
-                f"group_of_patch {tuple(self.group_of_patch.shape)}, kept_per_layer {tuple(self.kept_per_layer.shape)})")
-
-    def per_item(self) -> list[tuple[int, int]]:
-        return [(n, self.group_of_patch.shape[1]) for n in self.num_tokens.tolist()]
-
-    def groups_per_item(self) -> list[torch.Tensor]:
-        return list(self.group_of_patch)
-
-    def image(self, i: int) -> dict[str, torch.Tensor]:
-        """One image's tokens (n_i, D), sizes (n_i), group_of_patch (P), kept_per_layer."""
-        n = int(self.num_tokens[i])
-        return {
-            "tokens": self.tokens[i, :n],
-            "sizes": self.sizes[i, :n],
-            "group_of_patch": self.group_of_patch[i],
-            "kept_per_layer": self.kept_per_layer[i],
-        }
 
 
 def layers_to_run(num_layers: int, feature_layer: int) -> int:

@@ -36,7 +36,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import OPT_IN, PRESET_NAMES, SECTIONS
+from . import OPT_IN, PRESET_NAMES, SECTIONS, STANDALONE
 from .common import build_clip, loadavg, machine, preset_r
 from .plan import full_plan, quick_plan
 from .report import evaluate_targets, markdown
@@ -145,34 +145,33 @@ def _encoder_thresholds(ctx: Context, thresholds: dict[str, str], Thresholds) ->
                          + f" in all {run_all} layers run (plain ToMe-style top-r: no calibrated thresholds given).")
 
 
-def cmd_bench(args) -> int:
-    from .qwen import QWEN_SECTIONS, bench_qwen, bench_qwen3_5, qwen3_5_markdown, qwen_markdown
-    from .sections.gemma3 import SECTION as GEMMA3_SECTION, bench_gemma3, gemma3_markdown
+def _named(ref: str):
+    """A function of this package by "module:function" (the module relative to tools/bench)."""
+    import importlib
 
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def cmd_bench(args) -> int:
     from ...files import STDOUT, check_json_output, write_json
 
     if args.json:  # before the minutes of measuring: a bad path must not lose them, nor make folders
         check_json_output(args.json, "--json", inputs=[path for _, path in args.thresholds or []])
     report = sys.stderr if args.json == STDOUT else sys.stdout  # `--json -`: the JSON alone on stdout
     sections = tuple(args.only.split(",")) if args.only else SECTIONS
-    qwen = [s for s in sections if s in QWEN_SECTIONS]  # opt-in: the Qwen2.5-VL rows
-    gemma3 = GEMMA3_SECTION in sections  # opt-in: the Gemma 3 rows
-    sections = tuple(s for s in sections if s not in (*QWEN_SECTIONS, GEMMA3_SECTION))
+    standalone = [key for key, (names, _, _) in STANDALONE.items() if set(names) & set(sections)]
+    sections = tuple(s for s in sections if not any(s in names for names, _, _ in STANDALONE.values()))
     result = {}
     if sections:
         result = run_bench(quick=args.quick, device=args.device, dtype=args.dtype,
                            thresholds=dict(args.thresholds or []), sections=sections, runs=args.runs)
         print(markdown(result), file=report)
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    if set(qwen) & {"qwen_vit", "qwen_prefill"}:
-        result["qwen"] = bench_qwen(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
-        print(qwen_markdown(result["qwen"]), file=report)
-    if "qwen3_5" in qwen:
-        result["qwen3_5"] = bench_qwen3_5(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
-        print(qwen3_5_markdown(result["qwen3_5"]), file=report)
-    if gemma3:
-        result["gemma3"] = bench_gemma3(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
-        print(gemma3_markdown(result["gemma3"]), file=report)
+    for key in standalone:
+        _, runner, to_markdown = STANDALONE[key]
+        result[key] = _named(runner)(quick=args.quick, device=args.device or "cpu", runs=args.runs, log=log)
+        print(_named(to_markdown)(result[key]), file=report)
     if args.json:
         write_json(args.json, result, indent=1, default=str)
         if args.json != STDOUT:

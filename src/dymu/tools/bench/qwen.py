@@ -26,7 +26,6 @@ import torch
 from .common import fixed_fraction, preset_fractions
 from .timing import Side, interleaved, median, paired_ratio
 
-QWEN_SECTIONS = ("qwen_vit", "qwen_prefill", "qwen3_5")
 
 
 def qwen_plan(quick: bool, model: str = "qwen2_5_vl") -> dict:

@@ -27,7 +27,7 @@ from ...files import check_output_file
 from ...images import open_images, pixel_values_of
 from ...thresholds import Thresholds, encoder_identity
 from ...token_order import DEFAULT_ORDER, check_order
-from ...towers.encoder import dtome_patched, encode_with_tower, layers_to_run
+from ...towers.encoder import choosing_edges, dtome_patched, encode_with_tower, layers_to_run
 from .loop import (  # noqa: F401  (the public names of dymu.tools.calibration)
     BatchRecord,
     CalibrationWarning,
@@ -60,14 +60,10 @@ PER_IMAGE_CHECK = 512
 
 
 def _record_batch(tower, family, pixel_values, r, run, feature_layer, index, skipped) -> BatchRecord:
-    state = tower._dymu_state
     bsz = pixel_values.shape[0]
     tau = [math.nan] * len(r)
-    state.edge_chooser = batch_top_edges(r, bsz, tau)  # r: merges per image, so B·r per layer
-    try:
+    with choosing_edges(tower, batch_top_edges(r, bsz, tau)):  # r: merges per image, so B·r per layer
         encoded = encode_with_tower(tower, family, pixel_values, feature_layer, drop_class_token=False)
-    finally:
-        state.edge_chooser = None
     kept = encoded.kept_per_layer - (1 if family.has_class_token else 0)  # visual tokens only
     return BatchRecord(
         index=index,

@@ -21,7 +21,6 @@ import torch
 from ..common import fixed_fraction, preset_fractions
 from ..timing import Side, interleaved, median, paired_ratio
 
-SECTION = "gemma3"
 
 
 def gemma3_plan(quick: bool) -> dict:
