@@ -246,7 +246,7 @@ def test_conv_pooling_is_refused_in_one_line(nv_dir):
     with pytest.raises(ValueError, match="spatial_pool_mode 'conv' is not supported: DyMU carries the group map "
                                          "through average or max pooling only$"):
         dymu.apply(model, r=4, mode="tome")
-    assert not hasattr(model, "_dymu_mode")
+    assert dymu.api.settings_of(model) is None
 
 
 def video_pixels(processor, video_frames):

@@ -41,7 +41,7 @@ def test_apply_is_all_or_nothing(demo_llava_dir, thresholds):
                 dict(mode="dymu", vtu_attention="fastest")):
         with pytest.raises(ValueError):
             dymu.apply(model, thresholds, **bad)
-        assert model._dymu_mode == "dymu" and type(model.model).__name__ == "DyMULlavaModel"
+        assert dymu.api.settings_of(model).mode == "dymu" and type(model.model).__name__ == "DyMULlavaModel"
         assert model.model.vision_tower._dymu_state.thresholds == \
             [float(t) for t in thresholds.thresholds]
     after = dymu.generate(model, processor, ["What is it?"], images, max_new_tokens=3)

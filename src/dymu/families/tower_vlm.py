@@ -73,7 +73,13 @@ class TowerVLMFamily(VLMFamily):
                              f"crops are then dropped as the model drops them)")
         tower = self.vision_tower(model)
         return encode_tower_images(model, tower, family_of(tower), pixel_values, feature_layer, drop_class_token, focus,
-                                   fill, processor, lambda processed: self.encoder_pixels(model, processed)[0])
+                                   fill, processor, lambda processed: self._tower_pixels(model, processed))
+
+    def _tower_pixels(self, model, processed) -> torch.Tensor:
+        # The model's own processor makes crops (batch, crops, 3, H, W): what the tower sees is the family's
+        # choice (padding crops dropped). The tower's own processor (the default) makes whole images.
+        pixels = processed["pixel_values"]
+        return self.encoder_pixels(model, processed)[0] if pixels.ndim == 5 else pixels
 
 
 def encode_tower_images(model, tower, family: TowerFamily, pixel_values, feature_layer, drop_class_token, focus, fill,
