@@ -17,7 +17,7 @@ BAD = REPO / "tests" / "data" / "bad_inputs"
 
 
 def test_16bit_png_is_rescaled_not_clipped():
-    # Item 1: the file holds 257 x an 8-bit image; a viewer shows that 8-bit image (a clip shows white).
+    # The file holds 257 x an 8-bit image; a viewer shows that 8-bit image (a clip shows white).
     wide = np.asarray(Image.open(BAD / "gray16.png")).astype(np.int64)
     assert wide.max() > 255 and (wide % 257 == 0).all()
     expected = Image.fromarray((wide // 257).astype(np.uint8), mode="L").convert("RGB")
@@ -29,7 +29,7 @@ def test_16bit_png_is_rescaled_not_clipped():
 
 @pytest.mark.parametrize("name", ["exif_rotated.png", "exif_rotated.jpg"])
 def test_exif_orientation_is_applied(name):
-    # Item 2: stored rotated + an orientation tag; a viewer shows it upright (Pillow's exif_transpose is the oracle).
+    # Stored rotated + an orientation tag; a viewer shows it upright (Pillow's exif_transpose is the oracle).
     with Image.open(BAD / name) as im:
         stored = im.size
         upright = ImageOps.exif_transpose(im).convert("RGB")
@@ -45,7 +45,7 @@ def test_first_frame_of_an_animation(tmp_path):
 
 
 def test_the_69_byte_bomb_header_is_refused_before_decoding():
-    # Item 10: refused on the declared size, with the pixel count and the limit, not decoded.
+    # Refused on the declared size, with the pixel count and the limit, not decoded.
     assert (BAD / "bomb_100000x100000.png").stat().st_size == 69
     with pytest.raises(ImageError, match=r"100000x100000 = 10,000,000,000 pixels is over the limit"):
         open_image(BAD / "bomb_100000x100000.png")
@@ -76,7 +76,7 @@ def png_header(width, height):
 
 
 def test_no_decompression_bomb_warning_only_one_clear_error(tmp_path):
-    # Item 15: 10000 x 10000 is over Pillow's warning level (89 M pixels): Pillow would print a multi-line
+    # 10000 x 10000 is over Pillow's warning level (89 M pixels): Pillow would print a multi-line
     # DecompressionBombWarning without the file name. dymu reports one ImageError naming the file.
     path = tmp_path / "header_only.png"
     path.write_bytes(png_header(10000, 10000))
@@ -89,7 +89,7 @@ def test_no_decompression_bomb_warning_only_one_clear_error(tmp_path):
 
 
 def test_huge_images_are_reduced_and_keep_their_look(tmp_path):
-    # Item 10: a 6000 x 4200 image is shrunk by an integer factor (short side >= 2048) while opening.
+    # A 6000 x 4200 image is shrunk by an integer factor (short side >= 2048) while opening.
     small = Image.open(IMAGES / "skimage_chelsea_cat.png").convert("RGB").resize((600, 420))
     big = small.resize((6000, 4200), Image.NEAREST)  # every pixel a 10x10 block
     big.save(tmp_path / "big.png")
@@ -102,7 +102,7 @@ def test_huge_images_are_reduced_and_keep_their_look(tmp_path):
 
 
 def test_non_regular_files_are_refused(tmp_path):
-    # Item 15: a FIFO (or a device) would block or never end.
+    # A FIFO (or a device) would block or never end.
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match="not a regular file"):
@@ -135,7 +135,7 @@ def test_viewing_twice_changes_nothing():
 
 
 def test_a_folder_of_huge_images_holds_one_at_full_size(tmp_path):
-    # Item 10 (scaled down from four 13000 x 13000 PNGs, see the README for that measurement): calibrating on
+    # Scaled down from four 13000 x 13000 PNGs (see the README for that measurement): calibrating on
     # four 4200 x 4200 PNGs at batch size 4 may add at most ~2 decoded images (Pillow: 4 bytes per RGB pixel,
     # 71 MB each) to the peak memory of the same run on small images; holding the batch decoded adds 4+.
     import subprocess

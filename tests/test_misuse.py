@@ -40,7 +40,7 @@ def calibrate_args(tower_dir, out, *extra):
     ("--max-images", "-1", "argument --max-images: must be >= 1, not -1"),
 ])
 def test_counts_must_be_positive(tower_dir, tmp_path, capsys, option, value, words):
-    # Item 15: 0 used to mean "all images" (--max-images) or crash later (--batch-size 0, --checkpoint-every 0).
+    # 0 used to mean "all images" (--max-images) or crash later (--batch-size 0, --checkpoint-every 0).
     args = calibrate_args(tower_dir, tmp_path / "t.json")
     if option == "--max-images":
         args = args[:4] + args[6:]
@@ -65,7 +65,7 @@ def test_generate_r_must_not_be_negative(capsys):
 
 
 def test_fifo_or_device_as_images(tower_dir, tmp_path, capsys):
-    # Item 15: a FIFO would block forever; a device would be read forever.
+    # A FIFO would block forever; a device would be read forever.
     fifo = tmp_path / "list.json"
     os.mkfifo(fifo)
     assert main(calibrate_args(tower_dir, tmp_path / "t.json")[:4] + [str(fifo), "--out", str(tmp_path / "t.json")]) == 1
@@ -84,7 +84,7 @@ def test_fifo_or_device_as_images(tower_dir, tmp_path, capsys):
 
 
 def test_calibrate_out_is_checked_first(tower_dir, tmp_path, capsys):
-    # Item 6: --out is a folder: refused before the model loads or a batch runs (it used to fail at the end).
+    # --out is a folder: refused before the model loads or a batch runs (it used to fail at the end).
     folder = tmp_path / "results"
     folder.mkdir()
     assert main(calibrate_args(tower_dir, folder)) == 1
@@ -94,7 +94,7 @@ def test_calibrate_out_is_checked_first(tower_dir, tmp_path, capsys):
 
 
 def test_calibrate_temporaries_never_follow_symlinks(tower_dir, tmp_path):
-    # Item 7: OUT.tmp and OUT.partial.tmp were fixed names; a planted symlink redirected the write.
+    # OUT.tmp and OUT.partial.tmp were fixed names; a planted symlink redirected the write.
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     for name in ("t.json.tmp", "t.json.partial.tmp"):
@@ -104,7 +104,7 @@ def test_calibrate_temporaries_never_follow_symlinks(tower_dir, tmp_path):
 
 
 def test_encode_json_is_checked_first(tower_dir, tmp_path, capsys, monkeypatch):
-    # Item 8: --json into a missing folder used to lose every result at the final write.
+    # --json into a missing folder used to lose every result at the final write.
     import dymu.loading
 
     def no_model(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_encode_json_is_checked_first(tower_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_missing_weights_are_an_error(tower_dir, tmp_path, capsys):
-    # Item 14: a config declaring more layers than the weights hold loaded with random layers, silently.
+    # A config declaring more layers than the weights hold loaded with random layers, silently.
     import shutil
 
     from dymu.loading import LoadError, load_vision_model, resolve_device_dtype
@@ -154,7 +154,7 @@ def _with_func(parser, command, func):
 
 
 def test_ctrl_c_before_the_command_runs_is_one_line(capsys, monkeypatch):
-    # Item 15: Ctrl-C while the parser and transformers are imported used to print a traceback.
+    # Ctrl-C while the parser and transformers are imported used to print a traceback.
     import dymu.cli
 
     def interrupted():
@@ -166,7 +166,7 @@ def test_ctrl_c_before_the_command_runs_is_one_line(capsys, monkeypatch):
 
 
 def test_ctrl_c_during_calibration_keeps_the_progress(tower_dir, tmp_path):
-    # Item 15 and "no lost work": a real SIGINT to a running `dymu calibrate`.
+    # No lost work: a real SIGINT to a running `dymu calibrate`.
     out = tmp_path / "t.json"
     ckpt = tmp_path / "t.json.partial"
     args = ["calibrate", "--model", str(tower_dir), "--images", str(IMAGES), "--r", "5", "--batch-size", "1",

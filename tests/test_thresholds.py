@@ -129,7 +129,7 @@ def test_import_refuses_pickled_code_and_wrong_layer_counts(tower_dir, tmp_path,
     assert "has thresholds for 3 layers but" in capsys.readouterr().err
 
 
-# ---- item 5 / 11: every field is validated on load, naming the file and the field ----
+# ---- every field is validated on load, naming the file and the field ----
 
 BROKEN = {
     # field edit -> words of the error
@@ -162,7 +162,7 @@ def test_every_field_is_validated_on_load(tower, tmp_path, case):
 
 
 def test_a_huge_tokens_kept_mean_never_reaches_downsample(tower, tmp_path, capsys):
-    # Item 11: 1e12 tokens would make --mode downsample allocate until killed.
+    # 1e12 tokens would make --mode downsample allocate until killed.
     data = calibrated(tower).to_json()
     data["tokens_kept_mean"][-1] = 1e12
     (tmp_path / "t.json").write_text(json.dumps(data))
@@ -185,7 +185,7 @@ def test_import_refuses_nan_or_negative_thresholds(tower_dir, tmp_path, capsys):
 
 
 def test_import_of_a_file_that_is_not_a_checkpoint_is_one_line(tower_dir, tmp_path, capsys):
-    # Item 15: torch's own error text runs over many lines.
+    # Torch's own error text runs over many lines.
     text = tmp_path / "notes.pt"
     text.write_text("hello, not a checkpoint\n" * 5)
     assert main(["thresholds", "import", str(text), "--model", str(tower_dir), "--out", str(tmp_path / "o.json")]) == 1

@@ -1,6 +1,6 @@
 """VTU decoder layers (dymu.decoders.llama) on tiny random Llama / Mistral (GQA) / Qwen2 models.
 
-Oracles (DESIGN.md §6): identity groups ⇒ stock logits and tokens; truly duplicated rows ⇒ the
+Oracles: identity groups ⇒ stock logits and tokens; truly duplicated rows ⇒ the
 stock layer's full-length computation (Eq. 11 mean over each group); Eq. 10 path = fast path;
 a padded batch ⇒ each sequence alone; remove ⇒ stock.
 """

@@ -30,7 +30,7 @@ def load(folder, attn="sdpa"):
 
 
 def test_apply_is_all_or_nothing(demo_llava_dir, thresholds):
-    # Item 12: a refused apply used to leave the tower patched (exact on sdpa) or the model unpatched (tome, no r).
+    # A refused apply used to leave the tower patched (exact on sdpa) or the model unpatched (tome, no r).
     model, processor = load(demo_llava_dir, "sdpa")
     dymu.apply(model, thresholds, mode="dymu")
     images = [[load_image(NAMES[1])]]
@@ -53,7 +53,7 @@ def test_apply_is_all_or_nothing(demo_llava_dir, thresholds):
 
 
 def test_deepcopy_of_a_patched_model(demo_llava_dir, thresholds):
-    # Item 13: the copy's hooks wrote into the original's state, so the copy failed on first use.
+    # The copy's hooks wrote into the original's state, so the copy failed on first use.
     model, processor = load(demo_llava_dir, "eager")
     dymu.apply(model, thresholds, mode="dymu")
     twin = copy.deepcopy(model)
@@ -79,7 +79,7 @@ def test_deepcopy_of_a_patched_model(demo_llava_dir, thresholds):
 
 
 def test_two_threads_get_the_results_of_sequential_calls(demo_llava_dir, thresholds):
-    # Item 4: 2 threads x 10 calls on one patched model; each call must get what it gets alone.
+    # 2 threads x 10 calls on one patched model; each call must get what it gets alone.
     model, processor = load(demo_llava_dir, "sdpa")
     dymu.apply(model, thresholds, mode="dymu")
     images = {name: load_image(name) for name in NAMES}

@@ -176,7 +176,7 @@ def _dies_after(processor, batches: int):
 
 
 def test_checkpoint_of_other_in_memory_images_is_refused(tower, tmp_path):
-    # Item 3: in-memory images are identified by their content, not by their position in the list.
+    # In-memory images are identified by their content, not by their position in the list.
     a = [load_image(n) for n in MIXED_IMAGES[:4]]
     b = [load_image(n) for n in MIXED_IMAGES[4:8]]
     ckpt = tmp_path / "t.partial"
@@ -192,7 +192,7 @@ def test_checkpoint_of_other_in_memory_images_is_refused(tower, tmp_path):
 
 
 def test_result_is_written_before_the_checkpoint_goes(tower, tmp_path, monkeypatch):
-    # Item 6: a kill while the result is being written must leave the checkpoint behind.
+    # A kill while the result is being written must leave the checkpoint behind.
     from dymu.thresholds import Thresholds
 
     images = all_images()[:4]
@@ -213,7 +213,7 @@ def test_result_is_written_before_the_checkpoint_goes(tower, tmp_path, monkeypat
 
 @pytest.mark.parametrize("bad", ["folder", "missing_parent"])
 def test_out_is_checked_before_the_first_batch(tower, tmp_path, bad):
-    # Item 6: --out pointing at a folder (or into a missing one) fails at once, before any work.
+    # --out pointing at a folder (or into a missing one) fails at once, before any work.
     out = tmp_path / "a_folder" if bad == "folder" else tmp_path / "nope" / "t.json"
     if bad == "folder":
         out.mkdir()
@@ -226,7 +226,7 @@ def test_out_is_checked_before_the_first_batch(tower, tmp_path, bad):
 
 
 def test_temporary_files_do_not_follow_planted_symlinks(tower, tmp_path):
-    # Item 7: fixed temporary names (OUT.tmp, OUT.partial.tmp) would overwrite a symlink's target.
+    # Fixed temporary names (OUT.tmp, OUT.partial.tmp) would overwrite a symlink's target.
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     out, ckpt = tmp_path / "t.json", tmp_path / "t.json.partial"
@@ -239,7 +239,7 @@ def test_temporary_files_do_not_follow_planted_symlinks(tower, tmp_path):
 
 
 def test_a_second_calibration_on_the_same_checkpoint_is_refused(tower, tmp_path):
-    # Item 9: another process holds the lock (taken here with fcntl directly, as another dymu would).
+    # Another process holds the lock (taken here with fcntl directly, as another dymu would).
     import fcntl
     import os
 
@@ -255,7 +255,7 @@ def test_a_second_calibration_on_the_same_checkpoint_is_refused(tower, tmp_path)
 
 
 def test_ctrl_c_saves_every_finished_batch(tower, tmp_path):
-    # Item 15 / no lost work: with checkpoint_every=5, Ctrl-C after 3 batches still keeps the 3.
+    # No lost work: with checkpoint_every=5, Ctrl-C after 3 batches still keeps the 3.
     import json
 
     ckpt = tmp_path / "t.partial"
