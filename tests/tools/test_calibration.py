@@ -376,3 +376,18 @@ def test_unit_calibration_reports_the_llm_rows_inference_keeps(qwen_dirs, merge_
     dymu.remove(model)
     assert stats["mean"] == pytest.approx(sum(rows) / 3, rel=1e-12) and (stats["min"], stats["max"]) == (min(rows), max(rows))
     assert min(rows) < max(rows)  # the images differ: a figure that cannot be a constant
+
+
+def test_the_report_line_says_what_it_counted():
+    """Crops (AnyRes, tiles) are counted as crops, not as calibration images."""
+    from types import SimpleNamespace
+
+    from dymu.tools.calibration.schedules import target_report
+
+    stats = dict(mean=28.4, min=6, max=81, measured_on="the calibration images")
+    crops = SimpleNamespace(target_tokens=29.0, reached_tokens=29.0,
+                            per_image_tokens=dict(stats, images=321, counts="encoder tokens per crop"))
+    images = SimpleNamespace(target_tokens=None, reached_tokens=None,
+                             per_image_tokens=dict(stats, images=6, counts="LLM rows per image"))
+    assert "over 321 crops of the calibration images" in target_report(crops)[0]
+    assert "over 6 of the calibration images)" in target_report(images)[0]

@@ -51,8 +51,10 @@ def target_report(th: Thresholds, tolerance: float = 0.10) -> tuple[str, str | N
     reached = per_image["mean"] if per_image else batch_level
     if per_image:
         what = per_image.get("counts", "visual tokens per image")  # files written before the key existed
+        unit = what.rsplit(" per ", 1)[-1]  # what one count is of: an image, or a crop / tile of one
+        counted = f"{per_image['images']}" if unit == "image" else f"{per_image['images']} {unit}s"
         line = (f"per image, as inference runs them, {reached:.1f} {what} on average (min {per_image['min']}, "
-                f"max {per_image['max']}, over {per_image['images']} of {per_image['measured_on']}"
+                f"max {per_image['max']}, over {counted} of {per_image['measured_on']}"
                 + (f"; batch-level {batch_level:.1f})" if batch_level is not None else ")"))
         if target is not None:
             line = f"target {target:.1f}; {line}"
