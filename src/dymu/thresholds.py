@@ -30,7 +30,6 @@ On the Hugging Face Hub (or in a local folder) the file is ``thresholds.json`` a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -62,17 +61,12 @@ _ARCHITECTURE_FIELDS = (
 def encoder_identity(tower: nn.Module, family, model_ref: str | None = None) -> dict:
     """What a thresholds file records about the encoder it was calibrated on."""
     config = tower.config
+    from .towers.registry import tower_identity
+
     arch = {name: getattr(config, name, None) for name in _ARCHITECTURE_FIELDS}
-    config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-    patches = (config.image_size // config.patch_size) ** 2
-    return {
-        "model": model_ref or getattr(config, "_name_or_path", "") or "",
-        "family": family.name,
-        "config_hash": config_hash,
-        "num_layers": len(tower.encoder.layers),
-        "patches_per_image": patches,
-        "class_token": family.has_class_token,
-    }
+    return tower_identity(arch, family=family.name, num_layers=len(tower.encoder.layers),
+                          class_token=family.has_class_token, model_ref=model_ref, named=config,
+                          patches_per_image=(config.image_size // config.patch_size) ** 2)
 
 
 class ThresholdsError(ValueError):

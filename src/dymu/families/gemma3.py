@@ -24,8 +24,6 @@ Token budget (``max_tokens`` / ``min_tokens``, LLM tokens per image) and focus r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
@@ -41,6 +39,7 @@ from ..decoders.gemma3 import NO_COMPACT
 from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
 from ..patching import PatchedClasses, restore_class, swap_class
 from ..towers.qwen_rules import QwenBudget, check_r, override_budget
+from ..towers.registry import tower_identity
 from ..towers.unit_vit import BlockDescription, UnitEncoded, check_tower, encode_units
 from .base import VLMFamily, check_mode_arguments, register_vlm_family
 
@@ -157,10 +156,8 @@ def gemma3_identity(model: nn.Module, model_ref: str | None = None) -> dict:
     arch = {k: getattr(vision, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
                                                   "num_attention_heads", "image_size", "patch_size")}
     arch["mm_tokens_per_image"] = config.mm_tokens_per_image
-    return {"model": model_ref or getattr(config, "_name_or_path", "") or "", "family": "gemma3",
-            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-            "num_layers": vision.num_hidden_layers, "patches_per_image": None, "class_token": False,
-            "merge_point": "vit"}
+    return tower_identity(arch, family="gemma3", num_layers=vision.num_hidden_layers, class_token=False,
+                          model_ref=model_ref, named=config, merge_point="vit")
 
 
 def gemma3_thresholds(model: nn.Module, thresholds) -> list[float]:

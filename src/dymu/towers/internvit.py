@@ -17,8 +17,6 @@ reads (``vision_feature_layer``: -1 is every block and the final norm, as the st
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 from typing import Sequence
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionModel
 
+from .registry import tower_identity
 from .. import compat
 from .qwen_rules import QwenBudget
 from .unit_vit import BlockDescription, EdgeChooser, UnitEncoded, encode_units, unit_order
@@ -116,12 +115,8 @@ def internvit_identity(tower: nn.Module, feature_layer: int, model_ref: str | No
     arch = {k: getattr(config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
                                                    "num_attention_heads", "patch_size", "image_size",
                                                    "use_qk_norm", "norm_type")}
-    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
-    # patches_per_image None: calibration targets are fractions of each tile's units (as for the Qwen VLs)
-    return {"model": model_ref or getattr(config, "_name_or_path", "") or "", "family": "internvl",
-            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-            "num_layers": layers_run(tower, feature_layer), "patches_per_image": None, "class_token": True,
-            "merge_point": "vit"}
+    return tower_identity(arch, family="internvl", num_layers=layers_run(tower, feature_layer), class_token=True,
+                          model_ref=model_ref, named=config, merge_point="vit")
 
 
 def check_thresholds_file(thresholds, tower: nn.Module, feature_layer: int) -> None:

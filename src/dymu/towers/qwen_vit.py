@@ -50,6 +50,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from .registry import tower_identity
 from .. import merge as M
 from ..compat import unwrap_compiled
 from ..encoded import Encoded
@@ -399,15 +400,11 @@ def _encode_qwen(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross
 def qwen_identity(visual: nn.Module, merge_point: str, steps: int, model_ref: str | None = None) -> dict:
     """What a thresholds file records about the Qwen tower it was calibrated on (units vary per image,
     so there is no fixed patch count: presets and r are fractions of each segment's units)."""
-    import hashlib
-    import json
-
     config = visual.config
     arch = {k: getattr(config, k, None) for k in ("model_type", "depth", "hidden_size", "embed_dim", "num_heads",
                                                    "patch_size", "spatial_merge_size", "window_size")}
-    return {"model": model_ref or getattr(config, "_name_or_path", "") or "", "family": config.model_type,
-            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-            "num_layers": steps, "patches_per_image": None, "class_token": False, "merge_point": merge_point}
+    return tower_identity(arch, family=config.model_type, num_layers=steps, class_token=False, model_ref=model_ref,
+                          named=config, merge_point=merge_point)
 
 
 def check_thresholds_file(thresholds, visual: nn.Module, merge_point: str) -> None:

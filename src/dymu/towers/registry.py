@@ -55,3 +55,18 @@ def find_towers(model: nn.Module) -> list[tuple[nn.Module, TowerFamily]]:
 def family_for_model_type(model_type: str) -> TowerFamily | None:
     """The family whose bare vision model a checkpoint of this config ``model_type`` loads as (None: none)."""
     return next((family for family in FAMILIES if model_type in family.model_types), None)
+
+
+def tower_identity(arch: dict, *, family: str, num_layers: int, class_token: bool, model_ref: str | None = None,
+                   named=None, patches_per_image: int | None = None, **more) -> dict:
+    """What a thresholds file records about the tower it was calibrated on (``encoder``): the model (``model_ref``,
+    else the ``_name_or_path`` of the config ``named``), the family, a short hash of the tower's shape ``arch``
+    (a file calibrated on another shape is refused), the layers or blocks that merge, the patches per image
+    (None where units vary per image or tile: presets are then fractions of each one's units), whether the
+    tower has a class token, and what else the family records (``more``: merge point, unit side)."""
+    import hashlib
+    import json
+
+    return {"model": model_ref or getattr(named, "_name_or_path", "") or "", "family": family,
+            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
+            "num_layers": num_layers, "patches_per_image": patches_per_image, "class_token": class_token, **more}

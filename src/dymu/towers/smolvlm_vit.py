@@ -17,8 +17,6 @@ global view to ``max_image_size``); a padded patch is masked as a key and its un
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 from transformers.models.idefics3.modeling_idefics3 import Idefics3EncoderLayer
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMEncoderLayer
 
+from .registry import tower_identity
 from .. import compat
 from ..encoded import Encoded
 from .unit_vit import BlockDescription, UnitEncoded, blocks_of, encode_units, unit_order
@@ -145,10 +144,8 @@ def unit_identity(inner: nn.Module, family: str, model_ref: str | None = None) -
     arch = {k: getattr(config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
                                                    "num_attention_heads", "patch_size", "image_size")}
     arch["scale_factor"] = int(inner.connector.scale_factor)
-    return {"model": model_ref or getattr(inner.config, "_name_or_path", "") or "", "family": family,
-            "config_hash": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16],
-            "num_layers": tower_depth(inner), "patches_per_image": None, "class_token": False, "merge_point": "vit",
-            "unit_side": arch["scale_factor"]}
+    return tower_identity(arch, family=family, num_layers=tower_depth(inner), class_token=False, model_ref=model_ref,
+                          named=inner.config, merge_point="vit", unit_side=arch["scale_factor"])
 
 
 def check_thresholds_file(thresholds, inner: nn.Module, family: str) -> None:
