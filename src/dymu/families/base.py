@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..patching import recorded_settings
+from ..patching import recorded_settings, restore_class, swap_class
 from ..settings import KV_CACHE, MODES, OPTIONS, Settings
 
 # Adapter modules shipped with dymu, imported on the first registry lookup (they import transformers'
@@ -229,6 +229,26 @@ def first_view(image_processor, image) -> torch.Tensor:
     an AnyRes model's base crop, a tiling processor's first tile)."""
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
     return pixels[0] if pixels.ndim == 4 else pixels
+
+
+def remove_inner_patch(inner: nn.Module, language_model: nn.Module) -> None:
+    """Undo a family's patch of its inner model: the stock inner class, no VTU decoder layers."""
+    from ..decoders.llama import remove_vtu
+
+    restore_class(inner)
+    remove_vtu(language_model)
+
+
+def install_inner_patch(inner: nn.Module, language_model: nn.Module, patched: type, state, *, vtu: bool,
+                        vtu_attention: str, kv_cache: str) -> None:
+    """The changing step of a family's `apply`, once every check has passed: the stock model again, then
+    (with ``vtu``) the VTU decoder layers and the inner model swapped to ``patched`` holding ``state``."""
+    from ..decoders.llama import apply_vtu
+
+    remove_inner_patch(inner, language_model)
+    if vtu:
+        apply_vtu(language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
+    swap_class(inner, patched, state)
 
 
 def stock_processor(model_ref: str):

@@ -36,12 +36,12 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from .. import compat, vtu
 from ..compat import unwrap_compiled
 from ..decoders.gemma3 import NO_COMPACT
-from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses, restore_class, swap_class
+from ..decoders.llama import check_kv_cache, check_vtu, vtu_groups
+from ..patching import PatchedClasses
 from ..towers.qwen_rules import QwenBudget, check_r, override_budget
 from ..towers.registry import tower_identity
 from ..towers.unit_vit import BlockDescription, UnitEncoded, check_tower, encode_units
-from .base import VLMFamily, check_mode_arguments, register_vlm_family
+from .base import VLMFamily, check_mode_arguments, register_vlm_family, install_inner_patch, remove_inner_patch
 
 SIGLIP_BLOCKS = BlockDescription(layer_classes=(SiglipEncoderLayer,))  # embeddings, encoder.layers, post_layernorm
 MODES = ("full", "dymu", "tome")
@@ -204,17 +204,16 @@ def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_atte
         values = gemma3_thresholds(model, thresholds)
     if mode != "full":
         check_vtu(inner.language_model, vtu_attention, kv_cache)
-    remove_gemma3(model)
     if mode == "full":
+        remove_gemma3(model)
         return
-    apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, _swapped_class(type(inner)), Gemma3Settings(mode=mode, thresholds=values, r=r, budget=budget))
+    install_inner_patch(inner, inner.language_model, _swapped_class(type(inner)),
+                        Gemma3Settings(mode=mode, thresholds=values, r=r, budget=budget),
+                        vtu=True, vtu_attention=vtu_attention, kv_cache=kv_cache)
 
 
 def remove_gemma3(model: nn.Module) -> None:
-    inner = model.model
-    restore_class(inner)
-    remove_vtu(inner.language_model)
+    remove_inner_patch(model.model, model.model.language_model)
 
 
 class Gemma3Family(VLMFamily):

@@ -30,12 +30,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.internvl.modeling_internvl import InternVLForConditionalGeneration, InternVLModel
 
 from .. import compat
-from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses, restore_class, swap_class
+from ..decoders.llama import check_kv_cache, check_vtu, vtu_groups
+from ..patching import PatchedClasses
 from ..towers import internvit
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget
 from ..towers.unit_vit import UnitEncoded
-from .base import VLMFamily, check_mode_arguments, register_vlm_family
+from .base import VLMFamily, check_mode_arguments, register_vlm_family, install_inner_patch, remove_inner_patch
 from .internvl_processor import tile_images
 from .llava import labels_to_group_map
 
@@ -196,19 +196,17 @@ def apply_internvl(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_at
     direct = mode == "dtome" or (mode == "tome" and not tome_vtu)
     if mode != "full" and not direct:  # refuse before anything changes
         check_vtu(inner.language_model, vtu_attention, kv_cache)
-    remove_internvl(model)
     if mode == "full":
+        remove_internvl(model)
         return
-    if not direct:
-        apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, _swapped_class(type(inner)), InternVLSettings(mode=mode, thresholds=values, budget=budget,
-                                                                    r=r if mode == "tome" else None, direct=direct))
+    install_inner_patch(inner, inner.language_model, _swapped_class(type(inner)),
+                        InternVLSettings(mode=mode, thresholds=values, budget=budget, r=r if mode == "tome" else None,
+                                         direct=direct),
+                        vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)
 
 
 def remove_internvl(model: nn.Module) -> None:
-    inner = model.model
-    restore_class(inner)
-    remove_vtu(inner.language_model)
+    remove_inner_patch(model.model, model.model.language_model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from ..decoders.llama import (
     apply_vtu,
     check_kv_cache,
     check_vtu,
-    remove_vtu,
     vtu_groups,
 )
 from ..settings import MODES
@@ -45,8 +44,8 @@ from ..towers.encoder import (
     family_of,
     remove_dtome,
 )
-from ..patching import restore_class, swap_class
-from .base import PreparedInputs, register_vlm_family, timed
+from ..patching import swap_class
+from .base import PreparedInputs, register_vlm_family, remove_inner_patch, timed
 from .prompting import (
     call_budget,
     downsample_side,
@@ -233,8 +232,7 @@ def apply_llava(model: nn.Module, thresholds=None, r=None, mode: str = "dymu", v
 
 def remove_llava(model: nn.Module) -> None:
     inner = model.model
-    restore_class(inner)
-    remove_vtu(inner.language_model)
+    remove_inner_patch(inner, inner.language_model)
     remove_dtome(inner.vision_tower)
 
 

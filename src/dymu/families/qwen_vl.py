@@ -50,13 +50,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 
 from .. import compat, vtu
 from ..decoders.llama import (
-    apply_vtu,
     check_kv_cache,
     check_vtu,
-    remove_vtu,
     vtu_groups,
 )
-from ..patching import PatchedClasses, restore_class, swap_class
+from ..patching import PatchedClasses
 from ..towers.qwen_rules import QwenBudget, check_r, override_budget
 from ..towers.qwen_vit import (
     MERGE_POINTS,
@@ -65,7 +63,7 @@ from ..towers.qwen_vit import (
     check_thresholds_file,
     encode_qwen,
 )
-from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family
+from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family, install_inner_patch, remove_inner_patch
 from .prompting import video_frames, viewed
 from .qwen_positions import direct_rope_index, kept_units
 from .qwen_processors import load_qwen_processor
@@ -269,14 +267,13 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
         values, merge_point = qwen_thresholds(inner.visual, thresholds, merge_point)
     if mode != "full" and not direct:  # refuse before anything changes (all or nothing)
         check_vtu(inner.language_model, vtu_attention, kv_cache)
-    remove_qwen_vl(model)
     if mode == "full":
+        remove_qwen_vl(model)
         return
-    if not direct:
-        apply_vtu(inner.language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, (swapped or _swapped_class)(type(inner)),
-               QwenSettings(mode=mode, merge_point=merge_point, thresholds=values, cross_frame=bool(cross_frame), r=r,
-                            budget=budget, direct=direct))
+    install_inner_patch(inner, inner.language_model, (swapped or _swapped_class)(type(inner)),
+                        QwenSettings(mode=mode, merge_point=merge_point, thresholds=values,
+                                     cross_frame=bool(cross_frame), r=r, budget=budget, direct=direct),
+                        vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)
 
 
 @torch.no_grad()
@@ -315,9 +312,7 @@ def focused_pixels(processor, images: list, focus, fill) -> tuple[torch.Tensor, 
 
 
 def remove_qwen_vl(model: nn.Module) -> None:
-    inner = model.model
-    restore_class(inner)
-    remove_vtu(inner.language_model)
+    remove_inner_patch(model.model, model.model.language_model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from transformers.models.idefics3.modeling_idefics3 import Idefics3ForConditiona
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGeneration, SmolVLMModel
 
 from .. import compat
-from ..decoders.llama import apply_vtu, check_kv_cache, check_vtu, remove_vtu, vtu_groups
-from ..patching import PatchedClasses, restore_class, swap_class
+from ..decoders.llama import check_kv_cache, check_vtu, vtu_groups
+from ..patching import PatchedClasses
 from ..towers.budget import holding_budget
 from ..towers.qwen_rules import QwenBudget, check_r, make_qwen_budget, override_budget
 from ..towers.smolvlm_vit import (
@@ -46,7 +46,7 @@ from ..towers.smolvlm_vit import (
     tower_depth,
     unit_identity,
 )
-from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family, timed
+from .base import PreparedInputs, VLMFamily, check_mode_arguments, register_vlm_family, timed, install_inner_patch, remove_inner_patch
 from .llava import labels_to_group_map
 from .prompting import focused_images, per_prompt, prompt_texts, set_placeholder_counts
 from .smolvlm_processor import check_processor_parts, load_smolvlm_processor
@@ -157,20 +157,17 @@ def apply_smolvlm(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_att
         values = smolvlm_thresholds(model, thresholds)
     if mode != "full" and not direct:  # refuse before anything changes
         check_vtu(inner.text_model, vtu_attention, kv_cache)
-    remove_smolvlm(model)
     if mode == "full":
+        remove_smolvlm(model)
         return
-    if not direct:
-        apply_vtu(inner.text_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, _swapped_class(type(inner)),
-               SmolVLMSettings(mode=mode, thresholds=values, r=r_values, budget=budget, direct=direct))
+    install_inner_patch(inner, inner.text_model, _swapped_class(type(inner)),
+                        SmolVLMSettings(mode=mode, thresholds=values, r=r_values, budget=budget, direct=direct),
+                        vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)
 
 
 def remove_smolvlm(model: nn.Module) -> None:
     """Undo `apply_smolvlm` (the stock model again)."""
-    inner = model.model
-    restore_class(inner)
-    remove_vtu(inner.text_model)
+    remove_inner_patch(model.model, model.model.text_model)
 
 
 @torch.no_grad()
