@@ -30,16 +30,13 @@ CHAT_TEMPLATE = (
 
 
 def build_gemma3_tokenizer():
-    from transformers import PreTrainedTokenizerFast
+    from .tokenizer import demo_tokenizer
 
-    from .tokenizer import train_byte_bpe
-
-    tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<unk>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+    return demo_tokenizer(
+        _CORPUS, _SPECIALS, 384, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
                               "eoi_token": "<end_of_image>"},
-        padding_side="left", chat_template=CHAT_TEMPLATE)
+        chat_template=CHAT_TEMPLATE)
 
 
 def build_gemma3_processor(tokenizer=None):

@@ -35,16 +35,12 @@ CHAT_TEMPLATE = (
 
 def build_internvl_tokenizer():
     """A real byte-level BPE tokenizer (vocab 384) with InternVL's image and video tokens."""
-    from transformers import PreTrainedTokenizerFast
+    from .tokenizer import demo_tokenizer
 
-    from .tokenizer import train_byte_bpe
-
-    tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<|endoftext|>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    return demo_tokenizer(
+        _CORPUS, _SPECIALS, 384, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
-        padding_side="left")
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
 def internvl_config(tokenizer, text_model: str = "qwen2"):

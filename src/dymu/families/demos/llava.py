@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizer import train_byte_bpe
+from .tokenizer import demo_tokenizer
 
 _CORPUS = [
     "USER: What is in this image? ASSISTANT: The image shows a dog, a bicycle and a truck on a street.",
@@ -31,13 +31,10 @@ CHAT_TEMPLATE = (
 def build_tokenizer(video: bool = False):
     """A real byte-level BPE tokenizer (vocab 512) trained offline, with LLaVA's special tokens
     (and OneVision's ``<video>`` when ``video``)."""
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"] + (["<video>"] if video else [])
-    tok = train_byte_bpe(_CORPUS, specials, vocab_size=512, unk_token="<unk>")
     extra = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens=extra, padding_side="left")
+    return demo_tokenizer(_CORPUS, specials, 512, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                          pad_token="<pad>", extra_special_tokens=extra)
 
 
 def build_demo_model(seed: int = 0):

@@ -36,16 +36,12 @@ CHAT_TEMPLATE = (
 
 
 def build_qwen_tokenizer():
-    from transformers import PreTrainedTokenizerFast
+    from .tokenizer import demo_tokenizer
 
-    from .tokenizer import train_byte_bpe
-
-    tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=384, unk_token="<|endoftext|>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    return demo_tokenizer(
+        _CORPUS, _SPECIALS, 384, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-        padding_side="left")
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
 
 
 def _text_dims(vocab: int, tokenizer) -> dict:

@@ -40,14 +40,11 @@ CHAT_TEMPLATE = (
 
 def build_smolvlm_tokenizer():
     """A real byte-level BPE tokenizer (vocab 448) trained offline, with the SmolVLM / Idefics3 special tokens."""
-    from transformers import PreTrainedTokenizerFast
+    from .tokenizer import demo_tokenizer
 
-    from .tokenizer import train_byte_bpe
-
-    tok = train_byte_bpe(_CORPUS, _SPECIALS, vocab_size=448, unk_token="<|endoftext|>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>", padding_side="left",
+    return demo_tokenizer(
+        _CORPUS, _SPECIALS, 448, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                               "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"})
 

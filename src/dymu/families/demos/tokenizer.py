@@ -14,3 +14,13 @@ def train_byte_bpe(corpus: list[str], specials: list[str], vocab_size: int, unk_
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus * 4, trainer=trainer)
     return tok
+
+
+def demo_tokenizer(corpus: list[str], specials: list[str], vocab_size: int, *, unk_token: str, **special_tokens):
+    """The transformers fast tokenizer of a demo model: `train_byte_bpe` on ``corpus``, left padding (as
+    batched generation wants), and the family's special tokens (bos / eos / pad, ``extra_special_tokens``,
+    a chat template)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_byte_bpe(corpus, specials, vocab_size=vocab_size, unk_token=unk_token)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk_token, padding_side="left", **special_tokens)
