@@ -212,6 +212,10 @@ def test_apply_remove_apply_restores(saved, stock_run, thresholds):
     dymu.apply(model, thresholds)
     again, _ = prefill_and_tokens(model, processor, prompts, images, videos)
     assert torch.equal(first, again)
+    dymu.apply(model, thresholds)  # on the patched model: replaces its patch, never patches twice
+    assert type(model.model).__bases__[-1] is stock_class
+    twice, _ = prefill_and_tokens(model, processor, prompts, images, videos)
+    assert torch.equal(first, twice)
 
 
 def test_beams_and_several_return_sequences(saved):

@@ -239,16 +239,17 @@ def remove_inner_patch(inner: nn.Module, language_model: nn.Module) -> None:
     remove_vtu(language_model)
 
 
-def install_inner_patch(inner: nn.Module, language_model: nn.Module, patched: type, state, *, vtu: bool,
-                        vtu_attention: str, kv_cache: str) -> None:
+def install_inner_patch(inner: nn.Module, language_model: nn.Module, patched: Callable[[type], type], state, *,
+                        vtu: bool, vtu_attention: str, kv_cache: str) -> None:
     """The changing step of a family's `apply`, once every check has passed: the stock model again, then
-    (with ``vtu``) the VTU decoder layers and the inner model swapped to ``patched`` holding ``state``."""
+    (with ``vtu``) the VTU decoder layers and the inner model swapped to ``patched(its stock class)`` holding
+    ``state`` (the stock class is read after the undo: a model patched before must not be patched twice)."""
     from ..decoders.llama import apply_vtu
 
     remove_inner_patch(inner, language_model)
     if vtu:
         apply_vtu(language_model, vtu_attention=vtu_attention, kv_cache=kv_cache)
-    swap_class(inner, patched, state)
+    swap_class(inner, patched(type(inner)), state)
 
 
 def stock_processor(model_ref: str):

@@ -207,7 +207,7 @@ def apply_gemma3(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_atte
     if mode == "full":
         remove_gemma3(model)
         return
-    install_inner_patch(inner, inner.language_model, _swapped_class(type(inner)),
+    install_inner_patch(inner, inner.language_model, _swapped_class,
                         Gemma3Settings(mode=mode, thresholds=values, r=r, budget=budget),
                         vtu=True, vtu_attention=vtu_attention, kv_cache=kv_cache)
 

@@ -199,7 +199,7 @@ def apply_internvl(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_at
     if mode == "full":
         remove_internvl(model)
         return
-    install_inner_patch(inner, inner.language_model, _swapped_class(type(inner)),
+    install_inner_patch(inner, inner.language_model, _swapped_class,
                         InternVLSettings(mode=mode, thresholds=values, budget=budget, r=r if mode == "tome" else None,
                                          direct=direct),
                         vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)

@@ -270,7 +270,7 @@ def apply_qwen_vl(model: nn.Module, thresholds=None, mode: str = "dymu", merge_p
     if mode == "full":
         remove_qwen_vl(model)
         return
-    install_inner_patch(inner, inner.language_model, (swapped or _swapped_class)(type(inner)),
+    install_inner_patch(inner, inner.language_model, swapped or _swapped_class,
                         QwenSettings(mode=mode, merge_point=merge_point, thresholds=values,
                                      cross_frame=bool(cross_frame), r=r, budget=budget, direct=direct),
                         vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)

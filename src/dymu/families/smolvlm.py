@@ -160,7 +160,7 @@ def apply_smolvlm(model: nn.Module, thresholds=None, mode: str = "dymu", vtu_att
     if mode == "full":
         remove_smolvlm(model)
         return
-    install_inner_patch(inner, inner.text_model, _swapped_class(type(inner)),
+    install_inner_patch(inner, inner.text_model, _swapped_class,
                         SmolVLMSettings(mode=mode, thresholds=values, r=r_values, budget=budget, direct=direct),
                         vtu=not direct, vtu_attention=vtu_attention, kv_cache=kv_cache)
 
