@@ -115,18 +115,22 @@ def build_qwen2(plan: Plan, device, dtype):
     return Qwen2Model(config).to(device=device, dtype=dtype).eval()
 
 
-def prefill_inputs(text: tuple[int, int], model, visual_groups: torch.Tensor, seed: int):
-    """(group_map (1, N), inputs_embeds (1, N, D)) for text + image + text, rows equal within groups."""
+def prompt_group_map(text: tuple[int, int], units: int, visual_groups: torch.Tensor | None) -> torch.Tensor:
+    """(1, N) group map of text + an image of ``units`` positions + text: the image's positions join their
+    ``visual_groups`` (None: the stock model, every position its own group, as every text position)."""
     from ...vtu import group_map_from_labels
 
+    labels = torch.full((1, text[0] + units + text[1]), -1, dtype=torch.long)
+    if visual_groups is not None:
+        labels[0, text[0]:text[0] + units] = visual_groups.cpu().long()
+    return group_map_from_labels(labels)
+
+
+def prefill_inputs(text: tuple[int, int], model, visual_groups: torch.Tensor, seed: int):
+    """(group_map (1, N), inputs_embeds (1, N, D)) for text + image + text, rows equal within groups."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    labels = torch.cat([
-        torch.full((text[0],), -1, dtype=torch.long),
-        visual_groups.cpu().long(),
-        torch.full((text[1],), -1, dtype=torch.long),
-    ]).unsqueeze(0)
-    group_map = group_map_from_labels(labels).to(device)
+    group_map = prompt_group_map(text, len(visual_groups), visual_groups).to(device)
     gen = torch.Generator().manual_seed(seed)
     unique = torch.randn(int(group_map.max()) + 1, model.config.hidden_size, generator=gen) * 0.02
     embeds = unique[group_map[0].cpu()].unsqueeze(0).to(device=device, dtype=dtype)

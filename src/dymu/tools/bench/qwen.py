@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .common import fixed_fraction, preset_fractions
+from .common import fixed_fraction, preset_fractions, prompt_group_map
 from .timing import Side, interleaved, median, paired_ratio
 
 
@@ -200,12 +200,8 @@ def bench_unit_vl(plan: dict, device: str = "cpu", runs: int | None = None, log=
     embeds = torch.randn(1, n, tcfg.hidden_size, device=dev)
     prefill_rows = []
     stock_times: list = []
-    group_maps = {}
-    for name in ("full", *presets):
-        labels = torch.full((1, n), -1, dtype=torch.long)
-        if name != "full":
-            labels[0, before:before + units] = encoded[name].group_of_unit.cpu()
-        group_maps[name] = vtu.group_map_from_labels(labels).to(dev)
+    group_maps = {name: prompt_group_map((before, after), units, None if name == "full" else
+                                         encoded[name].group_of_unit).to(dev) for name in ("full", *presets)}
     apply_vtu(model, kv_cache="full" if plan["model"] == "qwen3_5" else "compact")  # Qwen3.5 refuses compact
     sides, inputs_for = [], {}
     for name, group_map in group_maps.items():
