@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -77,3 +79,17 @@ def average_within_groups(group_map):
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return hook
+
+
+@contextlib.contextmanager
+def mixers_averaged_within_groups(layers, group_map):
+    """The slow reference inside the block: every decoder layer's token mixer (attention, or a hybrid
+    decoder's linear attention) runs at full length and its output is averaged over each group of
+    ``group_map`` (`average_within_groups`)."""
+    handles = [(getattr(layer, "self_attn", None) or layer.linear_attn).register_forward_hook(
+               average_within_groups(group_map)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -17,7 +17,7 @@ from dymu.decoders.llama import GroupRowsError, apply_vtu, remove_vtu, rows_proc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
-from lm_helpers import average_within_groups  # noqa: E402
+from lm_helpers import mixers_averaged_within_groups  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, image_prompts, load_qwen  # noqa: E402
 
 ATOL = 1e-5
@@ -105,13 +105,8 @@ def test_merged_prefill_equals_stock_attention_averaged_per_group(qwen_dirs, fam
         with vtu_groups(lm, group_map):
             logits = _forward(model, inputs, encoder_outputs)
             rows = rows_processed(lm)
-        handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-                   for layer in stock.model.language_model.layers]
-        try:
+        with mixers_averaged_within_groups(stock.model.language_model.layers, group_map):
             reference = _forward(stock, inputs, encoder_outputs)
-        finally:
-            for h in handles:
-                h.remove()
         plain = _forward(stock, inputs, encoder_outputs)
     n_layers = len(lm.layers)
     assert rows["mlp"] == n_layers * vtu.plan_groups(group_map).num_unique < rows["positions"]

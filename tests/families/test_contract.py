@@ -33,7 +33,7 @@ from dymu.tools.demo_models import DEMO_MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
-from lm_helpers import average_within_groups  # noqa: E402
+from lm_helpers import mixers_averaged_within_groups  # noqa: E402
 
 ATOL = 1e-4
 NEW_TOKENS = 6
@@ -156,14 +156,8 @@ def test_real_merges_equal_the_slow_reference(saved, thresholds, monkeypatch):
     dymu.remove(model)
     # Every layer's token mixer: attention, or (hybrid decoders) a linear-attention layer. The decoder is
     # transformers' own accessor (`language_model` on most VLMs, `text_model` on SmolVLM / Idefics3).
-    handles = [(getattr(layer, "self_attn", None) or layer.linear_attn).register_forward_hook(
-               average_within_groups(group_map)) for layer in model.get_decoder().layers]
-    try:
-        with torch.no_grad():
-            reference = model(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    with mixers_averaged_within_groups(model.get_decoder().layers, group_map), torch.no_grad():
+        reference = model(**inputs).logits
     assert (logits - reference).abs().max().item() <= ATOL
 
 

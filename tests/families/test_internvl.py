@@ -21,7 +21,7 @@ from dymu.families.demos.internvl import build_internvl_demo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGES, load_image  # noqa: E402
-from lm_helpers import average_within_groups  # noqa: E402
+from lm_helpers import mixers_averaged_within_groups  # noqa: E402
 
 ATOL = 1e-4
 
@@ -94,14 +94,8 @@ def test_other_decoder_and_feature_layer_merge_off_and_slow_reference(folders, n
     (group_map,) = maps
     assert sum(len(row.unique()) for row in group_map) < group_map.numel()  # real merging
     dymu.remove(model)
-    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-               for layer in model.model.language_model.layers]
-    try:
-        with torch.no_grad():
-            reference = model(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    with mixers_averaged_within_groups(model.model.language_model.layers, group_map), torch.no_grad():
+        reference = model(**inputs).logits
     assert (logits - reference).abs().max().item() <= ATOL
 
 

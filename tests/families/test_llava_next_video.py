@@ -20,7 +20,7 @@ from conftest import IMAGES, MIXED_IMAGES, load_image
 from dymu.decoders.llama import rows_processed
 from dymu.families import get_vlm_family
 from dymu.families.prompting import chat_text
-from lm_helpers import average_within_groups
+from lm_helpers import mixers_averaged_within_groups
 from test_llava_next import _groups_of_rows, masked_max_diff, reference_post
 
 MERGE_POINTS = ["vit", "post", "both"]
@@ -169,13 +169,8 @@ def reference_logits(model, inputs, post=None):
     group_map = labels.clone()  # text and padding: a group of their own each
     text = labels < 0
     group_map[text] = next_label + torch.arange(int(text.sum()))
-    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-               for layer in inner.language_model.layers]
-    try:
+    with mixers_averaged_within_groups(inner.language_model.layers, group_map):
         hidden = inner.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
-    finally:
-        for h in handles:
-            h.remove()
     return model.lm_head(hidden), labels
 
 

@@ -20,7 +20,7 @@ from dymu.families.qwen_processors import qwen_inputs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import load_image  # noqa: E402
-from lm_helpers import average_within_groups  # noqa: E402
+from lm_helpers import mixers_averaged_within_groups  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, chat, load_qwen  # noqa: E402
 from test_qwen_vl import _reference_group_map, frames, static_video  # noqa: E402
 
@@ -186,15 +186,9 @@ def test_tome_with_vtu_equals_the_vtu_reference(stock, model):
                                                                inputs[f"{m}_grid_thw"]) for m in ("image", "video")}
     assert all(e.kept_per_segment.sum() < e.units_per_segment.sum() for e in encoded.values())
     group_map = _reference_group_map(model, inputs, encoded)
-    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-               for layer in stock_model.model.language_model.layers]
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
-    try:
-        with torch.no_grad():
-            reference = stock_model(**{k: inputs[k] for k in keys if k in inputs}, mm_encoder_outputs=outputs).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with mixers_averaged_within_groups(stock_model.model.language_model.layers, group_map), torch.no_grad():
+        reference = stock_model(**{k: inputs[k] for k in keys if k in inputs}, mm_encoder_outputs=outputs).logits
     assert (logits - reference).abs().max().item() <= 1e-5
 
 

@@ -19,7 +19,7 @@ from dymu.families.qwen_processors import qwen_inputs, video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import load_image  # noqa: E402
-from lm_helpers import average_within_groups  # noqa: E402
+from lm_helpers import mixers_averaged_within_groups  # noqa: E402
 from qwen_helpers import QWEN_FAMILIES, chat, load_qwen  # noqa: E402
 
 ATOL = 1e-5
@@ -124,16 +124,10 @@ def test_merged_prefill_equals_slow_reference(qwen_dirs, family, stock_and_input
         first = encoded["video"].group_of_unit[: int(inputs["video_grid_thw"][0].prod()) // 4].view(2, -1)
         assert set(first[0].tolist()) & set(first[1].tolist())
     group_map = _reference_group_map(model, inputs, encoded)
-    handles = [layer.self_attn.register_forward_hook(average_within_groups(group_map))
-               for layer in stock.model.language_model.layers]
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
             "second_per_grid_ts")
-    try:
-        with torch.no_grad():
-            reference = stock(**{k: inputs[k] for k in keys if k in inputs}, mm_encoder_outputs=outputs).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with mixers_averaged_within_groups(stock.model.language_model.layers, group_map), torch.no_grad():
+        reference = stock(**{k: inputs[k] for k in keys if k in inputs}, mm_encoder_outputs=outputs).logits
     assert (logits - reference).abs().max().item() <= ATOL
 
 
