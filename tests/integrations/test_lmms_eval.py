@@ -20,6 +20,7 @@ import pytest
 from PIL import ImageFile
 
 from conftest import load_image
+from plugin_helpers import instance as _instance, plugin as _plugin, plugin_documents
 
 # lmms-eval sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES = True when its task module is
 # imported; the rest of the suite checks that truncated images are refused, so every test here
@@ -282,25 +283,9 @@ def test_multiple_choice_with_infinite_thresholds_equals_full(eval_dir, demo_lla
 # --- the model's requests against plain transformers -------------------------------------------
 
 
-def _instance(request_type, arguments, doc_id, task="t"):
-    from lmms_eval.api.instance import Instance
-
-    return Instance(request_type=request_type, arguments=arguments, idx=0,
-                    metadata={"task": task, "doc_id": doc_id, "repeats": 1})
-
-
 @pytest.fixture(scope="module")
 def plugin_docs():
-    return [{"image": load_image(name)} for name in ("skimage_chelsea_cat.png", "synthetic_blank_white.png",
-                                                      "darknet_dog_bicycle_truck.jpg")]
-
-
-def _plugin(model_dir, docs, **args):
-    from dymu.integrations.lmms_eval import DyMU
-
-    lm = DyMU(pretrained=str(model_dir), **args)
-    lm.task_dict = {"t": {"test": docs}}
-    return lm
+    return plugin_documents()
 
 
 def test_loglikelihood_equals_a_plain_forward_and_is_batch_invariant(demo_llava_dir, plugin_docs):

@@ -11,8 +11,8 @@ import torch
 import dymu
 from dymu.integrations.lmms_eval import cut_at_stop_strings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import load_image  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plugin_helpers import instance as _instance, plugin as _plugin, plugin_documents  # noqa: E402
 
 pytest.importorskip("lmms_eval")
 
@@ -32,23 +32,7 @@ def gemma3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def docs():
-    return [{"image": load_image(name)} for name in ("skimage_chelsea_cat.png", "synthetic_blank_white.png",
-                                                      "darknet_dog_bicycle_truck.jpg")]
-
-
-def _instance(request_type, arguments, doc_id):
-    from lmms_eval.api.instance import Instance
-
-    return Instance(request_type=request_type, arguments=arguments, idx=0,
-                    metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
-
-
-def _plugin(model_dir, docs, **args):
-    from dymu.integrations.lmms_eval import DyMU
-
-    lm = DyMU(pretrained=str(model_dir), **args)
-    lm.task_dict = {"t": {"test": docs}}
-    return lm
+    return plugin_documents()
 
 
 def test_loglikelihood_in_mode_full_equals_a_plain_forward(gemma3_dir, docs):
