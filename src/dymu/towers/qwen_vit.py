@@ -92,7 +92,7 @@ class QwenEncoded(Encoded):
             s += t
         return out
 
-    def groups_per_item(self, grid_thw: Tensor | None = None, merge_size: int | None = None) -> list[Tensor]:
+    def groups_per_item(self, grid_thw: Tensor | None = None) -> list[Tensor]:
         """The group of every unit of each image / video of the call, numbered from 0 within it."""
         groups = self.group_of_unit.split([units for _, units in self.per_item(grid_thw)])
         return [g - g.min() for g in groups]
@@ -385,7 +385,7 @@ def encode_qwen(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor, thres
     visual = unwrap_compiled(visual)  # runs the tower's own blocks (torch.compile's wrapper: see compat)
     grid_thw = grid_thw.to(pixel_values.device)
     encoded = _encode_qwen(visual, pixel_values, grid_thw, thresholds, edge_chooser, cross_frame, budget, r, merge_point)
-    encoded.segments_per_item = grid_thw[:, 0].cpu()
+    encoded.segments_per_item = grid_thw[:, 0]  # read (tolist) only when per_item is asked
     return encoded
 
 
