@@ -110,9 +110,6 @@ def _threshold_floats(values: list) -> list[float]:
     return out
 
 
-# What the DToMe block reads from a stock encoder layer (a pre-norm ViT block: CLIP, SigLIP).
-
-
 # One call's budget (`dymu.generate(..., max_tokens=...)`, `dymu encode --max-tokens`) on top of the one
 # `dymu.apply` set. ``state`` is whatever patch state holds the apply-time budget as ``state.budget`` (a
 # tower's, a unit family's; None on a stock model); ``make`` checks and builds the family's budget type.
@@ -124,7 +121,12 @@ def call_budget(state, max_tokens, min_tokens, make):
         return None if state is None else state.budget
     if state is None:
         raise ValueError("max_tokens/min_tokens need a merging mode, not the stock model")
-    current = state.budget
+    return replaced_budget(state.budget, max_tokens, min_tokens, make)
+
+
+def replaced_budget(current, max_tokens, min_tokens, make):
+    """A checked budget (``make``): ``max_tokens`` / ``min_tokens`` where given, else ``current``'s (a budget
+    `dymu.apply` set, a `Thresholds` file's defaults, or None for none)."""
     return make(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
                 min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
 

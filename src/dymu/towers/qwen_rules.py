@@ -70,10 +70,10 @@ def make_qwen_budget(max_tokens=None, min_tokens=None) -> QwenBudget | None:
 
 
 def override_budget(current, max_tokens=None, min_tokens=None) -> QwenBudget | None:
-    """A checked budget: ``max_tokens`` / ``min_tokens`` where given, else ``current``'s (a budget `dymu.apply`
-    set, a `Thresholds` file's defaults, or None for none)."""
-    return make_qwen_budget(max_tokens if max_tokens is not None else getattr(current, "max_tokens", None),
-                            min_tokens if min_tokens is not None else getattr(current, "min_tokens", None))
+    """`replaced_budget` for unit budgets (`QwenBudget`)."""
+    from .budget import replaced_budget
+
+    return replaced_budget(current, max_tokens, min_tokens, make_qwen_budget)
 
 
 def fewest_guaranteed(units: int, rows: int, steps: int) -> int:
